@@ -1,0 +1,485 @@
+"""Recipe → validated config: read YAML, apply overrides, reject mistakes, build the upstream config objects.
+
+A recipe has the project's own sections (`model`, `data`, `output`, `wandb`, described by the dataclasses below)
+and three sections handed whole to upstream classes: `lora` → `peft.LoraConfig`, `quantization` →
+`transformers.BitsAndBytesConfig`, `training` → `trl.SFTConfig`. Every key is checked against its class before
+any model or data is touched, so a typo fails in the recipe's own words, with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import inspect
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge reads it
+
+
+class RecipeError(ValueError):
+    """A mistake the user can fix in the recipe or on the command line; printed as one line."""
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = ""
+    """Hub id or local directory of the base model."""
+    name: str | None = None
+    """Name used in the output layout and the wandb run name; defaults to the last part of `name_or_path`."""
+    dtype: str = "auto"
+    """Weights dtype: auto, bfloat16, float16 or float32."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flash_attention_2 …; None lets transformers choose."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Only for models you trust."""
+    build_tiny: bool = False
+    """Build a tiny random Llama + tokenizer at `name_or_path` if it is missing (default job and tests)."""
+
+
+@dataclass
+class DataArgs:
+    path: str = ""
+    """A .json array, a .jsonl file, a `save_to_disk` directory, or a hub dataset id."""
+    input_field: str = "input"
+    """Record field holding the user's question."""
+    output_field: str = "output"
+    """Record field holding the answer the model learns to give."""
+    source_field: str = "source"
+    """Optional record field naming where the record came from."""
+    system_prompt: str | None = None
+    """Optional system turn put before every question."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    eval_split: float = 0.0
+    """Fraction of records held out for evaluation (0 = none)."""
+    eval_path: str | None = None
+    """A second data file used for evaluation instead of `eval_split`."""
+    chat_template: str | None = None
+    """A .jinja file replacing the tokenizer's chat template."""
+
+
+@dataclass
+class OutputArgs:
+    dir: str = "final_model"
+    """Root of `{dir}/{model_name}/{num_epochs}/{lora|qlora}_adapters` and `…_merged`."""
+    checkpoint_dir: str = "checkpoints"
+    """Root of the training checkpoints: `{checkpoint_dir}/{model_name}/{num_epochs}/{lora|qlora}`."""
+    merge: bool = True
+    """Merge the adapters into the base model when training ends."""
+    merge_into: str = "dequantized"
+    """QLoRA only: merge into the `dequantized` 4-bit base (what was trained against) or the `original` weights."""
+    eval_before_training: bool = True
+    """Evaluate once before the first step, so the first and last eval loss can be compared."""
+
+
+@dataclass
+class WandbArgs:
+    project: str = "RAPA"
+    """wandb project (the seed's)."""
+    run_name: str | None = None
+    """Defaults to `{model_name}_{lora|qlora}`."""
+    mode: str = "auto"
+    """auto (online with an API key, else offline), online, offline or disabled."""
+
+
+OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs}
+UPSTREAM_SECTIONS = ("lora", "quantization", "training")
+TOP_LEVEL = {"use_qlora": bool}
+# `training` keys that other sections own, and where to set them instead.
+OWNED_ELSEWHERE = {
+    "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
+    "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
+    "resume_from_checkpoint": "the --resume flag",
+}
+# Values that must be > 0 (upstream classes accept some of these silently and fail hours later).
+POSITIVE = {
+    "training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
+    "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
+    "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
+}
+# The seed's command-line flags (README.ko) and the recipe key each one sets.
+SEED_FLAGS = {
+    "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
+    "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
+    "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate",
+}
+QLORA_DEFAULTS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                  "bnb_4bit_compute_dtype": "bfloat16"}
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                 "task_type": "CAUSAL_LM"}
+
+
+@dataclass
+class Recipe:
+    """A loaded, validated recipe. `lora`, `quantization` and `training` hold the keyword arguments of the
+    upstream classes, defaults filled in; `build_*` turn them into the objects."""
+
+    source: str
+    use_qlora: bool
+    model: ModelArgs
+    data: DataArgs
+    output: OutputArgs
+    wandb: WandbArgs
+    lora: dict[str, Any]
+    quantization: dict[str, Any] | None
+    training: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def method(self) -> str:
+        return "qlora" if self.use_qlora else "lora"
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or Path(self.model.name_or_path.rstrip("/")).name
+
+    @property
+    def run_dir(self) -> Path:
+        epochs = self.training["num_train_epochs"]
+        epochs = int(epochs) if float(epochs).is_integer() else epochs
+        return Path(self.output.dir) / self.model_name / str(epochs)
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.run_dir / f"{self.method}_adapters"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.run_dir / f"{self.method}_merged"
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe, as a recipe file that reproduces this run."""
+        out: dict[str, Any] = {"use_qlora": self.use_qlora}
+        for name in OWN_SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out["lora"] = self.lora
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        out["training"] = self.training
+        return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+
+    def build_lora_config(self):  # -> peft.LoraConfig
+        from peft import LoraConfig
+
+        return _construct(LoraConfig, self.lora, "lora", self.source)
+
+    def build_bnb_config(self):  # -> transformers.BitsAndBytesConfig | None
+        from transformers import BitsAndBytesConfig
+
+        return None if self.quantization is None else _construct(
+            BitsAndBytesConfig, self.quantization, "quantization", self.source)
+
+    def build_sft_config(self):  # -> trl.SFTConfig
+        from trl import SFTConfig
+
+        kwargs = dict(self.training, output_dir=str(self.checkpoint_dir), run_name=self.run_name,
+                      trust_remote_code=self.model.trust_remote_code, model_init_kwargs=self.model_init_kwargs)
+        return _construct(SFTConfig, kwargs, "training", self.source)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output.checkpoint_dir) / self.model_name / self.run_dir.name / self.method
+
+    @property
+    def run_name(self) -> str:
+        return self.wandb.run_name or f"{self.model_name}_{self.method}"
+
+    @property
+    def model_init_kwargs(self) -> dict[str, Any]:
+        kwargs = {"dtype": self.model.dtype, "revision": self.model.revision,
+                  "attn_implementation": self.model.attn_implementation}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _construct(cls, kwargs: dict[str, Any], section: str, source: str):
+    """Build an upstream object; its own validation errors are reported under the recipe's section."""
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{source}: {section}: {message}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, apply `section.key=value` overrides then seed flags (command line wins), validate.
+
+    Raises RecipeError with the file, line, section and key for every mistake a user can make."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found; pass a path such as recipes/tiny.yaml")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, lora, training …)")
+    lines = _key_lines(text)
+    where = {key: f"{path}:{line}" for key, line in lines.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"command line: '{item}' is not an override; write section.key=value")
+        _set(raw, key, yaml.safe_load(value) if value else None)
+        where[key] = "command line"
+    for flag, value in (flags or {}).items():
+        if value is not None:
+            _set(raw, SEED_FLAGS[flag], yaml.safe_load(value) if isinstance(value, str) else value)
+            where[SEED_FLAGS[flag]] = f"command line --{flag}"
+    return _validate(raw, str(path), where)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key:
+        raw[section] = value
+    else:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise RecipeError(f"command line: {section} is not a section, cannot set {dotted}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of every `section` and `section.key` in the YAML text."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if isinstance(root, yaml.MappingNode):
+        for knode, vnode in root.value:
+            lines[knode.value] = knode.start_mark.line + 1
+            if isinstance(vnode, yaml.MappingNode):
+                for k2, _ in vnode.value:
+                    lines[f"{knode.value}.{k2.value}"] = k2.start_mark.line + 1
+    return lines
+
+
+def _upstream_fields(section: str) -> dict[str, tuple[Any, Any]]:
+    """name → (type hint, default) of the upstream class behind a section."""
+    if section == "lora":
+        from peft import LoraConfig as cls
+    elif section == "quantization":
+        from transformers import BitsAndBytesConfig as cls
+    else:
+        from trl import SFTConfig as cls
+    if dataclasses.is_dataclass(cls):
+        hints = _hints(cls)
+        return {f.name: (hints.get(f.name, Any), f.default) for f in dataclasses.fields(cls) if f.init}
+    params = inspect.signature(cls.__init__).parameters
+    return {n: (Any if p.annotation is inspect.Parameter.empty else p.annotation, p.default)
+            for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+
+
+def _hints(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an upstream annotation we cannot resolve: fall back to the defaults' types
+        return {}
+
+
+def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe:
+    def loc(key: str) -> str:
+        return where.get(key) or where.get(key.split(".")[0]) or source
+
+    known = set(OWN_SECTIONS) | set(UPSTREAM_SECTIONS) | set(TOP_LEVEL)
+    for key in raw:
+        if key not in known:
+            raise RecipeError(f"{loc(key)}: unknown section '{key}'{_suggest(key, known)}")
+    sections: dict[str, dict[str, Any]] = {}
+    for name in [*OWN_SECTIONS, *UPSTREAM_SECTIONS]:
+        value = raw.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise RecipeError(f"{loc(name)}: section '{name}' must be a mapping of keys, got {value!r}")
+        sections[name] = dict(_expand_env(value or {}, name, loc))
+
+    # The project's own sections: every key is a dataclass field of the right type.
+    own = {}
+    for name, cls in OWN_SECTIONS.items():
+        hints = _hints(cls)
+        fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls)}
+        own[name] = cls(**_checked(sections[name], fields, name, loc))
+
+    use_qlora = raw.get("use_qlora")
+    if use_qlora is not None and not isinstance(use_qlora, bool):
+        raise RecipeError(f"{loc('use_qlora')}: use_qlora must be true or false, got {use_qlora!r}")
+    has_quant = bool(raw.get("quantization"))
+    if use_qlora is False and has_quant:
+        raise RecipeError(f"{loc('quantization')}: a quantization section needs QLoRA but use_qlora is false; "
+                          "remove one of them")
+    use_qlora = True if use_qlora is None else use_qlora  # the seed's default
+
+    training = sections["training"]
+    for key in training:
+        if key in OWNED_ELSEWHERE:
+            raise RecipeError(f"{loc('training.' + key)}: training.{key} is set by {OWNED_ELSEWHERE[key]}; "
+                              "move it there")
+    upstream = {name: _checked(sections[name], _upstream_fields(name), name, loc) for name in UPSTREAM_SECTIONS}
+
+    lora = {**LORA_DEFAULTS, **upstream["lora"]}
+    quantization = {**QLORA_DEFAULTS, **upstream["quantization"]} if use_qlora else None
+    training = {"num_train_epochs": 3, "learning_rate": 1e-4 if use_qlora else 5e-6, "bf16": _bf16_available(),
+                "report_to": ["wandb"], **upstream["training"]}
+    if own["data"].eval_split or own["data"].eval_path:
+        training.setdefault("eval_strategy", "epoch")
+    for dotted in sorted(POSITIVE):
+        section, key = dotted.split(".")
+        value = {"lora": lora, "training": training}[section].get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise RecipeError(f"{loc(dotted)}: {dotted} must be > 0, got {value}")
+
+    recipe = Recipe(source=source, use_qlora=use_qlora, lora=lora, quantization=quantization, training=training,
+                    raw=raw, **own)
+    _cross_check(recipe, loc)
+    return recipe
+
+
+def _cross_check(recipe: Recipe, loc) -> None:
+    model, data, output = recipe.model, recipe.data, recipe.output
+    if not model.name_or_path:
+        raise RecipeError(f"{loc('model')}: model.name_or_path is required (a hub id or a local directory)")
+    if not data.path:
+        raise RecipeError(f"{loc('data')}: data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
+    if not 0 <= data.eval_split < 1:
+        raise RecipeError(f"{loc('data.eval_split')}: data.eval_split must be in [0, 1), got {data.eval_split}")
+    if data.eval_split and data.eval_path:
+        raise RecipeError(f"{loc('data.eval_path')}: set data.eval_split or data.eval_path, not both")
+    if output.merge_into not in ("dequantized", "original"):
+        raise RecipeError(f"{loc('output.merge_into')}: output.merge_into must be 'dequantized' or 'original'")
+    if recipe.wandb.mode not in ("auto", "online", "offline", "disabled"):
+        raise RecipeError(f"{loc('wandb.mode')}: wandb.mode must be auto, online, offline or disabled")
+    if model.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise RecipeError(f"{loc('model.dtype')}: model.dtype must be auto, bfloat16, float16 or float32")
+    strategy = str(recipe.training.get("eval_strategy", "no"))
+    if strategy not in ("no", "IntervalStrategy.NO") and not (data.eval_split or data.eval_path):
+        raise RecipeError(f"{loc('training.eval_strategy')}: training.eval_strategy={strategy} needs evaluation "
+                          "data; set data.eval_split or data.eval_path")
+
+
+def _checked(given: dict[str, Any], fields: dict[str, tuple[Any, Any]], section: str, loc) -> dict[str, Any]:
+    """Reject unknown keys (with a suggestion) and values of the wrong type; return the values to use."""
+    out = {}
+    for key, value in given.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise RecipeError(f"{loc(dotted)}: unknown key '{key}' in section '{section}'{_suggest(key, fields)}")
+        hint, default = fields[key]
+        value = _coerce(value, hint, default)
+        if not _type_ok(value, hint, default):
+            raise RecipeError(f"{loc(dotted)}: {dotted} expects {_describe(hint, default)}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _expand_env(section: dict[str, Any], name: str, loc) -> dict[str, Any]:
+    """Expand `${VAR}` and `${VAR:-default}` in string values, so one recipe serves several machines."""
+    def expand(key: str, value: str) -> str:
+        def sub(match: re.Match) -> str:
+            var, default = match.group(1), match.group(3)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise RecipeError(f"{loc(f'{name}.{key}')}: {name}.{key} uses ${{{var}}} but {var} is not set; "
+                              f"export it or write ${{{var}:-default}}")
+        return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+
+    return {k: expand(k, v) if isinstance(v, str) else v for k, v in section.items()}
+
+
+def _coerce(value: Any, hint: Any, default: Any) -> Any:
+    """YAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); accept it where a float is expected."""
+    if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    if hint is kind:
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and kind in typing.get_args(hint)
+
+
+def _type_ok(value: Any, hint: Any, default: Any) -> bool:
+    if hint is Any or isinstance(hint, (str, typing.TypeVar)):
+        if default is None or default is dataclasses.MISSING or default is inspect.Parameter.empty:
+            return True
+        hint = type(default)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h, dataclasses.MISSING) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is not None:
+        return isinstance(value, origin) if isinstance(origin, type) else True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {m.value for m in hint}
+    if hint in (str, list, dict, tuple):
+        return isinstance(value, hint)
+    return True  # richer upstream types (torch.dtype, classes) are left to the upstream constructor
+
+
+def _describe(hint: Any, default: Any) -> str:
+    if hint is Any or isinstance(hint, str):
+        return type(default).__name__
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _bf16_available() -> bool:
+    """bf16 where the GPU supports it; fp32 on CPU, where TRL's bf16 default is ~30 % slower (MEASURED.md)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def recipe_keys() -> str:
+    """The recipe's keys, for --help: own sections in full, upstream sections by class."""
+    lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false"]
+    for name, cls in OWN_SECTIONS.items():
+        lines.append(f"{name}:")
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name} = {f.default!r}  {docs.get(f.name, '')}")
+    lines += ["lora:          any peft.LoraConfig field (defaults: r 16, lora_alpha 32, all-linear)",
+              "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",
+              "training:      any trl.SFTConfig field (defaults: 3 epochs, lr 1e-4 QLoRA / 5e-6 LoRA)"]
+    return "\n".join(lines)
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings written under each field above (litgpt style)."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", source, flags=re.M))

@@ -1,0 +1,50 @@
+"""The tokenizer, with the chat template that turns a record into turns; nothing else.
+
+The model itself is loaded by TRL's SFTTrainer from `SFTConfig.model_init_kwargs` and the quantization config,
+so loading follows upstream (device maps under DeepSpeed, dtype, revision) without code of our own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import DataArgs, ModelArgs, RecipeError
+
+# Used when a tokenizer has none (base models). Zephyr-style role markers, each turn ends with the tokenizer's
+# EOS, so the end of the answer is a token the model already stops on. Turns are joined by "\n" (not ended by
+# one), so the answer's labels are exactly the answer and its EOS, with no trailing newline to learn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def load_tokenizer(model: ModelArgs, data: DataArgs):
+    """The base model's tokenizer, with `data.chat_template` or the default template when it has none."""
+    from transformers import AutoTokenizer
+
+    if not model.build_tiny and _looks_local(model.name_or_path) and not Path(model.name_or_path).is_dir():
+        raise RecipeError(f"{model.name_or_path}: model directory not found; check model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    except OSError as exc:
+        raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({str(exc).splitlines()[0]}); "
+                          "check model.name_or_path, the network or HF_TOKEN") from None
+    if data.chat_template:
+        template = Path(data.chat_template)
+        if not template.is_file():
+            raise RecipeError(f"{template}: chat template file not found; check data.chat_template")
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.eos_token is None:
+        raise RecipeError(f"{model.name_or_path}: the tokenizer has no EOS token; set training.eos_token")
+    return tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1

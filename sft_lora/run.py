@@ -1,0 +1,143 @@
+"""Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`.
+
+Load and validate the recipe, build the SFTTrainer, train (or resume), save the adapters in the seed's layout
+with the resolved recipe beside them, and merge when the recipe asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import RECIPE_FILE, SEED_FLAGS, Recipe, RecipeError, load_recipe, recipe_keys
+
+
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sft_lora.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="LoRA/QLoRA supervised fine-tuning from a YAML recipe.",
+        epilog="overrides: section.key=value, typed like YAML (training.learning_rate=2e-4 lora.r=8)\n\n"
+               "recipe keys:\n" + recipe_keys())
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides; the command line wins")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="resume from the last checkpoint, or from the given checkpoint directory")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    seed = parser.add_argument_group("the seed's flags (aliases of recipe keys)")
+    for flag, key in SEED_FLAGS.items():
+        seed.add_argument(f"--{flag}", default=None, help=f"sets {key}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
+        if args.print_config:
+            print(recipe.to_yaml(), end="")
+            return 0
+        train(recipe, resume=args.resume)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(recipe: Recipe, resume: str | None = None) -> None:
+    """Train, save the adapters, optionally merge; prints where everything went."""
+    from .data import load_datasets
+    from .model import load_tokenizer
+
+    if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
+        from .tiny import build_tiny_model
+
+        print(f"building the tiny model at {recipe.model.name_or_path}")
+        build_tiny_model(recipe.model.name_or_path, recipe.data.path)
+    resume_from = _resume_point(recipe, resume)
+    _configure_wandb(recipe)
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
+
+    from .trainer import build_trainer
+
+    trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
+    eval_before = None
+    if eval_set is not None and recipe.output.eval_before_training and resume_from is None:
+        eval_before = trainer.evaluate()["eval_loss"]
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    save_adapters(trainer, recipe, tokenizer)
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    main_process = trainer.accelerator.is_main_process
+    del trainer
+    if recipe.output.merge and main_process:
+        from .merge import merge_adapter
+
+        merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
+    if main_process:
+        print(f"\ntrained {result.global_step} steps in {result.metrics['train_runtime']:.1f} s")
+        if losses:
+            print(f"train loss: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
+        if eval_after is not None:
+            start = f"{eval_before:.4f} (before) -> " if eval_before is not None else ""
+            print(f"eval loss:  {start}{eval_after:.4f} (after)")
+        print(f"checkpoints: {recipe.checkpoint_dir}\nadapters:    {recipe.adapters_dir}")
+        if recipe.output.merge:
+            print(f"merged:      {recipe.merged_dir}")
+
+
+def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
+    """Adapters, tokenizer (with its chat template) and the resolved recipe, written atomically.
+
+    `save_model` runs on every rank: under ZeRO-3 the weights are gathered collectively."""
+    from .atomic import atomic_dir
+
+    if not trainer.accelerator.is_main_process:
+        trainer.save_model(str(recipe.adapters_dir) + ".unused")  # collective gather; rank 0 writes
+        trainer.accelerator.wait_for_everyone()
+        return
+    with atomic_dir(recipe.adapters_dir, overwrite=True) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+
+
+def _resume_point(recipe: Recipe, resume: str | None) -> str | None:
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise RecipeError(f"{resume}: not a checkpoint directory (no trainer_state.json); check --resume")
+        return resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(recipe.checkpoint_dir)) if recipe.checkpoint_dir.is_dir() else None
+    if last is None:
+        raise RecipeError(f"{recipe.checkpoint_dir}: no checkpoint to resume from; train first or pass "
+                          "--resume CHECKPOINT_DIR")
+    print(f"resuming from {last}")
+    return last
+
+
+def _configure_wandb(recipe: Recipe) -> None:
+    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes."""
+    report_to = recipe.training["report_to"]
+    if "wandb" not in ([report_to] if isinstance(report_to, str) else report_to):
+        return
+    os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
+    mode = recipe.wandb.mode
+    if mode == "auto":
+        netrc = Path.home() / ".netrc"
+        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        mode = "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+    os.environ.setdefault("WANDB_MODE", mode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
