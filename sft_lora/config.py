@@ -280,7 +280,7 @@ def _upstream_fields(section: str) -> dict[str, tuple[Any, Any]]:
         from transformers import BitsAndBytesConfig as cls
     else:
         from trl import SFTConfig as cls
-    if dataclasses.is_dataclass(cls):
+    if section != "quantization":  # BitsAndBytesConfig is a dataclass in name only: its __init__ is hand-written
         hints = _hints(cls)
         return {f.name: (hints.get(f.name, Any), f.default) for f in dataclasses.fields(cls) if f.init}
     params = inspect.signature(cls.__init__).parameters
@@ -348,6 +348,8 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
     recipe = Recipe(source=source, use_qlora=use_qlora, lora=lora, quantization=quantization, training=training,
                     raw=raw, **own)
     _cross_check(recipe, loc)
+    for build in (recipe.build_lora_config, recipe.build_bnb_config, recipe.build_sft_config):
+        build()  # the upstream classes' own checks, reported under the recipe's section
     return recipe
 
 

@@ -52,15 +52,15 @@ def train(recipe: Recipe, resume: str | None = None) -> None:
     from .data import load_datasets
     from .model import load_tokenizer
 
+    resume_from = _resume_point(recipe, resume)
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
 
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
-    resume_from = _resume_point(recipe, resume)
     _configure_wandb(recipe)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
 
     from .trainer import build_trainer
 
@@ -103,6 +103,7 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
         return
     with atomic_dir(recipe.adapters_dir, overwrite=True) as tmp:
         trainer.save_model(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe beside it says the same
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
     trainer.accelerator.wait_for_everyone()

@@ -14,7 +14,7 @@ from .model import DEFAULT_CHAT_TEMPLATE
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def build_tiny_model(out_dir: str | Path, data_path: str | Path, *, hidden_size: int = 128, layers: int = 2,
+def build_tiny_model(out_dir: str | Path, data_path: str | Path, *, hidden_size: int = 256, layers: int = 4,
                      vocab_size: int = 2048, seed: int = 0) -> Path:
     """Write a tiny Llama (config, safetensors, tokenizer with chat template) to `out_dir`; return it.
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny model per test session, and a helper that writes a recipe for a test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample.jsonl"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The default job's tiny Llama, built once for the whole session."""
+    from sft_lora.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", SAMPLE)
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_model):
+    """Write a recipe (the tiny job, shortened, outputs under tmp_path) updated by `sections`; return its path.
+
+    A section given as None is removed."""
+
+    def make(**sections) -> Path:
+        recipe = {
+            "use_qlora": False,
+            "model": {"name_or_path": str(tiny_model), "dtype": "float32"},
+            "data": {"path": str(SAMPLE), "eval_split": 0.15},
+            "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+            "training": {"num_train_epochs": 1, "max_steps": 6, "learning_rate": 3.0e-3,
+                         "per_device_train_batch_size": 4, "activation_checkpointing": False,
+                         "max_length": 256, "logging_steps": 1, "save_steps": 3, "report_to": "none",
+                         "dataloader_pin_memory": False},
+            "output": {"dir": str(tmp_path / "final_model"), "checkpoint_dir": str(tmp_path / "checkpoints"),
+                       "merge": False},
+        }
+        for name, values in sections.items():
+            if values is None:
+                recipe.pop(name, None)
+            elif isinstance(values, dict):  # a key given as None is removed from the section
+                section = recipe.setdefault(name, {})
+                section.update(values)
+                for key in [k for k, v in values.items() if v is None]:
+                    del section[key]
+            else:
+                recipe[name] = values
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+        return path
+
+    return make

@@ -1,0 +1,151 @@
+"""Recipe loading: strict keys, types, defaults, overrides, seed flags, env expansion — no model is touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sft_lora.config import RecipeError, load_recipe
+from sft_lora.run import main
+
+from .conftest import ROOT
+
+
+def test_tiny_recipe_resolves_with_seed_defaults():
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    assert recipe.use_qlora is False and recipe.quantization is None
+    assert recipe.lora["r"] == 16 and recipe.lora["lora_alpha"] == 32
+    assert recipe.training["num_train_epochs"] == 3
+    assert str(recipe.adapters_dir) == "final_model/tiny-llama/3/lora_adapters"
+    assert str(recipe.merged_dir) == "final_model/tiny-llama/3/lora_merged"
+
+
+def test_library_defaults_follow_the_seed(make_recipe):
+    path = make_recipe(use_qlora=None, lora={"r": None, "lora_alpha": None},
+                       training={"learning_rate": None, "num_train_epochs": None})
+    default = load_recipe(path)
+    assert default.use_qlora is True and default.method == "qlora"  # the seed's USE_QLORA=True
+    assert default.training["learning_rate"] == 1e-4 and default.training["num_train_epochs"] == 3
+    assert default.lora["r"] == 16 and default.lora["lora_alpha"] == 32
+    assert default.quantization == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    lora = load_recipe(path, ["use_qlora=false"])
+    assert lora.training["learning_rate"] == 5e-6 and lora.quantization is None
+
+
+def _error(path, overrides=(), flags=None) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides), flags)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_file_line_section_and_suggestion(make_recipe):
+    path = make_recipe(training={"learnig_rate": 1e-3})
+    message = _error(path)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "learnig_rate" in text)
+    assert message.startswith(f"{path}:{line}: ")
+    assert "unknown key 'learnig_rate' in section 'training'" in message
+    assert "did you mean 'learning_rate'?" in message
+
+
+@pytest.mark.parametrize("section, key, suggestion", [
+    ("lora", "lora_alpah", "lora_alpha"), ("data", "eval_splt", "eval_split"), ("model", "dtpye", "dtype"),
+    ("quantization", "bnb_4bit_quant_typ", "bnb_4bit_quant_type"), ("output", "chekpoint_dir", "checkpoint_dir"),
+])
+def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
+    extra = {"use_qlora": True} if section == "quantization" else {}
+    message = _error(make_recipe(**{section: {key: 1}}, **extra))
+    assert f"unknown key '{key}' in section '{section}'" in message and f"'{suggestion}'" in message
+
+
+def test_unknown_section(make_recipe):
+    assert "unknown section 'trainig'; did you mean 'training'?" in _error(make_recipe(trainig={"x": 1}))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("training.num_train_epochs=three", "training.num_train_epochs expects float, got 'three'"),
+    ("lora.r=8.5", "lora.r expects int, got 8.5"),
+    ("model.trust_remote_code=yes please", "model.trust_remote_code expects bool"),
+    ("training.learning_rate=-1", "training.learning_rate must be > 0, got -1"),
+    ("lora.r=0", "lora.r must be > 0, got 0"),
+    ("data.eval_split=1.5", "data.eval_split must be in [0, 1)"),
+    ("training.output_dir=/tmp/x", "training.output_dir is set by output.checkpoint_dir"),
+    ("training.eval_strategy=sometimes", "training: "),  # the upstream class rejects it, named by section
+])
+def test_wrong_values_fail_with_one_line(make_recipe, override, expected):
+    assert expected in _error(make_recipe(), [override])
+
+
+def test_impossible_combinations(make_recipe):
+    message = _error(make_recipe(use_qlora=False, quantization={"bnb_4bit_quant_type": "fp4"}))
+    assert "quantization section needs QLoRA but use_qlora is false" in message
+    message = _error(make_recipe(data={"eval_split": 0.0}, training={"eval_strategy": "steps"}))
+    assert "needs evaluation data" in message
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(make_recipe):
+    # YAML 1.1 reads 1e-4 as a string; the loader accepts it where the upstream field is a float.
+    recipe = load_recipe(make_recipe(), ["training.learning_rate='1e-4'"])
+    assert recipe.training["learning_rate"] == 1e-4
+
+
+def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe):
+    path = make_recipe()
+    recipe = load_recipe(path, ["lora.r=4", "training.max_steps=2", "data.system_prompt=Be brief."])
+    assert recipe.lora["r"] == 4 and recipe.training["max_steps"] == 2
+    assert recipe.data.system_prompt == "Be brief."
+    flags = {"base_model": "/models/x", "dataset_path": "d.jsonl", "output_dir": "/out", "use_qlora": "True",
+             "num_epochs": "5", "lora_r": "32", "lora_alpha": "64", "learning_rate": "2e-4",
+             "checkpoint_path": "/ckpt"}
+    recipe = load_recipe(path, ["lora.r=4"], flags)  # the seed flag wins over the dotted override
+    assert recipe.model.name_or_path == "/models/x" and recipe.data.path == "d.jsonl"
+    assert recipe.output.dir == "/out" and recipe.output.checkpoint_dir == "/ckpt"
+    assert recipe.use_qlora is True and recipe.method == "qlora"
+    assert recipe.training["num_train_epochs"] == 5 and recipe.training["learning_rate"] == 2e-4
+    assert recipe.lora["r"] == 32 and recipe.lora["lora_alpha"] == 64
+    assert str(recipe.adapters_dir) == "/out/x/5/qlora_adapters"
+
+
+def test_env_references_are_expanded(make_recipe, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "/mnt/data")
+    path = make_recipe(data={"path": "${DATA_ROOT}/qa.jsonl"}, output={"dir": "${OUT_ROOT:-/tmp/out}"})
+    recipe = load_recipe(path)
+    assert recipe.data.path == "/mnt/data/qa.jsonl" and recipe.output.dir == "/tmp/out"
+    monkeypatch.delenv("DATA_ROOT")
+    assert "data.path uses ${DATA_ROOT} but DATA_ROOT is not set" in _error(path)
+
+
+def test_upstream_objects_receive_the_sections(make_recipe):
+    recipe = load_recipe(make_recipe(use_qlora=True, quantization={"bnb_4bit_quant_type": "fp4"}))
+    lora, bnb, sft = recipe.build_lora_config(), recipe.build_bnb_config(), recipe.build_sft_config()
+    assert lora.r == 8 and lora.target_modules == "all-linear"
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4" and bnb.bnb_4bit_use_double_quant
+    assert sft.max_steps == 6 and sft.output_dir == str(recipe.checkpoint_dir)
+    assert sft.run_name == "tiny-llama_qlora" and sft.model_init_kwargs["dtype"] == "float32"
+
+
+def test_print_config_prints_the_resolved_recipe(make_recipe, capsys):
+    assert main([str(make_recipe()), "lora.r=4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "r: 4" in out and "learning_rate: 0.003" in out and "eval_strategy: epoch" in out
+
+
+def test_cli_error_is_one_line_and_nonzero(make_recipe):
+    path = make_recipe(training={"learnig_rate": 1e-3})
+    done = subprocess.run([sys.executable, "-m", "sft_lora.run", str(path)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "did you mean 'learning_rate'" in lines[0]
+
+
+def test_help_lists_recipe_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for key in ("name_or_path", "eval_split", "checkpoint_dir", "merge_into", "--base_model", "--resume"):
+        assert key in out
