@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge reads it
 
 
@@ -109,6 +108,16 @@ POSITIVE = {
     "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
     "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
 }
+# Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "output.merge_into": ("dequantized", "original"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+}
+FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio"}  # must lie in [0, 1)
 # The seed's command-line flags (README.ko) and the recipe key each one sets.
 SEED_FLAGS = {
     "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
@@ -339,11 +348,18 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
                 "report_to": ["wandb"], **upstream["training"]}
     if own["data"].eval_split or own["data"].eval_path:
         training.setdefault("eval_strategy", "epoch")
-    for dotted in sorted(POSITIVE):
+    values = {"lora": lora, "training": training, "quantization": quantization or {},
+              **{name: dataclasses.asdict(args) for name, args in own.items()}}
+    for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES)):
         section, key = dotted.split(".")
-        value = {"lora": lora, "training": training}[section].get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        value = values[section].get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if dotted in POSITIVE and number and value <= 0:
             raise RecipeError(f"{loc(dotted)}: {dotted} must be > 0, got {value}")
+        if dotted in FRACTIONS and number and not 0 <= value < 1:
+            raise RecipeError(f"{loc(dotted)}: {dotted} must be in [0, 1), got {value}")
+        if dotted in CHOICES and value is not None and value not in CHOICES[dotted]:
+            raise RecipeError(f"{loc(dotted)}: {dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
 
     recipe = Recipe(source=source, use_qlora=use_qlora, lora=lora, quantization=quantization, training=training,
                     raw=raw, **own)
@@ -354,21 +370,13 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
 
 
 def _cross_check(recipe: Recipe, loc) -> None:
-    model, data, output = recipe.model, recipe.data, recipe.output
+    model, data = recipe.model, recipe.data
     if not model.name_or_path:
         raise RecipeError(f"{loc('model')}: model.name_or_path is required (a hub id or a local directory)")
     if not data.path:
         raise RecipeError(f"{loc('data')}: data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
-    if not 0 <= data.eval_split < 1:
-        raise RecipeError(f"{loc('data.eval_split')}: data.eval_split must be in [0, 1), got {data.eval_split}")
     if data.eval_split and data.eval_path:
         raise RecipeError(f"{loc('data.eval_path')}: set data.eval_split or data.eval_path, not both")
-    if output.merge_into not in ("dequantized", "original"):
-        raise RecipeError(f"{loc('output.merge_into')}: output.merge_into must be 'dequantized' or 'original'")
-    if recipe.wandb.mode not in ("auto", "online", "offline", "disabled"):
-        raise RecipeError(f"{loc('wandb.mode')}: wandb.mode must be auto, online, offline or disabled")
-    if model.dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise RecipeError(f"{loc('model.dtype')}: model.dtype must be auto, bfloat16, float16 or float32")
     strategy = str(recipe.training.get("eval_strategy", "no"))
     if strategy not in ("no", "IntervalStrategy.NO") and not (data.eval_split or data.eval_path):
         raise RecipeError(f"{loc('training.eval_strategy')}: training.eval_strategy={strategy} needs evaluation "

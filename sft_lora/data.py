@@ -43,7 +43,8 @@ def read_records(path: str, args: DataArgs) -> list[dict[str, Any]]:
     try:
         return load_dataset(path, split=args.split).to_list()
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
-        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check data.path and network")
+        reason = type(exc).__name__
+        raise RecipeError(f"{path}: could not load hub dataset ({reason}); check data.path and network") from None
 
 
 def _read_text(p: Path) -> str:

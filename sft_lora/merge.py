@@ -16,8 +16,6 @@ import yaml
 from .config import RECIPE_FILE, RecipeError
 
 
-
-
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
                   merge_into: str | None = None, overwrite: bool = False) -> Path:
     """Merge `adapter_dir` into its base; return the merged directory.

@@ -14,8 +14,6 @@ from pathlib import Path
 from .config import RECIPE_FILE, SEED_FLAGS, Recipe, RecipeError, load_recipe, recipe_keys
 
 
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sft_lora.run", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(recipe: Recipe, resume: str | None = None) -> None:
-    """Train, save the adapters, optionally merge; prints where everything went."""
+def train(recipe: Recipe, resume: str | None = None) -> dict:
+    """Train, save the adapters, optionally merge; print and return a summary of the run."""
     from .data import load_datasets
     from .model import load_tokenizer
 
@@ -65,14 +63,17 @@ def train(recipe: Recipe, resume: str | None = None) -> None:
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
-    eval_before = None
+    summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
+               "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
+               "merged": str(recipe.merged_dir) if recipe.output.merge else None}
     if eval_set is not None and recipe.output.eval_before_training and resume_from is None:
-        eval_before = trainer.evaluate()["eval_loss"]
+        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=resume_from)
-    eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    if eval_set is not None:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     save_adapters(trainer, recipe, tokenizer)
-
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    summary.update(global_step=result.global_step, runtime_s=result.metrics["train_runtime"],
+                   train_losses=[(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log])
     main_process = trainer.accelerator.is_main_process
     del trainer
     if recipe.output.merge and main_process:
@@ -80,15 +81,22 @@ def train(recipe: Recipe, resume: str | None = None) -> None:
 
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
-        print(f"\ntrained {result.global_step} steps in {result.metrics['train_runtime']:.1f} s")
-        if losses:
-            print(f"train loss: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
-        if eval_after is not None:
-            start = f"{eval_before:.4f} (before) -> " if eval_before is not None else ""
-            print(f"eval loss:  {start}{eval_after:.4f} (after)")
-        print(f"checkpoints: {recipe.checkpoint_dir}\nadapters:    {recipe.adapters_dir}")
-        if recipe.output.merge:
-            print(f"merged:      {recipe.merged_dir}")
+        _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    losses = summary["train_losses"]
+    print(f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s")
+    if losses:
+        print(f"train loss:  {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]})")
+    if summary["eval_loss_after"] is not None:
+        before = summary["eval_loss_before"]
+        start = f"{before:.4f} (before) -> " if before is not None else ""
+        print(f"eval loss:   {start}{summary['eval_loss_after']:.4f} (after)")
+    print(f"checkpoints: {summary['checkpoints']}\nadapters:    {summary['adapters']}")
+    if summary["merged"]:
+        print(f"merged:      {summary['merged']}")
 
 
 def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:

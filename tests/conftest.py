@@ -23,37 +23,38 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", SAMPLE)
 
 
+def write_recipe(directory: Path, model_dir: Path, **sections) -> Path:
+    """Write a recipe (the tiny job, shortened, outputs under `directory`) updated by `sections`; return its path.
+
+    A section given as None is removed; so is a key given as None inside a section."""
+    recipe = {
+        "use_qlora": False,
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "data": {"path": str(SAMPLE), "eval_split": 0.15},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {"num_train_epochs": 1, "max_steps": 6, "learning_rate": 3.0e-3,
+                     "per_device_train_batch_size": 4, "activation_checkpointing": False,
+                     "max_length": 256, "logging_steps": 1, "save_steps": 3, "report_to": "none",
+                     "dataloader_pin_memory": False},
+        "output": {"dir": str(directory / "final_model"), "checkpoint_dir": str(directory / "checkpoints"),
+                   "merge": False},
+    }
+    for name, values in sections.items():
+        if values is None:
+            recipe.pop(name, None)
+        elif isinstance(values, dict):
+            section = recipe.setdefault(name, {})
+            section.update(values)
+            for key in [k for k, v in values.items() if v is None]:
+                del section[key]
+        else:
+            recipe[name] = values
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_model):
-    """Write a recipe (the tiny job, shortened, outputs under tmp_path) updated by `sections`; return its path.
-
-    A section given as None is removed."""
-
-    def make(**sections) -> Path:
-        recipe = {
-            "use_qlora": False,
-            "model": {"name_or_path": str(tiny_model), "dtype": "float32"},
-            "data": {"path": str(SAMPLE), "eval_split": 0.15},
-            "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-            "training": {"num_train_epochs": 1, "max_steps": 6, "learning_rate": 3.0e-3,
-                         "per_device_train_batch_size": 4, "activation_checkpointing": False,
-                         "max_length": 256, "logging_steps": 1, "save_steps": 3, "report_to": "none",
-                         "dataloader_pin_memory": False},
-            "output": {"dir": str(tmp_path / "final_model"), "checkpoint_dir": str(tmp_path / "checkpoints"),
-                       "merge": False},
-        }
-        for name, values in sections.items():
-            if values is None:
-                recipe.pop(name, None)
-            elif isinstance(values, dict):  # a key given as None is removed from the section
-                section = recipe.setdefault(name, {})
-                section.update(values)
-                for key in [k for k, v in values.items() if v is None]:
-                    del section[key]
-            else:
-                recipe[name] = values
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
-        return path
-
-    return make
+    """`write_recipe` into this test's tmp_path."""
+    return lambda **sections: write_recipe(tmp_path, tiny_model, **sections)

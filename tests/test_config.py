@@ -74,10 +74,13 @@ def test_unknown_section(make_recipe):
     ("lora.r=0", "lora.r must be > 0, got 0"),
     ("data.eval_split=1.5", "data.eval_split must be in [0, 1)"),
     ("training.output_dir=/tmp/x", "training.output_dir is set by output.checkpoint_dir"),
-    ("training.eval_strategy=sometimes", "training: "),  # the upstream class rejects it, named by section
+    ("lora.lora_dropout=2", "lora.lora_dropout must be in [0, 1), got 2"),
+    ("quantization.bnb_4bit_quant_type=nf5", "must be one of nf4, fp4, got 'nf5'"),
+    ("model.dtype=bf16", "model.dtype must be one of auto, bfloat16, float16, float32"),
+    ("training.eval_strategy=sometimes", "training: sometimes is not a valid IntervalStrategy"),  # upstream rejects it
 ])
 def test_wrong_values_fail_with_one_line(make_recipe, override, expected):
-    assert expected in _error(make_recipe(), [override])
+    assert expected in _error(make_recipe(use_qlora=True), [override])
 
 
 def test_impossible_combinations(make_recipe):

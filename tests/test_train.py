@@ -1,0 +1,177 @@
+"""End to end on the tiny model: label masks, LoRA and QLoRA runs, seed layout, resume, merge parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_lora.config import RECIPE_FILE, load_recipe
+from sft_lora.data import load_datasets
+from sft_lora.merge import merge_adapter
+from sft_lora.model import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+from sft_lora.run import main, train
+from sft_lora.trainer import build_trainer
+
+from .conftest import SAMPLE, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_labels_are_exactly_the_answer_and_its_end_of_turn_token(make_recipe):
+    recipe = load_recipe(make_recipe(data={"system_prompt": "Answer briefly."}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    train_set, eval_set = load_datasets(recipe.data)
+    trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
+    prepared = trainer.train_dataset
+    assert len(prepared) == len(train_set)
+    for example, row in zip(prepared, train_set, strict=True):
+        answer = row["completion"][0]["content"]
+        prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        # token by token: the prompt (system + user turn + assistant header) carries no label ...
+        assert example["input_ids"] == prompt_ids + answer_ids
+        assert example["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
+        # ... and every answer token plus the closing EOS carries its own id as label.
+        assert example["labels"][len(prompt_ids):] == answer_ids
+    first = prepared[0]
+    labelled = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+    rendered = tokenizer.decode(labelled)
+    assert rendered.endswith(tokenizer.eos_token)
+
+
+def test_tokenizer_without_template_gets_the_default_and_a_recipe_template_wins(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    bare = AutoTokenizer.from_pretrained(tiny_model)
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "bare")
+    (tmp_path / "bare" / "chat_template.jinja").unlink(missing_ok=True)
+    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "bare"))
+    assert load_tokenizer(recipe.model, recipe.data).chat_template == DEFAULT_CHAT_TEMPLATE
+    custom = tmp_path / "t.jinja"
+    custom.write_text("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
+    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "bare", data={"chat_template": str(custom)}))
+    assert load_tokenizer(recipe.model, recipe.data).chat_template == custom.read_text()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model):
+    """One 6-step LoRA run with checkpoints at steps 3 and 6, merged at the end."""
+    directory = tmp_path_factory.mktemp("lora")
+    recipe = load_recipe(write_recipe(directory, tiny_model, output={"merge": True}))
+    return recipe, train(recipe)
+
+
+def test_lora_run_writes_the_seed_layout(lora_run):
+    recipe, summary = lora_run
+    root = Path(recipe.output.dir)
+    adapters, merged = root / "tiny-llama" / "1" / "lora_adapters", root / "tiny-llama" / "1" / "lora_merged"
+    assert summary["global_step"] == 6 and summary["adapters"] == str(adapters)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", RECIPE_FILE):
+        assert (adapters / name).is_file(), name
+    assert not list(adapters.glob("*.bin")), "no pickles in the output"
+    assert load_recipe(adapters / RECIPE_FILE).to_yaml() == recipe.to_yaml()  # the saved recipe reproduces it
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "chat_template.jinja", "merge_info.json"):
+        assert (merged / name).is_file(), name
+    assert sorted(p.name for p in recipe.checkpoint_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert not list(root.rglob("*.tmp-*")), "no temporary directory left behind"
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["What is 3 plus 4?", "한국의 수도는 어디인가요?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def test_merged_lora_model_reproduces_the_adapter_model(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, summary = lora_run
+    tokenizer = AutoTokenizer.from_pretrained(summary["adapters"])
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, summary["adapters"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged"], dtype=torch.float32).eval()
+    base_only = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32).eval()
+    expected = _logits(adapted, tokenizer)
+    assert (expected - _logits(base_only, tokenizer)).abs().max() > 1e-2  # the adapter changed something
+    assert (_logits(merged, tokenizer) - expected).abs().max() <= 1e-5
+    info = json.loads((Path(summary["merged"]) / "merge_info.json").read_text())
+    assert info["merged_into"] == "original base weights" and info["dtype"] == "float32"
+
+
+def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
+    recipe, summary = lora_run
+    checkpoint = recipe.checkpoint_dir / "checkpoint-3"
+    out = tmp_path / "resumed"
+    resumed = train(load_recipe(recipe.source, [f"output.dir={out}", f"output.checkpoint_dir={tmp_path}/ckpt",
+                                                "output.merge=false"]), resume=str(checkpoint))
+    assert resumed["resumed_from"] == str(checkpoint) and resumed["global_step"] == 6
+    steps = [step for step, _ in resumed["train_losses"]]
+    assert steps == list(range(1, 7))  # history up to step 3 came from the checkpoint, 4..6 were trained now
+    # The continued run ends where the uninterrupted one did: same losses after the resume point, same adapter.
+    uninterrupted = dict(summary["train_losses"])
+    for step, loss in resumed["train_losses"][3:]:
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-4)
+    from safetensors.torch import load_file
+
+    a = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["adapters"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(make_recipe, capsys):
+    path = make_recipe(training={"max_steps": 3})
+    assert main([str(path), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main([str(path)]) == 0
+    assert main([str(path), "training.max_steps=4", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-3" in out and "trained to step 4" in out
+
+
+def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    # wandb as in the seed, with no key and no network: it must run offline, not crash.
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, use_qlora=True,
+                                      training={"report_to": "wandb", "max_steps": 4, "save_steps": 4},
+                                      output={"merge": True}))
+    summary = train(recipe)
+    adapters = Path(summary["adapters"])
+    assert adapters.name == "qlora_adapters" and (adapters / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb ran offline"
+    info = json.loads((Path(summary["merged"]) / "merge_info.json").read_text())
+    assert info["merged_into"] == "dequantized 4-bit base"
+
+    tokenizer = AutoTokenizer.from_pretrained(adapters)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        recipe.model.name_or_path, quantization_config=BitsAndBytesConfig(**recipe.quantization))
+    assert quantized.is_loaded_in_4bit
+    trained = _logits(PeftModel.from_pretrained(quantized, adapters).eval(), tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(summary["merged"]).eval()
+    original = merge_adapter(adapters, output_dir=tmp_path / "orig", merge_into="original")
+    into_original = AutoModelForCausalLM.from_pretrained(original).eval()
+    diff_dequantized = (_logits(merged, tokenizer) - trained).abs().max().item()
+    diff_original = (_logits(into_original, tokenizer) - trained).abs().max().item()
+    print(f"QLoRA merge logit diff: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}")
+    assert diff_dequantized < diff_original  # the dequantized base is what the adapter was trained against
+    assert diff_dequantized < 0.1
+
+
+def test_make_train_default_recipe_loads():
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    assert recipe.model.build_tiny and recipe.data.path == "data/sample.jsonl"
+    assert sum(1 for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()) >= 200
