@@ -152,3 +152,14 @@ def test_help_lists_recipe_keys(capsys):
     out = capsys.readouterr().out
     for key in ("name_or_path", "eval_split", "checkpoint_dir", "merge_into", "--base_model", "--resume"):
         assert key in out
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"data": {"path": "/nonexistent/qa.jsonl"}}, "/nonexistent/qa.jsonl: data file not found; check data.path"),
+    ({"model": {"name_or_path": "/nonexistent/model"}}, "/nonexistent/model: model directory not found"),
+    ({"training": {"max_steps": "many"}}, "training.max_steps expects int, got 'many'"),
+])
+def test_run_errors_exit_nonzero_with_one_line(make_recipe, capsys, sections, expected):
+    assert main([str(make_recipe(**sections))]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and expected in err[0]
