@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# DeepSpeed ships as source only; building it in pip's isolated environment would fetch a CUDA torch.
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $@
 
 train: install

@@ -79,8 +79,6 @@ class OutputArgs:
     """Merge the adapters into the base model when training ends."""
     merge_into: str = "dequantized"
     """QLoRA only: merge into the `dequantized` 4-bit base (what was trained against) or the `original` weights."""
-    eval_before_training: bool = True
-    """Evaluate once before the first step, so the first and last eval loss can be compared."""
 
 
 @dataclass
@@ -344,10 +342,11 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
 
     lora = {**LORA_DEFAULTS, **upstream["lora"]}
     quantization = {**QLORA_DEFAULTS, **upstream["quantization"]} if use_qlora else None
-    training = {"num_train_epochs": 3, "learning_rate": 1e-4 if use_qlora else 5e-6, "bf16": _bf16_available(),
+    training = {"num_train_epochs": 3, "learning_rate": 1e-4 if use_qlora else 5e-6, **_hardware_defaults(),
                 "report_to": ["wandb"], **upstream["training"]}
     if own["data"].eval_split or own["data"].eval_path:
         training.setdefault("eval_strategy", "epoch")
+        training.setdefault("eval_on_start", True)  # the eval loss before any step, to compare the last one with
     values = {"lora": lora, "training": training, "quantization": quantization or {},
               **{name: dataclasses.asdict(args) for name, args in own.items()}}
     for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES)):
@@ -468,11 +467,14 @@ def _describe(hint: Any, default: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _bf16_available() -> bool:
-    """bf16 where the GPU supports it; fp32 on CPU, where TRL's bf16 default is ~30 % slower (MEASURED.md)."""
+def _hardware_defaults() -> dict[str, bool]:
+    """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (MEASURED.md).
+    `use_cpu` on a machine without a GPU: without it, processes started by `accelerate launch` never form a
+    process group on CPU and each trains alone."""
     import torch
 
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    gpu = torch.cuda.is_available()
+    return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "use_cpu": not gpu}
 
 
 def recipe_keys() -> str:

@@ -63,21 +63,26 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
-    summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
+    summary = {"resumed_from": resume_from, "eval_loss_after": None, "world_size": trainer.accelerator.num_processes,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None}
-    if eval_set is not None and recipe.output.eval_before_training and resume_from is None:
-        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=resume_from)
     if eval_set is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     save_adapters(trainer, recipe, tokenizer)
+    history = trainer.state.log_history
     summary.update(global_step=result.global_step, runtime_s=result.metrics["train_runtime"],
-                   train_losses=[(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log])
+                   train_losses=[(log["step"], log["loss"]) for log in history if "loss" in log],
+                   eval_loss_before=next((log["eval_loss"] for log in history if "eval_loss" in log
+                                          and log["step"] == 0), None))
     main_process = trainer.accelerator.is_main_process
     del trainer
     if recipe.output.merge and main_process:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         from .merge import merge_adapter
+
+        unset_hf_deepspeed_config()  # merge runs on rank 0 alone: ZeRO-3's sharded loading would wait for peers
 
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
@@ -87,7 +92,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
 
 def _print_summary(summary: dict) -> None:
     losses = summary["train_losses"]
-    print(f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s")
+    print(f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s "
+          f"on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}")
     if losses:
         print(f"train loss:  {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]})")
     if summary["eval_loss_after"] is not None:
