@@ -1,6 +1,7 @@
 # The user's vocabulary: install, train, resume, merge, test, lint.
 # Variables: RECIPE (default recipes/tiny.yaml), ARGS (extra `section.key=value` overrides or flags),
-# ACCEL (an accelerate config file; default: plain python, one process), ADAPTER (for merge).
+# ACCEL (an accelerate config: zero3, fsdp, … from accelerate_configs/, or a path; default: the recipe's
+# accelerate_config, else one process), ADAPTER (for merge).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,8 @@ RECIPE ?= recipes/tiny.yaml
 ARGS ?=
 ADAPTER ?= final_model/tiny-llama/3/lora_adapters
 ACCEL ?=
-LAUNCH := $(if $(ACCEL),$(BIN)/accelerate launch --config_file $(ACCEL) -m sft_lora.run,$(BIN)/python -m sft_lora.run)
+LAUNCH := $(BIN)/python -m sft_lora.run
+ACCEL_ARG := $(if $(ACCEL),accelerate_config=$(ACCEL))
 
 .PHONY: install train resume merge print-config test lint clean
 
@@ -26,10 +28,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: install
-	$(LAUNCH) $(RECIPE) $(ARGS)
+	$(LAUNCH) $(RECIPE) $(ACCEL_ARG) $(ARGS)
 
 resume: install
-	$(LAUNCH) $(RECIPE) --resume $(ARGS)
+	$(LAUNCH) $(RECIPE) --resume $(ACCEL_ARG) $(ARGS)
 
 merge: install
 	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) --overwrite $(ARGS)

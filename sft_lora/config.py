@@ -43,6 +43,8 @@ class ModelArgs:
     """Hub revision (branch, tag or commit) to load."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Only for models you trust."""
+    device_map: str | None = None
+    """Single process only: `auto` spreads a model too big for one GPU over all GPUs (naive pipeline)."""
     build_tiny: bool = False
     """Build a tiny random Llama + tokenizer at `name_or_path` if it is missing (default job and tests)."""
 
@@ -93,7 +95,7 @@ class WandbArgs:
 
 OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs}
 UPSTREAM_SECTIONS = ("lora", "quantization", "training")
-TOP_LEVEL = {"use_qlora": bool}
+TOP_LEVEL = {"use_qlora": bool, "accelerate_config": str}
 # `training` keys that other sections own, and where to set them instead.
 OWNED_ELSEWHERE = {
     "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
@@ -135,6 +137,7 @@ class Recipe:
 
     source: str
     use_qlora: bool
+    accelerate_config: str | None
     model: ModelArgs
     data: DataArgs
     output: OutputArgs
@@ -168,7 +171,7 @@ class Recipe:
 
     def to_yaml(self) -> str:
         """The fully resolved recipe, as a recipe file that reproduces this run."""
-        out: dict[str, Any] = {"use_qlora": self.use_qlora}
+        out: dict[str, Any] = {"use_qlora": self.use_qlora, "accelerate_config": self.accelerate_config}
         for name in OWN_SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
         out["lora"] = self.lora
@@ -205,7 +208,7 @@ class Recipe:
 
     @property
     def model_init_kwargs(self) -> dict[str, Any]:
-        kwargs = {"dtype": self.model.dtype, "revision": self.model.revision,
+        kwargs = {"dtype": self.model.dtype, "revision": self.model.revision, "device_map": self.model.device_map,
                   "attn_implementation": self.model.attn_implementation}
         return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -332,6 +335,9 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
         raise RecipeError(f"{loc('quantization')}: a quantization section needs QLoRA but use_qlora is false; "
                           "remove one of them")
     use_qlora = True if use_qlora is None else use_qlora  # the seed's default
+    accelerate_config = raw.get("accelerate_config")
+    if accelerate_config is not None and not isinstance(accelerate_config, str):
+        raise RecipeError(f"{loc('accelerate_config')}: accelerate_config must be a name (zero3) or a file path")
 
     training = sections["training"]
     for key in training:
@@ -360,8 +366,8 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
         if dotted in CHOICES and value is not None and value not in CHOICES[dotted]:
             raise RecipeError(f"{loc(dotted)}: {dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
 
-    recipe = Recipe(source=source, use_qlora=use_qlora, lora=lora, quantization=quantization, training=training,
-                    raw=raw, **own)
+    recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, lora=lora,
+                    quantization=quantization, training=training, raw=raw, **own)
     _cross_check(recipe, loc)
     for build in (recipe.build_lora_config, recipe.build_bnb_config, recipe.build_sft_config):
         build()  # the upstream classes' own checks, reported under the recipe's section
@@ -419,12 +425,15 @@ def _expand_env(section: dict[str, Any], name: str, loc) -> dict[str, Any]:
 
 
 def _coerce(value: Any, hint: Any, default: Any) -> Any:
-    """YAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); accept it where a float is expected."""
+    """Undo two YAML 1.1 surprises: `1e-4` is read as a string (it wants `1.0e-4`), and `no`/`yes` as booleans
+    (`eval_strategy: no`). Each is turned back where the field expects a float, or a string but no bool."""
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
         try:
             return float(value)
         except ValueError:
             return value
+    if isinstance(value, bool) and (_accepts(hint, str) or type(default) is str) and not _accepts(hint, bool):
+        return "yes" if value else "no"
     return value
 
 
@@ -479,7 +488,8 @@ def _hardware_defaults() -> dict[str, bool]:
 
 def recipe_keys() -> str:
     """The recipe's keys, for --help: own sections in full, upstream sections by class."""
-    lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false"]
+    lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false",
+             "  accelerate_config  launch under this accelerate config (zero3, fsdp, … or a path)"]
     for name, cls in OWN_SECTIONS.items():
         lines.append(f"{name}:")
         docs = _attribute_docs(cls)

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     seed = parser.add_argument_group("the seed's flags (aliases of recipe keys)")
     for flag, key in SEED_FLAGS.items():
         seed.add_argument(f"--{flag}", default=None, help=f"sets {key}")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +38,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(recipe.to_yaml(), end="")
             return 0
+        if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
+            _relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
+        _check_this_launch(recipe)
         train(recipe, resume=args.resume)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _relaunch(recipe: Recipe, argv: list[str]) -> None:
+    """Start this same command under `accelerate launch` with the recipe's accelerate config, after checking the
+    pair, so a bad combination fails here in one line instead of in every launched process."""
+    from .launch import check_launch, read_config, resolve_config
+
+    path = resolve_config(recipe.accelerate_config)
+    check_launch(recipe, read_config(path), str(path))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
+    print("launching:", " ".join(command), flush=True)
+    os.environ["SFT_LORA_LAUNCHED"] = "1"  # the launched processes train instead of launching again
+    os.execv(command[0], command)
+
+
+def _check_this_launch(recipe: Recipe) -> None:
+    """Check what accelerate actually set up for this process (also when launched by hand)."""
+    from accelerate import PartialState
+
+    from .launch import check_launch, check_process_group, config_from_environment
+
+    check_launch(recipe, config_from_environment(), "accelerate launch")
+    check_process_group(PartialState().num_processes)
 
 
 def train(recipe: Recipe, resume: str | None = None) -> dict:
@@ -69,6 +96,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     result = trainer.train(resume_from_checkpoint=resume_from)
     if eval_set is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    summary["replicas_agree"] = _replicas_agree(trainer)
     save_adapters(trainer, recipe, tokenizer)
     history = trainer.state.log_history
     summary.update(global_step=result.global_step, runtime_s=result.metrics["train_runtime"],
@@ -100,9 +128,31 @@ def _print_summary(summary: dict) -> None:
         before = summary["eval_loss_before"]
         start = f"{before:.4f} (before) -> " if before is not None else ""
         print(f"eval loss:   {start}{summary['eval_loss_after']:.4f} (after)")
+    if summary["replicas_agree"] is not None:
+        print(f"replicas:    {'identical' if summary['replicas_agree'] else 'DIFFER — the processes did not sync'} "
+              f"on all {summary['world_size']} processes")
     print(f"checkpoints: {summary['checkpoints']}\nadapters:    {summary['adapters']}")
     if summary["merged"]:
         print(f"merged:      {summary['merged']}")
+
+
+def _replicas_agree(trainer) -> bool | None:
+    """Data-parallel replicas must end with identical adapter weights; a mismatch means a broken multi-process or
+    multi-node setup. None where there is one process or the weights are sharded (ZeRO-3, FSDP)."""
+    import hashlib
+
+    from accelerate.utils import DistributedType, gather_object
+
+    accelerator = trainer.accelerator
+    plugin = accelerator.state.deepspeed_plugin
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    if accelerator.num_processes == 1 or sharded:
+        return None
+    digest = hashlib.sha256()
+    for _, param in sorted(trainer.model.named_parameters()):
+        if param.requires_grad:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return len(set(gather_object([digest.hexdigest()]))) == 1
 
 
 def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:

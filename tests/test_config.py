@@ -163,3 +163,10 @@ def test_run_errors_exit_nonzero_with_one_line(make_recipe, capsys, sections, ex
     assert main([str(make_recipe(**sections))]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and expected in err[0]
+
+
+def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe):
+    recipe = load_recipe(make_recipe(data={"eval_split": 0.0}), ["training.eval_strategy=no"])
+    assert recipe.training["eval_strategy"] == "no"
+    assert load_recipe(make_recipe(), ["training.activation_checkpointing=no"]).training[
+        "activation_checkpointing"] is False  # a real bool field keeps the bool

@@ -1,0 +1,144 @@
+"""Which accelerate launch a recipe runs under, and the recipe × launch combinations known to fail.
+
+`check_launch` runs before any model loads: once against the config file a recipe names (`accelerate_config`),
+and again inside the launched processes against what accelerate actually set up (its environment variables).
+Each known-bad combination fails with one line and its fix; the issue threads behind them are cited inline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Recipe, RecipeError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
+
+
+def resolve_config(name: str) -> Path:
+    """An accelerate config by short name (`zero3` → accelerate_configs/zero3.yaml) or by path."""
+    path = Path(name)
+    for candidate in (path, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise RecipeError(f"accelerate_config: '{name}' not found; use a file path or one of: {shipped}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """An accelerate config file as a dict (the shape `accelerate config` writes)."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path}: an accelerate config must be a mapping")
+    return config
+
+
+def config_from_environment() -> dict[str, Any]:
+    """What `accelerate launch` set up for this process, in the shape of a config file."""
+    env = os.environ
+    config: dict[str, Any] = {"distributed_type": "NO", "num_processes": int(env.get("WORLD_SIZE", "1")),
+                              "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no")}
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        ds = {"zero_stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+              "zero3_save_16bit_model": env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
+              "offload_optimizer_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")}
+        if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
+            ds["gradient_accumulation_steps"] = env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
+        config.update(distributed_type="DEEPSPEED", deepspeed_config=ds)
+    elif env.get("ACCELERATE_USE_FSDP") == "true":
+        config.update(distributed_type="FSDP", fsdp_config={
+            "fsdp_version": int(env.get("FSDP_VERSION", "1")),
+            "fsdp_activation_checkpointing": env.get("FSDP_ACTIVATION_CHECKPOINTING") == "true",
+            "fsdp_use_orig_params": env.get("FSDP_USE_ORIG_PARAMS", "true") == "true"})
+    elif config["num_processes"] > 1:
+        config["distributed_type"] = "MULTI_GPU"
+    return config
+
+
+def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
+    """Raise RecipeError for a recipe × accelerate-config combination known to fail or to train wrongly."""
+    kind = str(config.get("distributed_type", "NO")).upper()
+    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and _zero_stage(config) == 3)
+    training, quant = recipe.training, recipe.quantization
+    processes = int(config.get("num_processes") or 1)
+
+    # QLoRA with sharded weights needs the 4-bit storage dtype to equal the float dtype that ZeRO-3/FSDP flatten
+    # (PEFT docs "Use PEFT QLoRA and DeepSpeed with ZeRO3"; huggingface/peft#2016, transformers#29266).
+    if sharded and quant is not None:
+        compute = quant.get("bnb_4bit_compute_dtype", "bfloat16")
+        if quant.get("bnb_4bit_quant_storage") != compute:
+            raise RecipeError(f"{where}: QLoRA under {_name(config)} needs quantization.bnb_4bit_quant_storage: "
+                              f"{compute} (equal to bnb_4bit_compute_dtype); add it to the recipe")
+    # A device map places whole layers on devices itself; DeepSpeed/FSDP/DDP place them instead
+    # ("DeepSpeed Zero-3 is not compatible with ... passing a device_map": peft#306, accelerate#2543).
+    if recipe.model.device_map is not None and (kind != "NO" or processes > 1):
+        raise RecipeError(f"{where}: model.device_map={recipe.model.device_map!r} cannot be used under "
+                          f"{_name(config)}; remove model.device_map (each process loads its own copy or shard)")
+    # Precision is decided twice (recipe and accelerate config); when they disagree one silently wins.
+    mixed = str(config.get("mixed_precision") or "no")
+    wanted = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "no"
+    if mixed != "no" and mixed != wanted:
+        raise RecipeError(f"{where}: the accelerate config asks mixed_precision {mixed} but the recipe trains in "
+                          f"{wanted}; set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")
+    _check_deepspeed_batch(config, training, processes, where)
+    if kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        # Checkpointing twice recomputes every layer twice; transformers refuses the pair at step 0.
+        if fsdp.get("fsdp_activation_checkpointing") and recipe.build_sft_config().gradient_checkpointing:
+            raise RecipeError(f"{where}: fsdp_activation_checkpointing and training.activation_checkpointing are "
+                              "both on; set training.activation_checkpointing: false")
+        # FSDP1 flattens frozen base and trainable LoRA weights together unless the original parameters are kept
+        # ("FlatParameter requires uniform requires_grad": PEFT docs, accelerate#1740).
+        if int(fsdp.get("fsdp_version", 1)) == 1 and fsdp.get("fsdp_use_orig_params") is False and quant is None:
+            raise RecipeError(f"{where}: LoRA under FSDP1 needs fsdp_use_orig_params: true (or fsdp_version: 2)")
+    machines = int(config.get("num_machines") or 1)
+    if processes % machines:
+        raise RecipeError(f"{where}: num_processes {processes} is not a multiple of num_machines {machines}")
+    if int(config.get("machine_rank") or 0) >= machines:
+        raise RecipeError(f"{where}: machine_rank must be below num_machines {machines}")
+
+
+def check_process_group(world_size: int) -> None:
+    """Processes started by a launcher that did not join one process group would each train alone and write the
+    same outputs (seen with `accelerate launch --cpu --num_processes 2`, and multi-GPU configs on a CPU box)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world_size != launched:
+        raise RecipeError(f"launcher started {launched} processes but they formed a group of {world_size}; on a "
+                          "machine without a GPU keep training.use_cpu: true and a MULTI_GPU or DEEPSPEED config")
+
+
+def _check_deepspeed_batch(config: dict[str, Any], training: dict[str, Any], processes: int, where: str) -> None:
+    """DeepSpeed requires train_batch_size = micro batch × accumulation × world size; numbers fixed in the
+    accelerate or DeepSpeed config must agree with the recipe's, or DeepSpeed stops at start-up."""
+    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
+        return
+    ds = dict(config.get("deepspeed_config") or {})
+    if ds.get("deepspeed_config_file"):
+        import json
+
+        ds.update(json.loads(Path(ds["deepspeed_config_file"]).read_text(encoding="utf-8")))
+    micro = training.get("per_device_train_batch_size", 8)
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    fixed = {"gradient_accumulation_steps": accumulation, "train_micro_batch_size_per_gpu": micro,
+             "train_batch_size": micro * accumulation * processes}
+    for key, expected in fixed.items():
+        value = ds.get(key)
+        if value not in (None, "auto", "none") and int(value) != expected:
+            raise RecipeError(f"{where}: DeepSpeed {key}={value} but the recipe gives {expected} "
+                              f"(per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} "
+                              f"× {processes} processes); set it to \"auto\"")
+
+
+def _zero_stage(config: dict[str, Any]) -> int:
+    return int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+
+
+def _name(config: dict[str, Any]) -> str:
+    kind = str(config.get("distributed_type", "NO")).upper()
+    return f"DeepSpeed ZeRO-{_zero_stage(config)}" if kind == "DEEPSPEED" else kind
