@@ -100,6 +100,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     save_adapters(trainer, recipe, tokenizer)
     history = trainer.state.log_history
     summary.update(global_step=result.global_step, runtime_s=result.metrics["train_runtime"],
+                   peak_memory_gib=_peak_memory_gib(),
+                   train_tokens=next((log["num_tokens"] for log in reversed(history) if "num_tokens" in log), None),
                    train_losses=[(log["step"], log["loss"]) for log in history if "loss" in log],
                    eval_loss_before=next((log["eval_loss"] for log in history if "eval_loss" in log
                                           and log["step"] == 0), None))
@@ -122,6 +124,7 @@ def _print_summary(summary: dict) -> None:
     losses = summary["train_losses"]
     print(f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s "
           f"on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}")
+    print(f"peak memory: {summary['peak_memory_gib']:.2f} GiB")
     if losses:
         print(f"train loss:  {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]})")
     if summary["eval_loss_after"] is not None:
@@ -134,6 +137,17 @@ def _print_summary(summary: dict) -> None:
     print(f"checkpoints: {summary['checkpoints']}\nadapters:    {summary['adapters']}")
     if summary["merged"]:
         print(f"merged:      {summary['merged']}")
+
+
+def _peak_memory_gib() -> float:
+    """Peak GPU memory of this process (or peak RSS on CPU), GiB."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _replicas_agree(trainer) -> bool | None:

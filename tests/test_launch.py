@@ -1,0 +1,115 @@
+"""Known-bad recipe × accelerate-config combinations fail before any model loads, each with its fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sft_lora.config import RecipeError, load_recipe
+from sft_lora.launch import CONFIG_DIR, check_launch, check_process_group, read_config, resolve_config
+from sft_lora.run import main
+
+
+def shipped(name: str, **changes) -> dict:
+    config = read_config(CONFIG_DIR / f"{name}.yaml")
+    for key, value in changes.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            config[section][sub] = value
+        else:
+            config[key] = value
+    return config
+
+
+def _error(recipe, config) -> str:
+    with pytest.raises(RecipeError) as info:
+        check_launch(recipe, config, "cfg.yaml")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_every_shipped_config_passes_with_a_matching_recipe(make_recipe):
+    lora = load_recipe(make_recipe(training={"bf16": True}))
+    qlora = load_recipe(make_recipe(use_qlora=True, quantization={"bnb_4bit_quant_storage": "bfloat16"},
+                                    training={"bf16": True}))
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert names == ["fsdp", "multi_gpu", "multi_node", "single_gpu", "zero2", "zero3", "zero3_offload"]
+    for name in names:
+        config = read_config(CONFIG_DIR / f"{name}.yaml")
+        if name == "single_gpu":
+            config["mixed_precision"] = "bf16"
+        check_launch(lora, config, name)
+        check_launch(qlora, config, name)
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload", "fsdp"])
+def test_qlora_with_sharded_weights_needs_quant_storage(make_recipe, name):
+    recipe = load_recipe(make_recipe(use_qlora=True, training={"bf16": True}))
+    assert "needs quantization.bnb_4bit_quant_storage: bfloat16" in _error(recipe, shipped(name))
+    check_launch(recipe, shipped("zero2"), "zero2")  # stage 2 keeps whole weights: fine
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp", "multi_gpu"])
+def test_device_map_under_a_distributed_launch(make_recipe, name):
+    recipe = load_recipe(make_recipe(model={"device_map": "auto"}, training={"bf16": True}))
+    assert "model.device_map='auto' cannot be used under" in _error(recipe, shipped(name))
+
+
+def test_mixed_precision_must_agree_with_the_recipe(make_recipe):
+    fp32 = load_recipe(make_recipe(training={"bf16": False}))
+    assert "asks mixed_precision bf16 but the recipe trains in no" in _error(fp32, shipped("zero2"))
+    bf16 = load_recipe(make_recipe(training={"bf16": True}))
+    assert "set training.fp16: true" in _error(bf16, shipped("zero2", mixed_precision="fp16"))
+
+
+def test_deepspeed_batch_arithmetic(make_recipe, tmp_path):
+    recipe = load_recipe(make_recipe(training={"bf16": True, "per_device_train_batch_size": 4,
+                                               "gradient_accumulation_steps": 2}))
+    config = shipped("zero2", deepspeed_config__gradient_accumulation_steps=4)
+    assert "gradient_accumulation_steps=4 but the recipe gives 2" in _error(recipe, config)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 32, "train_micro_batch_size_per_gpu": "auto"}))
+    config = shipped("zero2", deepspeed_config__deepspeed_config_file=str(ds_json))
+    assert "train_batch_size=32 but the recipe gives 64" in _error(recipe, config)  # 4 × 2 × 8 processes
+    ds_json.write_text(json.dumps({"train_batch_size": 64}))
+    check_launch(recipe, config, "ok")
+
+
+def test_fsdp_checkpointing_twice_and_fsdp1_lora(make_recipe):
+    recipe = load_recipe(make_recipe(training={"bf16": True, "activation_checkpointing": True}))
+    config = shipped("fsdp", fsdp_config__fsdp_activation_checkpointing=True)
+    assert "set training.activation_checkpointing: false" in _error(recipe, config)
+    recipe = load_recipe(make_recipe(training={"bf16": True}))
+    config = shipped("fsdp", fsdp_config__fsdp_version=1, fsdp_config__fsdp_use_orig_params=False)
+    assert "LoRA under FSDP1 needs fsdp_use_orig_params: true" in _error(recipe, config)
+
+
+def test_multi_node_arithmetic(make_recipe):
+    recipe = load_recipe(make_recipe(training={"bf16": True}))
+    assert "not a multiple of num_machines 2" in _error(recipe, shipped("multi_node", num_processes=15))
+    assert "machine_rank must be below num_machines 2" in _error(recipe, shipped("multi_node", machine_rank=2))
+
+
+def test_processes_that_did_not_form_a_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="started 2 processes but they formed a group of 1"):
+        check_process_group(1)
+    check_process_group(2)
+
+
+def test_config_names_resolve_and_unknown_ones_fail(tmp_path):
+    assert resolve_config("zero3") == CONFIG_DIR / "zero3.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text(yaml.safe_dump({"distributed_type": "NO"}))
+    assert resolve_config(str(own)) == own
+    with pytest.raises(RecipeError, match="'zero9' not found; use a file path or one of: fsdp, multi_gpu"):
+        resolve_config("zero9")
+
+
+def test_a_bad_combination_fails_before_launching(make_recipe, capsys):
+    path = make_recipe(use_qlora=True, accelerate_config="zero3", training={"bf16": True})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zero3.yaml: QLoRA under DeepSpeed ZeRO-3 needs" in err[0]
