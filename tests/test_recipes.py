@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -120,8 +121,8 @@ def tiny_arch(tmp_path_factory, tiny_model):
 
     def get(name: str) -> Path:
         if name not in FAMILIES:
-            pytest.fail(f"no architecture facts for recipe family '{name}'; add a FAMILIES entry in {__file__} "
-                        "(model_type, special tokens, chat template)", pytrace=False)
+            raise RecipeCheckFailed(f"no architecture facts for recipe family '{name}'; add a FAMILIES entry in "
+                                    f"{Path(__file__).name} (model_type, tokens, chat template as the hub ships them)")
         if name not in built:
             built[name] = build_tiny_arch(FAMILIES[name], tiny_model, tmp_path_factory.mktemp("arch") / name)
         return built[name]
@@ -156,7 +157,8 @@ def validate(path: Path, overrides: list[str] = ()) -> Recipe:
     keys = {key for section in ("lora", "quantization", "training") for key in (recipe.raw.get(section) or {})}
     for warning in caught:
         message = str(warning.message)
-        if issubclass(warning.category, (FutureWarning, DeprecationWarning)) and any(k in message for k in keys):
+        deprecation = issubclass(warning.category, (FutureWarning, DeprecationWarning))
+        if deprecation and any(re.search(rf"\b{re.escape(key)}\b", message) for key in keys):
             raise RecipeCheckFailed(f"{path}: a key is deprecated upstream: {message.splitlines()[0]}")
     return recipe
 
@@ -229,10 +231,131 @@ def test_every_family_has_a_lora_and_a_qlora_recipe():
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def test_recipe(path, tiny_arch, ci_data, tmp_path):
     family = family_of(path)
-    arch_dir = tiny_arch(family)
     try:
-        result = check_recipe(path, arch_dir, ci_data, tmp_path)
+        result = check_recipe(path, tiny_arch(family), ci_data, tmp_path)
     except (RecipeError, RecipeCheckFailed) as exc:
         pytest.fail(str(exc), pytrace=False)
     assert result["summary"]["global_step"] == 2
     assert result["merged_config"]["model_type"] == FAMILIES[family].model_type
+
+
+# --- The checker on deliberately broken recipes: each must fail with one clear line naming the key to fix. ---
+
+def broken(tmp_path: Path, name: str, **sections) -> Path:
+    """A copy of recipes/<name> with `sections` merged in (a None value deletes the key), written to tmp_path."""
+    recipe = yaml.safe_load((ROOT / "recipes" / name).read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        for key, value in values.items():
+            if value is None:
+                recipe[section].pop(key, None)
+            else:
+                recipe.setdefault(section, {})[key] = value
+    path = tmp_path / "broken" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def failure(path: Path, family: str, tiny_arch, ci_data, tmp_path) -> str:
+    with pytest.raises((RecipeError, RecipeCheckFailed)) as info:
+        check_recipe(path, tiny_arch(family), ci_data, tmp_path / "run")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert not (tmp_path / "run" / "final").exists(), "nothing may be trained or saved"
+    return message
+
+
+def test_renamed_upstream_key_fails_with_file_line_and_the_new_name(tmp_path, tiny_arch, ci_data):
+    # TRL renamed max_seq_length to max_length; alignment-handbook recipes still carry the old name.
+    path = broken(tmp_path, "llama3/8b-lora.yaml", training={"max_seq_length": 2048, "max_length": None})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "max_seq_length" in text)
+    assert message.startswith(f"{path}:{line}: unknown key 'max_seq_length' in section 'training'")
+    assert "did you mean 'max_length'?" in message
+
+
+def test_key_deprecated_upstream_fails_before_it_is_removed(tmp_path, tiny_arch, ci_data):
+    path = broken(tmp_path, "llama3/8b-lora.yaml", training={"pad_token": "<|eot_id|>"})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "deprecated upstream" in message and "pad_token" in message
+
+
+@pytest.mark.parametrize("name, family, targets, expected", [
+    # Phi-3/4 fuse attention and MLP: the names of a Llama recipe match nothing.
+    ("phi4-mini/3.8b-lora.yaml", "phi4-mini", ["q_proj", "v_proj"],
+     "lora.target_modules: 'q_proj', 'v_proj' match no module of "),
+    # EXAONE's remote-code names: q/k/v still match, so PEFT alone would silently train attention only.
+    ("exaone/7.8b-qlora.yaml", "exaone", ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc_0", "c_fc_1", "c_proj"],
+     "lora.target_modules: 'out_proj', 'c_fc_0', 'c_fc_1', 'c_proj' match no module of "),
+    ("gemma3/12b-lora.yaml", "gemma3", r".*text_model.*\.(q_proj|v_proj)",
+     r"lora.target_modules: the regex '.*text_model.*\\.(q_proj|v_proj)' matches no module of "),
+])
+def test_wrong_target_modules_fail_before_loading_and_list_the_real_layers(tmp_path, tiny_arch, ci_data, name,
+                                                                           family, targets, expected):
+    path = broken(tmp_path, name, lora={"target_modules": targets})
+    message = failure(path, family, tiny_arch, ci_data, tmp_path)
+    assert expected in message, message
+    linear = {"phi4-mini": "down_proj, gate_up_proj, lm_head, o_proj, qkv_proj",
+              "exaone": "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"}
+    assert linear.get(family, "q_proj") in message
+
+
+def test_peft_alone_accepts_a_partly_wrong_target_list(tiny_arch):
+    # Why the library checks every entry: PEFT raises only when nothing matches.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_arch("exaone"))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "c_fc_0", "c_proj"]))
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == {"q_proj"}
+
+
+@pytest.mark.parametrize("name, family, sections, expected", [
+    # Gemma's tokenizer EOS is <eos>, which its template never writes after an answer.
+    ("gemma3/12b-qlora.yaml", "gemma3", {"training": {"eos_token": None}}, "never reaches the EOS '<eos>'"),
+    ("hyperclovax-seed/14b-lora.yaml", "hyperclovax-seed", {"training": {"eos_token": None}},
+     "set training.eos_token to the template's end-of-turn token"),
+    # Mistral keeps a system message only in the last user turn: gone once the answer follows.
+    ("mistral/7b-lora.yaml", "mistral", {"data": {"fold_system_prompt": None}},
+     "the chat template drops the system prompt; set data.fold_system_prompt: true"),
+])
+def test_family_quirk_left_out_of_the_recipe_fails(tmp_path, tiny_arch, ci_data, name, family, sections, expected):
+    message = failure(broken(tmp_path, name, **sections), family, tiny_arch, ci_data, tmp_path)
+    assert expected in message, message
+
+
+def test_template_that_renders_the_prompt_differently_fails(tmp_path, tiny_arch, ci_data):
+    # The generation prompt ends "A:\n" but a rendered answer follows "A: ": TRL would then train the answer
+    # after a context the model never sees at inference.
+    template = tmp_path / "drift.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'assistant' %}A: {{ m.content }}{{ eos_token }}"
+                        "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}A:\n{% endif %}")
+    path = broken(tmp_path, "llama3/8b-lora.yaml", data={"chat_template": str(template)})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "renders the prompt differently once the answer follows" in message, message
+
+
+def test_lora_on_the_vision_tower_fails(tmp_path, tiny_arch, ci_data):
+    # all-linear on Gemma 3 (a vision-language model) wraps the SigLIP tower too.
+    path = broken(tmp_path, "gemma3/12b-lora.yaml", lora={"target_modules": "all-linear"})
+    with pytest.raises(RecipeCheckFailed, match="LoRA adapters landed on the vision tower"):
+        check_recipe(path, tiny_arch("gemma3"), ci_data, tmp_path / "run")
+
+
+def test_a_recipe_of_an_unknown_family_says_where_to_add_it(tiny_arch):
+    with pytest.raises(RecipeCheckFailed, match="no architecture facts for recipe family 'olmo'; add a FAMILIES"):
+        tiny_arch("olmo")
+
+
+def test_fold_system_prompt_puts_it_atop_the_user_turn():
+    from sft_lora.config import DataArgs
+
+    record = {"input": "Q?", "output": "A."}
+    folded = to_examples([record], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
+    assert folded["prompt"][0] == [{"role": "user", "content": "Be brief.\n\nQ?"}]
+    plain = to_examples([record], DataArgs(system_prompt="Be brief."), "x")
+    assert plain["prompt"][0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
+    assert to_examples([record], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
+        {"role": "user", "content": "Q?"}]
