@@ -206,8 +206,14 @@ def check_recipe(path: Path, arch_dir: Path, data: Path, out: Path) -> dict:
     adapters, merged = Path(summary["adapters"]), Path(summary["merged"])
     with safe_open(adapters / "adapter_model.safetensors", "pt") as weights:
         keys = list(weights.keys())
+        dtypes = {str(weights.get_tensor(key).dtype) for key in keys if "lora_" in key}
     if not any("lora_A" in key for key in keys):
         raise RecipeCheckFailed(f"{path}: the saved adapter holds no LoRA weights")
+    # TRL casts the adapter to bf16 only on a quantized base: the trace that QLoRA really trained on 4-bit weights.
+    expected_dtype = {"torch.bfloat16"} if recipe.use_qlora else {"torch.float32"}
+    if dtypes != expected_dtype:
+        raise RecipeCheckFailed(f"{path}: adapter weights are {sorted(dtypes)}, expected {sorted(expected_dtype)}: "
+                                f"use_qlora={recipe.use_qlora} did not train the base it promises")
     if any("vision" in key for key in keys):
         raise RecipeCheckFailed(f"{path}: LoRA adapters landed on the vision tower; restrict lora.target_modules "
                                 "to the language model")
@@ -342,6 +348,16 @@ def test_lora_on_the_vision_tower_fails(tmp_path, tiny_arch, ci_data):
     path = broken(tmp_path, "gemma3/12b-lora.yaml", lora={"target_modules": "all-linear"})
     with pytest.raises(RecipeCheckFailed, match="LoRA adapters landed on the vision tower"):
         check_recipe(path, tiny_arch("gemma3"), ci_data, tmp_path / "run")
+
+
+def test_target_modules_peft_rejects_are_one_line_when_the_architecture_could_not_be_checked(
+        tmp_path, tiny_arch, ci_data, monkeypatch):
+    import sft_lora.targets
+
+    monkeypatch.setattr(sft_lora.targets, "model_modules", lambda recipe: None)  # e.g. a config behind remote code
+    path = broken(tmp_path, "llama3/8b-lora.yaml", lora={"target_modules": ["wq", "wv"]})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "lora.target_modules: Target modules" in message and "not found in the base model" in message
 
 
 def test_a_recipe_of_an_unknown_family_says_where_to_add_it(tiny_arch):
