@@ -49,7 +49,10 @@ class Family:
 
 
 GEMMA3_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
-# Keyed by the recipe's directory under recipes/ (recipes/tiny.yaml is family "tiny").
+# Keyed by the recipe's directory under recipes/ (recipes/tiny.yaml is family "tiny"). Templates come from TRL
+# (verbatim hub copies) or tests/chat_templates/ (each file says where from); tokens as the hub tokenizers ship
+# them, except HyperCLOVA X SEED's, which could not be checked offline (its EOS here is a guess: the recipe pins
+# <|endofturn|> either way, and the template is reconstructed from the model card).
 FAMILIES: dict[str, Family] = {
     "tiny": Family("llama", bos="<s>", eos="</s>", pad="<pad>"),
     "llama3": Family("llama", bos="<|begin_of_text|>", eos="<|eot_id|>", chat_template=_trl_template("llama3_1.jinja"),
