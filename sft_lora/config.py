@@ -61,6 +61,8 @@ class DataArgs:
     """Optional record field naming where the record came from."""
     system_prompt: str | None = None
     """Optional system turn put before every question."""
+    fold_system_prompt: bool = False
+    """Put system_prompt atop the user turn (blank line between): for chat templates without a usable system role."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory."""
     eval_split: float = 0.0

@@ -69,7 +69,11 @@ def to_examples(records: list[Any], args: DataArgs, origin: str) -> dict[str, li
     if not records:
         raise RecipeError(f"{origin}: no records; the data file is empty")
     prompts, completions, sources = [], [], []
-    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    system, prefix = [], ""
+    if args.system_prompt and args.fold_system_prompt:  # the template has no usable system role
+        prefix = f"{args.system_prompt}\n\n"
+    elif args.system_prompt:
+        system = [{"role": "system", "content": args.system_prompt}]
     for n, record in enumerate(records, 1):
         where = f"{origin}: record {n}"
         if not isinstance(record, dict):
@@ -85,7 +89,7 @@ def to_examples(records: list[Any], args: DataArgs, origin: str) -> dict[str, li
         source = record.get(args.source_field)
         if source is not None and not isinstance(source, str):
             raise RecipeError(f"{where}: '{args.source_field}' must be a string, got {type(source).__name__}")
-        prompts.append([*system, {"role": "user", "content": record[args.input_field]}])
+        prompts.append([*system, {"role": "user", "content": prefix + record[args.input_field]}])
         completions.append([{"role": "assistant", "content": record[args.output_field]}])
         sources.append(source or "default")
     return {"prompt": prompts, "completion": completions, "source": sources}

@@ -1,0 +1,380 @@
+"""Recipe CI: every recipes/**/*.yaml validates, renders its family's chat template correctly, trains 2 steps,
+saves an adapter and merges it, on a tiny random model of its own architecture built here (the hub is not
+reachable). A new recipe is picked up by the glob; a new family needs one FAMILIES entry (the test says so).
+
+Only what CPU and a tiny model force is overridden: model path and dtype, data (8 records, no eval), steps,
+batch size, reporting, output directories. Target modules, quantization, chat template, EOS and system-prompt
+handling are the recipe's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sft_lora.config import Recipe, RecipeError, load_recipe
+from sft_lora.data import to_examples
+
+from .conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.slow
+
+RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
+TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+def _trl_template(name: str) -> str:
+    """A chat template TRL ships verbatim from the model's hub repo (trl/chat_templates)."""
+    return resources.files("trl").joinpath("chat_templates", name).read_text(encoding="utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the hub would give us for a family: architecture and tokenizer facts, as the checkpoint ships them."""
+
+    model_type: str
+    eos: str
+    bos: str | None = None
+    pad: str | None = None
+    special: tuple[str, ...] = ()
+    chat_template: str | None = None  # None: the tokenizer has none and the library's default applies
+    config: dict = dataclasses.field(default_factory=dict)  # architecture-specific tiny config
+
+
+GEMMA3_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+# Keyed by the recipe's directory under recipes/ (recipes/tiny.yaml is family "tiny"). Templates come from TRL
+# (verbatim hub copies) or tests/chat_templates/ (each file says where from); tokens as the hub tokenizers ship
+# them, except HyperCLOVA X SEED's, which could not be checked offline (its EOS here is a guess: the recipe pins
+# <|endofturn|> either way, and the template is reconstructed from the model card).
+FAMILIES: dict[str, Family] = {
+    "tiny": Family("llama", bos="<s>", eos="</s>", pad="<pad>"),
+    "llama3": Family("llama", bos="<|begin_of_text|>", eos="<|eot_id|>", chat_template=_trl_template("llama3_1.jinja"),
+                     special=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>")),
+    "qwen3": Family("qwen3", eos="<|im_end|>", pad="<|endoftext|>", chat_template=_trl_template("qwen3.jinja"),
+                    special=("<|im_start|>", "<|im_end|>", "<think>", "</think>")),
+    "mistral": Family("mistral", bos="<s>", eos="</s>", special=("[INST]", "[/INST]"),
+                      chat_template=(TEMPLATES / "mistral-v0.3.jinja").read_text(encoding="utf-8")),
+    "gemma3": Family("gemma3", bos="<bos>", eos="<eos>", pad="<pad>", special=GEMMA3_TOKENS,
+                     chat_template=_trl_template("gemma3.jinja"),
+                     config={"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
+                             "mm_tokens_per_image": 4}),
+    "exaone": Family("exaone", bos="[BOS]", eos="[|endofturn|]", pad="[PAD]",
+                     special=("[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]"),
+                     chat_template=(TEMPLATES / "exaone-3.5.jinja").read_text(encoding="utf-8")),
+    "hyperclovax-seed": Family("hyperclovax", eos="<|endoftext|>",
+                               special=("<|im_start|>", "<|im_end|>", "<|endofturn|>", "<|stop|>"),
+                               chat_template=(TEMPLATES / "hyperclovax-seed.jinja").read_text(encoding="utf-8")),
+    "phi4-mini": Family("phi3", bos="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>",
+                        special=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"),
+                        chat_template=(TEMPLATES / "phi-4-mini.jinja").read_text(encoding="utf-8")),
+}
+TINY_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024}
+CI_SYSTEM_PROMPT = "Answer in one short paragraph."  # every recipe must survive a system prompt
+
+
+def family_of(path: Path) -> str:
+    return "tiny" if path.parent == ROOT / "recipes" else path.parent.name
+
+
+class RecipeCheckFailed(Exception):
+    """A recipe that validates but would train wrongly (a chat-template, EOS or output problem)."""
+
+
+def build_tiny_arch(family: Family, base_tokenizer_dir: Path, out_dir: Path) -> Path:
+    """A tiny random-init model of the family's architecture, with the tiny BPE tokenizer dressed in the family's
+    special tokens and chat template, saved like a hub checkpoint."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+    named = [t for t in (family.bos, family.eos, family.pad) if t]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (*named, *family.special)],
+                         special_tokens=True)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = family.bos, family.eos, family.pad
+    tokenizer.chat_template = family.chat_template
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if family.model_type == "gemma3":  # multimodal: the language model's dimensions live in text_config
+        image_ids = tokenizer.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+        config = AutoConfig.for_model("gemma3", text_config={**TINY_DIMS, **ids, "sliding_window": 64},
+                                      boi_token_id=image_ids[0], eoi_token_id=image_ids[1],
+                                      image_token_id=image_ids[2], **ids, **family.config)
+    else:
+        config = AutoConfig.for_model(family.model_type, **TINY_DIMS, **ids, **family.config)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory, tiny_model):
+    """family name → directory of its tiny model, built once per session (LoRA and QLoRA recipes share it)."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in FAMILIES:
+            raise RecipeCheckFailed(f"no architecture facts for recipe family '{name}'; add a FAMILIES entry in "
+                                    f"{Path(__file__).name} (model_type, tokens, chat template as the hub ships them)")
+        if name not in built:
+            built[name] = build_tiny_arch(FAMILIES[name], tiny_model, tmp_path_factory.mktemp("arch") / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ci_data(tmp_path_factory) -> Path:
+    """The first 8 records of the shipped sample: enough for 2 steps of batch 2."""
+    path = tmp_path_factory.mktemp("data") / "ci.jsonl"
+    path.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:8]) + "\n", encoding="utf-8")
+    return path
+
+
+def ci_overrides(arch_dir: Path, data: Path, out: Path) -> list[str]:
+    """What must change to run on CPU with a tiny model; nothing that decides how the recipe trains."""
+    return [f"model.name_or_path={arch_dir}", "model.dtype=float32", "model.attn_implementation=null",
+            f"data.path={data}", "data.eval_split=0", "data.eval_path=null", "training.max_steps=2",
+            "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=1",
+            "training.report_to=none", "training.bf16=false", "training.logging_steps=1",
+            "training.dataloader_pin_memory=false", f"output.dir={out / 'final'}",
+            f"output.checkpoint_dir={out / 'checkpoints'}", "output.merge=true"]
+
+
+def validate(path: Path, overrides: list[str] = ()) -> Recipe:
+    """load_recipe, with upstream deprecation warnings about keys the recipe sets turned into failures: a
+    deprecated key is the next release's renamed key (TRL's max_seq_length was deprecated before it went)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = load_recipe(path, list(overrides))
+    keys = {key for section in ("lora", "quantization", "training") for key in (recipe.raw.get(section) or {})}
+    for warning in caught:
+        message = str(warning.message)
+        deprecation = issubclass(warning.category, (FutureWarning, DeprecationWarning))
+        if deprecation and any(re.search(rf"\b{re.escape(key)}\b", message) for key in keys):
+            raise RecipeCheckFailed(f"{path}: a key is deprecated upstream: {message.splitlines()[0]}")
+    return recipe
+
+
+def check_chat_template(recipe: Recipe) -> None:
+    """Render one record the way TRL does (prompt with generation prompt, then prompt + answer) and check that
+    the prompt is a prefix of the whole, the system prompt survives, and the answer's labels reach the EOS."""
+    from sft_lora.model import load_tokenizer
+
+    data = recipe.data if recipe.data.system_prompt else dataclasses.replace(recipe.data,
+                                                                             system_prompt=CI_SYSTEM_PROMPT)
+    tokenizer = load_tokenizer(recipe.model, data)
+    eos = recipe.training.get("eos_token") or tokenizer.eos_token
+    tokenizer.eos_token = eos  # what TRL does with training.eos_token
+    record = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])
+    example = to_examples([record], data, "ci")
+    prompt, completion = example["prompt"][0], example["completion"][0]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    source = recipe.source
+    if data.system_prompt not in full_text:
+        raise RecipeCheckFailed(f"{source}: the chat template drops the system prompt; set data.fold_system_prompt: "
+                                "true")
+    if not full_text.startswith(prompt_text):
+        raise RecipeCheckFailed(f"{source}: the chat template renders the prompt differently once the answer "
+                                f"follows (prompt ends {prompt_text[-60:]!r}), so training sees another context "
+                                "than inference; set data.fold_system_prompt: true or fix data.chat_template")
+    answer = full_text[len(prompt_text):]
+    if eos not in answer:
+        raise RecipeCheckFailed(f"{source}: the trained answer {answer[-40:]!r} never reaches the EOS {eos!r}, so the "
+                                "model does not learn to stop; set training.eos_token to the template's end-of-turn "
+                                "token")
+
+
+def check_recipe(path: Path, arch_dir: Path, data: Path, out: Path) -> dict:
+    """The recipe CI for one file: validate as written, check the chat template, train 2 steps, save, merge."""
+    from safetensors import safe_open
+
+    from sft_lora.run import train
+
+    validate(path)
+    recipe = validate(path, ci_overrides(arch_dir, data, out))
+    check_chat_template(recipe)
+    summary = train(recipe)
+    adapters, merged = Path(summary["adapters"]), Path(summary["merged"])
+    with safe_open(adapters / "adapter_model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+        dtypes = {str(weights.get_tensor(key).dtype) for key in keys if "lora_" in key}
+    if not any("lora_A" in key for key in keys):
+        raise RecipeCheckFailed(f"{path}: the saved adapter holds no LoRA weights")
+    # TRL casts the adapter to bf16 only on a quantized base: the trace that QLoRA really trained on 4-bit weights.
+    expected_dtype = {"torch.bfloat16"} if recipe.use_qlora else {"torch.float32"}
+    if dtypes != expected_dtype:
+        raise RecipeCheckFailed(f"{path}: adapter weights are {sorted(dtypes)}, expected {sorted(expected_dtype)}: "
+                                f"use_qlora={recipe.use_qlora} did not train the base it promises")
+    if any("vision" in key for key in keys):
+        raise RecipeCheckFailed(f"{path}: LoRA adapters landed on the vision tower; restrict lora.target_modules "
+                                "to the language model")
+    info = json.loads((merged / "merge_info.json").read_text(encoding="utf-8"))
+    expected = "dequantized 4-bit base" if recipe.use_qlora else "original base weights"
+    if info["merged_into"] != expected:
+        raise RecipeCheckFailed(f"{path}: merged into the {info['merged_into']}, expected the {expected}")
+    return {"recipe": recipe, "summary": summary, "adapter_keys": keys,
+            "merged_config": json.loads((merged / "config.json").read_text(encoding="utf-8"))}
+
+
+def test_every_family_has_a_lora_and_a_qlora_recipe():
+    by_family: dict[str, set[bool]] = {}
+    for path in RECIPES:
+        by_family.setdefault(family_of(path), set()).add(load_recipe(path).use_qlora)
+    real = {name: methods for name, methods in by_family.items() if name != "tiny"}
+    assert len(real) >= 6, sorted(real)
+    assert all(methods == {True, False} for methods in real.values()), real
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_recipe(path, tiny_arch, ci_data, tmp_path):
+    family = family_of(path)
+    try:
+        result = check_recipe(path, tiny_arch(family), ci_data, tmp_path)
+    except (RecipeError, RecipeCheckFailed) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    assert result["summary"]["global_step"] == 2
+    assert result["merged_config"]["model_type"] == FAMILIES[family].model_type
+
+
+# --- The checker on deliberately broken recipes: each must fail with one clear line naming the key to fix. ---
+
+def broken(tmp_path: Path, name: str, **sections) -> Path:
+    """A copy of recipes/<name> with `sections` merged in (a None value deletes the key), written to tmp_path."""
+    recipe = yaml.safe_load((ROOT / "recipes" / name).read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        for key, value in values.items():
+            if value is None:
+                recipe[section].pop(key, None)
+            else:
+                recipe.setdefault(section, {})[key] = value
+    path = tmp_path / "broken" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def failure(path: Path, family: str, tiny_arch, ci_data, tmp_path) -> str:
+    with pytest.raises((RecipeError, RecipeCheckFailed)) as info:
+        check_recipe(path, tiny_arch(family), ci_data, tmp_path / "run")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path))
+    assert not (tmp_path / "run" / "final").exists(), "nothing may be trained or saved"
+    return message
+
+
+def test_renamed_upstream_key_fails_with_file_line_and_the_new_name(tmp_path, tiny_arch, ci_data):
+    # TRL renamed max_seq_length to max_length; alignment-handbook recipes still carry the old name.
+    path = broken(tmp_path, "llama3/8b-lora.yaml", training={"max_seq_length": 2048, "max_length": None})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "max_seq_length" in text)
+    assert message.startswith(f"{path}:{line}: unknown key 'max_seq_length' in section 'training'")
+    assert "did you mean 'max_length'?" in message
+
+
+def test_key_deprecated_upstream_fails_before_it_is_removed(tmp_path, tiny_arch, ci_data):
+    path = broken(tmp_path, "llama3/8b-lora.yaml", training={"pad_token": "<|eot_id|>"})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "deprecated upstream" in message and "pad_token" in message
+
+
+@pytest.mark.parametrize("name, family, targets, expected", [
+    # Phi-3/4 fuse attention and MLP: the names of a Llama recipe match nothing.
+    ("phi4-mini/3.8b-lora.yaml", "phi4-mini", ["q_proj", "v_proj"],
+     "lora.target_modules: 'q_proj', 'v_proj' match no module of "),
+    # EXAONE's remote-code names: q/k/v still match, so PEFT alone would silently train attention only.
+    ("exaone/7.8b-qlora.yaml", "exaone", ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc_0", "c_fc_1", "c_proj"],
+     "lora.target_modules: 'out_proj', 'c_fc_0', 'c_fc_1', 'c_proj' match no module of "),
+    ("gemma3/12b-lora.yaml", "gemma3", r".*text_model.*\.(q_proj|v_proj)",
+     r"lora.target_modules: the regex '.*text_model.*\\.(q_proj|v_proj)' matches no module of "),
+])
+def test_wrong_target_modules_fail_before_loading_and_list_the_real_layers(tmp_path, tiny_arch, ci_data, name,
+                                                                           family, targets, expected):
+    path = broken(tmp_path, name, lora={"target_modules": targets})
+    message = failure(path, family, tiny_arch, ci_data, tmp_path)
+    assert expected in message, message
+    linear = {"phi4-mini": "down_proj, gate_up_proj, lm_head, o_proj, qkv_proj",
+              "exaone": "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"}
+    assert linear.get(family, "q_proj") in message
+
+
+def test_peft_alone_accepts_a_partly_wrong_target_list(tiny_arch):
+    # Why the library checks every entry: PEFT raises only when nothing matches.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_arch("exaone"))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "c_fc_0", "c_proj"]))
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == {"q_proj"}
+
+
+@pytest.mark.parametrize("name, family, sections, expected", [
+    # Gemma's tokenizer EOS is <eos>, which its template never writes after an answer.
+    ("gemma3/12b-qlora.yaml", "gemma3", {"training": {"eos_token": None}}, "never reaches the EOS '<eos>'"),
+    ("hyperclovax-seed/14b-lora.yaml", "hyperclovax-seed", {"training": {"eos_token": None}},
+     "set training.eos_token to the template's end-of-turn token"),
+    # Mistral keeps a system message only in the last user turn: gone once the answer follows.
+    ("mistral/7b-lora.yaml", "mistral", {"data": {"fold_system_prompt": None}},
+     "the chat template drops the system prompt; set data.fold_system_prompt: true"),
+])
+def test_family_quirk_left_out_of_the_recipe_fails(tmp_path, tiny_arch, ci_data, name, family, sections, expected):
+    message = failure(broken(tmp_path, name, **sections), family, tiny_arch, ci_data, tmp_path)
+    assert expected in message, message
+
+
+def test_template_that_renders_the_prompt_differently_fails(tmp_path, tiny_arch, ci_data):
+    # The generation prompt ends "A:\n" but a rendered answer follows "A: ": TRL would then train the answer
+    # after a context the model never sees at inference.
+    template = tmp_path / "drift.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'assistant' %}A: {{ m.content }}{{ eos_token }}"
+                        "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}A:\n{% endif %}")
+    path = broken(tmp_path, "llama3/8b-lora.yaml", data={"chat_template": str(template)})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "renders the prompt differently once the answer follows" in message, message
+
+
+def test_lora_on_the_vision_tower_fails(tmp_path, tiny_arch, ci_data):
+    # all-linear on Gemma 3 (a vision-language model) wraps the SigLIP tower too.
+    path = broken(tmp_path, "gemma3/12b-lora.yaml", lora={"target_modules": "all-linear"})
+    with pytest.raises(RecipeCheckFailed, match="LoRA adapters landed on the vision tower"):
+        check_recipe(path, tiny_arch("gemma3"), ci_data, tmp_path / "run")
+
+
+def test_target_modules_peft_rejects_are_one_line_when_the_architecture_could_not_be_checked(
+        tmp_path, tiny_arch, ci_data, monkeypatch):
+    import sft_lora.targets
+
+    monkeypatch.setattr(sft_lora.targets, "model_modules", lambda recipe: None)  # e.g. a config behind remote code
+    path = broken(tmp_path, "llama3/8b-lora.yaml", lora={"target_modules": ["wq", "wv"]})
+    message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
+    assert "lora.target_modules: Target modules" in message and "not found in the base model" in message
+
+
+def test_a_recipe_of_an_unknown_family_says_where_to_add_it(tiny_arch):
+    with pytest.raises(RecipeCheckFailed, match="no architecture facts for recipe family 'olmo'; add a FAMILIES"):
+        tiny_arch("olmo")
+
+
+def test_fold_system_prompt_puts_it_atop_the_user_turn():
+    from sft_lora.config import DataArgs
+
+    record = {"input": "Q?", "output": "A."}
+    folded = to_examples([record], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
+    assert folded["prompt"][0] == [{"role": "user", "content": "Be brief.\n\nQ?"}]
+    plain = to_examples([record], DataArgs(system_prompt="Be brief."), "x")
+    assert plain["prompt"][0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
+    assert to_examples([record], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
+        {"role": "user", "content": "Q?"}]
