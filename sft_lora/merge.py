@@ -66,9 +66,13 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); check --base_model") from None
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.eos_token_id is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:  # add the trained end-of-turn token, keep the stop tokens it shipped with
+        shipped = model.generation_config.eos_token_id
+        shipped = [] if shipped is None else [shipped] if isinstance(shipped, int) else list(shipped)
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id] + [t for t in shipped
+                                                                           if t != tokenizer.eos_token_id]
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -79,6 +79,11 @@ def test_lora_run_writes_the_seed_layout(lora_run):
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "chat_template.jinja", "merge_info.json"):
         assert (merged / name).is_file(), name
+    generation = json.loads((merged / "generation_config.json").read_text())
+    eos = json.loads((adapters / "tokenizer_config.json").read_text())["eos_token"]
+    from transformers import AutoTokenizer
+
+    assert generation["eos_token_id"][0] == AutoTokenizer.from_pretrained(adapters).convert_tokens_to_ids(eos)
     assert sorted(p.name for p in recipe.checkpoint_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert not list(root.rglob("*.tmp-*")), "no temporary directory left behind"
