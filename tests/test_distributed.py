@@ -117,8 +117,12 @@ def test_sharded_configs_train_save_resume_and_merge(reference, tmp_path, tiny_m
     adapters = _assert_matches(reference, recipe_path)
     assert (adapters.parent / "lora_merged" / "model.safetensors").is_file()
 
-    # Resume from the mid checkpoint into fresh outputs: the same adapter as the uninterrupted run.
+    # Checkpoints hold full adapter tensors too (not ZeRO-3/FSDP shards of them).
     checkpoint = load_recipe(recipe_path).checkpoint_dir / f"checkpoint-{SAVE}"
+    for key, tensor in _adapter(checkpoint).items():
+        assert tensor.shape == reference["adapter"][key].shape, key
+
+    # Resume from the mid checkpoint into fresh outputs: the same adapter as the uninterrupted run.
     resumed_dir = tmp_path / "resumed"
     out = _run(recipe_path, config, "--resume", str(checkpoint), f"output.dir={resumed_dir}",
                f"output.checkpoint_dir={resumed_dir}/ckpt")
