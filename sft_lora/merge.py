@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from .atomic import atomic_dir
+    from .report import model_card
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -61,7 +63,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
             model = model.to(compute)
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(progressbar=True)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); check --base_model") from None
@@ -77,6 +79,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
                 "merged_into": ("dequantized 4-bit base" if dequantize else "original base weights"),
                 "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if (adapter_dir / RECIPE_FILE).is_file():  # chat reads the system prompt the model was trained with from it
+            shutil.copy2(adapter_dir / RECIPE_FILE, tmp / RECIPE_FILE)
+        (tmp / "README.md").write_text(model_card(adapter_dir, base, info["merged_into"]), encoding="utf-8")
     return output_dir
 
 
