@@ -32,6 +32,9 @@ def load(model_dir: str | Path):
     kwargs = {"dtype": model_args.get("dtype", "auto"), "trust_remote_code": model_args.get("trust_remote_code", False)}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
+    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
+                          "(config.json); pass a *_adapters or *_merged directory")
     try:
         if (model_dir / "adapter_config.json").is_file():
             from peft import PeftModel
@@ -43,11 +46,8 @@ def load(model_dir: str | Path):
             base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
                                                         revision=model_args.get("revision"), **kwargs)
             model = PeftModel.from_pretrained(base, str(model_dir))
-        elif (model_dir / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         else:
-            raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
-                              "(config.json); pass a *_adapters or *_merged directory")
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -167,7 +167,8 @@ def model_card(adapter_dir: str | Path, base_model: str, merged_into: str) -> st
              f"- base model: `{base_model}`", f"- method: {method}, merged into the {merged_into}",
              f"- data: `{recipe.get('data', {}).get('path', '?')}`"]
     if summary.get("global_step") is not None:
-        lines.append(f"- trained: {summary['global_step']} steps, {summary.get('tokens') or '?'} tokens")
+        tokens = f"{summary['tokens']:,}" if summary.get("tokens") else "?"
+        lines.append(f"- trained: {summary['global_step']} steps, {tokens} tokens")
     counts = summary.get("records_by_source") or {}
     if counts.get("train"):
         evals = summary.get("eval_by_source", {})
