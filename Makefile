@@ -1,6 +1,7 @@
-# The user's vocabulary: install, train, resume, merge, test, lint.
+# The user's vocabulary: install, check, train, resume, merge, chat, test, lint.
 # Variables: RECIPE (default recipes/tiny.yaml), ARGS (extra `section.key=value` overrides or flags),
-# ACCEL (an accelerate config file; default: plain python, one process), ADAPTER (for merge).
+# ACCEL (an accelerate config file; default: plain python, one process), ADAPTER (for merge),
+# MODEL_DIR (for chat: a *_merged or *_adapters directory).
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,10 +9,11 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.yaml
 ARGS ?=
 ADAPTER ?= final_model/tiny-llama/3/lora_adapters
+MODEL_DIR ?= final_model/tiny-llama/3/lora_merged
 ACCEL ?=
 LAUNCH := $(if $(ACCEL),$(BIN)/accelerate launch --config_file $(ACCEL) -m sft_lora.run,$(BIN)/python -m sft_lora.run)
 
-.PHONY: install train resume merge print-config test lint clean
+.PHONY: install check train resume merge chat print-config test lint clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+check: install
+	$(BIN)/python -m sft_lora.run $(RECIPE) --check $(ARGS)
+
 train: install
 	$(LAUNCH) $(RECIPE) $(ARGS)
 
@@ -31,6 +36,9 @@ resume: install
 
 merge: install
 	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) --overwrite $(ARGS)
+
+chat: install
+	$(BIN)/python -m sft_lora.chat $(MODEL_DIR) $(ARGS)
 
 print-config: install
 	$(BIN)/python -m sft_lora.run $(RECIPE) --print-config $(ARGS)

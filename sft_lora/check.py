@@ -80,7 +80,7 @@ class Report:
         keys = ("rows", "eval_rows", "max_length", "records_by_source", "eval_records_by_source", "prompt_tokens",
                 "answer_tokens", "tokens", "loss_tokens", "loss_share", "truncated_rows", "truncated_tokens",
                 "truncated_loss_tokens", "truncation", "stop_tokens", "rows_with_stop", "no_loss_rows", "packing",
-                "packing_efficiency", "padding_efficiency", "packed_rows", "by_source", "warnings")
+                "packing_efficiency", "padding_efficiency", "packed_rows", "by_source", "example", "warnings")
         out = {k: getattr(self, k) for k in keys}
         out["failures"] = [{"check": name, "message": message} for name, message in self.failures]
         return out
@@ -88,12 +88,13 @@ class Report:
     def text(self, ignore: list[str] = ()) -> str:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})",
-                 f"  {'source':<16}{'train':>7}{'eval':>6}   {'prompt p50/max':>15}{'answer p50/max':>16}"
+                 f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
                  f"{'loss tokens':>13}{'truncated':>11}"]
         for source, stats in self.by_source.items():
+            prompt = f"{stats['prompt_p50']}/{stats['prompt_max']}"
+            answer = f"{stats['answer_p50']}/{stats['answer_max']}"
             lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
-                         f"   {stats['prompt_p50']:>7}/{stats['prompt_max']:<7}{stats['answer_p50']:>8}/"
-                         f"{stats['answer_max']:<7}{stats['loss_tokens']:>13,}{stats['truncated']:>11}")
+                         f"{prompt:>16}{answer:>16}{stats['loss_tokens']:>13,}{stats['truncated']:>11}")
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",

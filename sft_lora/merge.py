@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from .atomic import atomic_dir
+    from .manifest import redact
     from .report import model_card
 
     adapter_dir = Path(adapter_dir)
@@ -79,8 +79,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
                 "merged_into": ("dequantized 4-bit base" if dequantize else "original base weights"),
                 "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if (adapter_dir / RECIPE_FILE).is_file():  # chat reads the system prompt the model was trained with from it
-            shutil.copy2(adapter_dir / RECIPE_FILE, tmp / RECIPE_FILE)
+        if recipe:  # chat reads the system prompt the model was trained with from it; secrets never travel on
+            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True),
+                                           encoding="utf-8")
         (tmp / "README.md").write_text(model_card(adapter_dir, base, info["merged_into"]), encoding="utf-8")
     return output_dir
 

@@ -111,7 +111,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
 
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
-        summary["smoke"] = _smoke(recipe, eval_set if eval_set is not None else train_set)
+        summary["smoke"] = _smoke(recipe, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
         report.write_summary(recipe.adapters_dir, summary)
         print(report.summary_table(summary))
     return summary
@@ -123,7 +123,7 @@ def _count(dataset) -> dict[str, int]:
     return dict(sorted(Counter(dataset["source"]).items())) if dataset is not None else {}
 
 
-def _smoke(recipe: Recipe, held_out) -> dict | None:
+def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:
     """Generate for a few held-out questions with the saved model; never fails a finished run."""
     n = min(recipe.report.smoke_prompts, len(held_out))
     if not n:
@@ -133,7 +133,7 @@ def _smoke(recipe: Recipe, held_out) -> dict | None:
     model_dir = recipe.merged_dir if recipe.output.merge else recipe.adapters_dir
     try:
         return smoke_check(model_dir, [row["prompt"] for row in held_out.select(range(n))],
-                           recipe.report.smoke_max_new_tokens)
+                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
     except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
         return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
 

@@ -56,8 +56,9 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
         sources = sorted(set(eval_dataset["source"]))
         if len(sources) > 1:  # one source: its loss is the overall loss
             eval_sets = {OVERALL: eval_dataset}
-            eval_sets.update({f"{OVERALL}/{s}": eval_dataset.filter(lambda row, s=s: row["source"] == s,
-                                                                      desc=f"Selecting eval/{s}") for s in sources})
+            column = eval_dataset["source"]
+            eval_sets.update({f"{OVERALL}/{s}": eval_dataset.select([i for i, v in enumerate(column) if v == s])
+                              for s in sources})
     trainer = SourceEvalSFTTrainer(
         model=recipe.model.name_or_path,
         args=recipe.build_sft_config(),

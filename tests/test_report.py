@@ -15,9 +15,10 @@ import pytest
 
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
-from sft_lora.config import load_recipe
+from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.fingerprint import file_sha256
 from sft_lora.manifest import MANIFEST_FILE, build_manifest
+from sft_lora.report import model_card
 from sft_lora.run import train
 
 from .conftest import ROOT, SAMPLE
@@ -76,7 +77,7 @@ def test_loss_plot_is_a_real_plot(default_job):
     image = Image.open(summary["plot"]).convert("RGB")
     width, height = image.size
     assert width >= 600 and height >= 400
-    pixels = list(image.getdata())
+    pixels = list(image.get_flattened_data())
     ink = sum(1 for p in pixels if sum(p) < 600) / len(pixels)  # anything clearly darker than white
     assert 0.01 < ink < 0.5
     colours = {p for p in pixels if max(p) - min(p) > 80}  # saturated colours: the eval curves, not grey axes
@@ -118,7 +119,7 @@ def test_manifest_identifies_the_run_and_holds_no_secret(default_job):
     assert CANARY not in text
 
 
-def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recipe, tiny_model):
+def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recipe, tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
     recipe = load_recipe(make_recipe(training={"hub_token": CANARY, "eos_token": "</s>"}))
@@ -126,6 +127,12 @@ def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recip
     assert manifest["recipe"]["training"]["hub_token"] == "<redacted>"
     assert manifest["recipe"]["training"]["eos_token"] == "</s>"  # a vocabulary token, not a credential
     assert CANARY not in json.dumps(manifest)
+    adapters = tmp_path / "x_adapters"
+    adapters.mkdir()
+    (adapters / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+    card = model_card(adapters, "org/base-model", "original base weights")
+    assert CANARY not in card and "hub_token: <redacted>" in card
+    assert "base_model: org/base-model" in card.split("---")[1]  # a hub id goes into the card's metadata
 
 
 def test_merged_model_has_a_model_card(default_job):
