@@ -1,7 +1,7 @@
-# The user's vocabulary: install, train, resume, merge, test, lint.
+# The user's vocabulary: install, check, train, resume, merge, chat, test, lint.
 # Variables: RECIPE (default recipes/tiny.yaml), ARGS (extra `section.key=value` overrides or flags),
 # ACCEL (an accelerate config: zero3, fsdp, … from accelerate_configs/, or a path; default: the recipe's
-# accelerate_config, else one process), ADAPTER (for merge).
+# accelerate_config, else one process), ADAPTER (for merge), MODEL_DIR (for chat: a *_merged or *_adapters dir).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.yaml
 ARGS ?=
 ADAPTER ?= final_model/tiny-llama/3/lora_adapters
+MODEL_DIR ?= final_model/tiny-llama/3/lora_merged
 ACCEL ?=
 LAUNCH := $(BIN)/python -m sft_lora.run
 ACCEL_ARG := $(if $(ACCEL),accelerate_config=$(ACCEL))
 
-.PHONY: install train resume merge print-config test lint clean
+.PHONY: install check train resume merge chat print-config test lint clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	touch $@
 
+check: install
+	$(BIN)/python -m sft_lora.run $(RECIPE) --check $(ARGS)
+
 train: install
 	$(LAUNCH) $(RECIPE) $(ACCEL_ARG) $(ARGS)
 
@@ -35,6 +39,9 @@ resume: install
 
 merge: install
 	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) --overwrite $(ARGS)
+
+chat: install
+	$(BIN)/python -m sft_lora.chat $(MODEL_DIR) $(ARGS)
 
 print-config: install
 	$(BIN)/python -m sft_lora.run $(RECIPE) --print-config $(ARGS)

@@ -78,7 +78,7 @@ def run_one(name: str, model: Path, out: Path, steps: int, gpu: bool) -> dict:
         return {"config": name, "ok": False, "error": (done.stdout + done.stderr)[-800:]}
     tokens = [float(t) for t in re.findall(r"'num_tokens': '([0-9.e+]+)'", done.stdout + done.stderr)]
     runtime = float(re.search(r"trained to step \d+ in ([0-9.]+) s", done.stdout).group(1))
-    peak = float(re.search(r"peak memory: ([0-9.]+) GiB", done.stdout).group(1))
+    peak = float(re.search(r"peak memory:\s+([0-9.]+) GiB", done.stdout).group(1))
     adapters = next((out / name / "final").rglob("adapter_model.safetensors")).parent
     return {"config": name, "ok": True, "tokens_per_s": (tokens[-1] if tokens else 0) / runtime,
             "peak_gib": peak, "reload_ok": reload_and_forward(model, adapters, qlora)}

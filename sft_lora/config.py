@@ -95,7 +95,33 @@ class WandbArgs:
     """auto (online with an API key, else offline), online, offline or disabled."""
 
 
-OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs}
+CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source")  # the pre-flight failures `check.ignore` can name
+
+
+@dataclass
+class CheckArgs:
+    enabled: bool = True
+    """Print the pre-flight data report at the start of every run, and stop the run when a check fails."""
+    ignore: list[str] = field(default_factory=list)
+    """Failed checks to report as warnings instead of stopping the run: no_loss, eos, truncated, empty_source."""
+    max_truncated_share: float = 0.05
+    """Fail (truncated) when more than this share of training rows is cut at training.max_length."""
+    sources: list[str] = field(default_factory=list)
+    """Sources the training data must hold; one with no trainable record fails the run (empty_source)."""
+
+
+@dataclass
+class ReportArgs:
+    eval_per_source: bool = True
+    """Also evaluate each `source` on its own (eval_<source>_loss); one more pass over the eval set per eval."""
+    smoke_prompts: int = 3
+    """Held-out inputs the trained model answers at the end, to check that generation stops by itself (0 = skip)."""
+    smoke_max_new_tokens: int = 128
+    """Length limit of the smoke check: an answer still going at this many tokens did not stop."""
+
+
+OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs,
+                                 "check": CheckArgs, "report": ReportArgs}
 UPSTREAM_SECTIONS = ("lora", "quantization", "training")
 TOP_LEVEL = {"use_qlora": bool, "accelerate_config": str}
 # `training` keys that other sections own, and where to set them instead.
@@ -109,6 +135,7 @@ POSITIVE = {
     "training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
     "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
     "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
+    "report.smoke_max_new_tokens",
 }
 # Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
 CHOICES = {
@@ -119,7 +146,7 @@ CHOICES = {
     "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
 }
-FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio"}  # must lie in [0, 1)
+FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
 # The seed's command-line flags (README.ko) and the recipe key each one sets.
 SEED_FLAGS = {
     "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
@@ -144,6 +171,8 @@ class Recipe:
     data: DataArgs
     output: OutputArgs
     wandb: WandbArgs
+    check: CheckArgs
+    report: ReportArgs
     lora: dict[str, Any]
     quantization: dict[str, Any] | None
     training: dict[str, Any]
@@ -382,6 +411,13 @@ def _cross_check(recipe: Recipe, loc) -> None:
         raise RecipeError(f"{loc('model')}: model.name_or_path is required (a hub id or a local directory)")
     if not data.path:
         raise RecipeError(f"{loc('data')}: data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
+    for name in recipe.check.ignore:
+        if name not in CHECK_NAMES:
+            raise RecipeError(f"{loc('check.ignore')}: check.ignore: unknown check '{name}' (one of "
+                              f"{', '.join(CHECK_NAMES)}){_suggest(str(name), CHECK_NAMES)}")
+    if recipe.report.smoke_prompts < 0:
+        raise RecipeError(f"{loc('report.smoke_prompts')}: report.smoke_prompts must be >= 0, got "
+                          f"{recipe.report.smoke_prompts}")
     if data.eval_split and data.eval_path:
         raise RecipeError(f"{loc('data.eval_path')}: set data.eval_split or data.eval_path, not both")
     strategy = str(recipe.training.get("eval_strategy", "no"))
@@ -496,7 +532,8 @@ def recipe_keys() -> str:
         lines.append(f"{name}:")
         docs = _attribute_docs(cls)
         for f in dataclasses.fields(cls):
-            lines.append(f"  {f.name} = {f.default!r}  {docs.get(f.name, '')}")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}  {docs.get(f.name, '')}")
     lines += ["lora:          any peft.LoraConfig field (defaults: r 16, lora_alpha 32, all-linear)",
               "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",
               "training:      any trl.SFTConfig field (defaults: 3 epochs, lr 1e-4 QLoRA / 5e-6 LoRA)"]

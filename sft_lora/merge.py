@@ -29,6 +29,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from .atomic import atomic_dir
+    from .manifest import redact
+    from .report import model_card
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -61,7 +63,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
             model = model.to(compute)
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(progressbar=True)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); check --base_model") from None
@@ -81,6 +83,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
                 "merged_into": ("dequantized 4-bit base" if dequantize else "original base weights"),
                 "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if recipe:  # chat reads the system prompt the model was trained with from it; secrets never travel on
+            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True),
+                                           encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(adapter_dir, base, info["merged_into"]), encoding="utf-8")
     return output_dir
 
 

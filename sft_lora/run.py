@@ -1,12 +1,14 @@
 """Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`.
 
-Load and validate the recipe, build the SFTTrainer, train (or resume), save the adapters in the seed's layout
-with the resolved recipe beside them, and merge when the recipe asks.
+Load and validate the recipe, check the data (the pre-flight report, `check.py`), build the SFTTrainer, train (or
+resume), save the adapters in the seed's layout with the resolved recipe and the manifest beside them, merge when
+the recipe asks, then smoke-test generation and write the summary (`report.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="resume from the last checkpoint, or from the given checkpoint directory")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="print the pre-flight data report and exit (exit code 2 when a check fails)")
     seed = parser.add_argument_group("the seed's flags (aliases of recipe keys)")
     for flag, key in SEED_FLAGS.items():
         seed.add_argument(f"--{flag}", default=None, help=f"sets {key}")
@@ -37,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
             print(recipe.to_yaml(), end="")
+            return 0
+        if args.check:
+            from .check import run_check
+
+            run_check(recipe, *_inputs(recipe))
             return 0
         if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
             _relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
@@ -72,41 +81,61 @@ def _check_this_launch(recipe: Recipe) -> None:
     check_process_group(PartialState().num_processes)
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    """Train, save the adapters, optionally merge; print and return a summary of the run."""
+def _inputs(recipe: Recipe):
+    """(tokenizer, train set, eval set or None), building the tiny model first when the recipe asks."""
     from .data import load_datasets
     from .model import load_tokenizer
 
-    resume_from = _resume_point(recipe, resume)
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
 
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
+    return load_tokenizer(recipe.model, recipe.data), train_set, eval_set
+
+
+def train(recipe: Recipe, resume: str | None = None) -> dict:
+    """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run."""
+    from accelerate import PartialState
+
+    from . import report
+
+    resume_from = _resume_point(recipe, resume)
+    tokenizer, train_set, eval_set = _inputs(recipe)
+    preflight = None
+    if recipe.check.enabled:
+        from .check import run_check
+
+        preflight = run_check(recipe, tokenizer, train_set, eval_set,
+                              main_process=PartialState().is_main_process).to_dict()
     _configure_wandb(recipe)
-    tokenizer = load_tokenizer(recipe.model, recipe.data)
 
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
-    summary = {"resumed_from": resume_from, "eval_loss_after": None, "world_size": trainer.accelerator.num_processes,
+    summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
-               "merged": str(recipe.merged_dir) if recipe.output.merge else None}
+               "merged": str(recipe.merged_dir) if recipe.output.merge else None,
+               "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
+               "records_by_source": {"train": _count(train_set), "eval": _count(eval_set)}}
+    after = None
     result = trainer.train(resume_from_checkpoint=resume_from)
+    # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
+    before = {k: v for log in trainer.state.log_history if log.get("step") == 0
+              for k, v in log.items() if k.startswith("eval_")} or None
+    summary["eval_loss_before"] = (before or {}).get("eval_loss")
     if eval_set is not None:
-        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
-    summary["replicas_agree"] = _replicas_agree(trainer)
+        after = trainer.evaluate()
+        summary["eval_loss_after"] = after["eval_loss"]
+    summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=_replicas_agree(trainer),
+                   peak_memory_gib=_peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)
-    history = trainer.state.log_history
-    summary.update(global_step=result.global_step, runtime_s=result.metrics["train_runtime"],
-                   peak_memory_gib=_peak_memory_gib(),
-                   train_tokens=next((log["num_tokens"] for log in reversed(history) if "num_tokens" in log), None),
-                   train_losses=[(log["step"], log["loss"]) for log in history if "loss" in log],
-                   eval_loss_before=next((log["eval_loss"] for log in history if "eval_loss" in log
-                                          and log["step"] == 0), None))
+    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
     main_process = trainer.accelerator.is_main_process
     del trainer
+    if main_process:  # before the merge, so the model card has the eval losses
+        report.write_summary(recipe.adapters_dir, summary)
     if recipe.output.merge and main_process:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -116,27 +145,31 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
 
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
-        _print_summary(summary)
+        summary["smoke"] = _smoke(recipe, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
+        report.write_summary(recipe.adapters_dir, summary)
+        print(report.summary_table(summary))
     return summary
 
 
-def _print_summary(summary: dict) -> None:
-    losses = summary["train_losses"]
-    print(f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s "
-          f"on {summary['world_size']} process{'es' if summary['world_size'] > 1 else ''}")
-    print(f"peak memory: {summary['peak_memory_gib']:.2f} GiB")
-    if losses:
-        print(f"train loss:  {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]})")
-    if summary["eval_loss_after"] is not None:
-        before = summary["eval_loss_before"]
-        start = f"{before:.4f} (before) -> " if before is not None else ""
-        print(f"eval loss:   {start}{summary['eval_loss_after']:.4f} (after)")
-    if summary["replicas_agree"] is not None:
-        print(f"replicas:    {'identical' if summary['replicas_agree'] else 'DIFFER — the processes did not sync'} "
-              f"on all {summary['world_size']} processes")
-    print(f"checkpoints: {summary['checkpoints']}\nadapters:    {summary['adapters']}")
-    if summary["merged"]:
-        print(f"merged:      {summary['merged']}")
+def _count(dataset) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(sorted(Counter(dataset["source"]).items())) if dataset is not None else {}
+
+
+def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:
+    """Generate for a few held-out questions with the saved model; never fails a finished run."""
+    n = min(recipe.report.smoke_prompts, len(held_out))
+    if not n:
+        return None
+    from .chat import smoke_check
+
+    model_dir = recipe.merged_dir if recipe.output.merge else recipe.adapters_dir
+    try:
+        return smoke_check(model_dir, [row["prompt"] for row in held_out.select(range(n))],
+                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
+    except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
+        return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
 
 
 def _peak_memory_gib() -> float:
@@ -174,6 +207,7 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
 
     `save_model` runs on every rank: under ZeRO-3 the weights are gathered collectively."""
     from .atomic import atomic_dir
+    from .manifest import MANIFEST_FILE, build_manifest
 
     if not trainer.accelerator.is_main_process:
         trainer.save_model(str(recipe.adapters_dir) + ".unused")  # collective gather; rank 0 writes
@@ -184,6 +218,8 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe beside it says the same
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(recipe, tokenizer), indent=2) + "\n",
+                                         encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,156 @@
+"""Talk to a trained model: `python -m sft_lora.chat DIR [--prompt "…"]`, DIR = the adapters or the merged model.
+
+The chat template, tokenizer and system prompt are the ones saved with the model, so the model sees what it was
+trained on. Without `--prompt` it is an interactive chat that keeps the conversation; with it, one answer is
+printed and the command exits. `smoke_check` is the same generation, run after training on held-out questions to
+see whether the model stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RECIPE_FILE, RecipeError
+
+
+def load(model_dir: str | Path):
+    """(model, tokenizer, system prompt) from an adapters directory (base + adapter) or a merged model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    model_dir = Path(model_dir)
+    recipe = {}
+    if (model_dir / RECIPE_FILE).is_file():
+        recipe = yaml.safe_load((model_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    model_args = recipe.get("model", {})
+    kwargs = {"dtype": model_args.get("dtype", "auto"), "trust_remote_code": model_args.get("trust_remote_code", False)}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
+                          "(config.json); pass a *_adapters or *_merged directory")
+    try:
+        if (model_dir / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            config = json.loads((model_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            quantization = recipe.get("quantization")
+            if quantization:
+                kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
+            base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
+                                                        revision=model_args.get("revision"), **kwargs)
+            model = PeftModel.from_pretrained(base, str(model_dir))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{model_dir}: cannot load the model ({first})") from None
+    if not tokenizer.chat_template:
+        raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
+    return model.eval(), tokenizer, recipe.get("data", {}).get("system_prompt")
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and the generation config's."""
+    ids = [tokenizer.eos_token_id]
+    extra = model.generation_config.eos_token_id
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
+             temperature: float = 0.0, streamer=None) -> dict[str, Any]:
+    """One assistant answer to `messages`: {text, stopped (ended on EOS by itself), tokens}."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt").to(model.device)
+    stops = stop_ids(model, tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
+                                streamer=streamer, **sampling)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    stopped = any(token in stops for token in new)
+    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
+            "tokens": len(new)}
+
+
+def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:
+    """Answer each prompt (greedy) with the saved model; report how many answers ended on EOS within the limit."""
+    model, tokenizer, _ = load(model_dir)
+    samples = []
+    for messages in prompts:
+        answer = generate(model, tokenizer, messages, max_new_tokens)
+        samples.append({"question": messages[-1]["content"], **answer})
+    stopped = sum(s["stopped"] for s in samples)
+    verdict = (f"{stopped} of {len(samples)} answers ended with the end-of-turn token within {max_new_tokens} "
+               "tokens" + ("" if stopped == len(samples) else
+                           f"; {len(samples) - stopped} ran to the limit — the model may not have learned to stop"))
+    return {"model": str(model_dir), "max_new_tokens": max_new_tokens, "total": len(samples), "stopped": stopped,
+            "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
+
+
+def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float) -> None:
+    from transformers import TextStreamer
+
+    print("type a message; /reset clears the conversation, /exit or Ctrl-D quits", flush=True)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        print("model> ", end="", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer=streamer)
+        if not answer["stopped"]:
+            print(f"[cut at {max_new_tokens} tokens]")
+        history.append({"role": "assistant", "content": answer["text"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft_lora.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="a *_adapters or *_merged directory written by sft_lora")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--system", help="system prompt (default: the one the model was trained with, if any)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer, system = load(args.model_dir)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    system = args.system if args.system is not None else system
+    if args.prompt is None:
+        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature)
+        return 0
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": args.prompt}]
+    answer = generate(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+    print(answer["text"])
+    if not answer["stopped"]:
+        print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

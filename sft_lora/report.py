@@ -1,0 +1,206 @@
+"""What a run leaves to read: `summary.json` and a loss-curve PNG beside the adapters, a console table, and the
+model card (README.md) of the merged model.
+
+The numbers come from the Trainer's own `state.log_history`: train losses as logged, eval losses overall
+(`eval_loss`) and per source (`eval_<source>_loss`, see `trainer.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RECIPE_FILE
+from .trainer import source_metric
+
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "loss.png"
+
+
+def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[str, list[list[float]]]:
+    """{"overall": [[step, loss], …], source: […]} from the Trainer's log history, in step order."""
+    keys = {"eval_loss": "overall", **{source_metric(s) + "_loss": s for s in sources}}
+    history: dict[str, list[list[float]]] = {}
+    for entry in log_history:
+        for key, name in keys.items():
+            if key in entry:
+                points = history.setdefault(name, [])
+                point = [entry["step"], entry[key]]
+                if point not in points:  # the final evaluation repeats the last epoch's when they share a step
+                    points.append(point)
+    return history
+
+
+def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[str, float] | None,
+                sources: list[str]) -> dict[str, Any]:
+    """Steps, tokens, speed, losses and per-source eval of a finished run, for the summary."""
+    history = trainer.state.log_history
+    tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
+    runtime = result.metrics["train_runtime"]
+    evals = eval_history(history, sources)  # the eval before training is in it at step 0 (`eval_on_start`)
+    overall = evals.get("overall", [])
+    best = min(overall, key=lambda point: point[1]) if overall else None
+    by_source = {}
+    for source in sources:
+        key = source_metric(source) + "_loss"
+        points = evals.get(source, [])
+        if points:
+            by_source[source] = {"before": (before or {}).get(key), "after": (after or {}).get(key),
+                                 "best": min(p[1] for p in points)}
+    return {
+        "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
+        "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
+        "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
+        "best_eval_loss": best[1] if best else None, "best_eval_step": best[0] if best else None,
+        "eval_by_source": by_source, "eval_history": evals,
+    }
+
+
+def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
+    """Write `summary.json` and `loss.png` into `directory` (each file replaced atomically); return the JSON path."""
+    directory = Path(directory)
+    plot = plot_losses(summary, directory / PLOT_FILE)
+    summary["plot"] = str(plot) if plot else None
+    summary["summary_file"] = str(directory / SUMMARY_FILE)
+    _write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    return directory / SUMMARY_FILE
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def plot_losses(summary: dict[str, Any], path: Path) -> Path | None:
+    """Train loss, eval loss and each source's eval loss against the step, as a PNG; None with nothing to plot."""
+    train = summary.get("train_losses") or []
+    evals = summary.get("eval_history") or {}
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    colours = iter([c for c in plt.get_cmap("tab10").colors if c != plt.get_cmap("tab10").colors[3]] * 10)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
+    for name, points in evals.items():
+        overall = name == "overall"
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", linewidth=2.2 if overall else 1.2,
+                linestyle="-" if overall else "--", color="tab:red" if overall else next(colours),
+                label="eval" if overall else f"eval {name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(summary.get("title", "loss"))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The end-of-run console table."""
+    def num(value: Any, fmt: str = ".4f") -> str:
+        return "—" if value is None else format(value, fmt)
+
+    processes = summary.get("world_size", 1)
+    lines = [f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s "
+             f"on {processes} process{'es' if processes > 1 else ''}"]
+    rows = [("steps", f"{summary['global_step']} ({num(summary.get('epochs'), '.2g')} epochs)")]
+    if summary.get("peak_memory_gib") is not None:
+        rows.append(("peak memory", f"{summary['peak_memory_gib']:.2f} GiB"))
+    if summary.get("replicas_agree") is not None:
+        verdict = "identical" if summary["replicas_agree"] else "DIFFER — the processes did not stay in sync"
+        rows.append(("replicas", f"{verdict} on all {processes} processes"))
+    if summary.get("tokens"):
+        rows.append(("tokens", f"{summary['tokens']:,} in {summary['runtime_s']:.1f} s "
+                               f"({num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
+    losses = summary["train_losses"]
+    if losses:
+        rows.append(("train loss", f"{losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} "
+                                   f"(step {losses[-1][0]})"))
+    if summary.get("eval_loss_after") is not None:
+        before = summary.get("eval_loss_before")
+        start = f"{before:.4f} (before) -> " if before is not None else ""
+        rows.append(("eval loss", f"{start}{summary['eval_loss_after']:.4f} (after); best "
+                                  f"{num(summary.get('best_eval_loss'))} at step {summary.get('best_eval_step')}"))
+        for source, loss in summary.get("eval_by_source", {}).items():
+            start = f"{loss['before']:.4f} -> " if loss.get("before") is not None else ""
+            rows.append((f"  {source}", f"{start}{num(loss.get('after'))}"))
+    smoke = summary.get("smoke")
+    if smoke:
+        rows.append(("smoke check", smoke.get("verdict") or smoke.get("skipped", "")))
+    rows += [("checkpoints", summary["checkpoints"]), ("adapters", summary["adapters"])]
+    if summary.get("merged"):
+        rows.append(("merged", summary["merged"]))
+    if summary.get("summary_file"):
+        rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary.get("plot") else "")))
+    width = max(len(name) for name, _ in rows) + 2
+    lines += [f"{name + ':':<{width}}{value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def model_card(adapter_dir: str | Path, base_model: str, merged_into: str) -> str:
+    """README.md of a merged model: base model, recipe, data sources and counts, eval loss per source, how to load.
+
+    Reads what training left in the adapters directory (the recipe and, if present, summary.json)."""
+    adapter_dir = Path(adapter_dir)
+    from .manifest import redact
+
+    recipe = {}
+    if (adapter_dir / RECIPE_FILE).is_file():
+        recipe = yaml.safe_load((adapter_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    recipe_text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True) if recipe else ""
+    summary = {}
+    if (adapter_dir / SUMMARY_FILE).is_file():
+        summary = json.loads((adapter_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    hub_id = base_model.count("/") == 1 and not base_model.startswith((".", "/", "~"))
+    method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [sft, lora, trl, sft_lora]", *([f"base_model: {base_model}"] if hub_id else []), "---", ""]
+    lines = [*front, f"# {Path(base_model).name} fine-tuned with {method} (sft_lora)", "",
+             f"- base model: `{base_model}`", f"- method: {method}, merged into the {merged_into}",
+             f"- data: `{recipe.get('data', {}).get('path', '?')}`"]
+    if summary.get("global_step") is not None:
+        tokens = f"{summary['tokens']:,}" if summary.get("tokens") else "?"
+        lines.append(f"- trained: {summary['global_step']} steps, {tokens} tokens")
+    counts = summary.get("records_by_source") or {}
+    if counts.get("train"):
+        evals = summary.get("eval_by_source", {})
+        lines += ["", "## Data and evaluation", "",
+                  "| source | train records | eval records | eval loss before | eval loss after |",
+                  "|---|---:|---:|---:|---:|"]
+        for source, n in counts["train"].items():
+            loss = evals.get(source, {})
+            lines.append(f"| {source} | {n} | {counts.get('eval', {}).get(source, 0)} | {_fmt(loss.get('before'))} "
+                         f"| {_fmt(loss.get('after'))} |")
+        lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(counts.get('eval', {}).values())} | "
+                     f"{_fmt(summary.get('eval_loss_before'))} | {_fmt(summary.get('eval_loss_after'))} |")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)",
+              'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")',
+              'messages = [{"role": "user", "content": "..."}]',
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True)",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
+              "skip_special_tokens=True))", "```", "",
+              "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
+              "The chat template it was trained with is `chat_template.jinja`."]
+    if recipe_text:
+        lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}"

@@ -1,0 +1,161 @@
+"""The pre-flight report: its rows are what TRL trains, it passes good data and catches each failure on crafted data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft_lora.check import MARK, preflight, trained_rows
+from sft_lora.config import RecipeError, load_recipe
+from sft_lora.data import load_datasets
+from sft_lora.model import load_tokenizer
+from sft_lora.run import main
+from sft_lora.trainer import build_trainer
+
+from .conftest import SAMPLE
+
+SAMPLE_RECORDS = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+LONG_QUESTION = "Please read this long preamble carefully. " * 20 + "What is 2 plus 2?"
+NO_EOS_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _data(tmp_path, records: list[dict]) -> str:
+    path = tmp_path / "crafted.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _report(recipe_path):
+    recipe = load_recipe(recipe_path)
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
+    return recipe, preflight(recipe, tokenizer, train_set, eval_set)
+
+
+@pytest.mark.parametrize("case", ["system prompt", "keep_start cut", "keep_end cut", "packing"])
+def test_rows_are_exactly_what_the_trainer_prepares(make_recipe, tmp_path, case):
+    # 60 sample records plus 2 whose prompt alone is longer than max_length: TRL drops those (no loss left).
+    long = [{"input": LONG_QUESTION, "output": "4.", "source": "long"}] * 2
+    data = {"path": _data(tmp_path, SAMPLE_RECORDS[:60] + long), "eval_split": None}
+    training = {"max_length": 40}
+    if case == "system prompt":
+        data["system_prompt"] = "Answer briefly."
+        training = {"max_length": 256}
+    elif case == "keep_start cut":
+        training = {"max_length": 17}
+    elif case == "keep_end cut":
+        training = {"max_length": 17, "truncation_mode": "keep_end"}
+    else:
+        training = {"max_length": 64, "packing": True}
+    recipe = load_recipe(make_recipe(data=data, training=training))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    train_set, _ = load_datasets(recipe.data)
+    rows = trained_rows(recipe, tokenizer, train_set)
+    prepared = build_trainer(recipe, tokenizer, train_set).train_dataset
+    if case == "packing":
+        report = preflight(recipe, tokenizer, train_set)
+        assert report.packed_rows == len(prepared) < len(rows)
+        filled = sum(len(ids) for ids in prepared["input_ids"]) / (len(prepared) * 64)
+        assert report.packing_efficiency == pytest.approx(filled)
+        assert report.packing.startswith("on (bfd)")
+        return
+    kept = [r for r in rows if r.loss_tokens]  # TRL drops the rows truncation leaves with no loss
+    assert len(kept) == len(prepared) <= len(rows)
+    assert [(r.input_ids, r.labels, r.source) for r in kept] == \
+        [(p["input_ids"], p["labels"], p["source"]) for p in prepared]
+    if case != "system prompt":
+        assert any(r.length > len(r.input_ids) for r in kept), "the case must actually truncate"
+    if case == "keep_start cut":
+        assert len(kept) == len(rows) - 2  # the two long prompts are dropped
+
+
+def test_good_data_passes_and_the_report_adds_up(make_recipe):
+    recipe, report = _report(make_recipe())
+    assert report.failures == []
+    assert sum(report.records_by_source.values()) == report.rows == 190
+    assert sum(report.eval_records_by_source.values()) == report.eval_rows == 34
+    assert report.records_by_source.keys() == {r["source"] for r in SAMPLE_RECORDS}
+    assert report.rows_with_stop == report.rows and report.stop_tokens == ["</s>"]
+    assert report.truncated_rows == report.truncated_tokens == 0
+    assert 0 < report.loss_tokens < report.tokens
+    assert report.loss_tokens == sum(s["loss_tokens"] for s in report.by_source.values())
+    assert report.prompt_tokens["p50"] <= report.prompt_tokens["p90"] <= report.prompt_tokens["max"]
+    assert 0 < report.padding_efficiency <= 1 and 0 < report.packing_efficiency <= 1
+    # the example: the prompt is unmarked and the marked span is the answer and its EOS
+    prompt, _, marked = report.example.partition(MARK[0])
+    assert "<|user|>" in prompt and marked.endswith("</s>" + MARK[1]) and "<|user|>" not in marked
+    text = report.text()
+    assert "all checks passed" in text and "FAILED" not in text
+    for source, n in report.records_by_source.items():
+        assert any(line.split()[:2] == [source, str(n)] for line in text.splitlines())
+
+
+def test_a_record_with_no_loss_carrying_token_fails(make_recipe, tmp_path):
+    records = SAMPLE_RECORDS[:60] + [{"input": LONG_QUESTION, "output": "4.", "source": "arith_en"}]
+    data = {"path": _data(tmp_path, records), "eval_split": None}
+    _, report = _report(make_recipe(data=data, training={"max_length": 64}))
+    assert [name for name, _ in report.failures] == ["no_loss"]
+    assert report.no_loss_rows == 1
+    assert "1 of" in report.failures[0][1] and "prompt fills training.max_length" in report.failures[0][1]
+    with pytest.raises(RecipeError, match=r"pre-flight check failed \[no_loss\].*check.ignore=\[no_loss\]"):
+        report.enforce()
+
+
+def test_an_end_of_turn_token_never_trained_fails_unless_ignored(make_recipe, tmp_path):
+    template = tmp_path / "no_eos.jinja"
+    template.write_text(NO_EOS_TEMPLATE, encoding="utf-8")
+    recipe, report = _report(make_recipe(data={"chat_template": str(template)}))
+    assert [name for name, _ in report.failures] == ["eos"]
+    assert report.rows_with_stop == 0 and report.loss_tokens > 0
+    with pytest.raises(RecipeError, match=r"\[eos\]: the end-of-turn token \(</s>\) carries loss in no"):
+        report.enforce(recipe.check.ignore)
+    report.enforce(["eos"])  # overridden: a warning, not a failure
+    assert "IGNORED [eos]" in report.text(["eos"])
+
+
+def test_too_many_truncated_rows_fail_at_the_configured_share(make_recipe):
+    recipe, report = _report(make_recipe(training={"max_length": 18}))
+    share = report.truncated_rows / report.rows
+    assert 0.05 < share < 1 and report.truncated_tokens >= report.truncated_rows
+    assert report.truncated_loss_tokens == report.truncated_tokens  # keep_start cuts the answers' ends
+    assert [name for name, _ in report.failures] == ["truncated"]
+    assert any("lose their end-of-turn token" in w for w in report.warnings)
+    # the threshold is the recipe's: above the measured share, the same data passes
+    relaxed_share = {"max_truncated_share": round(share, 2) + 0.01}
+    _, relaxed = _report(make_recipe(training={"max_length": 18}, check=relaxed_share))
+    assert relaxed.failures == []
+
+
+def test_an_empty_source_fails(make_recipe, tmp_path):
+    # a source whose every record is too long to train on, with the per-record check switched off ...
+    records = SAMPLE_RECORDS[:60] + [{"input": LONG_QUESTION, "output": "4.", "source": "long"}] * 2
+    data = {"path": _data(tmp_path, records), "eval_split": None}
+    _, report = _report(make_recipe(data=data, training={"max_length": 64}, check={"ignore": ["no_loss"]}))
+    assert ("empty_source", "source 'long' has 2 records but none carries loss; check the data or check.sources") \
+        in report.failures
+    # ... and a source the recipe expects that the data does not hold
+    _, report = _report(make_recipe(check={"sources": ["arith_en", "capital_fr"]}))
+    assert report.failures == [("empty_source", "source 'capital_fr' has no record; check the data or check.sources")]
+
+
+def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_path, capsys):
+    assert main([str(make_recipe()), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "pre-flight data report (190 training rows" in out and "all checks passed" in out
+    template = tmp_path / "no_eos.jinja"
+    template.write_text(NO_EOS_TEMPLATE, encoding="utf-8")
+    path = make_recipe(data={"chat_template": str(template)})
+    assert main([str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars, then the one error line
+    assert [line for line in err if "error" in line] == err[-1:]
+    assert err[-1].startswith("error: pre-flight check failed [eos]")
+    # a training run stops at the same check, before any model is loaded or checkpoint written
+    assert main([str(path)]) == 2
+    assert "pre-flight check failed [eos]" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+    assert main([str(path), "check.ignore=[eos]", "--check"]) == 0
+    assert main([str(path), "check.ignore=[eso]", "--check"]) == 2
+    assert "unknown check 'eso'" in capsys.readouterr().err
+

@@ -1,0 +1,170 @@
+"""The default job end to end: per-source eval in summary.json and TensorBoard, the loss plot, the console table,
+the manifest, the model card, chat on the output and the smoke check's verdict."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from sft_lora.chat import main as chat_main
+from sft_lora.chat import smoke_check
+from sft_lora.config import RECIPE_FILE, load_recipe
+from sft_lora.fingerprint import file_sha256
+from sft_lora.manifest import MANIFEST_FILE, build_manifest
+from sft_lora.report import model_card
+from sft_lora.run import train
+
+from .conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.slow
+CANARY = "sft-lora-canary-7f3a9c"  # an environment value that must never reach an output file
+
+
+@pytest.fixture(scope="module")
+def default_job(tmp_path_factory, tiny_model):
+    """recipes/tiny.yaml as `make train` runs it (3 epochs, merge, smoke check), logging to TensorBoard."""
+    out = tmp_path_factory.mktemp("default_job")
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [
+        f"model.name_or_path={tiny_model}", f"output.dir={out}/final_model", f"output.checkpoint_dir={out}/ckpt",
+        "training.report_to=tensorboard", "training.dataloader_pin_memory=false", f"data.path={SAMPLE}"])
+    console = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(console):
+        patch.setenv("SFT_LORA_TEST_CANARY", CANARY)
+        summary = train(recipe)
+    return recipe, summary, console.getvalue()
+
+
+def test_per_source_eval_losses_are_in_summary_json_and_tensorboard(default_job):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe, summary, _ = default_job
+    saved = json.loads((recipe.adapters_dir / "summary.json").read_text(encoding="utf-8"))
+    sources = sorted({json.loads(line)["source"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()})
+    assert sorted(saved["eval_by_source"]) == sorted(saved["records_by_source"]["eval"]) == sources
+    for source, loss in saved["eval_by_source"].items():
+        assert loss["after"] < loss["before"], source  # every source learned something
+        assert saved["eval_history"][source][0] == [0, loss["before"]]
+    assert saved["eval_loss_after"] < saved["eval_loss_before"]
+    assert saved["eval_by_source"] == summary["eval_by_source"]
+
+    events = EventAccumulator(str(recipe.checkpoint_dir / "runs"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    overall = [(e.step, e.value) for e in events.Scalars("eval/loss")]
+    for source in sources:
+        logged = [(e.step, e.value) for e in events.Scalars(f"eval/{source}_loss")]
+        # every evaluation (before, each epoch, after) logged this source at the same steps as the overall loss
+        assert [step for step, _ in logged] == [step for step, _ in overall]
+        assert logged[0][1] == pytest.approx(saved["eval_by_source"][source]["before"], rel=1e-5)
+        assert logged[-1][1] == pytest.approx(saved["eval_by_source"][source]["after"], rel=1e-5)
+        assert f"eval/{source}_mean_token_accuracy" in tags
+    # TRL's own eval metrics of a source do not overwrite the overall ones
+    assert len(events.Scalars("eval/mean_token_accuracy")) == len(overall)
+
+
+def test_loss_plot_is_a_real_plot(default_job):
+    from PIL import Image
+
+    recipe, summary, _ = default_job
+    assert summary["plot"] == str(recipe.adapters_dir / "loss.png")
+    image = Image.open(summary["plot"]).convert("RGB")
+    width, height = image.size
+    assert width >= 600 and height >= 400
+    pixels = list(image.get_flattened_data())
+    ink = sum(1 for p in pixels if sum(p) < 600) / len(pixels)  # anything clearly darker than white
+    assert 0.01 < ink < 0.5
+    colours = {p for p in pixels if max(p) - min(p) > 80}  # saturated colours: the eval curves, not grey axes
+    assert len(colours) > 20
+    # the train curve (black) and the overall eval curve (matplotlib's tab:red) are drawn
+    assert sum(1 for p in pixels if p == (0, 0, 0)) > 200
+    assert sum(1 for p in pixels if abs(p[0] - 214) + abs(p[1] - 39) + abs(p[2] - 40) < 30) > 200
+
+
+def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
+    recipe, summary, console = default_job
+    assert console.index("pre-flight data report") < console.index("trained to step")
+    assert "all checks passed" in console
+    table = console[console.index("trained to step"):]
+    assert f"steps:        {summary['global_step']} (3 epochs)" in table
+    assert f"{summary['tokens']:,} in" in table and "tokens/s" in table and summary["tokens"] > 0
+    first, last = summary["train_losses"][0][1], summary["train_losses"][-1][1]
+    assert f"{first:.4f} (step 5) -> {last:.4f}" in table
+    assert f"best {summary['best_eval_loss']:.4f} at step {summary['best_eval_step']}" in table
+    assert f"adapters:     {recipe.adapters_dir}" in table and f"merged:       {recipe.merged_dir}" in table
+    for source, loss in summary["eval_by_source"].items():
+        assert f"{source}:" in table and f"{loss['after']:.4f}" in table
+
+
+def test_manifest_identifies_the_run_and_holds_no_secret(default_job):
+    recipe, _, _ = default_job
+    text = (recipe.adapters_dir / MANIFEST_FILE).read_text(encoding="utf-8")
+    manifest = json.loads(text)
+    assert manifest["data_sha256"] == {str(SAMPLE): file_sha256(SAMPLE)}
+    template = (recipe.adapters_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    assert manifest["chat_template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+    assert manifest["seed"] == 42 and manifest["recipe"]["training"]["num_train_epochs"] == 3
+    for name in ("torch", "transformers", "trl", "peft"):
+        assert manifest["packages"][name] == metadata.version(name)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert manifest["git"]["commit"] == head.stdout.strip()
+    assert manifest["hardware"]["cpu_count"] and "gpus" in manifest["hardware"]
+    assert CANARY not in text
+
+
+def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recipe, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe(make_recipe(training={"hub_token": CANARY, "eos_token": "</s>"}))
+    manifest = build_manifest(recipe, AutoTokenizer.from_pretrained(tiny_model))
+    assert manifest["recipe"]["training"]["hub_token"] == "<redacted>"
+    assert manifest["recipe"]["training"]["eos_token"] == "</s>"  # a vocabulary token, not a credential
+    assert CANARY not in json.dumps(manifest)
+    adapters = tmp_path / "x_adapters"
+    adapters.mkdir()
+    (adapters / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+    card = model_card(adapters, "org/base-model", "original base weights")
+    assert CANARY not in card and "hub_token: <redacted>" in card
+    assert "base_model: org/base-model" in card.split("---")[1]  # a hub id goes into the card's metadata
+
+
+def test_merged_model_has_a_model_card(default_job):
+    recipe, summary, _ = default_job
+    card = (recipe.merged_dir / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "library_name: transformers" in card.split("---")[1]
+    assert str(recipe.model.name_or_path) in card
+    for source, n in summary["records_by_source"]["train"].items():
+        loss = summary["eval_by_source"][source]
+        row = f"| {source} | {n} | {summary['records_by_source']['eval'][source]} | {loss['before']:.4f} | " \
+              f"{loss['after']:.4f} |"
+        assert row in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "## Recipe" in card
+
+
+def test_chat_prompt_answers_and_the_smoke_check_says_the_model_stops(default_job, capsys):
+    recipe, summary, _ = default_job
+    smoke = summary["smoke"]
+    assert smoke["ok"] is True and smoke["stopped"] == smoke["total"] == 3
+    assert all(s["stopped"] and 0 < s["tokens"] < smoke["max_new_tokens"] and s["text"] for s in smoke["samples"])
+    for directory in (recipe.merged_dir, recipe.adapters_dir):
+        question = smoke["samples"][0]["question"]
+        assert chat_main([str(directory), "--prompt", question]) == 0
+        answer = capsys.readouterr().out.strip()
+        assert answer and answer == smoke["samples"][0]["text"]  # greedy: the same answer the smoke check got
+    assert chat_main([str(Path(recipe.output.dir)), "--prompt", "hi"]) == 2
+    assert "neither an adapters directory" in capsys.readouterr().err
+
+
+def test_smoke_check_flags_a_model_that_never_stops(tiny_model):
+    # the untrained base model has never seen an answer end: greedy decoding runs to the limit
+    prompts = [[{"role": "user", "content": "What is 3 plus 4?"}], [{"role": "user", "content": "한국의 수도는?"}]]
+    result = smoke_check(tiny_model, prompts, max_new_tokens=16)
+    assert result["ok"] is False and result["stopped"] == 0
+    assert all(s["tokens"] == 16 for s in result["samples"]) and "ran to the limit" in result["verdict"]
