@@ -1,6 +1,7 @@
 # The user's vocabulary: install, train, resume, merge, test, lint.
 # Variables: RECIPE (default recipes/tiny.yaml), ARGS (extra `section.key=value` overrides or flags),
-# ACCEL (an accelerate config file; default: plain python, one process), ADAPTER (for merge).
+# ACCEL (an accelerate config file; default: plain python, one process), ADAPTER (for merge; add
+# ARGS=--overwrite to replace an existing merged model).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,10 @@ RECIPE ?= recipes/tiny.yaml
 ARGS ?=
 ADAPTER ?= final_model/tiny-llama/3/lora_adapters
 ACCEL ?=
-LAUNCH := $(if $(ACCEL),$(BIN)/accelerate launch --config_file $(ACCEL) -m sft_lora.run,$(BIN)/python -m sft_lora.run)
+# A missing ACCEL file stops make with one line (accelerate itself would fall back or print a traceback).
+LAUNCH = $(if $(ACCEL),$(if $(wildcard $(ACCEL)),$(BIN)/accelerate launch --config_file $(ACCEL) -m sft_lora.run,$(error \
+  ACCEL=$(ACCEL): accelerate config not found; pass an existing file such as accelerate_configs/single_gpu.yaml)),$\
+  $(BIN)/python -m sft_lora.run)
 
 .PHONY: install train resume merge print-config test lint clean
 
@@ -30,7 +34,7 @@ resume: install
 	$(LAUNCH) $(RECIPE) --resume $(ARGS)
 
 merge: install
-	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) --overwrite $(ARGS)
+	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) $(ARGS)
 
 print-config: install
 	$(BIN)/python -m sft_lora.run $(RECIPE) --print-config $(ARGS)

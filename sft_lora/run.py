@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides; the command line wins")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="resume from the last checkpoint, or from the given checkpoint directory")
+                        help="resume from the last complete checkpoint, or from the given checkpoint directory")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even from a checkpoint made from a different recipe or data, or incomplete")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     seed = parser.add_argument_group("the seed's flags (aliases of recipe keys)")
     for flag, key in SEED_FLAGS.items():
@@ -33,24 +36,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():  # `--resume key=value`: an override
+        args.overrides.append(args.resume)
+        args.resume = "auto"
     try:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
             print(recipe.to_yaml(), end="")
             return 0
-        train(recipe, resume=args.resume)
+        train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, merging): nothing to save
+        print("interrupted: SIGINT outside the training loop; nothing saved by this run", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        from .signals import TrainingInterrupted, exit_code  # here, not at the top: it imports transformers
+
+        if not isinstance(exc, TrainingInterrupted):
+            raise
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exit_code(exc.signum)
     return 0
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    """Train, save the adapters, optionally merge; print and return a summary of the run."""
+def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
+    """Train, save the adapters, optionally merge; print and return a summary of the run.
+
+    Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from .data import load_datasets
+    from .guards import check_outputs, check_qlora_backend
     from .model import load_tokenizer
 
-    resume_from = _resume_point(recipe, resume)
+    check_outputs(recipe)
+    check_qlora_backend(recipe)
+    resume_from = _resume_point(recipe, resume, force_resume)
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
@@ -59,7 +80,12 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
     _configure_wandb(recipe)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
+    from .lengths import check_dataset_lengths
 
+    check_dataset_lengths(recipe, tokenizer, train_set, eval_set)
+
+    from .checkpoints import save_failure
+    from .signals import interruptible
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
@@ -68,7 +94,13 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
                "merged": str(recipe.merged_dir) if recipe.output.merge else None}
     if eval_set is not None and recipe.output.eval_before_training and resume_from is None:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with interruptible(trainer):  # a signal: checkpoint, stop, raise TrainingInterrupted
+            result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
+            raise failure from None
+        raise
     if eval_set is not None:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     save_adapters(trainer, recipe, tokenizer)
@@ -79,6 +111,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     if recipe.output.merge and main_process:
         from .merge import merge_adapter
 
+        # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
+        # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
         _print_summary(summary)
@@ -117,21 +151,12 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _resume_point(recipe: Recipe, resume: str | None) -> str | None:
+def _resume_point(recipe: Recipe, resume: str | None, force: bool = False) -> str | None:
     if resume is None:
         return None
-    if resume != "auto":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise RecipeError(f"{resume}: not a checkpoint directory (no trainer_state.json); check --resume")
-        return resume
-    from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import select_checkpoint
 
-    last = get_last_checkpoint(str(recipe.checkpoint_dir)) if recipe.checkpoint_dir.is_dir() else None
-    if last is None:
-        raise RecipeError(f"{recipe.checkpoint_dir}: no checkpoint to resume from; train first or pass "
-                          "--resume CHECKPOINT_DIR")
-    print(f"resuming from {last}")
-    return last
+    return select_checkpoint(recipe, resume, force)
 
 
 def _configure_wandb(recipe: Recipe) -> None:

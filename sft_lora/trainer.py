@@ -6,8 +6,14 @@ from .config import Recipe
 
 
 def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
-    """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter."""
+    """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter.
+
+    Its checkpoints carry a completion record and fingerprint (`checkpoints.CheckpointRecord`), and SIGTERM/SIGINT
+    stop it at a step boundary after a checkpoint (`signals.GracefulStop`)."""
     from trl import SFTTrainer
+
+    from .checkpoints import CheckpointRecord
+    from .signals import GracefulStop
 
     return SFTTrainer(
         model=recipe.model.name_or_path,
@@ -17,4 +23,5 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
         processing_class=tokenizer,
         peft_config=recipe.build_lora_config(),
         quantization_config=recipe.build_bnb_config(),
+        callbacks=[GracefulStop(), CheckpointRecord(recipe)],  # in this order: a stop request triggers the save
     )
