@@ -211,7 +211,8 @@ class Recipe:
     @property
     def model_init_kwargs(self) -> dict[str, Any]:
         kwargs = {"dtype": self.model.dtype, "revision": self.model.revision,
-                  "attn_implementation": self.model.attn_implementation}
+                  "attn_implementation": self.model.attn_implementation,
+                  "use_safetensors": True}  # never unpickle model weights (guards.check_model_weights)
         return {k: v for k, v in kwargs.items() if v is not None}
 
 

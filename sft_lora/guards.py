@@ -42,6 +42,19 @@ def check_writable(path: Path, key: str) -> None:
                           "writable directory") from None
 
 
+def check_model_weights(recipe: Recipe) -> None:
+    """A local base model must have safetensors weights: a .bin/.pt checkpoint is a pickle, which can run code
+    when loaded. (Hub models are held to the same rule by `use_safetensors=True` when loading.)"""
+    path = Path(recipe.model.name_or_path)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise RecipeError(f"{path}: weights only as a pickle ({pickles[0]}), which can run code when loaded; "
+                          "convert them to safetensors (save_pretrained writes safetensors) and point "
+                          "model.name_or_path there")
+
+
 def check_qlora_backend(recipe: Recipe) -> None:
     """QLoRA needs bitsandbytes importable on this machine; say so in one line instead of a deep traceback."""
     if not recipe.use_qlora:

@@ -48,9 +48,12 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     if output_dir is None:
         output_dir = adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged")
     output_dir = Path(output_dir)
+    if output_dir.exists() and (overwrite is False or not output_dir.is_dir()):
+        with atomic_dir(output_dir, overwrite=overwrite):  # its refusal, before minutes of loading and merging
+            pass
 
     kwargs = {"revision": model_args.get("revision"), "trust_remote_code": model_args.get("trust_remote_code", False),
-              "dtype": model_args.get("dtype", "auto")}
+              "dtype": model_args.get("dtype", "auto"), "use_safetensors": True}  # no pickled weights
     dequantize = bool(quantization) and merge_into == "dequantized"
     try:
         if dequantize:
@@ -63,8 +66,11 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); check --base_model") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's load_state_dict puts the useful part ("size mismatch for …") on a later line
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); the adapter was trained on "
+                          "another base; check --base_model") from None
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.eos_token_id is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -66,11 +66,12 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from .data import load_datasets
-    from .guards import check_outputs, check_qlora_backend
+    from .guards import check_model_weights, check_outputs, check_qlora_backend
     from .model import load_tokenizer
 
     check_outputs(recipe)
     check_qlora_backend(recipe)
+    check_model_weights(recipe)
     resume_from = _resume_point(recipe, resume, force_resume)
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import Recipe
+from .config import Recipe, RecipeError
 
 
 def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
@@ -15,13 +15,18 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
     from .checkpoints import CheckpointRecord
     from .signals import GracefulStop
 
-    return SFTTrainer(
-        model=recipe.model.name_or_path,
-        args=recipe.build_sft_config(),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=recipe.build_lora_config(),
-        quantization_config=recipe.build_bnb_config(),
-        callbacks=[GracefulStop(), CheckpointRecord(recipe)],  # in this order: a stop request triggers the save
-    )
+    try:
+        return SFTTrainer(
+            model=recipe.model.name_or_path,
+            args=recipe.build_sft_config(),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=recipe.build_lora_config(),
+            quantization_config=recipe.build_bnb_config(),
+            callbacks=[GracefulStop(), CheckpointRecord(recipe)],  # in this order: a stop request triggers the save
+        )
+    except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first}); check "
+                          "model.name_or_path, the network or HF_TOKEN") from None
