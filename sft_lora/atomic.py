@@ -19,10 +19,7 @@ from .config import RecipeError
 def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`)."""
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
-    if final.exists() and not overwrite:
-        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
+    check_target(final, overwrite=overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -47,6 +44,15 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_target(final: str | Path, *, overwrite: bool) -> None:
+    """Raise RecipeError if `final` is a file, or exists and `overwrite` is false."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
+    if final.exists() and not overwrite:
+        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
 
 
 def write_error(exc: BaseException) -> str | None:

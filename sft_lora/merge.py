@@ -28,7 +28,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, check_target
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -48,9 +48,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     if output_dir is None:
         output_dir = adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged")
     output_dir = Path(output_dir)
-    if output_dir.exists() and (overwrite is False or not output_dir.is_dir()):
-        with atomic_dir(output_dir, overwrite=overwrite):  # its refusal, before minutes of loading and merging
-            pass
+    check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
 
     kwargs = {"revision": model_args.get("revision"), "trust_remote_code": model_args.get("trust_remote_code", False),
               "dtype": model_args.get("dtype", "auto"), "use_safetensors": True}  # no pickled weights
