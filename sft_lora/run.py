@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, merging): nothing to save
-        print("interrupted: SIGINT outside the training loop; nothing saved by this run", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
+        print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
+              file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:
         from .signals import TrainingInterrupted, exit_code  # here, not at the top: it imports transformers
