@@ -160,10 +160,6 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
     return None
 
 
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1])
-
-
 def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
     """The checkpoint to resume from: `resume` is a directory, or "auto" for the newest complete one under the
     recipe's checkpoint directory (incomplete ones are skipped with a notice). Refuses a checkpoint made from a
