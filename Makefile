@@ -1,7 +1,8 @@
 # The user's vocabulary: install, check, train, resume, merge, chat, test, lint.
 # Variables: RECIPE (default recipes/tiny.yaml), ARGS (extra `section.key=value` overrides or flags),
 # ACCEL (an accelerate config: zero3, fsdp, … from accelerate_configs/, or a path; default: the recipe's
-# accelerate_config, else one process), ADAPTER (for merge), MODEL_DIR (for chat: a *_merged or *_adapters dir).
+# accelerate_config, else one process), ADAPTER (for merge; add ARGS=--overwrite to replace an existing merged
+# model), MODEL_DIR (for chat: a *_merged or *_adapters dir).
 
 PYTHON ?= python3
 VENV := .venv
@@ -38,7 +39,7 @@ resume: install
 	$(LAUNCH) $(RECIPE) --resume $(ACCEL_ARG) $(ARGS)
 
 merge: install
-	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) --overwrite $(ARGS)
+	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) $(ARGS)
 
 chat: install
 	$(BIN)/python -m sft_lora.chat $(MODEL_DIR) $(ARGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,7 @@ from .config import RecipeError
 def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`)."""
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
-    if final.exists() and not overwrite:
-        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
+    check_target(final, overwrite=overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -38,9 +36,35 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RecipeError(f"{final}: could not write ({exc.strerror}); check free space and permissions") from None
+        if (reason := write_error(exc)) is None:
+            raise
+        raise RecipeError(f"{final}: could not write ({reason}); check free space and permissions") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_target(final: str | Path, *, overwrite: bool) -> None:
+    """Raise RecipeError if `final` is a file, or exists and `overwrite` is false."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
+    if final.exists() and not overwrite:
+        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
+
+
+def write_error(exc: BaseException) -> str | None:
+    """The reason, when `exc` is a failed write (disk full, read-only, file too large); None for other errors.
+
+    Writers report it differently: Python as OSError, safetensors as SafetensorError("... os error 28"), torch.save
+    as RuntimeError from its zip writer."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if match := re.search(r"I/O error: (.*?) \(os error \d+\)", text):
+        return match.group(1)
+    if "inline_container" in text or "write failed" in text:
+        return "torch.save could not write the file"
+    return None

@@ -71,6 +71,8 @@ class DataArgs:
     """A second data file used for evaluation instead of `eval_split`."""
     chat_template: str | None = None
     """A .jinja file replacing the tokenizer's chat template."""
+    on_bad_record: str = "fail"
+    """A record that is not valid (bad JSON/UTF-8, missing or empty field): fail the run, or skip it and count it."""
 
 
 @dataclass
@@ -128,7 +130,7 @@ TOP_LEVEL = {"use_qlora": bool, "accelerate_config": str}
 OWNED_ELSEWHERE = {
     "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
     "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
-    "resume_from_checkpoint": "the --resume flag",
+    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
 }
 # Values that must be > 0 (upstream classes accept some of these silently and fail hours later).
 POSITIVE = {
@@ -140,6 +142,7 @@ POSITIVE = {
 # Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "data.on_bad_record": ("fail", "skip"),
     "output.merge_into": ("dequantized", "original"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
@@ -240,7 +243,8 @@ class Recipe:
     @property
     def model_init_kwargs(self) -> dict[str, Any]:
         kwargs = {"dtype": self.model.dtype, "revision": self.model.revision, "device_map": self.model.device_map,
-                  "attn_implementation": self.model.attn_implementation}
+                  "attn_implementation": self.model.attn_implementation,
+                  "use_safetensors": True}  # never unpickle model weights (guards.check_model_weights)
         return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -397,6 +401,11 @@ def _validate(raw: dict[str, Any], source: str, where: dict[str, str]) -> Recipe
         if dotted in CHOICES and value is not None and value not in CHOICES[dotted]:
             raise RecipeError(f"{loc(dotted)}: {dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
 
+    from .secret_check import find_secret
+
+    if found := find_secret({**values, "use_qlora": use_qlora}):  # the recipe is saved beside the adapters
+        raise RecipeError(f"{loc(found[0])}: {found[0]} looks like a secret ({found[1]}); keep tokens in the "
+                          "environment (HF_TOKEN, WANDB_API_KEY), never in a recipe")
     recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, lora=lora,
                     quantization=quantization, training=training, raw=raw, **own)
     _cross_check(recipe, loc)

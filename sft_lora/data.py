@@ -14,19 +14,36 @@ from typing import Any
 from .config import DataArgs, RecipeError
 
 
-def read_records(path: str, args: DataArgs) -> list[dict[str, Any]]:
-    """Raw records from a .json array, .jsonl, a `save_to_disk` directory or a hub dataset id."""
+class BadRecord:
+    """A record that could not be read (bad JSON, bad UTF-8); `to_examples` fails or skips it like any bad one."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def read_records(path: str, args: DataArgs) -> list[tuple[str, Any]]:
+    """(where, record) pairs from a .json array, .jsonl, a `save_to_disk` directory or a hub dataset id.
+
+    `where` names the record in errors: `file:line` for .jsonl, `file: record N` otherwise. A .jsonl line that is
+    not valid UTF-8 or JSON becomes a `BadRecord`; a .json file that is not valid is an error as a whole."""
     p = Path(path)
     if p.suffix == ".jsonl":
-        return [_parse_json_line(p, n, line) for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
+        return [(f"{p}:{n}", _parse_json_line(line)) for n, line in enumerate(_read_bytes(p).split(b"\n"), 1)
+                if line.strip()]
     if p.suffix == ".json":
+        data = _read_bytes(p)
         try:
-            records = json.loads(_read_text(p))
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise RecipeError(f"{p}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+        try:
+            records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecipeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or use .jsonl") from None
         if not isinstance(records, list):
             raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
-        return records
+        return _numbered(p, records)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -35,63 +52,88 @@ def read_records(path: str, args: DataArgs) -> list[dict[str, Any]]:
             if args.split not in dataset:
                 raise RecipeError(f"{p}: no split '{args.split}' (has {', '.join(dataset)}); set data.split")
             dataset = dataset[args.split]
-        return dataset.to_list()
-    if p.suffix or p.exists() or path.startswith((".", "/", "~")):
-        raise RecipeError(f"{p}: data file not found (or not .json/.jsonl/a dataset directory); check data.path")
+        return _numbered(p, dataset.to_list())
+    if p.is_file():
+        raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
+                          "directory or a hub dataset id")
+    if p.suffix or path.startswith((".", "/", "~")):
+        raise RecipeError(f"{p}: data file not found; check data.path")
     from datasets import load_dataset
 
     try:
-        return load_dataset(path, split=args.split).to_list()
+        return _numbered(path, load_dataset(path, split=args.split).to_list())
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
         reason = type(exc).__name__
         raise RecipeError(f"{path}: could not load hub dataset ({reason}); check data.path and network") from None
 
 
-def _read_text(p: Path) -> str:
+def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:
+    return [(f"{origin}: record {n}", record) for n, record in enumerate(records, 1)]
+
+
+def _read_bytes(p: Path) -> bytes:
     if not p.is_file():
         raise RecipeError(f"{p}: data file not found; check data.path")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = p.read_bytes()[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{p}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+    return p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
 
 
-def _parse_json_line(p: Path, number: int, line: str) -> Any:
+def _parse_json_line(line: bytes) -> Any:
     try:
-        return json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadRecord("not valid UTF-8; re-encode the file as UTF-8")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RecipeError(f"{p}:{number}: not valid JSON ({exc.msg}); each line must be one JSON record") from None
+        return BadRecord(f"not valid JSON ({exc.msg}); each line must be one JSON record")
 
 
-def to_examples(records: list[Any], args: DataArgs, origin: str) -> dict[str, list]:
-    """Validate records and turn them into prompt/completion columns (plus `source`)."""
+def _problem(record: Any, args: DataArgs) -> str | None:
+    """What is wrong with one record, or None."""
+    if isinstance(record, BadRecord):
+        return record.reason
+    if not isinstance(record, dict):
+        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
+    for key in (args.input_field, args.output_field):
+        if key not in record:
+            return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
+        if not isinstance(record[key], str):
+            return f"'{key}' must be a string, got {type(record[key]).__name__}"
+    if not record[args.output_field].strip():
+        return f"'{args.output_field}' is empty; there is nothing to learn from it"
+    source = record.get(args.source_field)
+    if source is not None and not isinstance(source, str):
+        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
+    return None
+
+
+def to_examples(records: list[tuple[str, Any]], args: DataArgs, origin: str) -> dict[str, list]:
+    """Validate (where, record) pairs and turn them into prompt/completion columns (plus `source`).
+
+    A bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped and counted (`skip`)."""
     if not records:
         raise RecipeError(f"{origin}: no records; the data file is empty")
-    prompts, completions, sources = [], [], []
+    prompts, completions, sources, skipped = [], [], [], []
     system, prefix = [], ""
     if args.system_prompt and args.fold_system_prompt:  # the template has no usable system role
         prefix = f"{args.system_prompt}\n\n"
     elif args.system_prompt:
         system = [{"role": "system", "content": args.system_prompt}]
-    for n, record in enumerate(records, 1):
-        where = f"{origin}: record {n}"
-        if not isinstance(record, dict):
-            raise RecipeError(f"{where}: expected an object with '{args.input_field}' and '{args.output_field}'")
-        for key in (args.input_field, args.output_field):
-            if key not in record:
-                raise RecipeError(f"{where}: missing '{key}' (set data.input_field/output_field if it is named "
-                                  "differently)")
-            if not isinstance(record[key], str):
-                raise RecipeError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
-        if not record[args.output_field].strip():
-            raise RecipeError(f"{where}: '{args.output_field}' is empty; there is nothing to learn from it")
-        source = record.get(args.source_field)
-        if source is not None and not isinstance(source, str):
-            raise RecipeError(f"{where}: '{args.source_field}' must be a string, got {type(source).__name__}")
+    for where, record in records:
+        problem = _problem(record, args)
+        if problem:
+            if args.on_bad_record != "skip":
+                raise RecipeError(f"{where}: {problem}")
+            skipped.append(f"{where}: {problem}")
+            continue
         prompts.append([*system, {"role": "user", "content": prefix + record[args.input_field]}])
         completions.append([{"role": "assistant", "content": record[args.output_field]}])
-        sources.append(source or "default")
+        sources.append(record.get(args.source_field) or "default")
+    if skipped and not prompts:
+        raise RecipeError(f"{origin}: all {len(records)} records are bad (first: {skipped[0]}); fix the data")
+    if skipped:
+        print(f"notice: {origin}: skipped {len(skipped)} bad of {len(records)} records (data.on_bad_record: skip); "
+              f"first: {skipped[0]}")
     return {"prompt": prompts, "completion": completions, "source": sources}
 
 

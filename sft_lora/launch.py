@@ -18,14 +18,14 @@ from .config import Recipe, RecipeError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
 
-def resolve_config(name: str) -> Path:
+def resolve_config(name: str, where: str = "accelerate_config") -> Path:
     """An accelerate config by short name (`zero3` → accelerate_configs/zero3.yaml) or by path."""
     path = Path(name)
     for candidate in (path, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise RecipeError(f"accelerate_config: '{name}' not found; use a file path or one of: {shipped}")
+    raise RecipeError(f"{where}: '{name}' not found; use an existing file or one of: {shipped}")
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, check_target
     from .manifest import redact
     from .report import model_card
 
@@ -50,9 +50,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     if output_dir is None:
         output_dir = adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged")
     output_dir = Path(output_dir)
+    check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
 
     kwargs = {"revision": model_args.get("revision"), "trust_remote_code": model_args.get("trust_remote_code", False),
-              "dtype": model_args.get("dtype", "auto")}
+              "dtype": model_args.get("dtype", "auto"), "use_safetensors": True}  # no pickled weights
     dequantize = bool(quantization) and merge_into == "dequantized"
     try:
         if dequantize:
@@ -65,8 +66,11 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(progressbar=True)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); check --base_model") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's load_state_dict puts the useful part ("size mismatch for …") on a later line
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise RecipeError(f"{adapter_dir}: cannot merge into base '{base}' ({first}); the adapter was trained on "
+                          "another base; check --base_model") from None
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.eos_token_id is not None:  # add the trained end-of-turn token, keep the stop tokens it shipped with
         shipped = model.generation_config.eos_token_id

@@ -43,6 +43,12 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None:
         raise RecipeError(f"{model.name_or_path}: the tokenizer has no EOS token; set training.eos_token")
+    if tokenizer.pad_token is None:
+        # What TRL would do silently, made explicit: the collator labels padding -100 whatever its id, so the
+        # answer's own EOS keeps its label.
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"notice: {model.name_or_path}: the tokenizer has no pad token; padding with EOS "
+              f"({tokenizer.eos_token}), which carries no loss")
     return tokenizer
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides; the command line wins")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="resume from the last checkpoint, or from the given checkpoint directory")
+                        help="resume from the last complete checkpoint, or from the given checkpoint directory")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even from a checkpoint made from a different recipe or data, or incomplete")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--check", action="store_true",
                         help="print the pre-flight data report and exit (exit code 2 when a check fails)")
@@ -37,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():  # `--resume key=value`: an override
+        args.overrides.append(args.resume)
+        args.resume = "auto"
     try:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
@@ -50,10 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
             _relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
         _check_this_launch(recipe)
-        train(recipe, resume=args.resume)
+        train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
+        print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        from .signals import TrainingInterrupted, exit_code  # here, not at the top: it imports transformers
+
+        if not isinstance(exc, TrainingInterrupted):
+            raise
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exit_code(exc.signum)
     return 0
 
 
@@ -62,7 +79,7 @@ def _relaunch(recipe: Recipe, argv: list[str]) -> None:
     pair, so a bad combination fails here in one line instead of in every launched process."""
     from .launch import check_launch, read_config, resolve_config
 
-    path = resolve_config(recipe.accelerate_config)
+    path = resolve_config(recipe.accelerate_config, f"{recipe.source}: accelerate_config")
     check_launch(recipe, read_config(path), str(path))
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
@@ -95,14 +112,23 @@ def _inputs(recipe: Recipe):
     return load_tokenizer(recipe.model, recipe.data), train_set, eval_set
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run."""
+def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
+    """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run.
+
+    Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from accelerate import PartialState
 
     from . import report
+    from .guards import check_model_weights, check_outputs, check_qlora_backend
 
-    resume_from = _resume_point(recipe, resume)
+    check_outputs(recipe)
+    check_qlora_backend(recipe)
+    check_model_weights(recipe)
+    resume_from = _resume_point(recipe, resume, force_resume)
     tokenizer, train_set, eval_set = _inputs(recipe)
+    from .lengths import check_dataset_lengths
+
+    check_dataset_lengths(recipe, tokenizer, train_set, eval_set)
     preflight = None
     if recipe.check.enabled:
         from .check import run_check
@@ -111,6 +137,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
                               main_process=PartialState().is_main_process).to_dict()
     _configure_wandb(recipe)
 
+    from .checkpoints import save_failure
+    from .signals import interruptible
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
@@ -120,7 +148,13 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
                "records_by_source": {"train": _count(train_set), "eval": _count(eval_set)}}
     after = None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with interruptible(trainer):  # a signal: checkpoint, stop, raise TrainingInterrupted
+            result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
+            raise failure from None
+        raise
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0
               for k, v in log.items() if k.startswith("eval_")} or None
@@ -142,6 +176,8 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
         from .merge import merge_adapter
 
         unset_hf_deepspeed_config()  # merge runs on rank 0 alone: ZeRO-3's sharded loading would wait for peers
+        # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
+        # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
 
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
     if main_process:
@@ -223,21 +259,12 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _resume_point(recipe: Recipe, resume: str | None) -> str | None:
+def _resume_point(recipe: Recipe, resume: str | None, force: bool = False) -> str | None:
     if resume is None:
         return None
-    if resume != "auto":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise RecipeError(f"{resume}: not a checkpoint directory (no trainer_state.json); check --resume")
-        return resume
-    from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import select_checkpoint
 
-    last = get_last_checkpoint(str(recipe.checkpoint_dir)) if recipe.checkpoint_dir.is_dir() else None
-    if last is None:
-        raise RecipeError(f"{recipe.checkpoint_dir}: no checkpoint to resume from; train first or pass "
-                          "--resume CHECKPOINT_DIR")
-    print(f"resuming from {last}")
-    return last
+    return select_checkpoint(recipe, resume, force)
 
 
 def _configure_wandb(recipe: Recipe) -> None:

@@ -18,10 +18,14 @@ def source_metric(source: str) -> str:
 def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
     """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter.
 
-    With `report.eval_per_source` and more than one source, every evaluation also reports each source's loss."""
+    With `report.eval_per_source` and more than one source, every evaluation also reports each source's loss.
+    Its checkpoints carry a completion record and fingerprint (`checkpoints.CheckpointRecord`), and SIGTERM/SIGINT
+    stop it at a step boundary after a checkpoint (`signals.GracefulStop`)."""
     from peft.utils.error import NoMatchingPeftModuleError
     from trl import SFTTrainer
 
+    from .checkpoints import CheckpointRecord
+    from .signals import GracefulStop
     from .targets import check_target_modules
 
     class SourceEvalSFTTrainer(SFTTrainer):
@@ -72,9 +76,14 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
             processing_class=tokenizer,
             peft_config=recipe.build_lora_config(),
             quantization_config=recipe.build_bnb_config(),
+            callbacks=[GracefulStop(), CheckpointRecord(recipe)],  # in this order: a stop request triggers the save
         )
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first}); check "
+                          "model.name_or_path, the network or HF_TOKEN") from None
     _pin_tensorboard_dir(trainer, recipe.checkpoint_dir / "runs")
     return trainer
 

@@ -104,7 +104,7 @@ def test_config_names_resolve_and_unknown_ones_fail(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text(yaml.safe_dump({"distributed_type": "NO"}))
     assert resolve_config(str(own)) == own
-    with pytest.raises(RecipeError, match="'zero9' not found; use a file path or one of: fsdp, multi_gpu"):
+    with pytest.raises(RecipeError, match="'zero9' not found; use an existing file or one of: fsdp, multi_gpu"):
         resolve_config("zero9")
 
 

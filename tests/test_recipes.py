@@ -177,7 +177,7 @@ def check_chat_template(recipe: Recipe) -> None:
     eos = recipe.training.get("eos_token") or tokenizer.eos_token
     tokenizer.eos_token = eos  # what TRL does with training.eos_token
     record = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])
-    example = to_examples([record], data, "ci")
+    example = to_examples([("x: record 1", record)], data, "ci")
     prompt, completion = example["prompt"][0], example["completion"][0]
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -372,9 +372,9 @@ def test_fold_system_prompt_puts_it_atop_the_user_turn():
     from sft_lora.config import DataArgs
 
     record = {"input": "Q?", "output": "A."}
-    folded = to_examples([record], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
+    folded = to_examples([("x: record 1", record)], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
     assert folded["prompt"][0] == [{"role": "user", "content": "Be brief.\n\nQ?"}]
-    plain = to_examples([record], DataArgs(system_prompt="Be brief."), "x")
+    plain = to_examples([("x: record 1", record)], DataArgs(system_prompt="Be brief."), "x")
     assert plain["prompt"][0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
-    assert to_examples([record], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
+    assert to_examples([("x: record 1", record)], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
         {"role": "user", "content": "Q?"}]

@@ -1,0 +1,226 @@
+"""Checkpoints that can be trusted on resume: a completion record written last, and the run's fingerprint in it.
+
+Trainer writes a checkpoint file by file, with nothing that marks the end (a process killed while saving leaves a
+directory that looks like any other). `CheckpointRecord` writes `sft_lora_checkpoint.json` after every file of
+the checkpoint is on disk: the size of each file, and the fingerprint of the recipe and data the checkpoint was
+made from. Resume uses only checkpoints whose record is present and whose files match it, and refuses one made
+from a different recipe or data unless forced.
+
+What may change on resume (the *resume view* leaves it out of the comparison): where things are written
+(`output.*`), how the run is logged (`wandb.*`, logging/report/eval-cadence keys), how often and how many
+checkpoints are saved, the length of the run (`max_steps`, `num_train_epochs` — extending a run is the point of
+resuming), dataloader plumbing, `model.name`, and the data *paths* (the data is compared by content).
+Everything else — model, LoRA, quantization, optimiser and schedule, batch sizes, seed, data content and
+selection — must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from .config import Recipe, RecipeError
+
+RECORD = "sft_lora_checkpoint.json"
+TRAINER_STATE = "trainer_state.json"
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+# Keys that may differ between the run that saved a checkpoint and the run that resumes it (see module doc).
+RESUME_NEUTRAL: dict[str, set[str] | None] = {
+    "output": None,  # None: the whole section
+    "wandb": None,
+    "model": {"name"},
+    "data": {"path", "eval_path"},
+    "training": {
+        "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
+        "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "report_to", "disable_tqdm",
+        "eval_steps", "eval_strategy", "eval_delay", "per_device_eval_batch_size", "eval_accumulation_steps",
+        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
+    },
+}
+
+
+def resume_view(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe without the keys that may change on resume, as flat `section.key` → value."""
+    resolved = yaml.safe_load(recipe.to_yaml())
+    flat: dict[str, Any] = {}
+    for section, values in resolved.items():
+        neutral = RESUME_NEUTRAL.get(section, set())
+        if neutral is None:
+            continue
+        if not isinstance(values, dict):
+            flat[section] = values
+            continue
+        flat.update({f"{section}.{key}": value for key, value in values.items() if key not in neutral})
+    return flat
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What a checkpoint records about the run that made it."""
+    from .fingerprint import data_sha256, recipe_sha256
+
+    view = resume_view(recipe)
+    return {
+        "recipe_sha256": recipe_sha256(recipe),
+        "resume_sha256": hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest(),
+        "data_sha256": data_sha256(recipe),
+        "resume_view": view,
+    }
+
+
+class CheckpointRecord(TrainerCallback):
+    """Writes `sft_lora_checkpoint.json` into each checkpoint once all its files are saved (see module doc)."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.fingerprint = fingerprint(recipe)
+        self.saving: Path | None = None  # the checkpoint being written, between on_step_end and on_save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._invalidate_if_saving(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._invalidate_if_saving(args, state, control)
+
+    def _invalidate_if_saving(self, args, state, control) -> None:
+        # A save is about to rewrite this directory (a fresh run over an old one): an old record must not vouch
+        # for files that are being replaced. Trainer has no "before save" event; on_step_end is the last one.
+        if control.should_save:
+            self.saving = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero:
+                (self.saving / RECORD).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its shards before rank 0 lists them
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        files = {}
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
+            _fsync(path)
+            files[str(path.relative_to(checkpoint))] = path.stat().st_size
+        record = {"step": state.global_step, **self.fingerprint, "files": files}
+        tmp = checkpoint / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, checkpoint / RECORD)
+        _fsync(checkpoint)
+        self.saving = None
+
+
+def save_failure(trainer, exc: BaseException) -> RecipeError | None:
+    """A one-line error when `exc` escaped `trainer.train()` because a checkpoint could not be written (disk full,
+    read-only); None for any other error. The checkpoint it leaves has no record, so resume skips it."""
+    from .atomic import write_error
+
+    record = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointRecord)), None)
+    reason = write_error(exc)
+    if record is None or record.saving is None or reason is None:
+        return None
+    return RecipeError(f"{record.saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
+                       "then run again with --resume (this incomplete checkpoint is skipped)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def incomplete_reason(checkpoint: str | Path) -> str | None:
+    """Why a checkpoint directory cannot be trusted, or None when its record and files agree."""
+    checkpoint = Path(checkpoint)
+    record_path = checkpoint / RECORD
+    if not record_path.is_file():
+        return f"no {RECORD} (the run stopped while saving it, or it predates sft_lora's records)"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        files: dict[str, int] = record["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{RECORD} is unreadable"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were saved"
+    if TRAINER_STATE not in files or not any(w in files for w in WEIGHTS):
+        return f"{RECORD} lists no {TRAINER_STATE} or weights"
+    return None
+
+
+def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
+    """The checkpoint to resume from: `resume` is a directory, or "auto" for the newest complete one under the
+    recipe's checkpoint directory (incomplete ones are skipped with a notice). Refuses a checkpoint made from a
+    different recipe or data unless `force`."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if resume != "auto":
+        checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            raise RecipeError(f"{resume}: checkpoint directory not found; check --resume")
+        reason = incomplete_reason(checkpoint)
+        if reason and not force:
+            raise RecipeError(f"{checkpoint}: incomplete checkpoint ({reason}); pick another or pass --force-resume")
+        if reason:
+            if not (checkpoint / TRAINER_STATE).is_file():
+                raise RecipeError(f"{resume}: not a checkpoint directory (no {TRAINER_STATE}); check --resume")
+            print(f"notice: {checkpoint}: {reason}; used anyway (--force-resume)")
+        check_fingerprint(checkpoint, recipe, force)
+        return str(checkpoint)
+    root = recipe.checkpoint_dir
+    candidates = sort_checkpoints(str(root)) if root.is_dir() else []
+    for path in reversed(candidates):
+        reason = incomplete_reason(path)
+        if reason is None:
+            check_fingerprint(Path(path), recipe, force)
+            print(f"resuming from {path}")
+            return path
+        print(f"notice: skipping {path}: incomplete ({reason})")
+    found = f"{len(candidates)} incomplete checkpoint(s)" if candidates else "no checkpoint"
+    raise RecipeError(f"{root}: {found} to resume from; train first or pass --resume CHECKPOINT_DIR "
+                      "(with --force-resume for an incomplete one)")
+
+
+def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> None:
+    """Refuse (RecipeError) a checkpoint whose recorded recipe or data differs from `recipe`'s, unless `force`."""
+    record_path = checkpoint / RECORD
+    if not record_path.is_file():
+        return  # only reachable with force: nothing recorded to compare
+    saved = json.loads(record_path.read_text(encoding="utf-8"))
+    now = fingerprint(recipe)
+    problems = []
+    if saved.get("resume_sha256") != now["resume_sha256"]:
+        old, new = saved.get("resume_view", {}), now["resume_view"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        shown = ", ".join(f"{k}: {_short(old.get(k, '<unset>'))} -> {_short(new.get(k, '<unset>'))}"
+                          for k in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        problems.append(f"a different recipe ({shown}{more})")
+    old_data, new_data = list(saved.get("data_sha256", {}).values()), list(now["data_sha256"].values())
+    if old_data != new_data:
+        problems.append(f"different data (sha256 {', '.join(h[:12] for h in old_data)} then, "
+                        f"{', '.join(h[:12] for h in new_data)} now)")
+    if not problems:
+        return
+    message = f"{checkpoint}: made from {' and '.join(problems)}"
+    if force:
+        print(f"notice: {message}; resuming anyway (--force-resume)")
+        return
+    raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

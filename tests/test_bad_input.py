@@ -1,0 +1,613 @@
+"""The bad-input catalogue: every kind fails with exit != 0, one line naming the file and line/record/key, and
+nothing half-written. README.md lists the same kinds in a table.
+
+Each case builds its bad input in the test's directory and runs the user's command (`sft_lora.run.main`,
+`sft_lora.merge.main`, `make`, or a real child process); the test then checks the line and the directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sft_lora import merge, run
+from sft_lora.checkpoints import RECORD, CheckpointRecord, incomplete_reason
+from sft_lora.config import load_recipe
+
+from .children import run as run_child
+from .conftest import ROOT, write_recipe
+
+GOOD = {"input": "What is 2 plus 2?", "output": "2 plus 2 is 4.", "source": "arith_en"}
+
+
+@dataclass
+class Env:
+    tmp: Path
+    model: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture
+    protected: dict[Path, dict[str, str]] = field(default_factory=dict)
+    adapter: Path | None = None  # the merge cases' adapter
+
+    def recipe(self, **sections) -> Path:
+        return write_recipe(self.tmp, self.model, **sections)
+
+    def data(self, name: str, content: str | bytes | list) -> Path:
+        """A data file; a list is written as JSONL, one record per line."""
+        path = self.tmp / name
+        if isinstance(content, list):
+            content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return path
+
+    def with_data(self, name: str, content: str | bytes | list, **data) -> Path:
+        """A recipe reading a data file with `content`."""
+        return self.recipe(data={"path": str(self.data(name, content)), "eval_split": None, **data})
+
+    def cli(self, *argv: str | Path) -> tuple[int, str]:
+        self.capsys.readouterr()
+        code = run.main([str(a) for a in argv])
+        return code, self.capsys.readouterr().err
+
+    def merge(self, *argv: str | Path) -> tuple[int, str]:
+        self.capsys.readouterr()
+        code = merge.main([str(a) for a in argv])
+        return code, self.capsys.readouterr().err
+
+    def protect(self, path: Path) -> Path:
+        """An input that must come out unchanged (an existing model, a checkpoint); may not exist yet."""
+        self.protected[path] = _snapshot(path) if path.exists() else {}
+        return path
+
+
+def _snapshot(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+CASES: dict[str, Callable[[Env], tuple[int, str, list[str]]]] = {}
+
+
+def case(name: str):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+@case("data: malformed JSONL line")
+def _(env):
+    path = env.tmp / "d.jsonl"
+    return (*env.cli(env.with_data("d.jsonl", json.dumps(GOOD) + '\n{"input": "a", "output": \n')),
+            [f"{path}:2: not valid JSON"])
+
+
+@case("data: malformed JSON file")
+def _(env):
+    path = env.tmp / "d.json"
+    return *env.cli(env.with_data("d.json", '[\n {"input": "a",\n  "output": }\n]')), [f"{path}:3: not valid JSON"]
+
+
+@case("data: JSON that is not a list of records")
+def _(env):
+    path = env.tmp / "d.json"
+    return (*env.cli(env.with_data("d.json", json.dumps(GOOD))),
+            [f"{path}: a .json data file must hold a list of records, got dict"])
+
+
+@case("data: record that is not an object")
+def _(env):
+    path = env.tmp / "d.jsonl"
+    return (*env.cli(env.with_data("d.jsonl", [GOOD, ["a", "b"]])),
+            [f"{path}:2: expected an object with 'input' and 'output', got list"])
+
+
+@case("data: missing output")
+def _(env):
+    path = env.tmp / "d.jsonl"
+    return (*env.cli(env.with_data("d.jsonl", [GOOD, GOOD, {"input": "a"}])),
+            [f"{path}:3: missing 'output'", "data.input_field/output_field"])
+
+
+@case("data: empty output")
+def _(env):
+    path = env.tmp / "d.json"
+    return (*env.cli(env.with_data("d.json", json.dumps([GOOD, {"input": "a", "output": "  "}]))),
+            [f"{path}: record 2: 'output' is empty"])
+
+
+@case("data: missing input")
+def _(env):
+    return *env.cli(env.with_data("d.jsonl", [{"output": "b"}])), [f"{env.tmp / 'd.jsonl'}:1: missing 'input'"]
+
+
+@case("data: input not a string")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [{"input": 3, "output": "b"}])),
+            [f"{env.tmp / 'd.jsonl'}:1: 'input' must be a string, got int"])
+
+
+@case("data: output not a string")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [GOOD, {"input": "a", "output": ["b"]}])),
+            [f"{env.tmp / 'd.jsonl'}:2: 'output' must be a string, got list"])
+
+
+@case("data: source not a string")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [{**GOOD, "source": 7}])),
+            [f"{env.tmp / 'd.jsonl'}:1: 'source' must be a string, got int"])
+
+
+@case("data: empty file")
+def _(env):
+    return *env.cli(env.with_data("d.jsonl", "")), [f"{env.tmp / 'd.jsonl'}: no records; the data file is empty"]
+
+
+@case("data: empty JSON list")
+def _(env):
+    return *env.cli(env.with_data("d.json", "[]")), [f"{env.tmp / 'd.json'}: no records"]
+
+
+@case("data: invalid UTF-8")
+def _(env):
+    content = (json.dumps(GOOD) + "\n").encode() + b'{"input": "caf\xe9", "output": "b"}\n'
+    return *env.cli(env.with_data("d.jsonl", content)), [f"{env.tmp / 'd.jsonl'}:2: not valid UTF-8"]
+
+
+@case("data: every record longer than max_length")
+def _(env):
+    path = env.with_data("d.jsonl", [GOOD] * 3)
+    return (*env.cli(path, "training.max_length=8"),
+            [f"{env.tmp / 'd.jsonl'}: all 3 records are longer than training.max_length=8 tokens",
+             "raise training.max_length"])
+
+
+@case("data: every record bad, on_bad_record: skip")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [{"input": "a"}, {"input": "b", "output": ""}], on_bad_record="skip")),
+            [f"{env.tmp / 'd.jsonl'}: all 2 records are bad (first: {env.tmp / 'd.jsonl'}:1: missing 'output'"])
+
+
+@case("data: data file missing")
+def _(env):
+    return (*env.cli(env.recipe(data={"path": str(env.tmp / "nope.jsonl")})),
+            [f"{env.tmp / 'nope.jsonl'}: data file not found; check data.path"])
+
+
+@case("data: eval file missing")
+def _(env):
+    return (*env.cli(env.recipe(data={"eval_split": None, "eval_path": str(env.tmp / "eval.jsonl")})),
+            [f"{env.tmp / 'eval.jsonl'}: data file not found"])
+
+
+@case("data: unsupported data format")
+def _(env):
+    return (*env.cli(env.with_data("d.csv", "input,output\na,b\n")),
+            [f"{env.tmp / 'd.csv'}: unsupported data format '.csv'"])
+
+
+@case("data: eval_split leaves no eval record")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [GOOD] * 4, eval_split=0.01)),
+            [f"{env.tmp / 'd.jsonl'}: data.eval_split=0.01 leaves no eval record of 4"])
+
+
+@case("data: chat template file missing")
+def _(env):
+    return (*env.cli(env.recipe(data={"chat_template": str(env.tmp / "t.jinja")})),
+            [f"{env.tmp / 't.jinja'}: chat template file not found; check data.chat_template"])
+
+
+# --- recipe -------------------------------------------------------------------------------------------------
+
+@case("recipe: file missing")
+def _(env):
+    return *env.cli(env.tmp / "nope.yaml"), [f"{env.tmp / 'nope.yaml'}: recipe file not found"]
+
+
+@case("recipe: invalid YAML")
+def _(env):
+    path = env.tmp / "r.yaml"
+    path.write_text("model:\n  name_or_path: x\n  dtype: [float32\n")
+    return *env.cli(path), [f"{path}:4: not valid YAML"]
+
+
+@case("recipe: YAML with a Python tag")
+def _(env):
+    path, marker = env.tmp / "r.yaml", env.tmp / "pwned"
+    path.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    code, err = env.cli(path)
+    assert not marker.exists(), "safe_load must not construct Python objects"
+    return code, err, [f"{path}:1: not valid YAML (could not determine a constructor for the tag"]
+
+
+@case("recipe: not a mapping")
+def _(env):
+    path = env.tmp / "r.yaml"
+    path.write_text("- model\n- data\n")
+    return *env.cli(path), [f"{path}: a recipe must be a mapping of sections"]
+
+
+@case("recipe: unknown key")
+def _(env):
+    path = env.recipe(training={"learnig_rate": 1e-3})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "learnig_rate" in text)
+    return (*env.cli(path), [f"{path}:{line}: unknown key 'learnig_rate' in section 'training'; "
+                             "did you mean 'learning_rate'?"])
+
+
+@case("recipe: unknown section")
+def _(env):
+    path = env.recipe(trainig={"max_steps": 1})
+    return *env.cli(path), [f"{path}:", "unknown section 'trainig'; did you mean 'training'?"]
+
+
+@case("recipe: wrong type")
+def _(env):
+    path = env.recipe(training={"num_train_epochs": "three"})
+    return *env.cli(path), [f"{path}:", "training.num_train_epochs expects float, got 'three'"]
+
+
+@case("recipe: negative number")
+def _(env):
+    return (*env.cli(env.recipe(), "training.learning_rate=-1"),
+            ["command line: training.learning_rate must be > 0, got -1"])
+
+
+@case("recipe: zero where positive is needed")
+def _(env):
+    path = env.recipe(lora={"r": 0})
+    return *env.cli(path), [f"{path}:", "lora.r must be > 0, got 0"]
+
+
+@case("recipe: fraction out of range")
+def _(env):
+    path = env.recipe(data={"eval_split": 1.5})
+    return *env.cli(path), [f"{path}:", "data.eval_split must be in [0, 1), got 1.5"]
+
+
+@case("recipe: value not among the choices")
+def _(env):
+    path = env.recipe(model={"dtype": "bf16"})
+    return *env.cli(path), [f"{path}:", "model.dtype must be one of auto, bfloat16, float16, float32, got 'bf16'"]
+
+
+@case("recipe: key owned by another section")
+def _(env):
+    path = env.recipe(training={"output_dir": "/tmp/x"})
+    return *env.cli(path), [f"{path}:", "training.output_dir is set by output.checkpoint_dir; move it there"]
+
+
+@case("recipe: unset environment variable")
+def _(env):
+    env.monkeypatch.delenv("SFT_LORA_NO_SUCH_DIR", raising=False)
+    path = env.recipe(data={"path": "${SFT_LORA_NO_SUCH_DIR}/qa.jsonl"})
+    return *env.cli(path), [f"{path}:", "data.path uses ${SFT_LORA_NO_SUCH_DIR} but SFT_LORA_NO_SUCH_DIR is not set"]
+
+
+@case("recipe: a token in a value")
+def _(env):
+    token = "hf_" + "Q" * 34
+    path = env.recipe(wandb={"run_name": f"run-{token}"})
+    code, err = env.cli(path)
+    assert token not in err, "the error must not repeat the secret"
+    return code, err, [f"{path}:", "wandb.run_name looks like a secret (a Hugging Face token)"]
+
+
+@case("recipe: hub_token in training")
+def _(env):
+    path = env.recipe(training={"hub_token": "abc"})
+    return *env.cli(path), [f"{path}:", "training.hub_token is set by the HF_TOKEN environment variable"]
+
+
+@case("recipe: malformed override")
+def _(env):
+    return *env.cli(env.recipe(), "lora.r"), ["command line: 'lora.r' is not an override; write section.key=value"]
+
+
+@case("model: name_or_path empty")
+def _(env):
+    path = env.recipe(model={"name_or_path": ""})
+    return *env.cli(path), [f"{path}:", "model.name_or_path is required"]
+
+
+@case("model: directory missing")
+def _(env):
+    missing = env.tmp / "no-model"
+    return (*env.cli(env.recipe(model={"name_or_path": str(missing)})),
+            [f"{missing}: model directory not found; check model.name_or_path"])
+
+
+@case("model: weights only as a pickle")
+def _(env):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = env.tmp / "pickled-model"
+    shutil.copytree(env.model, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    return (*env.cli(env.recipe(model={"name_or_path": str(pickled)})),
+            [f"{pickled}: weights only as a pickle (pytorch_model.bin)", "convert them to safetensors"])
+
+
+# --- environment and outputs ---------------------------------------------------------------------------------
+
+@case("QLoRA where bitsandbytes cannot run")
+def _(env):
+    env.monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an import failure looks like
+    path = env.recipe(use_qlora=True)
+    return *env.cli(path), [f"{path}: use_qlora is true but bitsandbytes cannot run here", "use_qlora: false"]
+
+
+@case("accelerate config missing")
+def _(env):
+    missing = env.tmp / "accel.yaml"
+    path = env.recipe(accelerate_config=str(missing))
+    return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: fsdp, multi_gpu"]
+
+
+@case("output dir is a file")
+def _(env):
+    (env.tmp / "out").write_text("not a directory")
+    return (*env.cli(env.recipe(output={"dir": str(env.tmp / "out")})),
+            [f"{env.tmp / 'out'}: is a file", "set output.dir to a directory"])
+
+
+@case("checkpoint dir is a file")
+def _(env):
+    (env.tmp / "ckpt").write_text("not a directory")
+    return (*env.cli(env.recipe(output={"checkpoint_dir": str(env.tmp / "ckpt")})),
+            [f"{env.tmp / 'ckpt'}: is a file", "set output.checkpoint_dir"])
+
+
+@case("output dir read-only")
+def _(env):
+    # As root, permission bits do not stop a write; sysfs refuses new files even to root.
+    return (*env.cli(env.recipe(output={"dir": "/sys/sft_lora_out"})),
+            ["/sys: cannot write here (", "set output.dir to a writable directory"])
+
+
+def _file_size_limit(limit: int) -> None:
+    """Child setup: writes past `limit` bytes fail with EFBIG, as on a full disk (SIGXFSZ would kill instead)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@case("disk full while checkpointing")
+def _(env):
+    path = env.recipe(data={"eval_split": None}, training={"max_steps": 2, "save_steps": 1})
+    code, child = run_child([str(path)], env.tmp / "child", setup=functools.partial(_file_size_limit, 200_000))
+    checkpoint = load_recipe(path).checkpoint_dir / "checkpoint-1"
+    assert incomplete_reason(checkpoint) is not None, "the cut-short checkpoint must not look complete"
+    return code, child.err(), [f"{checkpoint}: could not save the checkpoint (File too large)", "--resume"]
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+def _checkpoint(env: Env, path: Path, step: int = 2, protect: bool = True, **overrides) -> Path:
+    """A checkpoint with a completion record, as saved by a run of `path` (with `overrides`)."""
+    recipe = load_recipe(path, [f"{k}={v}" for k, v in overrides.items()])
+    checkpoint = recipe.checkpoint_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    CheckpointRecord(recipe).on_save(SimpleNamespace(output_dir=str(recipe.checkpoint_dir)),
+                                     SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+    return env.protect(checkpoint) if protect else checkpoint
+
+
+@case("resume: checkpoint directory missing")
+def _(env):
+    missing = env.tmp / "checkpoint-9"
+    return *env.cli(env.recipe(), "--resume", missing), [f"{missing}: checkpoint directory not found"]
+
+
+@case("resume: no checkpoint yet")
+def _(env):
+    path = env.recipe()
+    return (*env.cli(path, "--resume"),
+            [f"{load_recipe(path).checkpoint_dir}: no checkpoint to resume from", "train first"])
+
+
+@case("resume: only incomplete checkpoints")
+def _(env):
+    path = env.recipe()
+    checkpoint = _checkpoint(env, path, protect=False)
+    (checkpoint / RECORD).unlink()  # the run died while saving it
+    env.protect(checkpoint)
+    return (*env.cli(path, "--resume"),
+            [f"{load_recipe(path).checkpoint_dir}: 1 incomplete checkpoint(s) to resume from", "--force-resume"])
+
+
+@case("resume: checkpoint from another recipe")
+def _(env):
+    path = env.recipe()
+    checkpoint = _checkpoint(env, path, **{"lora.r": 4})
+    return (*env.cli(path, "--resume"),
+            [f"{checkpoint}: made from a different recipe (lora.r: 4 -> 8)", "or pass --force-resume"])
+
+
+@case("resume: checkpoint from other data")
+def _(env):
+    data = env.data("d.jsonl", [GOOD] * 20)
+    path = env.recipe(data={"path": str(data), "eval_split": None})
+    checkpoint = _checkpoint(env, path)
+    data.write_text(data.read_text() + json.dumps(GOOD) + "\n")
+    return *env.cli(path, "--resume"), [f"{checkpoint}: made from different data (sha256 "]
+
+
+# --- merge --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model) -> Path:
+    """An untrained LoRA adapter for the tiny model, saved as training saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("adapter") / "tiny_lora_adapters"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@case("merge: not an adapter directory")
+def _(env):
+    env.protect(env.tmp / "x_adapters").mkdir()
+    return (*env.merge("--adapter_model", env.tmp / "x_adapters"),
+            [f"{env.tmp / 'x_adapters'}: no adapter_config.json"])
+
+
+@case("merge: adapter does not match the base")
+def _(env):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    other = env.tmp / "other-base"
+    config = AutoConfig.from_pretrained(env.model)
+    config.hidden_size, config.intermediate_size = 128, 256
+    LlamaForCausalLM(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(env.model).save_pretrained(other)
+    adapter = env.protect(env.adapter)
+    return (*env.merge("--adapter_model", adapter, "--base_model", other, "--output_dir", env.tmp / "merged"),
+            [f"{adapter}: cannot merge into base '{other}' (size mismatch for", "check --base_model"])
+
+
+@case("merge: output exists, no --overwrite")
+def _(env):
+    existing = env.tmp / "merged"
+    existing.mkdir()
+    (existing / "model.safetensors").write_bytes(b"a good model")
+    env.protect(existing)
+    return (*env.merge("--adapter_model", env.protect(env.adapter), "--output_dir", existing),
+            [f"{existing}: already exists; pass --overwrite to replace it"])
+
+
+@case("merge: output is a file")
+def _(env):
+    (env.tmp / "merged").write_text("a file")
+    env.protect(env.tmp / "merged")
+    return (*env.merge("--adapter_model", env.protect(env.adapter), "--output_dir", env.tmp / "merged"),
+            [f"{env.tmp / 'merged'}: exists and is a file"])
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_bad_input_fails_in_one_line_and_writes_nothing(kind, tmp_path, tiny_model, monkeypatch, capsys, request):
+    env = Env(tmp_path, tiny_model, monkeypatch, capsys)
+    if "merge" in kind:
+        env.adapter = request.getfixturevalue("adapter")
+    code, stderr, expected = CASES[kind](env)
+    assert code != 0
+    assert "Traceback" not in stderr
+    # (a progress bar may precede the line in a child's stderr: it ends with a carriage return, not a newline)
+    errors = [line[line.find("error: "):] if "error: " in line else line
+              for line in stderr.splitlines() if "error: " in line or line.startswith("Makefile:")]
+    assert len(errors) == 1, stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    # Nothing half-written: no temporary or final directory, no checkpoint that looks complete, inputs unchanged.
+    for path in tmp_path.rglob("*"):
+        assert ".tmp-" not in path.name and not path.name.startswith(".sft_lora_probe"), path
+        if path.is_dir() and path.name.endswith(("_adapters", "_merged")):
+            assert path in env.protected, f"{path} written"
+        if path.is_dir() and path.name.startswith("checkpoint-") and path not in env.protected:
+            assert incomplete_reason(path) is not None, f"{path} looks complete"
+    for path, snapshot in env.protected.items():
+        assert _snapshot(path) == snapshot, f"{path} changed"
+
+
+def test_the_catalogue_has_25_kinds_and_the_readme_lists_them():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(CASES) >= 25
+    missing = [kind for kind in CASES if f"| {kind} |" not in readme]
+    assert not missing, f"README bad-input table lacks: {missing}"
+
+
+# --- handled, not failed: documented behaviours ---------------------------------------------------------------
+
+def test_a_few_bad_records_fail_by_default_or_are_skipped_and_counted(tmp_path, capsys):
+    from sft_lora.config import DataArgs
+    from sft_lora.data import load_datasets
+
+    lines = [json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(20)]
+    lines[4], lines[11], lines[17] = '{"input": "q4"}', "{not json", '{"input": "q17", "output": ""}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match=f"{path}:5: missing 'output'"):
+        load_datasets(DataArgs(path=str(path)))
+    train, _ = load_datasets(DataArgs(path=str(path), on_bad_record="skip"))
+    assert len(train) == 17
+    assert [m[0]["content"] for m in train["completion"]] == [f"a{i}" for i in range(20) if i not in (4, 11, 17)]
+    out = capsys.readouterr().out
+    assert f"notice: {path}: skipped 3 bad of 20 records (data.on_bad_record: skip); first: {path}:5:" in out
+
+
+def test_records_longer_than_max_length_are_counted_and_match_what_trl_drops(tmp_path, tiny_model, capsys):
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.trainer import build_trainer
+
+    records = [dict(GOOD, output=f"short answer {i}.") for i in range(12)]
+    records[3]["output"] = records[7]["output"] = " ".join(["a long answer"] * 40)  # truncated, answer partly kept
+    records[9]["input"] = " ".join(["a long question"] * 40)  # the prompt alone fills max_length: dropped
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, data={"path": str(path), "eval_split": None},
+                                      training={"max_length": 48}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    train_set, _ = load_datasets(recipe.data)
+    from sft_lora.lengths import check_dataset_lengths
+
+    check_dataset_lengths(recipe, tokenizer, train_set, None)
+    out = capsys.readouterr().out
+    assert f"notice: {path}: 3 of 12 records are longer than training.max_length=48 tokens" in out
+    assert "1 of them lose their whole answer and are dropped" in out
+    trainer = build_trainer(recipe, tokenizer, train_set)
+    assert len(trainer.train_dataset) == 12 - 1  # TRL dropped exactly the record counted as dropped
+    assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) == 48
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_keeps_the_answers_eos_label(tmp_path, tiny_model, capsys):
+    from transformers import AutoTokenizer
+
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.trainer import build_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "nopad")
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / "nopad" / name)
+    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "nopad"))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    assert f"notice: {tmp_path / 'nopad'}: the tokenizer has no pad token; padding with EOS" in capsys.readouterr().out
+    assert tokenizer.pad_token == tokenizer.eos_token
+    train_set, eval_set = load_datasets(recipe.data)
+    trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    batch = trainer.data_collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    eos = tokenizer.eos_token_id
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        assert batch["labels"][row, n - 1] == eos, "the answer's own EOS keeps its label"
+        assert (batch["labels"][row, n:] == -100).all(), "padding (also EOS) carries no loss"
+        assert (batch["input_ids"][row, n:] == eos).all()

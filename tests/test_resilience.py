@@ -1,0 +1,244 @@
+"""Surviving kills: SIGKILL at random steps, half-written and foreign checkpoints, SIGTERM/SIGINT.
+
+The runs are real child processes (`tests/children.py`); the tiny model, 12 steps, a checkpoint every 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sft_lora.checkpoints import RECORD, incomplete_reason, select_checkpoint
+from sft_lora.config import RecipeError, load_recipe
+
+from .children import Child, run
+from .conftest import ROOT, write_recipe
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS, SAVE_STEPS = 12, 2
+KILL_TRIALS = int(os.environ.get("SFT_LORA_KILL_TRIALS", "6"))
+
+
+def _recipe(directory: Path, model: Path, **training) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_recipe(directory, model, data={"eval_split": None}, training={
+        "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "logging_steps": 1, "disable_tqdm": True, **training})
+
+
+def _adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(next(directory.glob("final_model/*/*/lora_adapters")) / "adapter_model.safetensors")
+
+
+def _checkpoints(directory: Path) -> dict[int, Path]:
+    return {int(p.name.split("-")[1]): p for p in directory.glob("checkpoints/*/*/lora/checkpoint-*")}
+
+
+def _logged_steps(checkpoint: Path) -> list[int]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return [entry["step"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """The uninterrupted run, in a child process like the runs it is compared with."""
+    directory = tmp_path_factory.mktemp("reference")
+    code, child = run([str(_recipe(directory, tiny_model))], directory / "log")
+    assert code == 0, child.err()[-3000:]
+    return directory, _adapter(directory)
+
+
+def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_adapter(reference, tiny_model, tmp_path):
+    """Acceptance: killed with SIGKILL at random points (mid-step or mid-save), resumed, KILL_TRIALS times."""
+    _, expected = reference
+    rng = random.Random(os.environ.get("SFT_LORA_KILL_SEED", "issue-5"))
+    kills = mid_save = 0
+    for trial in range(KILL_TRIALS):
+        directory = tmp_path / f"trial{trial}"
+        recipe = str(_recipe(directory, tiny_model))
+        argv, done = [recipe], 0
+        for attempt in range(rng.choice((1, 2))):  # some trials are killed again while resuming
+            if done >= MAX_STEPS - 2:
+                break
+            target = rng.randint(done + 1, MAX_STEPS - 2)
+            child = Child(argv, directory / f"log{attempt}")
+            child.wait_for(lambda child=child, target=target, done=done: done + child.steps_done() >= target)
+            time.sleep(rng.uniform(0.0, 0.2))  # anywhere within the next step or the save after it
+            os.kill(child.pid, signal.SIGKILL)
+            assert child.join() == -signal.SIGKILL, f"trial {trial}: the run ended before the kill"
+            kills += 1
+            seen = done + child.steps_done()  # a resumed run logs from the step after its checkpoint
+            checkpoints = _checkpoints(directory)
+            complete = [s for s, p in checkpoints.items() if incomplete_reason(p) is None]
+            broken = [s for s, p in checkpoints.items() if incomplete_reason(p) is not None]
+            mid_save += bool(broken)
+            last = max(complete, default=0)
+            # No completed step is lost beyond the last checkpoint: every checkpoint whose step was followed by
+            # a logged step had finished saving and is usable; only the one being written can be incomplete.
+            assert last >= SAVE_STEPS * ((seen - 1) // SAVE_STEPS), (trial, seen, sorted(complete), broken)
+            assert all(step > last for step in broken), (trial, sorted(complete), broken)
+            done = last
+            argv = [recipe, "--resume"] if last else [recipe]
+        code, child = run(argv, directory / "final")
+        assert code == 0, child.err()[-3000:]
+        if done:
+            assert f"resuming from {_checkpoints(directory)[done]}" in child.out()
+        # Every step 1..12 happened exactly once in the history the finished run carries.
+        assert _logged_steps(_checkpoints(directory)[MAX_STEPS]) == list(range(1, MAX_STEPS + 1))
+        got = _adapter(directory)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), f"trial {trial}: adapter differs"
+    print(f"\nkill test: {KILL_TRIALS} trials, {kills} SIGKILLs, {mid_save} left an incomplete checkpoint; "
+          "all resumed to an adapter identical to the uninterrupted run")
+
+
+def _copy_run(reference: Path, directory: Path, model: Path) -> Path:
+    """A recipe writing under `directory`, which starts with a copy of the reference run's checkpoints."""
+    shutil.copytree(reference / "checkpoints", directory / "checkpoints")
+    return _recipe(directory, model)
+
+
+def test_resume_skips_incomplete_checkpoints_and_continues_from_the_last_complete_one(reference, tiny_model,
+                                                                                     tmp_path):
+    ref_dir, expected = reference
+    recipe = _copy_run(ref_dir, tmp_path, tiny_model)
+    checkpoints = _checkpoints(tmp_path)
+    with open(checkpoints[12] / "optimizer.pt", "r+b") as handle:  # cut short (a copy interrupted, a full disk)
+        handle.truncate(100)
+    (checkpoints[10] / RECORD).unlink()  # the process died while saving: the record is written last
+    (checkpoints[8] / "scheduler.pt").unlink()  # a file missing
+    for step in (12, 10, 8):
+        assert incomplete_reason(checkpoints[step]) is not None
+    with pytest.raises(RecipeError, match="incomplete checkpoint .*pass --force-resume"):
+        select_checkpoint(load_recipe(recipe), str(checkpoints[10]))
+
+    code, child = run([str(recipe), "--resume"], tmp_path / "log")
+    assert code == 0, child.err()[-3000:]
+    notices = [line for line in child.out().splitlines() if line.startswith("notice: skipping")]
+    assert len(notices) == 3, child.out()
+    assert "optimizer.pt has 100 bytes" in notices[0] and f"no {RECORD}" in notices[1]
+    assert "scheduler.pt is missing" in notices[2]
+    assert f"resuming from {checkpoints[6]}" in child.out()
+    got = _adapter(tmp_path)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert incomplete_reason(checkpoints[12]) is None  # rewritten by the resumed run, record and all
+
+
+def test_resume_refuses_a_checkpoint_from_another_recipe_or_data_unless_forced(reference, tiny_model, tmp_path,
+                                                                              capsys):
+    ref_dir, _ = reference
+    recipe = _copy_run(ref_dir, tmp_path, tiny_model)
+    last = str(_checkpoints(tmp_path)[MAX_STEPS])
+    # What may change on resume: outputs, logging, save cadence, the run's length, the data's path.
+    data_copy = tmp_path / "moved.jsonl"
+    shutil.copy(ROOT / "data" / "sample.jsonl", data_copy)
+    neutral = ["training.max_steps=20", "training.save_steps=4", "training.logging_steps=5",
+               "wandb.run_name=longer", f"output.dir={tmp_path}/elsewhere", f"data.path={data_copy}"]
+    assert select_checkpoint(load_recipe(recipe, neutral), "auto") == last
+    # What may not: anything that shapes the trained weights, and the data's content.
+    for override, expected in [("lora.r=4", "lora.r: 8 -> 4"), ("training.learning_rate=1e-3",
+                                                                 "training.learning_rate: 0.003 -> 0.001"),
+                               ("data.system_prompt=Be brief.", "data.system_prompt: None -> 'Be brief.'")]:
+        with pytest.raises(RecipeError) as info:
+            select_checkpoint(load_recipe(recipe, [override]), "auto")
+        assert f"made from a different recipe ({expected})" in str(info.value) and "--force-resume" in str(
+            info.value)
+    lines = data_copy.read_text(encoding="utf-8").splitlines()
+    data_copy.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one record fewer
+    with pytest.raises(RecipeError, match="made from different data"):
+        select_checkpoint(load_recipe(recipe, [f"data.path={data_copy}"]), "auto")
+    # Forced: used, with a notice.
+    capsys.readouterr()
+    assert select_checkpoint(load_recipe(recipe, ["lora.r=4"]), "auto", force=True) == last
+    assert "resuming anyway (--force-resume)" in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, tmp_path):
+    """Acceptance: a real `python -m sft_lora.run` process, SIGTERM mid-training."""
+    recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "sft_lora.run", str(recipe)], cwd=ROOT, env=env,
+                                   stdout=out, stderr=err)
+        seen = 0
+        while seen < 2 and process.poll() is None:
+            time.sleep(0.01)
+            seen = (tmp_path / "out").read_text().count("{'loss'")
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=300)
+    stderr = (tmp_path / "err").read_text()
+    assert code == 143, stderr[-3000:]
+    checkpoints = _checkpoints(tmp_path)
+    assert len(checkpoints) == 1, "one checkpoint, made for the signal (save_steps is 1000)"
+    (step, checkpoint), = checkpoints.items()
+    assert seen <= step < 500 and incomplete_reason(checkpoint) is None
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+    assert f"interrupted: stopped by SIGTERM at step {step}; checkpoint saved to {checkpoint}" in stderr
+    assert not (tmp_path / "final_model").exists(), "an unfinished run writes no final adapters"
+    # The checkpoint resumes: two more steps.
+    code, child = run([str(recipe), f"training.max_steps={step + 2}", "--resume"], tmp_path / "resume")
+    assert code == 0, child.err()[-3000:]
+    assert f"resuming from {checkpoint}" in child.out() and f"trained to step {step + 2}" in child.out()
+
+
+class _BlockAtStep3(TrainerCallback):
+    """Blocks the training loop at step 3 until `release` exists: a very long step."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            (self.directory / "blocked").touch()
+            while not (self.directory / "release").exists():
+                time.sleep(0.02)
+
+
+def _block_at_step_3(directory: str) -> None:
+    """Child setup: every trainer built in this process gets `_BlockAtStep3`."""
+    import sft_lora.trainer
+
+    original = sft_lora.trainer.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(_BlockAtStep3(directory))
+        return trainer
+
+    sft_lora.trainer.build_trainer = build
+
+
+@pytest.mark.parametrize("then", ["signal again", "let the step finish"])
+def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tiny_model, tmp_path, then):
+    import functools
+
+    recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000)
+    child = Child([str(recipe)], tmp_path / "log", setup=functools.partial(_block_at_step_3, str(tmp_path)))
+    assert child.wait_for(lambda: (tmp_path / "blocked").exists()), child.err()[-3000:]
+    os.kill(child.pid, signal.SIGINT)
+    assert child.wait_for(lambda: "SIGINT: saving a checkpoint after this step" in child.err())
+    assert child.process.is_alive(), "the first signal does not end the run"
+    if then == "signal again":
+        os.kill(child.pid, signal.SIGINT)
+        assert child.join() == 130
+        assert "SIGINT again: exiting now without saving" in child.err()
+        assert _checkpoints(tmp_path) == {}, "nothing saved: the second signal does not wait for the step"
+    else:
+        (tmp_path / "release").touch()
+        assert child.join() == 130
+        # Step 3 was past its stop check when the signal came; the stop happened at the end of step 4.
+        assert list(_checkpoints(tmp_path)) == [4] and incomplete_reason(_checkpoints(tmp_path)[4]) is None
+        assert "interrupted: stopped by SIGINT at step 4" in child.err()
+    assert not (tmp_path / "final_model").exists()

@@ -1,0 +1,103 @@
+"""Security: no API key or token lands in an output (the secret scan: fake secrets planted in the environment and
+the recipe, a run end to end — train with wandb offline, checkpoints, adapters, merge — and every file it wrote
+searched for them); no remote code unless asked; no pickle loads; YAML without tags."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+
+import pytest
+
+from sft_lora.config import load_recipe
+from sft_lora.run import main
+
+from .children import run
+from .conftest import ROOT, write_recipe
+
+pytestmark = pytest.mark.slow
+
+# Fake, but in each service's real format (so a scrubber keyed on formats would also be exercised).
+SECRETS = {
+    "WANDB_API_KEY": "f00dfacecafe" * 3 + "beef",
+    "HF_TOKEN": "hf_FakeTokenForTheSecretScan0123456789",
+    "HUGGING_FACE_HUB_TOKEN": "hf_AnotherFakeTokenForTheScan987654321",
+    "OPENAI_API_KEY": "sk-proj-FakeOpenAIKeyForTheScan_0123456789",
+    "ANTHROPIC_API_KEY": "sk-ant-api03-FakeAnthropicKeyForTheScan0123",
+    "AWS_SECRET_ACCESS_KEY": "FakeAwsSecretAccessKeyForTheScan/0123+xyz",
+    "GITHUB_TOKEN": "ghp_FakeGithubTokenForTheSecretScan0123456",
+    "SFT_LORA_DB_PASSWORD": "correct-horse-battery-staple",
+}
+IN_RECIPE_COMMENT = "hf_TokenPastedIntoARecipeComment0123456789"
+
+
+def test_a_recipe_cannot_carry_a_secret_and_does_not_echo_it(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+    for value in ("${HF_TOKEN}", "prefix-" + SECRETS["OPENAI_API_KEY"], SECRETS["HF_TOKEN"]):
+        path = write_recipe(tmp_path, tiny_model, wandb={"run_name": value})
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "wandb.run_name looks like a secret" in err and "keep tokens in the environment" in err
+        assert SECRETS["HF_TOKEN"] not in err and SECRETS["OPENAI_API_KEY"] not in err
+    assert not (tmp_path / "final_model").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_no_secret_in_any_output_file(tmp_path, tiny_model):
+    """Acceptance: the secret scan."""
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = write_recipe(work, tiny_model, training={"max_steps": 4, "save_steps": 2, "report_to": "wandb"},
+                          output={"merge": True}, wandb={"mode": "offline", "run_name": "secret-scan"})
+    recipe.write_text(f"# hub token, pasted here by mistake: {IN_RECIPE_COMMENT}\n" + recipe.read_text())
+    env = {**SECRETS, "WANDB_MODE": "offline", "WANDB_DIR": str(work / "wandb"), "HOME": str(work / "home"),
+           "WANDB_CONFIG_DIR": str(work / "home" / ".config" / "wandb"), "WANDB_CACHE_DIR": str(work / "cache")}
+    (work / "home").mkdir()
+    code, child = run([str(recipe)], work / "run", env=env)  # stdout/stderr: work/run.out, work/run.err
+    assert code == 0, child.err()[-3000:]
+
+    files = [p for p in work.rglob("*") if p.is_file() and p != recipe]
+    names = {p.name for p in files}
+    # The scan covers what a run writes: logs, the checkpoint (pickled training args included), the adapters
+    # with the saved recipe and model card, the merged model, wandb's offline run.
+    for expected in ("run.out", "run.err", "training_args.bin", "trainer_state.json", "optimizer.pt",
+                     "sft_lora_checkpoint.json", "adapter_model.safetensors", "sft_lora_recipe.yaml", "README.md",
+                     "model.safetensors", "merge_info.json", "tokenizer.json"):
+        assert expected in names, f"{expected} not written; the scan would not cover it"
+    assert any("offline-run" in str(p) for p in files), "wandb wrote no offline run"
+    needles = {name: value.encode() for name, value in {**SECRETS, "recipe comment": IN_RECIPE_COMMENT}.items()}
+    found = [f"{name} in {p.relative_to(work)}" for p in files for name, needle in needles.items()
+             if needle in p.read_bytes()]
+    assert not found, found
+    print(f"\nsecret scan: {len(needles)} secrets, {len(files)} files, "
+          f"{sum(p.stat().st_size for p in files) // 1024} KiB, none found")
+    assert os.environ.get("HF_TOKEN") != SECRETS["HF_TOKEN"], "the planted secrets stayed in the child"
+
+
+def test_remote_code_only_when_the_recipe_says_so_and_weights_only_as_safetensors(make_recipe):
+    default = load_recipe(make_recipe())
+    assert default.model.trust_remote_code is False and default.build_sft_config().trust_remote_code is False
+    assert default.model_init_kwargs["use_safetensors"] is True
+    assert load_recipe(make_recipe(model={"trust_remote_code": True})).build_sft_config().trust_remote_code is True
+
+
+def test_no_pickle_and_no_unsafe_yaml_in_the_package():
+    for path in (ROOT / "sft_lora").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        for unsafe in ("import pickle", "torch.load(", "yaml.load(", "yaml.unsafe_load", "yaml.Loader",
+                       "yaml.FullLoader", "trust_remote_code=True"):
+            assert unsafe not in source, f"{path.name}: {unsafe}"
+
+
+def test_upstream_resume_unpickles_only_with_weights_only():
+    """What `--resume` loads besides safetensors (optimizer.pt, scheduler.pt, rng_state.pth, scaler.pt) goes
+    through torch.load(weights_only=True) in Trainer; training_args.bin is written, never read back. Checked in the
+    installed source, so an upgrade that changes it fails here."""
+    import peft.utils.save_and_load
+    import transformers.trainer
+
+    source = inspect.getsource(transformers.trainer)
+    calls = [source[m.end():m.end() + 300] for m in re.finditer(r"torch\.load\(", source)]
+    assert calls and all("weights_only=True" in call.split("\n\n")[0] for call in calls), calls
+    assert not re.search(r"torch\.load\([^)]*TRAINING_ARGS_NAME", source)
+    assert "weights_only=True" in inspect.getsource(peft.utils.save_and_load.torch_load)
