@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config import RECIPE_FILE, RecipeError
+from .config import RECIPE_FILE, RecipeError, first_line
 
 
 def load(model_dir: str | Path):
@@ -50,7 +50,7 @@ def load(model_dir: str | Path):
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RecipeError(f"{model_dir}: cannot load the model ({first})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")

@@ -29,6 +29,12 @@ class RecipeError(ValueError):
     """A mistake the user can fix in the recipe or on the command line; printed as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @dataclass
 class ModelArgs:
     name_or_path: str = ""
@@ -253,7 +259,7 @@ def _construct(cls, kwargs: dict[str, Any], section: str, source: str):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise RecipeError(f"{source}: {section}: {message}") from None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, first_line
 
 
 def check_outputs(recipe: Recipe) -> None:
@@ -62,6 +62,6 @@ def check_qlora_backend(recipe: Recipe) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RecipeError(f"{recipe.source}: use_qlora is true but bitsandbytes cannot run here ({reason}); "
                           "install a bitsandbytes build for this machine or set use_qlora: false") from None

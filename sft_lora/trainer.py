@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, first_line
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 
@@ -81,7 +81,7 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {str(exc).splitlines()[0]}") from None
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first}); check "
                           "model.name_or_path, the network or HF_TOKEN") from None
     _pin_tensorboard_dir(trainer, recipe.checkpoint_dir / "runs")
