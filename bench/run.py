@@ -1,7 +1,7 @@
 """Train the same model on the same data through plain TRL and through the project's recipe, side by side.
 
-    python -m bench.run                              # CPU: tiny shape + data preparation (make bench)
-    python -m bench.run --shape llama-1b llama-8b    # GPU: see README, Performance, for the full command
+    python -m bench.run                                   # CPU: tiny shape + data preparation (make bench)
+    python -m bench.run --shape llama-1b llama-8b --qlora # GPU: see README, Performance, for the full command
 
 (a) `plain`: `trl.SFTTrainer` with its defaults (on CPU only `bf16=False, use_cpu=True`, so it runs); (b) `recipe`:
 the project's path (`load_recipe` → `load_datasets` → `load_tokenizer` → `build_trainer`) with the library defaults.
@@ -173,11 +173,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ orchestration
 
 
-def spawn(spec: dict[str, Any], jemalloc: bool) -> dict[str, Any]:
+def spawn(spec: dict[str, Any], jemalloc: bool, threads: int | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh process; its JSON result comes back through a file."""
     result = Path(spec["out"]) / f"result-{spec['path']}-{time.time_ns()}.json"
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     if jemalloc:
         env["LD_PRELOAD"] = JEMALLOC
         env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -197,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=["tiny"], choices=list(JOBS))
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 30 tiny, 40 GPU)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 16 tiny, 40 GPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--records", type=int, default=4000, help="synthetic training records")
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jemalloc", choices=["auto", "on", "off"], default="auto",
                         help="preload jemalloc into both paths' processes (auto: when installed)")
     parser.add_argument("--paths", default="plain,recipe")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
+    parser.add_argument("--prep-records", type=int, default=20_000,
+                        help="also time data preparation on this many real-text records (0: skip; CPU only)")
+    parser.add_argument("--prep-repeats", type=int, default=1)
     parser.add_argument("--set-plain", action="append", default=[], help="key=value into the plain SFTConfig")
     parser.add_argument("--set-recipe", action="append", default=[], help="section.key=value recipe override")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     jemalloc = args.jemalloc == "on" or (args.jemalloc == "auto" and not gpu and Path(JEMALLOC).is_file())
     device = torch.cuda.get_device_name() if gpu else cpu_model_name()
+    if args.threads and not gpu:
+        torch.set_num_threads(args.threads)
     peak_flops, peak_name = measured_peak_flops(gpu)
     print(f"device: {device}; measured peak {peak_flops / 1e12:.2f} TFLOP/s ({peak_name})"
           f"{'; jemalloc preloaded' if jemalloc else ''}; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -234,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, qlora in variants:
             spec = {"shape": shape, "model": str(model), "data": str(data), "out": str(out), "gpu": gpu,
                     "qlora": qlora, "batch": job["batch"], "max_length": job["max_length"], "lr": args.lr,
-                    "steps": args.steps or (40 if gpu else 30), "warmup": args.warmup,
+                    "steps": args.steps or (40 if gpu else 16), "warmup": args.warmup,
                     "plain_set": dict(_kv(s) for s in args.set_plain),
                     "recipe_set": dict(s.split("=", 1) for s in args.set_recipe)}
             runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.paths.split(",")}
             for repeat in range(args.repeats):
                 for path in runs:  # interleaved, so a change in machine load hits both paths alike
-                    result = spawn({**spec, "path": path}, jemalloc)
+                    result = spawn({**spec, "path": path}, jemalloc, args.threads)
                     result["mfu"] = result["tokens_per_s"] * flops_per_token(config, result["mean_square_len"]) / (
                         H100_BF16_PEAK if gpu else peak_flops)
                     runs[path].append(result)
@@ -249,7 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"peak {result['peak_gib']:.2f} GiB, final loss {_final(result):.4f}", flush=True)
             report["shapes"][name] = runs
             print_table(name, runs, gpu, peak_name)
+    if args.prep_records and not gpu:
+        from bench import prep
+
+        runs = prep.measure(args.prep_records, args.prep_repeats, args.out / "prep", ["trl", "ours", "ours-again"],
+                            log=lambda line: print(line, flush=True))
+        report["prep"] = runs
+        prep.print_table(args.prep_records, runs)
     report["load_after"] = os.getloadavg()
+    print(f"load average after: {report['load_after'][0]:.2f} (1 min), {report['load_after'][1]:.2f} (5 min)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
