@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--records", type=int, default=4000, help="synthetic training records")
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--qlora", action="store_true", help="also run the 8B shape as QLoRA (GPU)")
+    parser.add_argument("--qlora", action="store_true", help="also run QLoRA (every shape but llama-1b)")
     parser.add_argument("--jemalloc", choices=["auto", "on", "off"], default="auto",
                         help="preload jemalloc into both paths' processes (auto: when installed)")
     parser.add_argument("--paths", default="plain,recipe")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
-        variants = [(shape, False)] + ([(shape + "-qlora", True)] if args.qlora and shape == "llama-8b" else [])
+        variants = [(shape, False)] + ([(shape + "-qlora", True)] if args.qlora and shape != "llama-1b" else [])
         for name, qlora in variants:
             spec = {"shape": shape, "model": str(model), "data": str(data), "out": str(out), "gpu": gpu,
                     "qlora": qlora, "batch": job["batch"], "max_length": job["max_length"], "lr": args.lr,

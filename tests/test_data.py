@@ -74,3 +74,20 @@ def test_missing_data_file_and_json_that_is_not_a_list(tmp_path):
     (tmp_path / "d.json").write_text('{"input": "a", "output": "b"}')
     with pytest.raises(RecipeError, match="must hold a list of records, got dict"):
         load_datasets(DataArgs(path=str(tmp_path / "d.json")))
+
+
+def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypatch):
+    import sft_lora.data
+
+    path = tmp_path / "d.jsonl"
+    records = [{"input": f"question {i}", "output": f"answer {i}"} for i in range(10)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    whole = load_datasets(DataArgs(path=str(path)))[0]
+    monkeypatch.setattr(sft_lora.data, "CHUNK", 3)  # 4 chunks
+    chunked, again = (load_datasets(DataArgs(path=str(path)))[0] for _ in range(2))
+    assert chunked.to_list() == whole.to_list()
+    assert chunked._fingerprint == again._fingerprint  # the prepared-data cache key is stable
+    records[7] = {"input": "no answer"}
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="d.jsonl: record 8: missing 'output'"):  # numbered across chunks
+        load_datasets(DataArgs(path=str(path)))
