@@ -129,7 +129,7 @@ def measure(n: int, repeats: int, out: Path, kinds: list[str], num_proc: int | N
             result = spawn({**spec, "kind": kind, "cache": str(cache)})
             runs[kind].append(result)
             log(f"  prep {kind} run {repeat + 1}: {result['rows_per_s']:,.0f} rows/s end to end "
-                f"({result['prepare_rows_per_s']:,.0f} tokenizing), peak RSS {result['peak_rss_gib']:.2f} GiB")
+                f"({result['prepare_s']:.1f} s preparing), peak RSS {result['peak_rss_gib']:.2f} GiB")
         shutil.rmtree(cache, ignore_errors=True)
     return runs
 
@@ -142,13 +142,13 @@ def print_table(n: int, runs: dict[str, list[dict[str, Any]]]) -> None:
              "ours-again": "sft_lora.prepare, cache hit (new process)"}
     print(f"\ndata preparation, {n:,} records, max_length {MAX_LENGTH}; min / median / max of "
           f"{len(next(iter(runs.values())))} runs")
-    print("| path | rows/s end to end | rows/s tokenize+labels+truncate | seconds | peak RSS GiB |")
-    print("|---|---|---|---|---|")
+    print("| path | rows/s end to end | read + chat form s | tokenize + labels + truncate s | total s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|")
     for kind, results in runs.items():
-        print(f"| {label[kind]} | {spread([r['rows_per_s'] for r in results], ',.0f')} | "
-              f"{spread([r['prepare_rows_per_s'] for r in results], ',.0f')} | "
-              f"{spread([r['total_s'] for r in results], '.1f')} | "
-              f"{spread([r['peak_rss_gib'] for r in results], '.2f')} |")
+        cells = [spread([r["rows_per_s"] for r in results], ",.0f")]
+        cells += [spread([r[key] for r in results], ".1f") for key in ("format_s", "prepare_s", "total_s")]
+        cells.append(spread([r["peak_rss_gib"] for r in results], ".2f"))
+        print(f"| {label[kind]} | {' | '.join(cells)} |")
     digests = {r["digest"] for results in runs.values() for r in results if r["digest"]}
     if "trl" in runs and "ours" in runs:
         ratio = statistics.median(r["rows_per_s"] for r in runs["ours"]) / statistics.median(
