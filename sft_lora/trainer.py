@@ -82,12 +82,13 @@ def _prepare_datasets(args, tokenizer, train_dataset, eval_dataset):
 
 
 def _choose_attention(recipe: Recipe, args) -> None:
-    """Padding-free batches on sdpa (the default) attend per document with `sdpa_documents` instead of a dense
-    block mask over the whole row. An explicit other attention (eager, flash_attention_2 …) is kept."""
+    """Padding-free batches attend per document with `sdpa_documents` (sdpa without the dense block mask over the
+    whole row) unless the recipe names an attention (`model.attn_implementation`: sdpa, eager, flash_attention_2 …),
+    which is kept."""
     from .attention import register
 
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-    if padding_free and recipe.model.attn_implementation in (None, "sdpa"):
+    if padding_free and recipe.model.attn_implementation is None:
         args.model_init_kwargs = {**(args.model_init_kwargs or {}), "attn_implementation": register()}
 
 
@@ -100,7 +101,7 @@ def _choose_activation_checkpointing(recipe: Recipe, args, train_dataset) -> Non
     """Checkpoint activations only where memory needs it: when the recipe leaves `activation_checkpointing`
     unset, it is on for QLoRA (memory is why one picks it) and otherwise only when the estimated weights +
     activations of the largest micro-batch exceed half the device's memory (checkpointing recomputes every
-    layer's forward: +21-31 % per step on CPU, README, Performance)."""
+    layer's forward: +26-41 % time per token on the tiny CPU job, README, Performance)."""
     if {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.training):
         return
     need, have = _memory_estimate(recipe, args, train_dataset)
