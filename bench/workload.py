@@ -62,7 +62,7 @@ def synthetic_records(n: int, seed: int = 0, prompt_median: float = 48, answer_m
 
 def real_text_records(n: int, seed: int = 0, median_records: float = 9, sigma: float = 0.7) -> list[dict[str, str]]:
     """`n` records of real Korean/English text from data/sample.jsonl: each joins a log-normal number of sample
-    questions (and answers), so lengths vary like chat data (~250 tokens on average with the tiny tokenizer)."""
+    questions (and answers), so lengths vary like chat data (~150 tokens on average with the tiny tokenizer)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
