@@ -133,7 +133,7 @@ LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_module
 # Speed defaults, each measured side by side with plain TRL (`make bench`, README, Performance). Padding-free
 # batches (one row, no padding, attention per document: sft_lora/attention.py) with the same examples per step as
 # padded ones, so losses match plain TRL step by step; the tiny CPU job runs 3.1x plain TRL's tokens/s with
-# them (5,126 vs 1,632 real tokens/s, medians of 3). Activation checkpointing is decided in trainer.py (only
+# them (5,054 vs 1,646 real tokens/s, medians of 3). Activation checkpointing is decided in trainer.py (only
 # where memory needs it).
 SPEED_DEFAULTS = {"padding_free": True}
 
