@@ -15,7 +15,7 @@ ACCEL ?=
 LAUNCH := $(BIN)/python -m sft_lora.run
 ACCEL_ARG := $(if $(ACCEL),accelerate_config=$(ACCEL))
 
-.PHONY: install check train resume merge chat print-config test lint clean
+.PHONY: install check train resume merge chat print-config test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -51,7 +51,14 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check sft_lora tests
+	$(BIN)/ruff check sft_lora tests bench
+
+# Plain TRL vs this project's recipe path on the same model and data, side by side, plus data preparation
+# (README, Performance). Both paths run with jemalloc preloaded when libjemalloc2 is installed; BENCH_ARGS adds
+# flags (--repeats, --threads, --prep-records, --shape llama-1b llama-8b --qlora on a GPU).
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf final_model checkpoints .cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SAMPLE = ROOT / "data" / "sample.jsonl"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SFT_LORA_CACHE", tempfile.mkdtemp(prefix="sft_lora_cache_"))  # prepared datasets
 
 
 @pytest.fixture(scope="session")

@@ -597,7 +597,8 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_keeps_the_answers_eos_lab
     tokenizer.save_pretrained(tmp_path / "nopad")
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         shutil.copy(tiny_model / name, tmp_path / "nopad" / name)
-    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "nopad"))
+    # padded batches (padding-free, the default, has no padding at all)
+    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "nopad", training={"padding_free": False}))
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     assert f"notice: {tmp_path / 'nopad'}: the tokenizer has no pad token; padding with EOS" in capsys.readouterr().out
     assert tokenizer.pad_token == tokenizer.eos_token

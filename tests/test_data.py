@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sft_lora.config import DataArgs
+from sft_lora.config import DataArgs, RecipeError
 from sft_lora.data import load_datasets
 
 RECORDS = [
@@ -53,3 +53,25 @@ def test_field_names_are_configurable_and_eval_comes_from_a_fraction_or_a_file(t
     train, evaluation = load_datasets(DataArgs(path=str(path), input_field="q", output_field="a",
                                                eval_path=str(path)))
     assert (len(train), len(evaluation)) == (20, 20)
+
+
+def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypatch):
+    import sft_lora.data
+
+    path = tmp_path / "d.jsonl"
+    records = [{"input": f"question {i}", "output": f"answer {i}"} for i in range(10)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    whole = load_datasets(DataArgs(path=str(path)))[0]
+    monkeypatch.setattr(sft_lora.data, "CHUNK", 3)  # 4 chunks
+    chunked, again = (load_datasets(DataArgs(path=str(path)))[0] for _ in range(2))
+    assert chunked.to_list() == whole.to_list()
+    assert chunked._fingerprint == again._fingerprint  # the prepared-data cache key is stable
+    records[7] = {"input": "no answer"}
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="d.jsonl:8: missing 'output'"):  # numbered across chunks
+        load_datasets(DataArgs(path=str(path)))
+    skipped = load_datasets(DataArgs(path=str(path), on_bad_record="skip"))[0]  # skipped and counted across chunks
+    assert len(skipped) == 9 and "no answer" not in {p[0]["content"] for p in skipped["prompt"]}
+    path.write_text("\n".join(json.dumps({"input": "a"}) for _ in range(10)) + "\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="d.jsonl: all 10 records are bad"):
+        load_datasets(DataArgs(path=str(path), on_bad_record="skip"))

@@ -1,0 +1,1 @@
+"""Benchmarks and hardware checks; run as `python -m bench.run` (see README, Performance)."""

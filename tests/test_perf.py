@@ -1,0 +1,198 @@
+"""The speed defaults change no result: packed documents stay isolated, prepared tokens equal TRL's, the prepared
+dataset is cached, the LM head scores only labelled positions, and the loss matches plain TRL step by step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_lora.config import DataArgs, load_recipe
+from sft_lora.data import load_datasets, to_examples
+from sft_lora.model import load_tokenizer
+from sft_lora.prepare import is_cached, prepare
+from sft_lora.trainer import build_trainer
+
+from .conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.slow
+TEMPLATES = sorted((ROOT / "tests" / "chat_templates").glob("*.jinja"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa_documents", "sdpa", "eager"])
+def test_a_packed_documents_logits_equal_its_logits_alone(tiny_model, attn):
+    from transformers import AutoModelForCausalLM
+
+    from sft_lora.attention import register
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(10, 400, (n,), generator=generator) for n in (37, 120, 1, 64)]
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]  # reset per document, as TRL's collator does
+    with torch.no_grad():
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0]
+        unreset = model(input_ids=row, use_cache=False).logits[0]
+        start = 0
+        for doc in docs:
+            alone = model(input_ids=doc[None], use_cache=False).logits[0]
+            assert (packed[start:start + len(doc)] - alone).abs().max() < 1e-4
+            if start:  # without the reset, later documents attend to earlier ones: the test can tell
+                assert (unreset[start:start + len(doc)] - alone).abs().max() > 1e-2
+            start += len(doc)
+
+
+def test_the_trainers_padding_free_batches_keep_documents_apart(make_recipe):
+    recipe = load_recipe(make_recipe(data={"eval_split": 0}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    trainer = build_trainer(recipe, tokenizer, load_datasets(recipe.data)[0])
+    assert trainer.padding_free and trainer.model.config._attn_implementation == "sdpa_documents"
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    bounds = batch["cu_seq_lens_q"].tolist()
+    assert len(bounds) == recipe.training["per_device_train_batch_size"] + 1
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            alone = model(input_ids=batch["input_ids"][:, start:end], use_cache=False).logits[0]
+            assert (packed[start:end] - alone).abs().max() < 1e-4
+
+
+def _trl_prepared(tokenizer, dataset, max_length: int):
+    """TRL's own preparation of `dataset` (what SFTTrainer does without sft_lora)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir="unused", max_length=max_length, use_cpu=True, bf16=False, report_to="none")
+    trainer = SFTTrainer(model=tokenizer.name_or_path, args=args, train_dataset=dataset.select(range(2)),
+                         processing_class=tokenizer)
+    return trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
+
+
+@pytest.mark.parametrize("template", [None, *TEMPLATES], ids=lambda t: t.stem if t else "default")
+def test_prepared_tokens_and_labels_equal_trls(tiny_model, template):
+    from sft_lora.config import ModelArgs
+
+    data = DataArgs(path=str(SAMPLE), system_prompt="Answer briefly.",
+                    chat_template=str(template) if template else None,
+                    fold_system_prompt=bool(template and "mistral" in template.stem))  # as recipes/mistral does
+
+    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data)
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    long = {"input": " ".join(r["input"] for r in records[:12]), "output": "short answer"}  # loses its labels
+    dataset = load_datasets(data)[0]
+    from datasets import Dataset, concatenate_datasets
+
+    dataset = concatenate_datasets([dataset, Dataset.from_dict(to_examples([("long: record 1", long)], data, "long"))])
+    lengths = sorted(len(ids) for ids in prepare(dataset, tokenizer, None, cache=False)["input_ids"])
+    max_length = lengths[len(lengths) // 2]  # cuts half the rows, and the long one to no label at all: dropped
+    ours = prepare(dataset, tokenizer, max_length, cache=False)
+    theirs = _trl_prepared(tokenizer, dataset, max_length)
+    assert len(ours) == len(theirs) < len(dataset)
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["labels"] == theirs["labels"]
+    assert ours["source"] == theirs["source"]  # kept beside the tokens, as TRL keeps it (per-source eval, report)
+    assert any(len(ids) == max_length for ids in ours["input_ids"])
+
+
+def test_the_prepared_dataset_is_cached_and_a_second_run_reuses_it(tiny_model, tmp_path, monkeypatch):
+    from sft_lora.config import ModelArgs
+
+    data = DataArgs(path=str(SAMPLE))
+    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data)
+    first = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path)
+    assert is_cached(first) and len(list(tmp_path.glob("*.arrow"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
+    second = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path)  # a fresh load of the same file
+    assert second.cache_files == first.cache_files and second["input_ids"] == first["input_ids"]
+    with pytest.raises(AssertionError, match="tokenized again"):  # any change of the inputs is a new entry
+        prepare(load_datasets(data)[0], tokenizer, 128, cache=tmp_path)
+
+
+def test_the_lm_head_scores_only_labelled_positions(make_recipe, monkeypatch):
+    from trl.kernels import chunked_logprob
+
+    recipe = load_recipe(make_recipe(data={"eval_split": 0}))
+    trainer = build_trainer(recipe, load_tokenizer(recipe.model, recipe.data), load_datasets(recipe.data)[0])
+    batch = next(iter(trainer.get_train_dataloader()))
+    scored = []
+    apply = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", spy)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert scored == [labelled] and labelled < batch["input_ids"].numel() * 0.9  # the prompts were skipped
+    assert torch.isfinite(loss)
+
+
+def test_activation_checkpointing_only_where_memory_needs_it(make_recipe):
+    from sft_lora.trainer import _choose_activation_checkpointing
+
+    tiny = load_recipe(make_recipe(training={"activation_checkpointing": None}))
+    args = tiny.build_sft_config()
+    _choose_activation_checkpointing(tiny, args, None)
+    assert args.activation_checkpointing is False  # a tiny model's activations fit many times over
+    qlora = load_recipe(make_recipe(use_qlora=True, training={"activation_checkpointing": None}))
+    args = qlora.build_sft_config()
+    _choose_activation_checkpointing(qlora, args, None)
+    assert args.activation_checkpointing is True  # QLoRA is chosen to save memory
+    explicit = load_recipe(make_recipe(training={"activation_checkpointing": True}))
+    args = explicit.build_sft_config()
+    _choose_activation_checkpointing(explicit, args, None)
+    assert args.activation_checkpointing is True  # the recipe's own choice wins
+
+
+def test_loss_matches_plain_trl_step_by_step(tiny_model, tmp_path):
+    """The cheap form of the benchmark's parity check: same model, data, seed and job; plain TRL's defaults
+    (padded batches, checkpointing, every position scored) against the recipe path's."""
+    from bench.run import plain_trainer, recipe_trainer
+    from bench.workload import synthetic_records, write_jsonl
+
+    data = write_jsonl(synthetic_records(64, seed=3, prompt_median=12, answer_median=24), tmp_path / "d.jsonl")
+    spec = {"model": str(tiny_model), "data": str(data), "out": str(tmp_path), "gpu": False, "qlora": False,
+            "batch": 4, "max_length": 64, "lr": 1e-3, "steps": 4}
+    losses = {}
+    for name, build in (("plain", plain_trainer), ("recipe", recipe_trainer)):
+        trainer = build(spec)
+        trainer.train()
+        losses[name] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        settings = (trainer.padding_free, trainer.args.activation_checkpointing)
+        assert settings == ((False, True) if name == "plain" else (True, False))
+    assert len(losses["plain"]) == len(losses["recipe"]) == 4
+    assert losses["plain"][0] != losses["plain"][-1]  # it trained
+    for a, b in zip(losses["plain"], losses["recipe"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_bench_documents_count_real_tokens():
+    from bench.run import _batch_documents
+
+    padded = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    flat = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+    assert _batch_documents(padded) == [3, 2] and _batch_documents(flat) == [3, 2, 1]
+
+
+def test_bench_formula_matches_the_issue(tiny_model):
+    from transformers import AutoConfig
+
+    from bench.workload import flops_per_token, matmul_params
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    n_matmul, n_lora = matmul_params(config)
+    d, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * d // config.num_attention_heads
+    assert n_matmul == layers * (2 * d * d + 2 * d * kv + 3 * d * i) + d * config.vocab_size
+    assert n_lora == layers * 16 * (4 * d + 2 * (d + kv) + 3 * (d + i))
+    assert flops_per_token(config, 100.0) == 4 * n_matmul + 6 * n_lora + 12 * layers * d * 100.0
+    assert Path(ROOT / "bench" / "run.py").is_file()
