@@ -102,15 +102,28 @@ def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None 
 
     kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "remove_columns": dataset.column_names,
                               "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
-    if cache and datasets.is_caching_enabled():
-        directory = cache_dir() if cache is True else Path(cache)
-        directory.mkdir(parents=True, exist_ok=True)
+    directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
+    if directory is not None and datasets.is_caching_enabled():
         key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer),
                                         str(max_length)]).encode()).hexdigest()[:32]
         kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)
     else:
         kwargs["keep_in_memory"] = True
     return dataset.map(tokenize, **kwargs)
+
+
+def _writable(directory: Path) -> Path | None:
+    """`directory`, created if missing, or None (with a notice) when it cannot be written: prepare in memory."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
+              "(set SFT_LORA_CACHE to a writable directory to cache it)")
+        return None
+    return directory
 
 
 def is_cached(dataset) -> bool:

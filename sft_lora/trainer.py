@@ -135,7 +135,8 @@ def _prepare_datasets(args, tokenizer, train_dataset, eval_dataset):
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
     eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-    with PartialState().main_process_first():  # the first process tokenizes into the cache, the others read it
+    # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
+    with PartialState().local_main_process_first():
         train_dataset = prepare(train_dataset, tokenizer, None if args.packing else args.max_length,
                                 num_proc=args.dataset_num_proc)
         eval_sets = {key: prepare(d, tokenizer, None if eval_packing else args.max_length,

@@ -116,6 +116,18 @@ def test_the_prepared_dataset_is_cached_and_a_second_run_reuses_it(tiny_model, t
         prepare(load_datasets(data)[0], tokenizer, 128, cache=tmp_path)
 
 
+def test_a_cache_directory_that_cannot_be_written_prepares_in_memory(tiny_model, tmp_path, capsys):
+    from sft_lora.config import ModelArgs
+
+    data = DataArgs(path=str(SAMPLE))
+    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data)
+    (tmp_path / "a-file").write_text("")
+    prepared = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path / "a-file" / "cache")
+    assert "cannot write the prepared-data cache" in capsys.readouterr().out
+    assert not is_cached(prepared)
+    assert prepared["input_ids"] == prepare(load_datasets(data)[0], tokenizer, 256, cache=False)["input_ids"]
+
+
 def test_the_lm_head_scores_only_labelled_positions(make_recipe, monkeypatch):
     from trl.kernels import chunked_logprob
 
