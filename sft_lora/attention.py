@@ -4,8 +4,9 @@ Padding-free training (TRL's `padding_free`) flattens a batch into one row and m
 resetting `position_ids`. transformers 5.24 then builds, for sdpa and eager, a dense T×T block-diagonal mask over
 the whole row and attends over all of it (cost ∝ T², of which a document-sized block per document is used); only
 flash-attention kernels read the document boundaries directly, and none is available on CPU. This module adds
-an attention implementation, `sdpa_documents`, that attends within each document with causal SDPA (cost ∝ Σnᵢ²)
-and otherwise behaves exactly like `sdpa`. Hand-written because no upstream CPU varlen attention exists.
+an attention implementation, `sdpa_documents`, that attends within each document with causal SDPA (cost ∝ Σnᵢ²),
+keeping a sliding-window layer's window (the window lives in the mask this leaves out), and otherwise behaves
+exactly like `sdpa`. Hand-written because no upstream CPU varlen attention exists.
 """
 
 from __future__ import annotations
@@ -31,22 +32,31 @@ def document_bounds(position_ids, cu_seq_lens=None) -> list[int] | None:
 
 def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
-    """`sdpa`, except that a one-row padding-free batch attends causally within each document only."""
+    """`sdpa`, except that a batch without padding attends causally within each document only (one padding-free
+    row: the documents its positions mark; several rows: each row), within the layer's sliding window if any."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    one_row = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1
-    bounds = document_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")) if one_row else None
-    if not bounds or len(bounds) <= 2:
+    if attention_mask is not None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    bounds = document_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")) if query.shape[0] == 1 else None
+    bounds = bounds or [0, query.shape[2]]
+    # Sliding-window layers (Gemma 3, Mistral …) pass their window; transformers puts it in the mask we leave out.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
-            is_causal=True, enable_gqa=gqa)
-        for start, end in zip(bounds, bounds[1:], strict=False) if end > start
-    ]
+    outputs = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end <= start:
+            continue
+        mask, causal = None, True
+        if window is not None and end - start > window:
+            offsets = torch.arange(end - start, device=query.device)
+            distance = offsets[:, None] - offsets[None, :]
+            mask, causal = (distance >= 0) & (distance < window), False  # transformers' sliding_window_overlay
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=gqa))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -288,8 +288,9 @@ def _judge(report: Report, rows: list[Row], max_truncated_share: float, sources:
 def _packing(rows: list[Row], training: dict[str, Any]) -> tuple[str, float, float | None, int]:
     """(description, packing fill, padding fill or None, packed rows): the share of real tokens in what is fed.
 
-    With packing on, TRL's own `pack_dataset` packs the rows; with it off, batches are padded to their longest row,
-    simulated in a seeded random order like the trainer's sampler."""
+    With packing on, TRL's own `pack_dataset` packs the rows; with it off, padding-free batches (the default) have
+    no padding, and padded ones are padded to their longest row, simulated in a seeded random order like the
+    trainer's sampler."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
@@ -306,6 +307,9 @@ def _packing(rows: list[Row], training: dict[str, Any]) -> tuple[str, float, flo
         return (f"on ({strategy}): {packed_rows} rows of {max_length} tokens, {efficiency:.1%} filled with data",
                 efficiency, None, packed_rows)
     batch = int(training.get("per_device_train_batch_size", 8))
+    hint = f"; packing: true would fill {efficiency:.1%} of {packed_rows} rows of {max_length}" if max_length else ""
+    if training.get("padding_free", False):
+        return f"off: padding-free batches of {batch} (one row each, no padding){hint}", efficiency, 1.0, packed_rows
     multiple = training.get("pad_to_multiple_of") or 1
     lengths = [len(r.input_ids) for r in rows]
     random.Random(training.get("seed", 42)).shuffle(lengths)
@@ -314,7 +318,6 @@ def _packing(rows: list[Row], training: dict[str, Any]) -> tuple[str, float, flo
         longest = max(lengths[start:start + batch])
         padded += -(-longest // multiple) * multiple * len(lengths[start:start + batch])
     padding = tokens / padded if padded else 0.0
-    hint = f"; packing: true would fill {efficiency:.1%} of {packed_rows} rows of {max_length}" if max_length else ""
     return f"off: padded batches of {batch} are {padding:.1%} real tokens{hint}", efficiency, padding, packed_rows
 
 

@@ -92,6 +92,19 @@ def test_good_data_passes_and_the_report_adds_up(make_recipe):
         assert any(line.split()[:2] == [source, str(n)] for line in text.splitlines())
 
 
+def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
+    for padding_free in (True, False):  # True is the library default
+        recipe, report = _report(make_recipe(data={"eval_split": 0}, training={"padding_free": padding_free}))
+        batch = next(iter(build_trainer(recipe, load_tokenizer(recipe.model, recipe.data),
+                                        load_datasets(recipe.data)[0]).get_train_dataloader()))
+        if padding_free:
+            assert report.packing.startswith("off: padding-free batches of 4 (one row each, no padding)")
+            assert report.padding_efficiency == 1.0 and batch["input_ids"].shape[0] == 1
+        else:
+            assert report.packing.startswith("off: padded batches of 4 are ")
+            assert report.padding_efficiency < 1.0 and int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
+
+
 def test_a_record_with_no_loss_carrying_token_fails(make_recipe, tmp_path):
     records = SAMPLE_RECORDS[:60] + [{"input": LONG_QUESTION, "output": "4.", "source": "arith_en"}]
     data = {"path": _data(tmp_path, records), "eval_split": None}

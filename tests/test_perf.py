@@ -45,6 +45,37 @@ def test_a_packed_documents_logits_equal_its_logits_alone(tiny_model, attn):
             start += len(doc)
 
 
+def test_packed_documents_keep_their_sliding_window():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from sft_lora.attention import register
+
+    register()
+
+    def model(attn: str, window: int | None):  # a config object each: from_config records the attention on it
+        config = MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                               initializer_range=0.5)  # a wide init, so the window visibly changes the logits
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(10, 400, (n,), generator=generator) for n in (37, 5, 40)]  # two longer than the window
+    row, positions = torch.cat(docs)[None], torch.cat([torch.arange(len(d)) for d in docs])[None]
+    windowed, unwindowed = model("sdpa", 16), model("sdpa", None)
+    with torch.no_grad():
+        packed = model("sdpa_documents", 16)(input_ids=row, position_ids=positions, use_cache=False).logits[0]
+        several = model("sdpa_documents", 16)(input_ids=docs[2][None].repeat(2, 1), use_cache=False).logits
+        start = 0
+        for doc in docs:
+            alone = windowed(input_ids=doc[None], use_cache=False).logits[0]
+            assert (packed[start:start + len(doc)] - alone).abs().max() < 1e-4
+            if len(doc) > 16:  # the window matters for this document: the test can tell
+                assert (unwindowed(input_ids=doc[None], use_cache=False).logits[0] - alone).abs().max() > 1e-2
+            start += len(doc)
+        assert (several - alone).abs().max() < 1e-4  # several rows, no padding: each row is one document
+
+
 def test_the_trainers_padding_free_batches_keep_documents_apart(make_recipe):
     recipe = load_recipe(make_recipe(data={"eval_split": 0}))
     tokenizer = load_tokenizer(recipe.model, recipe.data)
