@@ -56,8 +56,16 @@ def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[st
         "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
         "best_eval_loss": best[1] if best else None, "best_eval_step": best[0] if best else None,
-        "eval_by_source": by_source, "eval_history": evals,
+        "eval_by_source": by_source, "eval_history": evals, "speed_settings": speed_settings(trainer),
     }
+
+
+def speed_settings(trainer) -> dict[str, Any]:
+    """What the trainer ran with of the settings that decide speed and memory (several are chosen by trainer.py)."""
+    args = trainer.args
+    return {"padding_free": bool(getattr(trainer, "padding_free", False)), "packing": bool(args.packing),
+            "attention": getattr(trainer.model.config, "_attn_implementation", None),
+            "activation_checkpointing": bool(args.gradient_checkpointing)}
 
 
 def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
@@ -126,6 +134,11 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("tokens"):
         rows.append(("tokens", f"{summary['tokens']:,} in {summary['runtime_s']:.1f} s "
                                f"({num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
+    speed = summary.get("speed_settings")
+    if speed:
+        batches = "packed" if speed["packing"] else "padding-free" if speed["padding_free"] else "padded"
+        rows.append(("settings", f"{batches} batches, {speed['attention']} attention, activation checkpointing "
+                                 f"{'on' if speed['activation_checkpointing'] else 'off'}"))
     losses = summary["train_losses"]
     if losses:
         rows.append(("train loss", f"{losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} "

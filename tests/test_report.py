@@ -98,6 +98,10 @@ def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
     assert f"{first:.4f} (step 5) -> {last:.4f}" in table
     assert f"best {summary['best_eval_loss']:.4f} at step {summary['best_eval_step']}" in table
     assert f"adapters:     {recipe.adapters_dir}" in table and f"merged:       {recipe.merged_dir}" in table
+    # what the library chose for the default job (the tiny model's activations fit: checkpointing stays off)
+    assert summary["speed_settings"] == {"padding_free": True, "packing": False, "attention": "sdpa_documents",
+                                         "activation_checkpointing": False}
+    assert "settings:     padding-free batches, sdpa_documents attention, activation checkpointing off" in table
     for source, loss in summary["eval_by_source"].items():
         assert f"{source}:" in table and f"{loss['after']:.4f}" in table
 
