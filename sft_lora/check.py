@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Recipe, RecipeError
+from .prepare import unsupported
 
 IGNORE = -100  # the label of a token that carries no loss
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
@@ -234,7 +235,9 @@ def preflight(recipe: Recipe, tokenizer, train_set, eval_set=None) -> Report:
             "answer_max": pct(a)["max"], "loss_tokens": sum(r.loss_tokens for r in mine),
             "truncated": sum(len(r.input_ids) < r.length for r in mine)}
 
-    packing, efficiency, padding, packed_rows = _packing(rows, training)
+    # padding-free needs sft_lora's preparation; where it does not apply, the trainer pads (trainer.py)
+    padding_free = bool(training.get("padding_free")) and not unsupported(recipe.build_sft_config(), train_set)
+    packing, efficiency, padding, packed_rows = _packing(rows, {**training, "padding_free": padding_free})
     example_row = next((r for r in rows if r.loss_tokens), rows[0])
     stop_names = [tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)]
     report = Report(

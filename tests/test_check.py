@@ -93,11 +93,13 @@ def test_good_data_passes_and_the_report_adds_up(make_recipe):
 
 
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
-    for padding_free in (True, False):  # True is the library default
-        recipe, report = _report(make_recipe(data={"eval_split": 0}, training={"padding_free": padding_free}))
+    # True is the library default; keep_end truncation is left to TRL's own preparation, which pads
+    for padding_free, truncation in ((True, "keep_start"), (False, "keep_start"), (True, "keep_end")):
+        recipe, report = _report(make_recipe(data={"eval_split": 0}, training={
+            "padding_free": padding_free, "truncation_mode": truncation}))
         batch = next(iter(build_trainer(recipe, load_tokenizer(recipe.model, recipe.data),
                                         load_datasets(recipe.data)[0]).get_train_dataloader()))
-        if padding_free:
+        if padding_free and truncation == "keep_start":
             assert report.packing.startswith("off: padding-free batches of 4 (one row each, no padding)")
             assert report.padding_efficiency == 1.0 and batch["input_ids"].shape[0] == 1
         else:
