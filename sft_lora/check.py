@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Recipe, RecipeError
-from .prepare import unsupported
+from .prepare import tokenize_conversations, unsupported
 
 IGNORE = -100  # the label of a token that carries no loss
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
@@ -140,27 +140,34 @@ def tokenize(dataset, tokenizer, training: dict[str, Any], name: str = "train"):
     assistant_only = bool(training.get("assistant_only_loss", False))
     completion_only = training.get("completion_only_loss")
     completion_only = True if completion_only is None else bool(completion_only)  # TRL: on for prompt/completion
-    template = None
-    if assistant_only and not has_generation_markers(tokenizer.chat_template):
-        template = get_training_chat_template(tokenizer)
+    desc = f"Pre-flight: tokenizing {name} dataset"
+    if not assistant_only:  # the usual case: batched, the same tokenization as the preparation (prepare.py)
+        def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_tokens": []}
+            for ids, start, _ in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"]):
+                out["input_ids"].append(ids)
+                out["labels"].append([IGNORE] * start + ids[start:] if completion_only else ids)
+                out["prompt_tokens"].append(start)
+            return out
+
+        return dataset.map(tokenize_batch, batched=True, num_proc=training.get("dataset_num_proc"), desc=desc)
+    # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
+    template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
 
     def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
         kwargs = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True}
         prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **kwargs)
         full = tokenizer.apply_chat_template(example["prompt"] + example["completion"],
-                                             return_assistant_tokens_mask=assistant_only, **kwargs)
+                                             return_assistant_tokens_mask=True, **kwargs)
         ids = list(full["input_ids"])
         prompt_len = common_prefix_length(list(prompt_ids["input_ids"]), ids)
-        masks = []
+        masks = [full["assistant_masks"]]
         if completion_only:
             masks.append([0] * prompt_len + [1] * (len(ids) - prompt_len))
-        if assistant_only:
-            masks.append(full["assistant_masks"])
         labels = [token if all(bits) else IGNORE for token, *bits in zip(ids, *masks, strict=False)]
         return {"input_ids": ids, "labels": labels, "prompt_tokens": prompt_len}
 
-    return dataset.map(tokenize_row, num_proc=training.get("dataset_num_proc"),
-                       desc=f"Pre-flight: tokenizing {name} dataset")
+    return dataset.map(tokenize_row, num_proc=training.get("dataset_num_proc"), desc=desc)
 
 
 def truncate(ids: list[int], labels: list[int], training: dict[str, Any]) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RecipeError
+from .prepare import tokenize_conversations
 
 CHUNK = 1000
 
@@ -22,14 +23,12 @@ def length_report(tokenizer, dataset, max_length: int, truncation_mode: str = "k
     prompts, completions = dataset["prompt"], dataset["completion"]
     for start in range(0, len(prompts), CHUNK):
         chunk = range(start, min(start + CHUNK, len(prompts)))
-        full = tokenizer.apply_chat_template([prompts[i] + completions[i] for i in chunk], tokenize=True)
-        prompt = tokenizer.apply_chat_template([prompts[i] for i in chunk], tokenize=True,
-                                               add_generation_prompt=True)
-        for full_ids, prompt_ids in zip(full["input_ids"], prompt["input_ids"], strict=True):
-            longest = max(longest, len(full_ids))
-            if len(full_ids) > max_length:
+        conversations = tokenize_conversations(tokenizer, [prompts[i] for i in chunk], [completions[i] for i in chunk])
+        for ids, _, prompt_length in conversations:
+            longest = max(longest, len(ids))
+            if len(ids) > max_length:
                 truncated += 1
-                if truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+                if truncation_mode == "keep_start" and prompt_length >= max_length:
                     dropped += 1
     return {"records": len(prompts), "truncated": truncated, "dropped": dropped, "longest": longest}
 

@@ -63,6 +63,22 @@ def tokenizer_sha256(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]]
+                           ) -> list[tuple[list[int], int, int]]:
+    """(input_ids, completion start, prompt length) of each prompt + completion, untruncated, as TRL tokenizes them.
+
+    The prompt (with the generation prompt) and the whole conversation are rendered with the chat template and
+    tokenized in one batched call; the completion starts where the two token lists diverge (TRL's rule). Shared by
+    the preparation here, the pre-flight report (check.py) and the length notice (lengths.py)."""
+    from trl.data_utils import common_prefix_length
+
+    rendered = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([p + c for p, c in zip(prompts, completions, strict=True)], tokenize=False)
+    encoded = tokenizer(rendered + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
+    return [(ids, common_prefix_length(prompt_ids, ids), len(prompt_ids))
+            for prompt_ids, ids in zip(encoded[: len(prompts)], encoded[len(prompts):], strict=True)]
+
+
 def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
             cache: Path | None | bool = True):
     """`dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the completion),
@@ -70,7 +86,6 @@ def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None 
 
     `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
     import datasets
-    from trl.data_utils import common_prefix_length
 
     kept = [c for c in dataset.column_names if c not in ("prompt", "completion")]  # e.g. `source`, as TRL keeps it
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -79,14 +94,10 @@ def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None 
     warned: list[bool] = []
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts = tokenizer.apply_chat_template(batch["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([p + c for p, c in zip(batch["prompt"], batch["completion"],
-                                                                     strict=True)], tokenize=False)
-        encoded = tokenizer(prompts + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], **{c: [] for c in kept}}
-        for row, (prompt_ids, ids) in enumerate(zip(encoded[: len(prompts)], encoded[len(prompts):], strict=True)):
-            start = common_prefix_length(prompt_ids, ids)  # TRL's rule: the completion starts where they diverge
-            if start < len(prompt_ids) and not warned:
+        conversations = tokenize_conversations(tokenizer, batch["prompt"], batch["completion"])
+        for row, (ids, start, prompt_length) in enumerate(conversations):
+            if start < prompt_length and not warned:
                 warned.append(True)
                 logger.warning("the tokenized prompt is not a prefix of prompt+completion; the completion starts "
                                "where they diverge (as in TRL)")
