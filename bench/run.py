@@ -37,6 +37,16 @@ from bench.workload import (
 )
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+# The paths `--paths` can name: which trainer builds the run and what it sets on top of the job. `plain-best` is
+# plain TRL's best honest configuration on a big card: its own packing (bfd, padding-free) and no activation
+# checkpointing (every job here fits without it); the `recipe-*` variants change only the attention.
+PATHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("plain", {}),
+    "plain-best": ("plain", {"packing": True, "activation_checkpointing": False}),
+    "recipe": ("recipe", {}),
+    "recipe-sdpa": ("recipe", {"model.attn_implementation": "sdpa"}),
+    "recipe-flex": ("recipe", {"model.attn_implementation": "flex_attention"}),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -65,6 +75,7 @@ def plain_trainer(spec: dict[str, Any]):
     else:
         kwargs["model_init_kwargs"] = {"dtype": "bfloat16"}  # TRL's float32 default would double an 8B's memory
     kwargs.update(spec.get("plain_set", {}))
+    kwargs.update(PATHS[spec["path"]][1])
     quantization = None
     if spec["qlora"]:
         import torch
@@ -104,7 +115,8 @@ def recipe_trainer(spec: dict[str, Any]):
     from sft_lora.model import load_tokenizer
     from sft_lora.trainer import build_trainer
 
-    recipe = load_recipe(recipe_for(spec), [f"{k}={v}" for k, v in spec.get("recipe_set", {}).items()])
+    overrides = {**spec.get("recipe_set", {}), **PATHS[spec["path"]][1]}
+    recipe = load_recipe(recipe_for(spec), [f"{k}={v}" for k, v in overrides.items()])
     train_set, _ = load_datasets(recipe.data, seed=42)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     set_seed(42)
@@ -128,8 +140,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     gpu = spec["gpu"]
+    decisions = _LogLines("sft_lora", "activation checkpointing")
     t0 = time.perf_counter()
-    trainer = plain_trainer(spec) if spec["path"] == "plain" else recipe_trainer(spec)
+    trainer = plain_trainer(spec) if PATHS[spec["path"]][0] == "plain" else recipe_trainer(spec)
     build_s = time.perf_counter() - t0
     documents: list[list[int]] = []
     collate = trainer.data_collator
@@ -165,9 +178,24 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return {"path": spec["path"], "tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
             "tokens_per_cpu_s": tokens / cpu_seconds,
             "mean_square_len": squares / tokens, "peak_gib": peak, "losses": losses, "build_s": build_s,
+            "checkpointing_rule": decisions.lines,
             "settings": {"padding_free": getattr(trainer, "padding_free", None), "packing": args.packing,
                          "activation_checkpointing": args.activation_checkpointing, "optim": str(args.optim),
                          "bf16": args.bf16, "attn": trainer.model.config._attn_implementation}}
+
+
+class _LogLines:
+    """Collects the messages of `logger` (and its children) that contain `needle`: the library's logged decisions."""
+
+    def __init__(self, logger: str, needle: str) -> None:
+        import logging
+
+        self.lines: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: needle in record.getMessage() and self.lines.append(record.getMessage())
+        log = logging.getLogger(logger)
+        log.setLevel(min(log.level or logging.INFO, logging.INFO))
+        log.addHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -207,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qlora", action="store_true", help="also run QLoRA (every shape but llama-1b)")
     parser.add_argument("--jemalloc", choices=["auto", "on", "off"], default="auto",
                         help="preload jemalloc into both paths' processes (auto: when installed)")
-    parser.add_argument("--paths", default="plain,recipe")
+    parser.add_argument("--paths", default="plain,recipe", help=f"comma-separated, of: {', '.join(PATHS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in both paths (default: torch's)")
     parser.add_argument("--prep-records", type=int, default=20_000,
                         help="also time data preparation on this many real-text records (0: skip; CPU only)")
@@ -248,15 +276,24 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.paths.split(",")}
             for repeat in range(args.repeats):
                 for path in runs:  # interleaved, so a change in machine load hits both paths alike
-                    result = spawn({**spec, "path": path}, jemalloc, args.threads)
+                    try:
+                        result = spawn({**spec, "path": path}, jemalloc, args.threads)
+                    except RuntimeError as exc:  # one path failing (e.g. an attention this stack lacks) is a result
+                        print(f"  {name} {path} run {repeat + 1}: FAILED {str(exc)[-600:]}", flush=True)
+                        report.setdefault("failed", {})[f"{name}/{path}"] = str(exc)[-3000:]
+                        continue
                     result["mfu"] = result["tokens_per_s"] * flops_per_token(config, result["mean_square_len"]) / (
                         H100_BF16_PEAK if gpu else peak_flops)
                     runs[path].append(result)
                     print(f"  {name} {path} run {repeat + 1}: {result['tokens_per_s']:,.0f} tok/s "
                           f"({result['tokens_per_cpu_s']:,.0f} per CPU-s), "
                           f"peak {result['peak_gib']:.2f} GiB, final loss {_final(result):.4f}", flush=True)
+            runs = {path: results for path, results in runs.items() if results}
             report["shapes"][name] = runs
             print_table(name, runs, gpu, peak_name)
+            if args.json:  # after each shape, so a run stopped by a time limit keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=1))
     if args.prep_records and not gpu:
         from bench import prep
 
@@ -279,6 +316,10 @@ def _kv(item: str) -> tuple[str, Any]:
 
 def _final(result: dict[str, Any], last: int = 5) -> float:
     return statistics.fmean(result["losses"][-last:])
+
+
+def _median(runs: dict[str, list[dict[str, Any]]], path: str) -> float:
+    return statistics.median(r["tokens_per_s"] for r in runs[path])
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -304,9 +345,10 @@ def print_table(name: str, runs: dict[str, list[dict[str, Any]]], gpu: bool, pea
               f"{_spread([100 * r['mfu'] for r in results], '.2f')} | "
               f"{_spread([r['peak_gib'] for r in results], '.2f')} | "
               f"{_spread([_final(r) for r in results], '.4f')} | {settings} |")
+    if "recipe" in runs and "plain-best" in runs:
+        print(f"speed-up recipe/plain-best (medians): {_median(runs, 'recipe') / _median(runs, 'plain-best'):.2f}x")
     if "plain" in runs and "recipe" in runs:
-        speedup = statistics.median(r["tokens_per_s"] for r in runs["recipe"]) / statistics.median(
-            r["tokens_per_s"] for r in runs["plain"])
+        speedup = _median(runs, "recipe") / _median(runs, "plain")
         step, final = loss_parity(runs["plain"][0], runs["recipe"][0])
         ok = final <= 0.01
         print(f"speed-up recipe/plain (medians): {speedup:.2f}x; loss parity: final loss differs by "

@@ -106,6 +106,9 @@ def build_model(shape: str, data: Path, out: Path, gpu: bool) -> Path:
         model = LlamaForCausalLM(llama).to(torch.bfloat16 if gpu else torch.float32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    del model
+    if gpu:
+        torch.cuda.empty_cache()  # the runs are child processes: leave them the whole card
     return out
 
 
