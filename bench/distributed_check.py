@@ -112,10 +112,12 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.shape, args.out)
-    results = [run_one(name, model, args.out, args.steps, gpu) for name in args.configs.split(",")]
     device = torch.cuda.get_device_name() if gpu else "CPU"
-    (args.out / "distributed.json").write_text(json.dumps({"device": device, "shape": args.shape,
-                                                           "results": results}, indent=2))
+    results = []
+    for name in args.configs.split(","):  # written after each config: a run cut short keeps what finished
+        results.append(run_one(name, model, args.out, args.steps, gpu))
+        (args.out / "distributed.json").write_text(json.dumps({"device": device, "shape": args.shape,
+                                                               "results": results}, indent=2))
     print(f"\n{args.shape} on {device}, {args.steps} steps each")
     print(f"{'config':<14}{'ok':<6}{'tokens/s':>10}{'peak GiB':>10}  reload")
     for r in results:

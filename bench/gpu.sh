@@ -57,4 +57,5 @@ stage 1b 60 "$PYTHON" "${bench[@]}" "${one[@]}" --paths plain,plain-best,recipe,
 stage 8b 60 "$PYTHON" "${bench[@]}" "${eight[@]}" --paths plain,plain-best,recipe --json "$OUT/bench-8b.json"
 stage distributed 60 "$PYTHON" bench/distributed_check.py "${dist[@]}" --out /tmp/dist
 cp /tmp/dist/distributed.json "$OUT/" 2>/dev/null
+for f in /tmp/dist/*/log.txt; do [ -f "$f" ] && tail -n 5 "$f" | sed "s|^|$(basename "$(dirname "$f")"): |" >> "$LOG"; done
 echo "done in $((SECONDS - START))s" | tee -a "$LOG"

@@ -153,14 +153,18 @@ def _prepare_datasets(args, tokenizer, train_dataset, eval_dataset):
 
 
 def _choose_attention(recipe: Recipe, args) -> None:
-    """Padding-free batches attend per document with `sdpa_documents` (sdpa without the dense block mask over the
-    whole row) unless the recipe names an attention (`model.attn_implementation`: sdpa, eager, flash_attention_2 …),
-    which is kept."""
-    from .attention import register
+    """Padding-free batches attend within each document without a dense mask over the whole row: `flex_attention`
+    on CUDA, `sdpa_documents` elsewhere (`attention.padding_free_attention`), unless the recipe names an attention
+    (`model.attn_implementation`: sdpa, eager, flash_attention_2 …), which is kept."""
+    import torch
+
+    from .attention import padding_free_attention
 
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
     if padding_free and recipe.model.attn_implementation is None:
-        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "attn_implementation": register()}
+        device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
+        args.model_init_kwargs = {**(args.model_init_kwargs or {}),
+                                  "attn_implementation": padding_free_attention(device)}
 
 
 # Bytes of saved activations per token, layer and (10·hidden + 4·intermediate) element for LoRA on a Llama-style

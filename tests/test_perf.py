@@ -93,6 +93,23 @@ def test_the_trainers_padding_free_batches_keep_documents_apart(make_recipe):
             assert (packed[start:end] - alone).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize(("cuda", "use_cpu", "named", "expected"), [
+    (True, False, None, "flex_attention"),  # README, Performance, GPU table: flex_attention fastest on CUDA
+    (False, True, None, "sdpa_documents"),  # CPU: flex_attention has no backward there
+    (True, True, None, "sdpa_documents"),  # use_cpu on a GPU machine trains on the CPU
+    (True, False, "sdpa", "sdpa"),  # a named attention is kept
+])
+def test_padding_free_attention_is_chosen_by_device(make_recipe, monkeypatch, cuda, use_cpu, named, expected):
+    from sft_lora.trainer import _choose_attention
+
+    recipe = load_recipe(make_recipe(model={"attn_implementation": named}))
+    args = recipe.build_sft_config()
+    args.use_cpu = use_cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # the choice as made on a CUDA machine
+    _choose_attention(recipe, args)
+    assert (args.model_init_kwargs or {}).get("attn_implementation") == expected
+
+
 def _trl_prepared(tokenizer, dataset, max_length: int):
     """TRL's own preparation of `dataset` (what SFTTrainer does without sft_lora)."""
     from trl import SFTConfig, SFTTrainer
