@@ -52,7 +52,7 @@ else
 fi
 bench=(-m bench.run --repeats 1 --prep-records 0 --out /tmp/bench "${steps[@]}")
 stage attention 60 "$PYTHON" -m bench.attention "${small[@]}" --json "$OUT/attention.json"
-stage 1b 60 "$PYTHON" "${bench[@]}" "${one[@]}" --paths plain,plain-best,recipe,recipe-sdpa,recipe-flex \
+stage 1b 60 "$PYTHON" "${bench[@]}" "${one[@]}" --paths "${PATHS_1B:-plain,plain-best,recipe,recipe-sdpa,recipe-flex}" \
   --json "$OUT/bench-1b.json"
 stage 8b 60 "$PYTHON" "${bench[@]}" "${eight[@]}" --paths plain,plain-best,recipe --json "$OUT/bench-8b.json"
 stage distributed 60 "$PYTHON" bench/distributed_check.py "${dist[@]}" --out /tmp/dist
