@@ -65,6 +65,7 @@ def run_one(name: str, model: Path, out: Path, steps: int, gpu: bool) -> dict:
                      "logging_steps": 1, "save_steps": steps, "report_to": "none", "bf16": gpu,
                      "activation_checkpointing": False, "max_length": 512},
         "output": {"dir": str(out / name / "final"), "checkpoint_dir": str(out / name / "ckpt"), "merge": False},
+        "report": {"smoke_prompts": 0},  # the reload below checks the saved adapter; generation would only cost time
     }
     if qlora:
         recipe["quantization"] = {"bnb_4bit_quant_storage": "bfloat16"}  # required under ZeRO-3 (checked)
