@@ -3,11 +3,14 @@
 TRL's `SFTTrainer` prepares a conversational prompt/completion dataset one row at a time, tokenizing the prompt and
 then prompt + completion (two tokenizer calls per row), and then runs three more passes (labels, truncation,
 filter). Here each batch of rows is rendered with the chat template and tokenized in one batched fast-tokenizer
-call (prompts and full conversations together), and labels, truncation and the filter happen in the same pass:
-~3× TRL's rows/s on the benchmark's records (README, Performance). The result is identical to TRL's — same
-`input_ids`, same `labels` (tests/test_perf.py) — and is written to an Arrow file keyed by the dataset's content
-fingerprint, the tokenizer, the chat template and max_length, so a second run with the same inputs reads it back
-instead of tokenizing again. Output rows stream to disk, so memory stays bounded however many records there are.
+call (prompts and full conversations together), and labels and truncation happen in the same pass: ~3× TRL's
+rows/s on the benchmark's records (README, Performance). The rows TRL trains on are identical to TRL's — same
+`input_ids`, same `labels` (tests/test_perf.py). The prepared file keeps every record, one row each, with two more
+columns for the pre-flight report (`preflight.py`): the untruncated length and the prompt length; the trainer
+reads the same file, minus the rows truncation leaves without a label (TRL drops those). It is written to an Arrow
+file keyed by the dataset's content fingerprint, the tokenizer, the chat template and max_length, so a second run
+with the same inputs reads it back instead of tokenizing again. Output rows stream to disk, so memory stays
+bounded however many records there are.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-VERSION = "2"  # bump when the output of `_tokenize_batch` changes, so old cache files are not reused
+VERSION = "3"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
 BATCH = 1000
+LENGTH, PROMPT = "untruncated_length", "prompt_length"  # the report's columns; Trainer drops them before collating
 
 
 def unsupported(args, dataset) -> str | None:
@@ -69,7 +74,7 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
 
     The prompt (with the generation prompt) and the whole conversation are rendered with the chat template and
     tokenized in one batched call; the completion starts where the two token lists diverge (TRL's rule). Shared by
-    the preparation here, the pre-flight report (check.py) and the length notice (lengths.py)."""
+    the preparation here and the pre-flight report's own tokenization where TRL prepares (preflight.py)."""
     from trl.data_utils import common_prefix_length
 
     rendered = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
@@ -79,39 +84,35 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
             for prompt_ids, ids in zip(encoded[: len(prompts)], encoded[len(prompts):], strict=True)]
 
 
-def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
-            cache: Path | None | bool = True):
-    """`dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the completion),
-    truncated to `max_length` (keep the start; None = no truncation), rows left without a label dropped.
+def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
+                 cache: Path | None | bool = True):
+    """Every record of `dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the
+    completion), truncated to `max_length` (keep the start; None = no truncation), one row per record, with the
+    untruncated length (`LENGTH`) and the completion start (`PROMPT`); `trainable` gives the rows TRL trains on.
 
     `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
     import datasets
 
     kept = [c for c in dataset.column_names if c not in ("prompt", "completion")]  # e.g. `source`, as TRL keeps it
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  **{c: dataset.features[c] for c in kept}})
+    int32 = datasets.Value("int32")
+    features = datasets.Features({"input_ids": datasets.Sequence(int32), "labels": datasets.Sequence(int32),
+                                  LENGTH: int32, PROMPT: int32, **{c: dataset.features[c] for c in kept}})
     warned: list[bool] = []
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], **{c: [] for c in kept}}
-        conversations = tokenize_conversations(tokenizer, batch["prompt"], batch["completion"])
-        for row, (ids, start, prompt_length) in enumerate(conversations):
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: []}  # one row per record
+        for ids, start, prompt_length in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"]):
             if start < prompt_length and not warned:
                 warned.append(True)
                 logger.warning("the tokenized prompt is not a prefix of prompt+completion; the completion starts "
                                "where they diverge (as in TRL)")
-            labels = [-100] * start + ids[start:]
-            if max_length is not None:
-                ids, labels = ids[:max_length], labels[:max_length]
-            if start < len(ids):  # TRL drops rows whose labels truncation removed entirely
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
-                for column in kept:
-                    out[column].append(batch[column][row])
+            out[LENGTH].append(len(ids))
+            out[PROMPT].append(start)
+            out["labels"].append(([-100] * start + ids[start:])[:max_length])
+            out["input_ids"].append(ids[:max_length])
         return out
 
-    kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "remove_columns": dataset.column_names,
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "remove_columns": ["prompt", "completion"],
                               "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
     directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
     if directory is not None and datasets.is_caching_enabled():
@@ -121,6 +122,88 @@ def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None 
     else:
         kwargs["keep_in_memory"] = True
     return dataset.map(tokenize, **kwargs)
+
+
+def has_labels(rows):
+    """Per row of `prepare_rows`' output, whether a label is left after truncation (numpy bool array)."""
+    import pyarrow.compute as pc
+
+    table = rows.with_format("arrow")[:]  # honours a selection (indices mapping); zero-copy otherwise
+    return (pc.list_value_length(table.column("input_ids")).to_numpy() > table.column(PROMPT).to_numpy())
+
+
+def trainable(rows):
+    """The rows TRL trains on: those truncation leaves with a label (TRL drops the others), in order."""
+    import numpy as np
+
+    keep = has_labels(rows)
+    return rows if keep.all() else rows.select(np.flatnonzero(keep), keep_in_memory=True)
+
+
+def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
+            cache: Path | None | bool = True):
+    """`trainable(prepare_rows(...))`: `dataset` as TRL would train on it, rows left without a label dropped."""
+    return trainable(prepare_rows(dataset, tokenizer, max_length, num_proc=num_proc, cache=cache))
+
+
+@dataclass
+class Prepared:
+    """The datasets of a run, prepared once: what the trainer gets, and what the pre-flight report reads."""
+
+    args: Any
+    """The run's SFTConfig, as the preparation left it (TRL's own preparation skipped where done here)."""
+    train: Any
+    """What the trainer trains on: `trainable(rows)`, or the chat records where TRL prepares them itself."""
+    eval: Any
+    """Likewise for evaluation (None without an eval set)."""
+    records: Any
+    """The training chat records (prompt/completion/source); row i of `rows` is record i."""
+    eval_records: Any
+    rows: Any
+    """Every training record as `prepare_rows` tokenized it (rows TRL drops included); None where TRL prepares."""
+    eval_rows: Any
+    max_length: int | None
+    """Where the rows are cut (the recipe's max_length; padding-free clears it on the SFTConfig afterwards)."""
+    unsupported: str | None = None
+    """Why TRL prepares the data itself (`unsupported`), or None."""
+
+
+def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepared:
+    """Tokenize with `prepare_rows` where it gives TRL's exact result; otherwise leave the datasets to TRL.
+
+    Without packing the prepared rows are already truncated, so TRL's preparation is skipped (set on `args`, the
+    run's SFTConfig); padding-free then needs `max_length=None` on it (TRL's rule: it does not truncate padding-free
+    rows itself). With packing TRL still packs (bfd truncates each document to max_length, as TRL's own path does)."""
+    from accelerate import PartialState
+
+    prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
+    if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
+        tokenizer.eos_token = args.eos_token
+    reason = next(filter(None, (unsupported(args, d) for d in (train_dataset, eval_dataset) if d is not None)), None)
+    if reason:
+        if args.padding_free and not args.packing:
+            logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "
+                           "training on padded batches", reason)
+            args.padding_free = False
+        prepared.unsupported = reason
+        return prepared
+    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+    # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
+    with PartialState().local_main_process_first():
+        prepared.rows = prepare_rows(train_dataset, tokenizer, None if args.packing else args.max_length,
+                                     num_proc=args.dataset_num_proc)
+        if eval_dataset is not None:
+            prepared.eval_rows = prepare_rows(eval_dataset, tokenizer, None if eval_packing else args.max_length,
+                                              num_proc=args.dataset_num_proc)
+    prepared.train = trainable(prepared.rows)
+    prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
+    if not args.packing:
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        if args.shuffle_dataset:  # what TRL's skipped preparation would have done
+            prepared.train = prepared.train.shuffle(seed=args.seed)
+        if args.padding_free:
+            args.max_length = None
+    return prepared
 
 
 def _writable(directory: Path) -> Path | None:

@@ -1,8 +1,9 @@
 """Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`.
 
-Load and validate the recipe, check the data (the pre-flight report, `check.py`), build the SFTTrainer, train (or
-resume), save the adapters in the seed's layout with the resolved recipe and the manifest beside them, merge when
-the recipe asks, then smoke-test generation and write the summary (`report.py`).
+Load and validate the recipe, prepare the data once (`prepare.py`) and check it (the pre-flight report,
+`preflight.py`), build the SFTTrainer, train (or resume), save the adapters in the seed's layout with the resolved
+recipe and the manifest beside them, merge when the recipe asks, then smoke-test generation and write the
+summary (`report.py`).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             print(recipe.to_yaml(), end="")
             return 0
         if args.check:
-            from .check import run_check
+            from .preflight import run_check
 
-            run_check(recipe, *_inputs(recipe))
+            tokenizer, data = _inputs(recipe)
+            run_check(recipe, tokenizer, data)
             return 0
         if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
             _relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
@@ -99,17 +101,21 @@ def _check_this_launch(recipe: Recipe) -> None:
 
 
 def _inputs(recipe: Recipe):
-    """(tokenizer, train set, eval set or None), building the tiny model first when the recipe asks."""
+    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first when the
+    recipe asks."""
     from .data import load_datasets
     from .model import load_tokenizer
+    from .prepare import prepare_datasets
 
-    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
+    args = recipe.build_sft_config()
+    train_set, eval_set = load_datasets(recipe.data, seed=args.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
 
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
-    return load_tokenizer(recipe.model, recipe.data), train_set, eval_set
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    return tokenizer, prepare_datasets(args, tokenizer, train_set, eval_set)
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
@@ -125,23 +131,23 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     check_qlora_backend(recipe)
     check_model_weights(recipe)
     resume_from = _resume_point(recipe, resume, force_resume)
-    tokenizer, train_set, eval_set = _inputs(recipe)
-    from .lengths import check_dataset_lengths
+    tokenizer, data = _inputs(recipe)
+    from .rows import check_lengths
 
-    check_dataset_lengths(recipe, tokenizer, train_set, eval_set)
+    check_lengths(recipe, tokenizer, data)
     preflight = None
     if recipe.check.enabled:
-        from .check import run_check
+        from .preflight import run_check
 
-        preflight = run_check(recipe, tokenizer, train_set, eval_set,
-                              main_process=PartialState().is_main_process).to_dict()
+        preflight = run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
     _configure_wandb(recipe)
 
     from .checkpoints import save_failure
     from .signals import interruptible
     from .trainer import build_trainer
 
-    trainer = build_trainer(recipe, tokenizer, train_set, eval_set)
+    trainer = build_trainer(recipe, tokenizer, data)
+    train_set, eval_set = data.records, data.eval_records
     summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
@@ -188,9 +194,9 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
 
 def _count(dataset) -> dict[str, int]:
-    from collections import Counter
+    from .rows import records_by_source
 
-    return dict(sorted(Counter(dataset["source"]).items())) if dataset is not None else {}
+    return records_by_source(dataset)
 
 
 def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:

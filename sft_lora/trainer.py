@@ -25,8 +25,11 @@ def source_metric(source: str) -> str:
     return "eval_" + re.sub(r"\s+", "_", source.strip())
 
 
-def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
+def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter.
+
+    `data`: the run's datasets as `prepare.prepare_datasets` prepared them (with the run's SFTConfig), or a
+    chat-record train set (and `eval_dataset`), prepared here.
 
     With `report.eval_per_source` and more than one source, every evaluation also reports each source's loss.
     Its checkpoints carry a completion record and fingerprint (`checkpoints.CheckpointRecord`), and SIGTERM/SIGINT
@@ -68,6 +71,12 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
                 self._metrics["eval"].clear()
             super().log(logs, start_time)
 
+    from .prepare import Prepared, prepare_datasets
+
+    check_target_modules(recipe)  # a wrong target name fails before any weight is downloaded or loaded
+    if not isinstance(data, Prepared):
+        data = prepare_datasets(recipe.build_sft_config(), tokenizer, data, eval_dataset)
+    args, train_dataset, eval_dataset = data.args, data.train, data.eval
     eval_sets = eval_dataset
     if eval_dataset is not None and recipe.report.eval_per_source:
         sources = sorted(set(eval_dataset["source"]))
@@ -76,9 +85,6 @@ def build_trainer(recipe: Recipe, tokenizer, train_dataset, eval_dataset=None):
             column = eval_dataset["source"]
             eval_sets.update({f"{OVERALL}/{s}": eval_dataset.select([i for i, v in enumerate(column) if v == s])
                               for s in sources})
-    check_target_modules(recipe)  # a wrong target name fails before any weight is downloaded or loaded
-    args = recipe.build_sft_config()
-    train_dataset, eval_sets = _prepare_datasets(args, tokenizer, train_dataset, eval_sets)
     _choose_attention(recipe, args)
     _choose_activation_checkpointing(recipe, args, train_dataset)
     score_labelled_positions_only()
@@ -111,45 +117,6 @@ def _pin_tensorboard_dir(trainer, directory: Path) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(directory)
-
-
-def _prepare_datasets(args, tokenizer, train_dataset, eval_dataset):
-    """Tokenize with `prepare.py` where it gives TRL's exact result; otherwise leave the datasets to TRL.
-
-    `eval_dataset` may be a dict of eval sets (per-source eval); each is prepared. Without packing the prepared
-    rows are already truncated, so TRL's preparation is skipped; padding-free then needs `max_length=None` on the
-    SFTConfig (TRL's rule: it does not truncate padding-free rows itself). With packing TRL still packs (bfd
-    truncates each document to max_length, as TRL's own path does)."""
-    from accelerate import PartialState
-
-    from .prepare import prepare, unsupported
-
-    eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {} if eval_dataset is None else {"": eval_dataset}
-    reason = next(filter(None, (unsupported(args, d) for d in [train_dataset, *eval_sets.values()])), None)
-    if reason:
-        if args.padding_free and not args.packing:
-            logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "
-                           "training on padded batches", reason)
-            args.padding_free = False
-        return train_dataset, eval_dataset
-    if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
-        tokenizer.eos_token = args.eos_token
-    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
-    # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
-    with PartialState().local_main_process_first():
-        train_dataset = prepare(train_dataset, tokenizer, None if args.packing else args.max_length,
-                                num_proc=args.dataset_num_proc)
-        eval_sets = {key: prepare(d, tokenizer, None if eval_packing else args.max_length,
-                                  num_proc=args.dataset_num_proc) for key, d in eval_sets.items()}
-    if not args.packing:
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        if args.shuffle_dataset:  # what TRL's skipped preparation would have done
-            train_dataset = train_dataset.shuffle(seed=args.seed)
-        if args.padding_free:
-            args.max_length = None
-    if eval_dataset is None:
-        return train_dataset, None
-    return train_dataset, eval_sets if isinstance(eval_dataset, dict) else eval_sets[""]
 
 
 def _choose_attention(recipe: Recipe, args) -> None:

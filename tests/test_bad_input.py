@@ -573,14 +573,15 @@ def test_records_longer_than_max_length_are_counted_and_match_what_trl_drops(tmp
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, data={"path": str(path), "eval_split": None},
                                       training={"max_length": 48}))
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    train_set, _ = load_datasets(recipe.data)
-    from sft_lora.lengths import check_dataset_lengths
+    from sft_lora.prepare import prepare_datasets
+    from sft_lora.rows import check_lengths
 
-    check_dataset_lengths(recipe, tokenizer, train_set, None)
+    data = prepare_datasets(recipe.build_sft_config(), tokenizer, load_datasets(recipe.data)[0])
+    check_lengths(recipe, tokenizer, data)
     out = capsys.readouterr().out
     assert f"notice: {path}: 3 of 12 records are longer than training.max_length=48 tokens" in out
     assert "1 of them lose their whole answer and are dropped" in out
-    trainer = build_trainer(recipe, tokenizer, train_set)
+    trainer = build_trainer(recipe, tokenizer, data)
     assert len(trainer.train_dataset) == 12 - 1  # TRL dropped exactly the record counted as dropped
     assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) == 48
 

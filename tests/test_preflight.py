@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from sft_lora.check import MARK, preflight, trained_rows
 from sft_lora.config import RecipeError, load_recipe
 from sft_lora.data import load_datasets
 from sft_lora.model import load_tokenizer
+from sft_lora.preflight import MARK, preflight, stop_token_ids
+from sft_lora.prepare import prepare_datasets
+from sft_lora.rows import report_rows, row_stats, trained_row, trainer_cut
 from sft_lora.run import main
 from sft_lora.trainer import build_trainer
 
@@ -31,11 +33,12 @@ def _report(recipe_path):
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
-    return recipe, preflight(recipe, tokenizer, train_set, eval_set)
+    return recipe, preflight(recipe, tokenizer, prepare_datasets(recipe.build_sft_config(), tokenizer, train_set,
+                                                                 eval_set))
 
 
 @pytest.mark.parametrize("case", ["system prompt", "keep_start cut", "keep_end cut", "packing"])
-def test_rows_are_exactly_what_the_trainer_prepares(make_recipe, tmp_path, case):
+def test_the_report_reads_the_rows_the_trainer_trains_on(make_recipe, tmp_path, case):
     # 60 sample records plus 2 whose prompt alone is longer than max_length: TRL drops those (no loss left).
     long = [{"input": LONG_QUESTION, "output": "4.", "source": "long"}] * 2
     data = {"path": _data(tmp_path, SAMPLE_RECORDS[:60] + long), "eval_split": None}
@@ -45,28 +48,40 @@ def test_rows_are_exactly_what_the_trainer_prepares(make_recipe, tmp_path, case)
         training = {"max_length": 256}
     elif case == "keep_start cut":
         training = {"max_length": 17}
-    elif case == "keep_end cut":
+    elif case == "keep_end cut":  # sft_lora's preparation does not apply: TRL prepares, the report tokenizes as TRL
         training = {"max_length": 17, "truncation_mode": "keep_end"}
     else:
         training = {"max_length": 64, "packing": True}
     recipe = load_recipe(make_recipe(data=data, training=training))
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    train_set, _ = load_datasets(recipe.data)
-    rows = trained_rows(recipe, tokenizer, train_set)
-    prepared = build_trainer(recipe, tokenizer, train_set).train_dataset
+    prepared = prepare_datasets(recipe.build_sft_config(), tokenizer, load_datasets(recipe.data)[0])
+    report = preflight(recipe, tokenizer, prepared)  # prepared once: the report and the trainer read it
+    trained = build_trainer(recipe, tokenizer, prepared).train_dataset
+    rows, cut = report_rows(prepared, tokenizer), trainer_cut(prepared.args, prepared.max_length)
+    assert len(rows) == report.rows == 62
     if case == "packing":
-        report = preflight(recipe, tokenizer, train_set)
-        assert report.packed_rows == len(prepared) < len(rows)
-        filled = sum(len(ids) for ids in prepared["input_ids"]) / (len(prepared) * 64)
+        assert report.packed_rows == len(trained) < len(rows)
+        filled = sum(len(ids) for ids in trained["input_ids"]) / (len(trained) * 64)
         assert report.packing_efficiency == pytest.approx(filled)
         assert report.packing.startswith("on (bfd)")
         return
-    kept = [r for r in rows if r.loss_tokens]  # TRL drops the rows truncation leaves with no loss
-    assert len(kept) == len(prepared) <= len(rows)
-    assert [(r.input_ids, r.labels, r.source) for r in kept] == \
-        [(p["input_ids"], p["labels"], p["source"]) for p in prepared]
+    if case != "keep_end cut":  # the trainer reads the Arrow file the report read, not a copy
+        assert prepared.unsupported is None and trained.cache_files == rows.cache_files != []
+    stats = row_stats(rows, cut, stop_token_ids(recipe, prepared.args, tokenizer))
+    kept = [i for i in range(len(rows)) if stats["loss"][i]]  # TRL drops the rows truncation leaves with no loss
+    assert len(kept) == len(trained) <= len(rows)
+    assert [(*trained_row(rows, i, cut), rows[i]["source"]) for i in kept] == \
+        [(p["input_ids"], p["labels"], p["source"]) for p in trained]
+    # the report's figures are the trained rows' figures
+    labels = trained["labels"]
+    assert report.loss_tokens == sum(label != -100 for row in labels for label in row)
+    assert report.no_loss_rows == len(rows) - len(trained)
+    assert report.rows_with_stop == sum(tokenizer.eos_token_id in row for row in labels)
+    assert report.tokens - sum(len(ids) for ids in trained["input_ids"]) == \
+        sum(int(stats["tokens"][i]) for i in range(len(rows)) if i not in kept)
     if case != "system prompt":
-        assert any(r.length > len(r.input_ids) for r in kept), "the case must actually truncate"
+        assert report.truncated_rows and any(stats["length"][i] > stats["tokens"][i] for i in kept), \
+            "the case must actually truncate"
     if case == "keep_start cut":
         assert len(kept) == len(rows) - 2  # the two long prompts are dropped
 

@@ -1,0 +1,248 @@
+"""Pre-flight data report: what the trainer will learn from, checked before the model is loaded.
+
+The costly fine-tuning failures are silent: answers with no loss-carrying token, an end-of-turn token that is never
+trained (so generation never stops), half the data cut at `max_length`. The report reads the prepared dataset the
+trainer trains on (`prepare.prepare_datasets`, one tokenization, cached), whose rows keep the untruncated lengths,
+so it can say what truncation costs; its figures are computed column-wise (`rows.py`). `tests/test_preflight.py`
+proves they equal what `trainer.train_dataset` holds. It needs the tokenizer alone, so `--check` and a failing
+check cost the preparation, not a model load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .config import Recipe, RecipeError
+from .prepare import Prepared
+from .rows import packing_line, records_by_source, report_rows, row_stats, trained_row, trainer_cut
+
+IGNORE = -100  # the label of a token that carries no loss
+MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
+
+
+@dataclass
+class Report:
+    """The pre-flight numbers; `text()` prints them, `failures` are what stops the run."""
+
+    rows: int
+    eval_rows: int
+    max_length: int | None
+    records_by_source: dict[str, int]
+    eval_records_by_source: dict[str, int]
+    prompt_tokens: dict[str, int]
+    answer_tokens: dict[str, int]
+    tokens: int
+    loss_tokens: int
+    truncated_rows: int
+    truncated_tokens: int
+    truncated_loss_tokens: int
+    truncation: str
+    stop_tokens: list[str]
+    rows_with_stop: int
+    no_loss_rows: int
+    packing: str
+    packing_efficiency: float
+    padding_efficiency: float | None
+    packed_rows: int
+    example: str
+    example_source: str
+    by_source: dict[str, dict[str, Any]]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def loss_share(self) -> float:
+        return self.loss_tokens / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("example_source", "failures")}
+        out["loss_share"] = self.loss_share
+        out["failures"] = [{"check": name, "message": message} for name, message in self.failures]
+        return out
+
+    def text(self, ignore: list[str] = ()) -> str:
+        limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
+        lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})",
+                 f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
+                 f"{'loss tokens':>13}{'truncated':>11}"]
+        for source, stats in self.by_source.items():
+            prompt = f"{stats['prompt_p50']}/{stats['prompt_max']}"
+            answer = f"{stats['answer_p50']}/{stats['answer_max']}"
+            lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
+                         f"{prompt:>16}{answer:>16}{stats['loss_tokens']:>13,}{stats['truncated']:>11}")
+        p, a = self.prompt_tokens, self.answer_tokens
+        lines += [
+            f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
+            f"  answer tokens   p50 {a['p50']}  p90 {a['p90']}  p99 {a['p99']}  max {a['max']}",
+            f"  loss tokens     {self.loss_tokens:,} of {self.tokens:,} trained tokens ({self.loss_share:.1%}): "
+            "the answers and their end-of-turn token",
+            f"  truncated       {self.truncated_rows} of {self.rows} rows ({_share(self.truncated_rows, self.rows)}) "
+            f"{self.truncation}, {self.truncated_tokens:,} tokens lost ({self.truncated_loss_tokens:,} of them "
+            "loss-carrying)",
+            f"  end of turn     {' or '.join(self.stop_tokens)} carries loss in {self.rows_with_stop} of {self.rows} "
+            "rows",
+            f"  packing         {self.packing}",
+            f"  example         (source {self.example_source}; loss on {MARK[0]}…{MARK[1]})",
+            *("    " + line for line in self.example.splitlines()),
+        ]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        for name, message in self.failures:
+            lines.append(f"  {'IGNORED' if name in ignore else 'FAILED'} [{name}] {message}")
+        if not self.failures:
+            lines.append("  all checks passed (no_loss, eos, truncated, empty_source)")
+        return "\n".join(lines)
+
+    def enforce(self, ignore: list[str] = ()) -> None:
+        """Raise one RecipeError line for the failures not in `ignore`."""
+        failed = [(name, message) for name, message in self.failures if name not in ignore]
+        if failed:
+            name, message = failed[0]
+            more = f" (+{len(failed) - 1} more failed check(s) above)" if len(failed) > 1 else ""
+            raise RecipeError(f"pre-flight check failed [{name}]: {message}{more}; "
+                              f"to train anyway set check.ignore=[{name}]")
+
+
+def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
+    """Tokens that end generation: the tokenizer's EOS (or training.eos_token, which TRL makes the EOS) and the
+    base model's generation_config EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>)."""
+    ids = [tokenizer.convert_tokens_to_ids(args.eos_token or tokenizer.eos_token)]
+    try:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
+        extra = config.eos_token_id
+        ids += [extra] if isinstance(extra, int) else list(extra or [])
+    except Exception:  # no generation_config.json (or no network): the tokenizer's EOS is what TRL trains
+        pass
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _pct(values) -> dict[str, int]:
+    import numpy as np
+
+    if not len(values):
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    return {f"p{q}": int(np.percentile(values, q, method="nearest")) for q in (50, 90, 99)} | \
+        {"max": int(values.max())}
+
+
+def _by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, Any]]:
+    """Per source: rows, trainable rows, prompt and answer p50/max, loss tokens, truncated rows."""
+    import numpy as np
+
+    order = np.argsort(stats["code"], kind="stable")
+    bounds = np.searchsorted(stats["code"][order], np.arange(len(stats["names"]) + 1))
+    groups = {name: order[bounds[k]:bounds[k + 1]] for k, name in enumerate(stats["names"])}
+    out = {}
+    for source in sorted(set(groups) | set(sources)):
+        mine = groups.get(source, np.zeros(0, dtype=np.int64))
+        prompt, answer = stats["prompt"][mine], (stats["length"] - stats["prompt"])[mine]
+        out[source] = {
+            "rows": len(mine), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
+            "prompt_p50": _pct(prompt)["p50"], "prompt_max": _pct(prompt)["max"], "answer_p50": _pct(answer)["p50"],
+            "answer_max": _pct(answer)["max"], "loss_tokens": int(stats["loss"][mine].sum()),
+            "truncated": int((stats["tokens"][mine] < stats["length"][mine]).sum())}
+    return out
+
+
+def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
+    """Measure the training rows as the trainer will train them, and list the failed checks."""
+    args, rows = data.args, report_rows(data, tokenizer)
+    cut = trainer_cut(args, data.max_length)
+    stop_ids = stop_token_ids(recipe, args, tokenizer)
+    stats = row_stats(rows, cut, stop_ids)
+    truncated = stats["tokens"] < stats["length"]
+    packing, efficiency, padding, packed_rows = packing_line(stats["tokens"], args, data.max_length)
+    example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
+    report = Report(
+        rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
+        max_length=data.max_length, records_by_source=records_by_source(rows),
+        eval_records_by_source=records_by_source(data.eval_records), prompt_tokens=_pct(stats["prompt"]),
+        answer_tokens=_pct(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
+        loss_tokens=int(stats["loss"].sum()), truncated_rows=int(truncated.sum()),
+        truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
+        truncated_loss_tokens=int(stats["lost_loss"].sum()), truncation=_truncation_words(args, data.max_length),
+        stop_tokens=[tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)],
+        rows_with_stop=int(stats["stop"].sum()), no_loss_rows=int((stats["loss"] == 0).sum()), packing=packing,
+        packing_efficiency=efficiency, padding_efficiency=padding, packed_rows=packed_rows,
+        example=render(tokenizer, *trained_row(rows, example, cut)),
+        example_source=stats["names"][stats["code"][example]], by_source=_by_source(stats, recipe.check.sources))
+    _judge(report, stats, data.records, recipe.check.max_truncated_share)
+    return report
+
+
+def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
+    """Fill `report.failures` (and warnings) from the numbers."""
+    import numpy as np
+
+    no_loss = np.flatnonzero(stats["loss"] == 0)
+    if len(no_loss):
+        first = int(no_loss[0])
+        why = ("its prompt fills training.max_length" if stats["tokens"][first] < stats["length"][first] else
+               "the chat template renders no answer tokens after the prompt")
+        prompt = records[first]["prompt"]
+        source, question = stats["names"][stats["code"][first]], prompt[-1]["content"] if prompt else ""
+        report.failures.append(("no_loss", f"{len(no_loss)} of {report.rows} training records carry no "
+                                f"loss-carrying token (first: source '{source}', question '{_cut(question, 40)}': "
+                                f"{why}); TRL would drop or waste them"))
+    if report.rows and not report.rows_with_stop:
+        report.failures.append(("eos", f"the end-of-turn token ({' or '.join(report.stop_tokens)}) carries loss in "
+                                "no training row, so the model never learns to stop; use a chat template that closes "
+                                "the assistant turn with it, or set training.eos_token"))
+    share = report.truncated_rows / report.rows if report.rows else 0.0
+    if share > max_truncated_share:
+        report.failures.append(("truncated", f"{report.truncated_rows} of {report.rows} training rows "
+                                f"({share:.1%}) are cut at training.max_length={report.max_length}, above "
+                                f"check.max_truncated_share={max_truncated_share:g}; raise training.max_length "
+                                "or shorten the records"))
+    for source, source_stats in report.by_source.items():
+        if source_stats["trainable_rows"] == 0:
+            what = ("has no record" if not source_stats["rows"] else
+                    f"has {source_stats['rows']} records but none carries loss")
+            report.failures.append(("empty_source", f"source '{source}' {what}; check the data or check.sources"))
+    for source in report.records_by_source:
+        if report.eval_rows and not report.eval_records_by_source.get(source):
+            report.warnings.append(f"source '{source}' has no eval record, so it gets no eval loss of its own")
+    if report.rows and 0 < report.rows_with_stop < report.rows:
+        report.warnings.append(f"{report.rows - report.rows_with_stop} rows lose their end-of-turn token to "
+                               "truncation")
+
+
+def _truncation_words(args, max_length: int | None) -> str:
+    if max_length is None:
+        return "(no max_length)"
+    if args.packing:
+        return f"at {max_length} (packing {args.packing_strategy})"
+    return f"at {max_length} ({args.truncation_mode})"
+
+
+def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """A row's text as trained, with the loss-carrying spans in brackets."""
+    parts, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        if end == len(input_ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
+            text = tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
+            parts.append(f"{MARK[0]}{text}{MARK[1]}" if labels[start] != IGNORE else text)
+            start = end
+    return "".join(parts)
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "0%"
+
+
+def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:
+    """The report, printed on the main process; raises RecipeError on a failed check not in `check.ignore`.
+
+    Every rank computes the verdict itself (the data is the same), so all ranks stop together with no collective."""
+    report = preflight(recipe, tokenizer, data)
+    if main_process:
+        print(report.text(recipe.check.ignore), flush=True)
+    report.enforce(recipe.check.ignore)
+    return report
