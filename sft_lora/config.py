@@ -536,7 +536,7 @@ def _describe(hint: Any, default: Any) -> str:
 
 
 def _hardware_defaults() -> dict[str, bool]:
-    """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (MEASURED.md).
+    """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (README, The recipe).
     `use_cpu` on a machine without a GPU: without it, processes started by `accelerate launch` never form a
     process group on CPU and each trains alone."""
     import torch

@@ -192,9 +192,9 @@ def _memory_estimate(recipe: Recipe, args, train_dataset) -> tuple[float | None,
 def score_labelled_positions_only() -> None:
     """Make TRL's fused LM head score only the positions that carry a label on CPU too, as it does on Triton
     devices. TRL scores every position (padding and prompt included) elsewhere to keep tile shapes fixed for
-    compiled backends such as Neuron; eager CPU has no such constraint, and scoring all positions took ~44 % of a
-    padded CPU step (MEASURED.md). Patches the device test that picks this (one name in `trl.trainer.utils`);
-    a no-op if TRL no longer has it (tests/test_perf.py then fails)."""
+    compiled backends such as Neuron; eager CPU has no such constraint, and scoring all positions costs +26 % time
+    per token on the benchmark job (README, Performance). Patches the device test that picks this (one name in
+    `trl.trainer.utils`); a no-op if TRL no longer has it (tests/test_perf.py then fails)."""
     import trl.trainer.utils as trl_utils
 
     use_triton = getattr(trl_utils, "_use_triton", None)
