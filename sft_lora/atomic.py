@@ -1,6 +1,7 @@
-"""Write a directory all at once: build it in a temporary sibling, then rename it into place.
+"""Write a file or a directory all at once: build it in a temporary sibling, then rename it into place.
 
-A crash while writing leaves only `<name>.tmp-*`, never a final directory that looks complete.
+A crash while writing leaves only `<name>.tmp-*`, never a final file or directory that looks complete. Every
+output sft_lora writes goes through `atomic_file` or `atomic_dir`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,34 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is flushed to disk and replaces `final`."""
+    final = Path(final)
+    tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(final: str | Path, text: str) -> None:
+    """Replace `final` with `text` (UTF-8) all at once."""
+    with atomic_file(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_target(final: str | Path, *, overwrite: bool) -> None:

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import RECIPE_FILE, RecipeError, first_line
+from .config import RecipeError, first_line, read_saved_recipe
+from .model import stop_token_ids
 
 
 def load(model_dir: str | Path):
@@ -25,9 +24,7 @@ def load(model_dir: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     model_dir = Path(model_dir)
-    recipe = {}
-    if (model_dir / RECIPE_FILE).is_file():
-        recipe = yaml.safe_load((model_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    recipe = read_saved_recipe(model_dir)
     model_args = recipe.get("model", {})
     kwargs = {"dtype": model_args.get("dtype", "auto"), "trust_remote_code": model_args.get("trust_remote_code", False)}
     if torch.cuda.is_available():
@@ -57,14 +54,6 @@ def load(model_dir: str | Path):
     return model.eval(), tokenizer, recipe.get("data", {}).get("system_prompt")
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS and the generation config's."""
-    ids = [tokenizer.eos_token_id]
-    extra = model.generation_config.eos_token_id
-    ids += [extra] if isinstance(extra, int) else list(extra or [])
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, streamer=None) -> dict[str, Any]:
     """One assistant answer to `messages`: {text, stopped (ended on EOS by itself), tokens}."""
@@ -72,7 +61,7 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
 
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt").to(model.device)
-    stops = stop_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,

@@ -6,73 +6,33 @@ the checkpoint is on disk: the size of each file, and the fingerprint of the rec
 made from. Resume uses only checkpoints whose record is present and whose files match it, and refuses one made
 from a different recipe or data unless forced.
 
-What may change on resume (the *resume view* leaves it out of the comparison): where things are written
-(`output.*`), how the run is logged (`wandb.*`, logging/report/eval-cadence keys), how often and how many
-checkpoints are saved, the length of the run (`max_steps`, `num_train_epochs` — extending a run is the point of
-resuming), dataloader plumbing, `model.name`, and the data *paths* (the data is compared by content).
-Everything else — model, LoRA, quantization, optimiser and schedule, batch sizes, seed, data content and
-selection — must match.
+What must match on resume is what shapes the weights (`fingerprint.py`): the resolved configuration's values
+and the content of every file the recipe points at; everything else — outputs, logging, save cadence, the run's
+length, the data's path — may change.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import TrainerCallback
 
+from .atomic import fsync, write_atomic
 from .config import Recipe, RecipeError
 
 RECORD = "sft_lora_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
-# Keys that may differ between the run that saved a checkpoint and the run that resumes it (see module doc).
-RESUME_NEUTRAL: dict[str, set[str] | None] = {
-    "output": None,  # None: the whole section
-    "wandb": None,
-    "model": {"name"},
-    "data": {"path", "eval_path"},
-    "training": {
-        "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
-        "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "report_to", "disable_tqdm",
-        "eval_steps", "eval_strategy", "eval_delay", "per_device_eval_batch_size", "eval_accumulation_steps",
-        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-        "dataloader_prefetch_factor", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
-    },
-}
-
-
-def resume_view(recipe: Recipe) -> dict[str, Any]:
-    """The resolved recipe without the keys that may change on resume, as flat `section.key` → value."""
-    resolved = yaml.safe_load(recipe.to_yaml())
-    flat: dict[str, Any] = {}
-    for section, values in resolved.items():
-        neutral = RESUME_NEUTRAL.get(section, set())
-        if neutral is None:
-            continue
-        if not isinstance(values, dict):
-            flat[section] = values
-            continue
-        flat.update({f"{section}.{key}": value for key, value in values.items() if key not in neutral})
-    return flat
-
-
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What a checkpoint records about the run that made it."""
-    from .fingerprint import data_sha256, recipe_sha256
+    from .fingerprint import files_sha256, recipe_sha256, weights_sha256, weights_view
 
-    view = resume_view(recipe)
-    return {
-        "recipe_sha256": recipe_sha256(recipe),
-        "resume_sha256": hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest(),
-        "data_sha256": data_sha256(recipe),
-        "resume_view": view,
-    }
+    view = weights_view(recipe)
+    return {"recipe_sha256": recipe_sha256(recipe), "weights_sha256": weights_sha256(view),
+            "files_sha256": files_sha256(recipe), "weights_view": view}
 
 
 class CheckpointRecord(TrainerCallback):
@@ -106,14 +66,11 @@ class CheckpointRecord(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         files = {}
         for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
-            _fsync(path)
+            fsync(path)
             files[str(path.relative_to(checkpoint))] = path.stat().st_size
         record = {"step": state.global_step, **self.fingerprint, "files": files}
-        tmp = checkpoint / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, checkpoint / RECORD)
-        _fsync(checkpoint)
+        write_atomic(checkpoint / RECORD, json.dumps(record, indent=1, default=str) + "\n")
+        fsync(checkpoint)
         self.saving = None
 
 
@@ -128,14 +85,6 @@ def save_failure(trainer, exc: BaseException) -> RecipeError | None:
         return None
     return RecipeError(f"{record.saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
                        "then run again with --resume (this incomplete checkpoint is skipped)")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def incomplete_reason(checkpoint: str | Path) -> str | None:
@@ -201,17 +150,20 @@ def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> 
     saved = json.loads(record_path.read_text(encoding="utf-8"))
     now = fingerprint(recipe)
     problems = []
-    if saved.get("resume_sha256") != now["resume_sha256"]:
-        old, new = saved.get("resume_view", {}), now["resume_view"]
+    if saved.get("weights_sha256") != now["weights_sha256"]:
+        old, new = saved.get("weights_view", {}), now["weights_view"]
         keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
         shown = ", ".join(f"{k}: {_short(old.get(k, '<unset>'))} -> {_short(new.get(k, '<unset>'))}"
                           for k in keys[:3])
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
         problems.append(f"a different recipe ({shown}{more})")
-    old_data, new_data = list(saved.get("data_sha256", {}).values()), list(now["data_sha256"].values())
-    if old_data != new_data:
-        problems.append(f"different data (sha256 {', '.join(h[:12] for h in old_data)} then, "
-                        f"{', '.join(h[:12] for h in new_data)} now)")
+    old_files, new_files = saved.get("files_sha256", {}), now["files_sha256"]
+    for what, keys in (("different data", ("data.path", "data.eval_path")),
+                       ("a different chat template", ("data.chat_template",))):
+        then, now_ = [old_files[k] for k in keys if k in old_files], [new_files[k] for k in keys if k in new_files]
+        if then != now_:
+            problems.append(f"{what} (sha256 {', '.join(h[:12] for h in then)} then, "
+                            f"{', '.join(h[:12] for h in now_)} now)")
     if not problems:
         return
     message = f"{checkpoint}: made from {' and '.join(problems)}"

@@ -13,7 +13,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import DataArgs, RecipeError
+from .config import DataArgs, RecipeError, looks_like_hub_id
 
 
 class BadRecord:
@@ -60,7 +60,7 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
-    if p.suffix or path.startswith((".", "/", "~")):
+    if not looks_like_hub_id(path):
         raise RecipeError(f"{p}: data file not found; check data.path")
     from datasets import load_dataset
 

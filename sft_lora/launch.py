@@ -8,6 +8,7 @@ Each known-bad combination fails with one line and its fix; the issue threads be
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     # QLoRA with sharded weights needs the 4-bit storage dtype to equal the float dtype that ZeRO-3/FSDP flatten
     # (PEFT docs "Use PEFT QLoRA and DeepSpeed with ZeRO3"; huggingface/peft#2016, transformers#29266).
     if sharded and quant is not None:
-        compute = quant.get("bnb_4bit_compute_dtype", "bfloat16")
-        if quant.get("bnb_4bit_quant_storage") != compute:
+        compute = str(quant.bnb_4bit_compute_dtype).removeprefix("torch.")
+        if str(quant.bnb_4bit_quant_storage).removeprefix("torch.") != compute:
             raise RecipeError(f"{where}: QLoRA under {_name(config)} needs quantization.bnb_4bit_quant_storage: "
                               f"{compute} (equal to bnb_4bit_compute_dtype); add it to the recipe")
     # A device map places whole layers on devices itself; DeepSpeed/FSDP/DDP place them instead
@@ -82,7 +83,7 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
                           f"{_name(config)}; remove model.device_map (each process loads its own copy or shard)")
     # Precision is decided twice (recipe and accelerate config); when they disagree one silently wins.
     mixed = str(config.get("mixed_precision") or "no")
-    wanted = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "no"
+    wanted = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
     if mixed != "no" and mixed != wanted:
         raise RecipeError(f"{where}: the accelerate config asks mixed_precision {mixed} but the recipe trains in "
                           f"{wanted}; set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")
@@ -90,7 +91,7 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         # Checkpointing twice recomputes every layer twice; transformers refuses the pair at step 0.
-        if fsdp.get("fsdp_activation_checkpointing") and recipe.build_sft_config().gradient_checkpointing:
+        if fsdp.get("fsdp_activation_checkpointing") and training.activation_checkpointing:
             raise RecipeError(f"{where}: fsdp_activation_checkpointing and training.activation_checkpointing are "
                               "both on; set training.activation_checkpointing: false")
         # FSDP1 flattens frozen base and trainable LoRA weights together unless the original parameters are kept
@@ -104,6 +105,26 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
         raise RecipeError(f"{where}: machine_rank must be below num_machines {machines}")
 
 
+def relaunch(recipe: Recipe, argv: list[str]) -> None:
+    """Start this same command under `accelerate launch` with the recipe's accelerate config, after checking the
+    pair, so a bad combination fails here in one line instead of in every launched process."""
+    path = resolve_config(recipe.accelerate_config, f"{recipe.source}: accelerate_config")
+    check_launch(recipe, read_config(path), str(path))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
+    print("launching:", " ".join(command), flush=True)
+    os.environ["SFT_LORA_LAUNCHED"] = "1"  # the launched processes train instead of launching again
+    os.execv(command[0], command)
+
+
+def check_this_launch(recipe: Recipe) -> None:
+    """Check what accelerate actually set up for this process (also when launched by hand)."""
+    from accelerate import PartialState
+
+    check_launch(recipe, config_from_environment(), "accelerate launch")
+    check_process_group(PartialState().num_processes)
+
+
 def check_process_group(world_size: int) -> None:
     """Processes started by a launcher that did not join one process group would each train alone and write the
     same outputs (seen with `accelerate launch --cpu --num_processes 2`, and multi-GPU configs on a CPU box)."""
@@ -113,7 +134,7 @@ def check_process_group(world_size: int) -> None:
                           "machine without a GPU keep training.use_cpu: true and a MULTI_GPU or DEEPSPEED config")
 
 
-def _check_deepspeed_batch(config: dict[str, Any], training: dict[str, Any], processes: int, where: str) -> None:
+def _check_deepspeed_batch(config: dict[str, Any], training, processes: int, where: str) -> None:
     """DeepSpeed requires train_batch_size = micro batch × accumulation × world size; numbers fixed in the
     accelerate or DeepSpeed config must agree with the recipe's, or DeepSpeed stops at start-up."""
     if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
@@ -123,8 +144,7 @@ def _check_deepspeed_batch(config: dict[str, Any], training: dict[str, Any], pro
         import json
 
         ds.update(json.loads(Path(ds["deepspeed_config_file"]).read_text(encoding="utf-8")))
-    micro = training.get("per_device_train_batch_size", 8)
-    accumulation = training.get("gradient_accumulation_steps", 1)
+    micro, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     fixed = {"gradient_accumulation_steps": accumulation, "train_micro_batch_size_per_gpu": micro,
              "train_batch_size": micro * accumulation * processes}
     for key, expected in fixed.items():

@@ -8,9 +8,9 @@ seed and hardware. Never the environment: secrets live there. Recipe values unde
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
-import re
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,14 +19,13 @@ from typing import Any
 
 import yaml
 
-from .config import Recipe
+from .config import RECIPE_FILE, Recipe
 from .fingerprint import data_sha256, recipe_sha256
+from .secret_check import is_secret_name
 
 MANIFEST_FILE = "manifest.json"
 PACKAGES = ("sft_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
             "tokenizers", "safetensors")
-SECRET_KEY = re.compile(r"(secret|password|passwd|api_?key|credential|auth)|(^|_)token$", re.I)
-TOKEN_NAMES = {"eos_token", "pad_token", "bos_token", "unk_token"}  # vocabulary tokens, not credentials
 
 
 def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
@@ -38,7 +37,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "recipe_sha256": recipe_sha256(recipe),
         "data_sha256": data_sha256(recipe),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-        "seed": recipe.training.get("seed", 42),
+        "seed": recipe.training.seed,
         "base_model": recipe.model.name_or_path,
         "packages": {name: _version(name) for name in PACKAGES},
         "python": platform.python_version(),
@@ -47,13 +46,33 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
     }
 
 
+def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
+    """Adapters, tokenizer (with its chat template) and the resolved recipe, written atomically.
+
+    `save_model` runs on every rank: under ZeRO-3 the weights are gathered collectively."""
+    from .atomic import atomic_dir
+
+    if not trainer.accelerator.is_main_process:
+        trainer.save_model(str(recipe.adapters_dir) + ".unused")  # collective gather; rank 0 writes
+        trainer.accelerator.wait_for_everyone()
+        return
+    with atomic_dir(recipe.adapters_dir, overwrite=True) as tmp:
+        trainer.save_model(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe beside it says the same
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(recipe, tokenizer), indent=2) + "\n",
+                                         encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+
+
 def redact(value: Any, key: str = "") -> Any:
     """`value` with every string under a secret-looking key replaced."""
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, key) for v in value]
-    if isinstance(value, str) and value and key not in TOKEN_NAMES and SECRET_KEY.search(key):
+    if isinstance(value, str) and value and is_secret_name(key):
         return "<redacted>"
     return value
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DataArgs, ModelArgs, RecipeError
+from .config import DataArgs, ModelArgs, RecipeError, looks_like_hub_id
 
 # Used when a tokenizer has none (base models). Zephyr-style role markers, each turn ends with the tokenizer's
 # EOS, so the end of the answer is a token the model already stops on. Turns are joined by "\n" (not ended by
@@ -26,7 +26,7 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
     """The base model's tokenizer, with `data.chat_template` or the default template when it has none."""
     from transformers import AutoTokenizer
 
-    if not model.build_tiny and _looks_local(model.name_or_path) and not Path(model.name_or_path).is_dir():
+    if not model.build_tiny and not looks_like_hub_id(model.name_or_path) and not Path(model.name_or_path).is_dir():
         raise RecipeError(f"{model.name_or_path}: model directory not found; check model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision,
@@ -52,5 +52,10 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
     return tokenizer
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") != 1
+def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = None) -> list[int]:
+    """The tokens that end an answer: the EOS (`eos_token`, as training.eos_token names it, else the tokenizer's)
+    first, then the generation config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
+    ids = [tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -106,16 +106,15 @@ class Report:
 def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
     """Tokens that end generation: the tokenizer's EOS (or training.eos_token, which TRL makes the EOS) and the
     base model's generation_config EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>)."""
-    ids = [tokenizer.convert_tokens_to_ids(args.eos_token or tokenizer.eos_token)]
-    try:
-        from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
+    from .model import stop_token_ids as stop_ids
+
+    try:
         config = GenerationConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
-        extra = config.eos_token_id
-        ids += [extra] if isinstance(extra, int) else list(extra or [])
     except Exception:  # no generation_config.json (or no network): the tokenizer's EOS is what TRL trains
-        pass
-    return list(dict.fromkeys(i for i in ids if i is not None))
+        config = None
+    return stop_ids(tokenizer, config, args.eos_token)
 
 
 def _pct(values) -> dict[str, int]:

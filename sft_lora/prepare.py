@@ -15,6 +15,7 @@ bounded however many records there are.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -40,6 +41,11 @@ def unsupported(args, dataset) -> str | None:
         return "already tokenized"
     if not {"prompt", "completion"} <= columns or columns & {"tools", "chat_template_kwargs", "images"}:
         return "not a plain conversational prompt/completion dataset"
+    return unsupported_settings(args)
+
+
+def unsupported_settings(args) -> str | None:
+    """Why the SFTConfig `args` asks for something this preparation does not do, or None."""
     if args.completion_only_loss is False or args.assistant_only_loss:
         return "completion_only_loss=False or assistant_only_loss=True"
     if args.truncation_mode != "keep_start":
@@ -151,7 +157,7 @@ class Prepared:
     """The datasets of a run, prepared once: what the trainer gets, and what the pre-flight report reads."""
 
     args: Any
-    """The run's SFTConfig, as the preparation left it (TRL's own preparation skipped where done here)."""
+    """The trainer's copy of the run's SFTConfig, adapted to the data prepared here (TRL's preparation skipped)."""
     train: Any
     """What the trainer trains on: `trainable(rows)`, or the chat records where TRL prepares them itself."""
     eval: Any
@@ -176,6 +182,7 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepa
     rows itself). With packing TRL still packs (bfd truncates each document to max_length, as TRL's own path does)."""
     from accelerate import PartialState
 
+    args = copy.copy(args)  # the trainer's view; the resolved config (recipe.training) stays as resolved
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token

@@ -8,13 +8,13 @@ The numbers come from the Trainer's own `state.log_history`: train losses as log
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import RECIPE_FILE
+from .atomic import atomic_file, write_atomic
+from .config import looks_like_hub_id, read_saved_recipe
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -74,14 +74,8 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
     plot = plot_losses(summary, directory / PLOT_FILE)
     summary["plot"] = str(plot) if plot else None
     summary["summary_file"] = str(directory / SUMMARY_FILE)
-    _write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     return directory / SUMMARY_FILE
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def plot_losses(summary: dict[str, Any], path: Path) -> Path | None:
@@ -110,10 +104,9 @@ def plot_losses(summary: dict[str, Any], path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -171,14 +164,12 @@ def model_card(adapter_dir: str | Path, base_model: str, merged_into: str) -> st
     adapter_dir = Path(adapter_dir)
     from .manifest import redact
 
-    recipe = {}
-    if (adapter_dir / RECIPE_FILE).is_file():
-        recipe = yaml.safe_load((adapter_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+    recipe = read_saved_recipe(adapter_dir)
     recipe_text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True) if recipe else ""
     summary = {}
     if (adapter_dir / SUMMARY_FILE).is_file():
         summary = json.loads((adapter_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    hub_id = base_model.count("/") == 1 and not base_model.startswith((".", "/", "~"))
+    hub_id = looks_like_hub_id(base_model)
     method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [sft, lora, trl, sft_lora]", *([f"base_model: {base_model}"] if hub_id else []), "---", ""]

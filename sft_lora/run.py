@@ -9,13 +9,12 @@ summary (`report.py`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 
-from .config import RECIPE_FILE, SEED_FLAGS, Recipe, RecipeError, load_recipe, recipe_keys
+from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe, recipe_keys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
-            print(recipe.to_yaml(), end="")
+            print(recipe.explain() + recipe.to_yaml(), end="")
             return 0
         if args.check:
             from .preflight import run_check
@@ -56,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             run_check(recipe, tokenizer, data)
             return 0
         if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
-            _relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
-        _check_this_launch(recipe)
+            from .launch import relaunch
+
+            relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
+        from .launch import check_this_launch
+
+        check_this_launch(recipe)
         train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -76,30 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _relaunch(recipe: Recipe, argv: list[str]) -> None:
-    """Start this same command under `accelerate launch` with the recipe's accelerate config, after checking the
-    pair, so a bad combination fails here in one line instead of in every launched process."""
-    from .launch import check_launch, read_config, resolve_config
-
-    path = resolve_config(recipe.accelerate_config, f"{recipe.source}: accelerate_config")
-    check_launch(recipe, read_config(path), str(path))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
-    print("launching:", " ".join(command), flush=True)
-    os.environ["SFT_LORA_LAUNCHED"] = "1"  # the launched processes train instead of launching again
-    os.execv(command[0], command)
-
-
-def _check_this_launch(recipe: Recipe) -> None:
-    """Check what accelerate actually set up for this process (also when launched by hand)."""
-    from accelerate import PartialState
-
-    from .launch import check_launch, check_process_group, config_from_environment
-
-    check_launch(recipe, config_from_environment(), "accelerate launch")
-    check_process_group(PartialState().num_processes)
-
-
 def _inputs(recipe: Recipe):
     """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first when the
     recipe asks."""
@@ -107,15 +86,14 @@ def _inputs(recipe: Recipe):
     from .model import load_tokenizer
     from .prepare import prepare_datasets
 
-    args = recipe.build_sft_config()
-    train_set, eval_set = load_datasets(recipe.data, seed=args.seed)
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
 
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    return tokenizer, prepare_datasets(args, tokenizer, train_set, eval_set)
+    return tokenizer, prepare_datasets(recipe.training, tokenizer, train_set, eval_set)
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
@@ -126,11 +104,14 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     from . import report
     from .guards import check_model_weights, check_outputs, check_qlora_backend
+    from .manifest import save_adapters
 
     check_outputs(recipe)
     check_qlora_backend(recipe)
     check_model_weights(recipe)
-    resume_from = _resume_point(recipe, resume, force_resume)
+    from .checkpoints import select_checkpoint
+
+    resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     tokenizer, data = _inputs(recipe)
     from .rows import check_lengths
 
@@ -141,9 +122,6 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
         preflight = run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
     _configure_wandb(recipe)
-
-    from .checkpoints import save_failure
-    from .signals import interruptible
     from .trainer import build_trainer
 
     trainer = build_trainer(recipe, tokenizer, data)
@@ -153,9 +131,26 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
                "records_by_source": {"train": _count(train_set), "eval": _count(eval_set)}}
-    after = None
+    result, before, after = _fit(trainer, resume_from, evaluate=eval_set is not None)
+    summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
+                   world_size=trainer.accelerator.num_processes, replicas_agree=_replicas_agree(trainer),
+                   peak_memory_gib=_peak_memory_gib())
+    save_adapters(trainer, recipe, tokenizer)
+    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
+    main_process = trainer.accelerator.is_main_process
+    del trainer
+    if main_process:
+        _finish(recipe, summary, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
+    return summary
+
+
+def _fit(trainer, resume_from: str | None, evaluate: bool):
+    """Train (a signal: checkpoint, stop, raise TrainingInterrupted); (train result, eval before, eval after)."""
+    from .checkpoints import save_failure
+    from .signals import interruptible
+
     try:
-        with interruptible(trainer):  # a signal: checkpoint, stop, raise TrainingInterrupted
+        with interruptible(trainer):
             result = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as exc:
         if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
@@ -164,19 +159,16 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0
               for k, v in log.items() if k.startswith("eval_")} or None
-    summary["eval_loss_before"] = (before or {}).get("eval_loss")
-    if eval_set is not None:
-        after = trainer.evaluate()
-        summary["eval_loss_after"] = after["eval_loss"]
-    summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=_replicas_agree(trainer),
-                   peak_memory_gib=_peak_memory_gib())
-    save_adapters(trainer, recipe, tokenizer)
-    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
-    main_process = trainer.accelerator.is_main_process
-    del trainer
-    if main_process:  # before the merge, so the model card has the eval losses
-        report.write_summary(recipe.adapters_dir, summary)
-    if recipe.output.merge and main_process:
+    return result, before, trainer.evaluate() if evaluate else None
+
+
+def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
+    """On the main process: the summary (before the merge, so the model card has the eval losses), the merge, the
+    smoke check, the summary again with it, and the table."""
+    from . import report
+
+    report.write_summary(recipe.adapters_dir, summary)
+    if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         from .merge import merge_adapter
@@ -184,13 +176,10 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         unset_hf_deepspeed_config()  # merge runs on rank 0 alone: ZeRO-3's sharded loading would wait for peers
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
-
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
-    if main_process:
-        summary["smoke"] = _smoke(recipe, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
-        report.write_summary(recipe.adapters_dir, summary)
-        print(report.summary_table(summary))
-    return summary
+    summary["smoke"] = _smoke(recipe, held_out, inputs)
+    report.write_summary(recipe.adapters_dir, summary)
+    print(report.summary_table(summary))
 
 
 def _count(dataset) -> dict[str, int]:
@@ -244,39 +233,9 @@ def _replicas_agree(trainer) -> bool | None:
     return len(set(gather_object([digest.hexdigest()]))) == 1
 
 
-def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
-    """Adapters, tokenizer (with its chat template) and the resolved recipe, written atomically.
-
-    `save_model` runs on every rank: under ZeRO-3 the weights are gathered collectively."""
-    from .atomic import atomic_dir
-    from .manifest import MANIFEST_FILE, build_manifest
-
-    if not trainer.accelerator.is_main_process:
-        trainer.save_model(str(recipe.adapters_dir) + ".unused")  # collective gather; rank 0 writes
-        trainer.accelerator.wait_for_everyone()
-        return
-    with atomic_dir(recipe.adapters_dir, overwrite=True) as tmp:
-        trainer.save_model(str(tmp))
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe beside it says the same
-        tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(recipe, tokenizer), indent=2) + "\n",
-                                         encoding="utf-8")
-    trainer.accelerator.wait_for_everyone()
-
-
-def _resume_point(recipe: Recipe, resume: str | None, force: bool = False) -> str | None:
-    if resume is None:
-        return None
-    from .checkpoints import select_checkpoint
-
-    return select_checkpoint(recipe, resume, force)
-
-
 def _configure_wandb(recipe: Recipe) -> None:
     """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes."""
-    report_to = recipe.training["report_to"]
-    if "wandb" not in ([report_to] if isinstance(report_to, str) else report_to):
+    if "wandb" not in recipe.training.report_to:
         return
     os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
     mode = recipe.wandb.mode

@@ -11,7 +11,13 @@ import os
 import re
 from typing import Any
 
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# A name (environment variable or recipe key) that says its value is a secret; vocabulary tokens are not.
+SECRET_NAME = re.compile(r"token|key|secret|password|passwd|credential|auth", re.IGNORECASE)
+TOKEN_NAMES = {"eos_token", "pad_token", "bos_token", "unk_token"}
+
+
+def is_secret_name(name: str) -> bool:
+    return name.lower() not in TOKEN_NAMES and bool(SECRET_NAME.search(name))
 TOKEN_FORMATS = {
     "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
     "an OpenAI/Anthropic-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
@@ -24,7 +30,7 @@ TOKEN_FORMATS = {
 def secret_env_values() -> dict[str, str]:
     """name → value of environment variables whose name says they hold a secret (8+ characters, not a path)."""
     return {k: v for k, v in os.environ.items()
-            if SECRET_NAME.search(k) and len(v) >= 8 and not os.path.exists(v)}
+            if is_secret_name(k) and len(v) >= 8 and not os.path.exists(v)}
 
 
 def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:

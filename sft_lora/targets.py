@@ -32,7 +32,7 @@ def model_modules(recipe: Recipe) -> dict[str, str] | None:
 
 def check_target_modules(recipe: Recipe, modules: dict[str, str] | None = None) -> None:
     """Raise RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model."""
-    targets = recipe.lora.get("target_modules")
+    targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
     if targets is None or targets == "all-linear":
         return
     modules = model_modules(recipe) if modules is None else modules

@@ -6,9 +6,9 @@ Lets the default job and the tests run on a fresh machine with no GPU and no hub
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_dir
 from .model import DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -47,11 +47,7 @@ def build_tiny_model(out_dir: str | Path, data_path: str | Path, *, hidden_size:
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir

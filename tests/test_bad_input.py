@@ -576,7 +576,7 @@ def test_records_longer_than_max_length_are_counted_and_match_what_trl_drops(tmp
     from sft_lora.prepare import prepare_datasets
     from sft_lora.rows import check_lengths
 
-    data = prepare_datasets(recipe.build_sft_config(), tokenizer, load_datasets(recipe.data)[0])
+    data = prepare_datasets(recipe.training, tokenizer, load_datasets(recipe.data)[0])
     check_lengths(recipe, tokenizer, data)
     out = capsys.readouterr().out
     assert f"notice: {path}: 3 of 12 records are longer than training.max_length=48 tokens" in out

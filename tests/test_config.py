@@ -16,8 +16,8 @@ from .conftest import ROOT
 def test_tiny_recipe_resolves_with_seed_defaults():
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
     assert recipe.use_qlora is False and recipe.quantization is None
-    assert recipe.lora["r"] == 16 and recipe.lora["lora_alpha"] == 32
-    assert recipe.training["num_train_epochs"] == 3
+    assert recipe.lora.r == 16 and recipe.lora.lora_alpha == 32
+    assert recipe.training.num_train_epochs == 3
     assert str(recipe.adapters_dir) == "final_model/tiny-llama/3/lora_adapters"
     assert str(recipe.merged_dir) == "final_model/tiny-llama/3/lora_merged"
 
@@ -27,12 +27,13 @@ def test_library_defaults_follow_the_seed(make_recipe):
                        training={"learning_rate": None, "num_train_epochs": None})
     default = load_recipe(path)
     assert default.use_qlora is True and default.method == "qlora"  # the seed's USE_QLORA=True
-    assert default.training["learning_rate"] == 1e-4 and default.training["num_train_epochs"] == 3
-    assert default.lora["r"] == 16 and default.lora["lora_alpha"] == 32
-    assert default.quantization == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    assert default.training.learning_rate == 1e-4 and default.training.num_train_epochs == 3
+    assert default.lora.r == 16 and default.lora.lora_alpha == 32
+    bnb = default.quantization
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert str(bnb.bnb_4bit_compute_dtype) == "torch.bfloat16"
     lora = load_recipe(path, ["use_qlora=false"])
-    assert lora.training["learning_rate"] == 5e-6 and lora.quantization is None
+    assert lora.training.learning_rate == 5e-6 and lora.quantization is None
 
 
 def _error(path, overrides=(), flags=None) -> str:
@@ -74,13 +75,13 @@ def test_impossible_combinations(make_recipe):
 def test_yaml_scientific_notation_without_dot_is_a_float(make_recipe):
     # YAML 1.1 reads 1e-4 as a string; the loader accepts it where the upstream field is a float.
     recipe = load_recipe(make_recipe(), ["training.learning_rate='1e-4'"])
-    assert recipe.training["learning_rate"] == 1e-4
+    assert recipe.training.learning_rate == 1e-4
 
 
 def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe):
     path = make_recipe()
     recipe = load_recipe(path, ["lora.r=4", "training.max_steps=2", "data.system_prompt=Be brief."])
-    assert recipe.lora["r"] == 4 and recipe.training["max_steps"] == 2
+    assert recipe.lora.r == 4 and recipe.training.max_steps == 2
     assert recipe.data.system_prompt == "Be brief."
     flags = {"base_model": "/models/x", "dataset_path": "d.jsonl", "output_dir": "/out", "use_qlora": "True",
              "num_epochs": "5", "lora_r": "32", "lora_alpha": "64", "learning_rate": "2e-4",
@@ -89,8 +90,8 @@ def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe):
     assert recipe.model.name_or_path == "/models/x" and recipe.data.path == "d.jsonl"
     assert recipe.output.dir == "/out" and recipe.output.checkpoint_dir == "/ckpt"
     assert recipe.use_qlora is True and recipe.method == "qlora"
-    assert recipe.training["num_train_epochs"] == 5 and recipe.training["learning_rate"] == 2e-4
-    assert recipe.lora["r"] == 32 and recipe.lora["lora_alpha"] == 64
+    assert recipe.training.num_train_epochs == 5 and recipe.training.learning_rate == 2e-4
+    assert recipe.lora.r == 32 and recipe.lora.lora_alpha == 64
     assert str(recipe.adapters_dir) == "/out/x/5/qlora_adapters"
 
 
@@ -105,7 +106,7 @@ def test_env_references_are_expanded(make_recipe, monkeypatch):
 
 def test_upstream_objects_receive_the_sections(make_recipe):
     recipe = load_recipe(make_recipe(use_qlora=True, quantization={"bnb_4bit_quant_type": "fp4"}))
-    lora, bnb, sft = recipe.build_lora_config(), recipe.build_bnb_config(), recipe.build_sft_config()
+    lora, bnb, sft = recipe.lora, recipe.quantization, recipe.training
     assert lora.r == 8 and lora.target_modules == "all-linear"
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "fp4" and bnb.bnb_4bit_use_double_quant
     assert sft.max_steps == 6 and sft.output_dir == str(recipe.checkpoint_dir)
@@ -148,6 +149,6 @@ def test_run_errors_exit_nonzero_with_one_line(make_recipe, capsys, sections, ex
 
 def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe):
     recipe = load_recipe(make_recipe(data={"eval_split": 0.0}), ["training.eval_strategy=no"])
-    assert recipe.training["eval_strategy"] == "no"
-    assert load_recipe(make_recipe(), ["training.activation_checkpointing=no"]).training[
-        "activation_checkpointing"] is False  # a real bool field keeps the bool
+    assert recipe.training.eval_strategy == "no"
+    assert load_recipe(make_recipe(), ["training.activation_checkpointing=no"]).training.activation_checkpointing \
+        is False  # a real bool field keeps the bool

@@ -84,7 +84,7 @@ def test_the_trainers_padding_free_batches_keep_documents_apart(make_recipe):
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     bounds = batch["cu_seq_lens_q"].tolist()
-    assert len(bounds) == recipe.training["per_device_train_batch_size"] + 1
+    assert len(bounds) == recipe.training.per_device_train_batch_size + 1
     model = trainer.model.eval()
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
@@ -100,14 +100,15 @@ def test_the_trainers_padding_free_batches_keep_documents_apart(make_recipe):
     (True, False, "sdpa", "sdpa"),  # a named attention is kept
 ])
 def test_padding_free_attention_is_chosen_by_device(make_recipe, monkeypatch, cuda, use_cpu, named, expected):
-    from sft_lora.trainer import _choose_attention
+    import dataclasses
+
+    from sft_lora.decisions import _choose_attention
 
     recipe = load_recipe(make_recipe(model={"attn_implementation": named}))
-    args = recipe.build_sft_config()
-    args.use_cpu = use_cpu
+    args = dataclasses.replace(recipe.training, use_cpu=use_cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # the choice as made on a CUDA machine
-    _choose_attention(recipe, args)
-    assert (args.model_init_kwargs or {}).get("attn_implementation") == expected
+    chosen = _choose_attention(recipe, args)
+    assert (chosen or (args.model_init_kwargs or {}).get("attn_implementation")) == expected
 
 
 def _trl_prepared(tokenizer, dataset, max_length: int):
@@ -194,23 +195,41 @@ def test_the_lm_head_scores_only_labelled_positions(make_recipe, monkeypatch):
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert scored == [labelled] and labelled < batch["input_ids"].numel() * 0.9  # the prompts were skipped
     assert torch.isfinite(loss)
+    import trl.trainer.utils as trl_utils
+
+    assert trl_utils._use_triton is chunked_logprob._use_triton  # TRL's module is left as it is, for everyone else
+
+
+def test_the_private_trl_name_sft_lora_relies_on_is_still_there(tiny_model):
+    """`trainer.TRL_DEVICE_TEST` is the one private TRL name sft_lora uses; this fails when TRL renames it."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sft_lora.trainer import TRL_DEVICE_TEST
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    add_fused_lm_head(model)
+    assert TRL_DEVICE_TEST in vars(trl_utils) and TRL_DEVICE_TEST in model.forward.__func__.__code__.co_names
 
 
 def test_activation_checkpointing_only_where_memory_needs_it(make_recipe):
-    from sft_lora.trainer import _choose_activation_checkpointing
+    from sft_lora.decisions import decide_activation_checkpointing
 
     tiny = load_recipe(make_recipe(training={"activation_checkpointing": None}))
-    args = tiny.build_sft_config()
-    _choose_activation_checkpointing(tiny, args, None)
-    assert args.activation_checkpointing is False  # a tiny model's activations fit many times over
+    decide_activation_checkpointing(tiny, None)
+    assert tiny.training.activation_checkpointing is False  # a tiny model's activations fit many times over
+    assert tiny.training.gradient_checkpointing is False  # the deprecated alias follows (TrainingArguments)
+    assert "activation_checkpointing" in tiny.decisions  # --print-config shows the rule
     qlora = load_recipe(make_recipe(use_qlora=True, training={"activation_checkpointing": None}))
-    args = qlora.build_sft_config()
-    _choose_activation_checkpointing(qlora, args, None)
-    assert args.activation_checkpointing is True  # QLoRA is chosen to save memory
+    decide_activation_checkpointing(qlora, None)
+    assert qlora.training.activation_checkpointing is True  # QLoRA is chosen to save memory
     explicit = load_recipe(make_recipe(training={"activation_checkpointing": True}))
-    args = explicit.build_sft_config()
-    _choose_activation_checkpointing(explicit, args, None)
-    assert args.activation_checkpointing is True  # the recipe's own choice wins
+    decide_activation_checkpointing(explicit, None)
+    assert explicit.training.activation_checkpointing is True  # the recipe's own choice wins
+    off = load_recipe(make_recipe(use_qlora=True, training={"activation_checkpointing": False}))
+    decide_activation_checkpointing(off, None)
+    assert off.training.activation_checkpointing is False and "activation_checkpointing" not in off.decisions
 
 
 def test_loss_matches_plain_trl_step_by_step(tiny_model, tmp_path):

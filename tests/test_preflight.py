@@ -32,9 +32,8 @@ def _data(tmp_path, records: list[dict]) -> str:
 def _report(recipe_path):
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.get("seed", 42))
-    return recipe, preflight(recipe, tokenizer, prepare_datasets(recipe.build_sft_config(), tokenizer, train_set,
-                                                                 eval_set))
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
+    return recipe, preflight(recipe, tokenizer, prepare_datasets(recipe.training, tokenizer, train_set, eval_set))
 
 
 @pytest.mark.parametrize("case", ["system prompt", "keep_start cut", "keep_end cut", "packing"])
@@ -54,7 +53,7 @@ def test_the_report_reads_the_rows_the_trainer_trains_on(make_recipe, tmp_path, 
         training = {"max_length": 64, "packing": True}
     recipe = load_recipe(make_recipe(data=data, training=training))
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    prepared = prepare_datasets(recipe.build_sft_config(), tokenizer, load_datasets(recipe.data)[0])
+    prepared = prepare_datasets(recipe.training, tokenizer, load_datasets(recipe.data)[0])
     report = preflight(recipe, tokenizer, prepared)  # prepared once: the report and the trainer read it
     trained = build_trainer(recipe, tokenizer, prepared).train_dataset
     rows, cut = report_rows(prepared, tokenizer), trainer_cut(prepared.args, prepared.max_length)

@@ -174,7 +174,7 @@ def check_chat_template(recipe: Recipe) -> None:
     data = recipe.data if recipe.data.system_prompt else dataclasses.replace(recipe.data,
                                                                              system_prompt=CI_SYSTEM_PROMPT)
     tokenizer = load_tokenizer(recipe.model, data)
-    eos = recipe.training.get("eos_token") or tokenizer.eos_token
+    eos = recipe.training.eos_token or tokenizer.eos_token
     tokenizer.eos_token = eos  # what TRL does with training.eos_token
     record = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])
     example = to_examples([("x: record 1", record)], data, "ci")

@@ -128,7 +128,7 @@ def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recip
 
     # load_recipe refuses a token in a recipe (tests/test_security.py); redaction is the second line of defence
     recipe = load_recipe(make_recipe(training={"eos_token": "</s>"}))
-    recipe.training["hub_token"] = CANARY
+    recipe.given["training"]["hub_token"] = CANARY
     manifest = build_manifest(recipe, AutoTokenizer.from_pretrained(tiny_model))
     assert manifest["recipe"]["training"]["hub_token"] == "<redacted>"
     assert manifest["recipe"]["training"]["eos_token"] == "</s>"  # a vocabulary token, not a credential

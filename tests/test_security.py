@@ -76,9 +76,9 @@ def test_no_secret_in_any_output_file(tmp_path, tiny_model):
 
 def test_remote_code_only_when_the_recipe_says_so_and_weights_only_as_safetensors(make_recipe):
     default = load_recipe(make_recipe())
-    assert default.model.trust_remote_code is False and default.build_sft_config().trust_remote_code is False
-    assert default.model_init_kwargs["use_safetensors"] is True
-    assert load_recipe(make_recipe(model={"trust_remote_code": True})).build_sft_config().trust_remote_code is True
+    assert default.model.trust_remote_code is False and default.training.trust_remote_code is False
+    assert default.training.model_init_kwargs["use_safetensors"] is True
+    assert load_recipe(make_recipe(model={"trust_remote_code": True})).training.trust_remote_code is True
 
 
 def test_no_pickle_and_no_unsafe_yaml_in_the_package():

@@ -144,7 +144,7 @@ def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(mak
 
 def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # wandb as in the seed, with no key and no network: it must run offline, not crash.
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
@@ -163,7 +163,7 @@ def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, ti
 
     tokenizer = AutoTokenizer.from_pretrained(adapters)
     quantized = AutoModelForCausalLM.from_pretrained(
-        recipe.model.name_or_path, quantization_config=BitsAndBytesConfig(**recipe.quantization))
+        recipe.model.name_or_path, quantization_config=recipe.quantization)
     assert quantized.is_loaded_in_4bit
     trained = _logits(PeftModel.from_pretrained(quantized, adapters).eval(), tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(summary["merged"]).eval()

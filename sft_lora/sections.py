@@ -1,0 +1,128 @@
+"""The recipe's own sections (`model`, `data`, `output`, `wandb`, `check`, `report`): one dataclass each, every
+knob documented once, as an attribute docstring that `--help` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = ""
+    """Hub id or local directory of the base model."""
+    name: str | None = None
+    """Name used in the output layout and the wandb run name; defaults to the last part of `name_or_path`."""
+    dtype: str = "auto"
+    """Weights dtype: auto, bfloat16, float16 or float32."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flash_attention_2 …; None: sdpa, attending per document on padding-free batches."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Only for models you trust."""
+    device_map: str | None = None
+    """Single process only: `auto` spreads a model too big for one GPU over all GPUs (naive pipeline)."""
+    build_tiny: bool = False
+    """Build a tiny random Llama + tokenizer at `name_or_path` if it is missing (default job and tests)."""
+
+
+@dataclass
+class DataArgs:
+    path: str = ""
+    """A .json array, a .jsonl file, a `save_to_disk` directory, or a hub dataset id."""
+    input_field: str = "input"
+    """Record field holding the user's question."""
+    output_field: str = "output"
+    """Record field holding the answer the model learns to give."""
+    source_field: str = "source"
+    """Optional record field naming where the record came from."""
+    system_prompt: str | None = None
+    """Optional system turn put before every question."""
+    fold_system_prompt: bool = False
+    """Put system_prompt atop the user turn (blank line between): for chat templates without a usable system role."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    eval_split: float = 0.0
+    """Fraction of records held out for evaluation (0 = none)."""
+    eval_path: str | None = None
+    """A second data file used for evaluation instead of `eval_split`."""
+    chat_template: str | None = None
+    """A .jinja file replacing the tokenizer's chat template."""
+    on_bad_record: str = "fail"
+    """A record that is not valid (bad JSON/UTF-8, missing or empty field): fail the run, or skip it and count it."""
+
+
+@dataclass
+class OutputArgs:
+    dir: str = "final_model"
+    """Root of `{dir}/{model_name}/{num_epochs}/{lora|qlora}_adapters` and `…_merged`."""
+    checkpoint_dir: str = "checkpoints"
+    """Root of the training checkpoints: `{checkpoint_dir}/{model_name}/{num_epochs}/{lora|qlora}`."""
+    merge: bool = True
+    """Merge the adapters into the base model when training ends."""
+    merge_into: str = "dequantized"
+    """QLoRA only: merge into the `dequantized` 4-bit base (what was trained against) or the `original` weights."""
+
+
+@dataclass
+class WandbArgs:
+    project: str = "RAPA"
+    """wandb project (the seed's)."""
+    run_name: str | None = None
+    """Defaults to `{model_name}_{lora|qlora}`."""
+    mode: str = "auto"
+    """auto (online with an API key, else offline), online, offline or disabled."""
+
+
+CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source")  # the pre-flight failures `check.ignore` can name
+
+
+@dataclass
+class CheckArgs:
+    enabled: bool = True
+    """Print the pre-flight data report at the start of every run, and stop the run when a check fails."""
+    ignore: list[str] = field(default_factory=list)
+    """Failed checks to report as warnings instead of stopping the run: no_loss, eos, truncated, empty_source."""
+    max_truncated_share: float = 0.05
+    """Fail (truncated) when more than this share of training rows is cut at training.max_length."""
+    sources: list[str] = field(default_factory=list)
+    """Sources the training data must hold; one with no trainable record fails the run (empty_source)."""
+
+
+@dataclass
+class ReportArgs:
+    eval_per_source: bool = True
+    """Also evaluate each `source` on its own (eval_<source>_loss); one more pass over the eval set per eval."""
+    smoke_prompts: int = 3
+    """Held-out inputs the trained model answers at the end, to check that generation stops by itself (0 = skip)."""
+    smoke_max_new_tokens: int = 128
+    """Length limit of the smoke check: an answer still going at this many tokens did not stop."""
+
+
+OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs,
+                                 "check": CheckArgs, "report": ReportArgs}
+
+
+def recipe_keys() -> str:
+    """The recipe's keys, for --help: own sections in full, upstream sections by class."""
+    lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false",
+             "  accelerate_config  launch under this accelerate config (zero3, fsdp, … or a path)"]
+    for name, cls in OWN_SECTIONS.items():
+        lines.append(f"{name}:")
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {f.name} = {default!r}  {docs.get(f.name, '')}")
+    lines += ["lora:          any peft.LoraConfig field (defaults: r 16, lora_alpha 32, all-linear)",
+              "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",
+              "training:      any trl.SFTConfig field (defaults: 3 epochs, lr 1e-4 QLoRA / 5e-6 LoRA)"]
+    return "\n".join(lines)
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings written under each field above (litgpt style)."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", source, flags=re.M))
