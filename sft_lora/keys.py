@@ -49,19 +49,14 @@ OWNED_ELSEWHERE = {
     "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
 }
 
+
 def upstream_class(section: str) -> type:
     """The upstream class a recipe section is handed to whole."""
-    if section == "lora":
-        from peft import LoraConfig
+    import importlib
 
-        return LoraConfig
-    if section == "quantization":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig
-    from trl import SFTConfig
-
-    return SFTConfig
+    module, name = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "BitsAndBytesConfig"),
+                    "training": ("trl", "SFTConfig")}[section]
+    return getattr(importlib.import_module(module), name)
 
 
 def class_fields(cls: type) -> dict[str, tuple[Any, Any]]:
