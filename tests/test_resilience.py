@@ -165,6 +165,28 @@ def test_resume_refuses_a_checkpoint_from_another_recipe_or_data_unless_forced(r
     assert "resuming anyway (--force-resume)" in capsys.readouterr().out
 
 
+def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_defaults(make_recipe, tmp_path):
+    from sft_lora.checkpoints import check_fingerprint, fingerprint
+    from sft_lora.fingerprint import weights_view
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")
+    path = make_recipe(data={"chat_template": str(template)})
+    recipe = load_recipe(path)
+    saved = fingerprint(recipe)
+    assert set(saved["files_sha256"]) == {"data.path", "data.chat_template"}
+    view = weights_view(recipe)
+    assert view["training.adam_beta2"] == 0.999  # an upstream default the recipe never names is compared too
+    assert not [k for k in view if k.startswith(("training.logging", "training.save", "output.", "wandb."))]
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
+    check_fingerprint(checkpoint, load_recipe(path, ["training.logging_steps=7"]))  # neutral: accepted
+    template.write_text(template.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same path, new content
+    with pytest.raises(RecipeError, match="made from a different chat template"):
+        check_fingerprint(checkpoint, load_recipe(path))
+
+
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, tmp_path):
     """Acceptance: a real `python -m sft_lora.run` process, SIGTERM mid-training."""
     recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000)
