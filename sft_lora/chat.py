@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError, first_line, read_saved_recipe
+from .config import RecipeError, first_line, read_saved_recipe, saved_section
 from .model import stop_token_ids
 
 
@@ -25,8 +25,8 @@ def load(model_dir: str | Path):
 
     model_dir = Path(model_dir)
     recipe = read_saved_recipe(model_dir)
-    model_args = recipe.get("model", {})
-    kwargs = {"dtype": model_args.get("dtype", "auto"), "trust_remote_code": model_args.get("trust_remote_code", False)}
+    model_args = saved_section(recipe, "model")
+    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
@@ -41,7 +41,7 @@ def load(model_dir: str | Path):
             if quantization:
                 kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
             base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
-                                                        revision=model_args.get("revision"), **kwargs)
+                                                        revision=model_args.revision, **kwargs)
             model = PeftModel.from_pretrained(base, str(model_dir))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -51,7 +51,7 @@ def load(model_dir: str | Path):
         raise RecipeError(f"{model_dir}: cannot load the model ({first})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
-    return model.eval(), tokenizer, recipe.get("data", {}).get("system_prompt")
+    return model.eval(), tokenizer, saved_section(recipe, "data").system_prompt
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,

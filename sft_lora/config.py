@@ -18,9 +18,7 @@ import yaml
 
 from . import keys
 from .keys import KeyProblem
-from .sections import OWN_SECTIONS, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs, recipe_keys
-
-__all__ = ["DataArgs", "ModelArgs", "Recipe", "RecipeError", "load_recipe", "recipe_keys"]
+from .sections import OWN_SECTIONS, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
 
@@ -242,3 +240,10 @@ def read_saved_recipe(directory: str | Path) -> dict[str, Any]:
     """The resolved recipe training saved beside its outputs (`RECIPE_FILE`), as a dict; {} when there is none."""
     path = Path(directory) / RECIPE_FILE
     return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def saved_section(saved: dict[str, Any], name: str):
+    """One of the project's own sections of a saved recipe as its dataclass, so its defaults are the class's
+    (keys another sft_lora version wrote and this one lacks are ignored)."""
+    names = {f.name for f in dataclasses.fields(OWN_SECTIONS[name])}
+    return OWN_SECTIONS[name](**{k: v for k, v in (saved.get(name) or {}).items() if k in names})

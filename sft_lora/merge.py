@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RECIPE_FILE, RecipeError, read_saved_recipe
+from .config import RECIPE_FILE, RecipeError, read_saved_recipe, saved_section
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
@@ -39,7 +39,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     base = base_model or adapter_config.get("base_model_name_or_path")
     if not base:
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
-    merge_into = merge_into or recipe.get("output", {}).get("merge_into", "dequantized")
+    merge_into = merge_into or saved_section(recipe, "output").merge_into
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
@@ -72,9 +72,9 @@ def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model_args = recipe.get("model", {})
-    kwargs = {"revision": model_args.get("revision"), "trust_remote_code": model_args.get("trust_remote_code", False),
-              "dtype": model_args.get("dtype", "auto"), "use_safetensors": True}  # no pickled weights
+    model_args = saved_section(recipe, "model")
+    kwargs = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code,
+              "dtype": model_args.dtype, "use_safetensors": True}  # no pickled weights
     try:
         if dequantize:
             bnb = BitsAndBytesConfig(**recipe["quantization"])

@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe, recipe_keys
+from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe
+from .sections import recipe_keys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
