@@ -75,7 +75,7 @@ def plain_trainer(spec: dict[str, Any]):
     else:
         kwargs["model_init_kwargs"] = {"dtype": "bfloat16"}  # TRL's float32 default would double an 8B's memory
     kwargs.update(spec.get("plain_set", {}))
-    kwargs.update(PATHS[spec["path"]][1])
+    kwargs.update(PATHS[spec.get("path", "plain")][1])
     quantization = None
     if spec["qlora"]:
         import torch
@@ -115,7 +115,7 @@ def recipe_trainer(spec: dict[str, Any]):
     from sft_lora.model import load_tokenizer
     from sft_lora.trainer import build_trainer
 
-    overrides = {**spec.get("recipe_set", {}), **PATHS[spec["path"]][1]}
+    overrides = {**spec.get("recipe_set", {}), **PATHS[spec.get("path", "recipe")][1]}
     recipe = load_recipe(recipe_for(spec), [f"{k}={v}" for k, v in overrides.items()])
     train_set, _ = load_datasets(recipe.data, seed=42)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
