@@ -91,10 +91,11 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
 
 
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
-                 cache: Path | None | bool = True):
+                 cache: Path | None | bool = True, completion_only: bool = True):
     """Every record of `dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the
-    completion), truncated to `max_length` (keep the start; None = no truncation), one row per record, with the
-    untruncated length (`LENGTH`) and the completion start (`PROMPT`); `trainable` gives the rows TRL trains on.
+    completion, unless not `completion_only`), truncated to `max_length` (keep the start; None = no truncation), one
+    row per record, with the untruncated length (`LENGTH`) and the completion start (`PROMPT`); `trainable` gives
+    the rows TRL trains on.
 
     `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
     import datasets
@@ -114,14 +115,14 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
                                "where they diverge (as in TRL)")
             out[LENGTH].append(len(ids))
             out[PROMPT].append(start)
-            out["labels"].append(([-100] * start + ids[start:])[:max_length])
+            out["labels"].append(([-100] * start + ids[start:] if completion_only else ids)[:max_length])
             out["input_ids"].append(ids[:max_length])
         return out
 
     kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "remove_columns": ["prompt", "completion"],
                               "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
     directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
-    if directory is not None and datasets.is_caching_enabled():
+    if directory is not None and datasets.is_caching_enabled() and completion_only:
         key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer),
                                         str(max_length)]).encode()).hexdigest()[:32]
         kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)

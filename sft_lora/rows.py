@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Recipe, RecipeError
-from .prepare import LENGTH, PROMPT, Prepared, tokenize_conversations
+from .prepare import LENGTH, PROMPT, Prepared, prepare_rows
 
 IGNORE = -100  # the label of a token that carries no loss
 CHUNK = 10_000  # rows per numpy pass: ~2.5 M tokens, tens of MB
@@ -216,19 +216,9 @@ def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
     from trl.data_utils import common_prefix_length
 
     completion_only = args.completion_only_loss is not False  # TRL: None means on for prompt/completion data
-    kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Pre-flight: tokenizing {name} dataset",
-              "remove_columns": ["prompt", "completion"]}
-    if not args.assistant_only_loss:  # batched, the same tokenization as the preparation (prepare.py)
-        def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-            out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: []}
-            for ids, start, _ in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"]):
-                out["input_ids"].append(ids)
-                out["labels"].append([IGNORE] * start + ids[start:] if completion_only else ids)
-                out[LENGTH].append(len(ids))
-                out[PROMPT].append(start)
-            return out
-
-        return dataset.map(tokenize_batch, batched=True, **kwargs)
+    if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
+        return prepare_rows(dataset, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
+                            completion_only=completion_only)
     # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
     template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
 
@@ -245,4 +235,5 @@ def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
         labels = [token if all(bits) else IGNORE for token, *bits in zip(ids, *masks, strict=False)]
         return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len}
 
-    return dataset.map(tokenize_row, **kwargs)
+    return dataset.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
+                       desc=f"Pre-flight: tokenizing {name} dataset")
