@@ -80,7 +80,7 @@ def prepare_only(recipe_path: str) -> dict[str, Any]:
     from sft_lora.prepare import LENGTH, prepare_datasets
 
     recipe = load_recipe(recipe_path)
-    args = recipe.build_sft_config()
+    args = recipe.training  # the resolved SFTConfig
     train_set, eval_set = load_datasets(recipe.data, seed=args.seed)
     data = prepare_datasets(args, load_tokenizer(recipe.model, recipe.data), train_set, eval_set)
     usage = resource.getrusage(resource.RUSAGE_SELF)
