@@ -1,9 +1,8 @@
 """Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`.
 
-Load and validate the recipe, prepare the data once (`prepare.py`) and check it (the pre-flight report,
-`preflight.py`), build the SFTTrainer, train (or resume), save the adapters in the seed's layout with the resolved
-recipe and the manifest beside them, merge when the recipe asks, then smoke-test generation and write the
-summary (`report.py`).
+Load and validate the recipe, prepare the data once (`prepare.py`) and check it (`preflight.py`), build the
+SFTTrainer, train (or resume), save the adapters in the seed's layout with the resolved recipe and the manifest
+beside them, merge when the recipe asks, then smoke-test generation and write the summary (`report.py`).
 """
 
 from __future__ import annotations
