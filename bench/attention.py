@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.workload import SHAPES
+    from bench.workload import SHAPES, write_json
     from sft_lora.attention import register
 
     register()
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             results["rows"][kind]["by_impl"][impl] = entry
             print(f"{kind:>5} ({len(lengths)} docs) {impl:<15} {json.dumps(entry)}", flush=True)
     print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+    write_json(results, args.json)
     return 0
 
 

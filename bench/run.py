@@ -33,6 +33,7 @@ from bench.workload import (
     flops_per_token,
     measured_peak_flops,
     synthetic_records,
+    write_json,
     write_jsonl,
 )
 
@@ -291,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {path: results for path, results in runs.items() if results}
             report["shapes"][name] = runs
             print_table(name, runs, gpu, peak_name)
-            if args.json:  # after each shape, so a run stopped by a time limit keeps what it measured
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(report, indent=1))
+            write_json(report, args.json)  # after each shape, so a run stopped by a time limit keeps what it measured
     if args.prep_records and not gpu:
         from bench import prep
 
@@ -303,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         prep.print_table(args.prep_records, runs)
     report["load_after"] = os.getloadavg()
     print(f"load average after: {report['load_after'][0]:.2f} (1 min), {report['load_after'][1]:.2f} (5 min)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    write_json(report, args.json)
     return 0
 
 

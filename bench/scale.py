@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from bench.workload import ROOT, SAMPLE, cpu_model_name, real_text_records
+from bench.workload import ROOT, SAMPLE, cpu_model_name, real_text_records, write_json
 
 MAX_LENGTH = 1024  # TRL's default
 MAX_QUESTION = 1500  # characters: ~600 tokens at most with the tiny tokenizer
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n:,} | {p['tokens'] / p['rows']:.0f} | {p['wall_s']:.1f} ({p['cpu_s']:.1f}), "
               f"{p['peak_rss_gib']:.2f} | {t['wall_s']:.1f} ({t['cpu_s']:.1f}), {t['peak_rss_gib']:.2f} | "
               f"{r['ratio']:.2f}x | {r['load_before']:.1f} → {r['load_after']:.1f} |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return 0
 
 

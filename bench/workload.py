@@ -85,6 +85,13 @@ def write_jsonl(records: list[dict[str, str]], path: Path) -> Path:
     return path
 
 
+def write_json(data: Any, path: Path | None) -> None:
+    """Write a benchmark's results to `path` (its folder created); nothing when no path was asked for."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+
+
 def build_model(shape: str, data: Path, out: Path, gpu: bool) -> Path:
     """A random-init Llama of `shape` at `out` with a byte-level BPE tokenizer of 8k trained on `data`."""
     import torch
