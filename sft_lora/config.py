@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import keys
+from . import keys, recipe_yaml
 from .keys import KeyProblem
 from .sections import OWN_SECTIONS, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
@@ -31,6 +31,11 @@ def first_line(exc: BaseException) -> str:
     """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and lone surrogates escaped, so an error echoing a value stays one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # The seed's command-line flags (README.ko) and the recipe key each one sets.
@@ -114,27 +119,21 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
 
     Raises RecipeError with the file, line, section and key for every mistake a user can make."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found; pass a path such as recipes/tiny.yaml")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw, lines = recipe_yaml.read_recipe(path)
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, lora, training …)")
-    where = {key: f"{path}:{line}" for key, line in _key_lines(text).items()}
+    where = {key: f"{path}:{line}" for key, line in lines.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"command line: '{item}' is not an override; write section.key=value")
-        _set(raw, key, yaml.safe_load(value) if value else None)
+        _set(raw, key, recipe_yaml.value(value, item) if value else None)
         where[key] = "command line"
     for flag, value in (flags or {}).items():
         if value is not None:
-            _set(raw, SEED_FLAGS[flag], yaml.safe_load(value) if isinstance(value, str) else value)
+            _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}") if isinstance(value, str)
+                 else value)
             where[SEED_FLAGS[flag]] = f"command line --{flag}"
 
     def loc(key: str) -> str:
@@ -156,20 +155,6 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     if raw.get(section) is None:
         raw[section] = {}
     raw[section][key] = value
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Line number (1-based) of every `section` and `section.key` in the YAML text."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    lines: dict[str, int] = {}
-    for knode, vnode in root.value if isinstance(root, yaml.MappingNode) else ():
-        lines[knode.value] = knode.start_mark.line + 1
-        for k2, _ in vnode.value if isinstance(vnode, yaml.MappingNode) else ():
-            lines[f"{knode.value}.{k2.value}"] = k2.start_mark.line + 1
-    return lines
 
 
 def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:

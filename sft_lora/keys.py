@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import math
 import os
 import re
 import types
@@ -85,6 +86,8 @@ def checked(given: dict[str, Any], fields: dict[str, tuple[Any, Any]], section: 
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
         value = _coerce(value, hint, default)
+        if bad := _out_of_range(value):
+            raise KeyProblem(dotted, f"{dotted} must be {bad}, got {value!r}")
         if not _type_ok(value, hint, default):
             raise KeyProblem(dotted, f"{dotted} expects {_describe(hint, default)}, got {value!r}")
         out[key] = value
@@ -188,6 +191,17 @@ def _coerce(value: Any, hint: Any, default: Any) -> Any:
     if isinstance(value, bool) and (_accepts(hint, str) or type(default) is str) and not _accepts(hint, bool):
         return "yes" if value else "no"
     return value
+
+
+def _out_of_range(value: Any) -> str | None:
+    """What a number in `value` (or in its items) must be when it is NaN, infinite or past 64 bits, else None
+    (upstream accepts NaN and inf silently, and a huge int fails deep in torch)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if isinstance(value, int) and not -(2**63) < value < 2**63:
+        return "a number within 64 bits"
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next(filter(None, map(_out_of_range, items)), None)
 
 
 def _accepts(hint: Any, kind: type) -> bool:

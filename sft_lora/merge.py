@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RECIPE_FILE, RecipeError, read_saved_recipe, saved_section
+from .config import RECIPE_FILE, RecipeError, printable, read_saved_recipe, saved_section
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge_adapter(args.adapter_model, args.base_model, args.output_dir, args.merge_into, args.overwrite)
     except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     print(f"merged model: {out}")
     return 0

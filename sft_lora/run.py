@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe
+from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe, printable
 from .sections import recipe_keys
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         check_this_launch(recipe)
         train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
         print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,76 @@ def _(env):
     path.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
     code, err = env.cli(path)
     assert not marker.exists(), "safe_load must not construct Python objects"
-    return code, err, [f"{path}:1: not valid YAML (could not determine a constructor for the tag"]
+    return code, err, [f"{path}:1: not valid YAML (the tag !!python/object/apply:os.system is not allowed"]
+
+
+@case("recipe: key twice in a section")
+def _(env):
+    text = env.recipe(training=None).read_text()
+    path = env.tmp / "r.yaml"
+    path.write_text(text + "training:\n  learning_rate: 3.0e-3\n  learning_rate: 1.0e-3\n")
+    n = len(text.splitlines())
+    return *env.cli(path), [f"{path}:{n + 3}: not valid YAML (duplicate key 'learning_rate', first at line {n + 2}"]
+
+
+@case("recipe: section twice")
+def _(env):
+    text = env.recipe(training=None).read_text()
+    path = env.tmp / "r.yaml"
+    path.write_text("training:\n  learning_rate: 3.0e-3\n" + text + "training:\n  max_steps: 2\n")
+    n = len(text.splitlines())
+    return *env.cli(path), [f"{path}:{n + 3}: not valid YAML (duplicate key 'training', first at line 1; keep one)"]
+
+
+@case("recipe: aliases that expand without bound")
+def _(env):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+    path = env.tmp / "r.yaml"
+    path.write_text("\n".join(lines) + "\ntraining: {report_to: *i}\n")
+    assert path.stat().st_size < 500  # 9⁹ = 387 M values once expanded
+    start = time.perf_counter()
+    code, err = env.cli(path)
+    assert time.perf_counter() - start < 1
+    return code, err, [f"{path}:6: not valid YAML (aliases expand to more than 100,000 values"]
+
+
+@case("recipe: not UTF-8")
+def _(env):
+    path = env.tmp / "r.yaml"
+    path.write_bytes(b"use_qlora: false\nwandb:\n  run_name: caf\xe9\n")
+    return *env.cli(path), [f"{path}:3: not valid UTF-8; save the recipe as UTF-8"]
+
+
+@case("recipe: override not valid YAML")
+def _(env):
+    return (*env.cli(env.recipe(), "lora.r=[1"),
+            ["command line: 'lora.r=[1': not valid YAML (", "quote the value if it is text"])
+
+
+@case("recipe: override with a YAML tag")
+def _(env):
+    return (*env.cli(env.recipe(), "lora.r=!!python/object/apply:os.system [ls]"),
+            ["command line: 'lora.r=!!python/object/apply:os.system [ls]': not valid YAML (the tag "
+             "!!python/object/apply:os.system is not allowed in a recipe"])
+
+
+@case("recipe: NaN learning rate")
+def _(env):
+    path = env.recipe(training={"learning_rate": float("nan")})
+    return *env.cli(path), [f"{path}:", "training.learning_rate must be a finite number, got nan"]
+
+
+@case("recipe: infinite number")
+def _(env):
+    return *env.cli(env.recipe(), "training.learning_rate=inf"), [
+        "command line: training.learning_rate must be a finite number, got inf"]
+
+
+@case("recipe: number past 64 bits")
+def _(env):
+    return *env.cli(env.recipe(), f"training.seed={2**64}"), [
+        f"command line: training.seed must be a number within 64 bits, got {2**64}"]
 
 
 @case("recipe: not a mapping")
