@@ -7,6 +7,7 @@ model and, for QLoRA, the 4-bit settings are read from what training saved besid
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
+    inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base, "merge_into": merge_into}
+    previous = merge_info(output_dir)
+    weights = any((output_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json"))
+    if previous.get("inputs") == inputs and weights:
+        print(f"{output_dir}: up to date (a merge of these adapters into {base}); nothing to do")
+        return output_dir
+    if previous.get("adapter") and Path(previous["adapter"]).resolve() == adapter_dir.resolve():
+        print(f"{output_dir}: {adapter_dir} changed since it was merged; merging again")
+        overwrite = True  # the old merge of these same adapters is stale; replacing it is what was asked
     check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
 
     dequantize = bool(recipe.get("quantization")) and merge_into == "dequantized"
@@ -56,7 +66,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = {"base_model": base, "adapter": str(adapter_dir),
+        info = {"base_model": base, "adapter": str(adapter_dir), "inputs": inputs,
                 "merged_into": ("dequantized 4-bit base" if dequantize else "original base weights"),
                 "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -65,6 +75,26 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
                                            encoding="utf-8")
         (tmp / "README.md").write_text(model_card(adapter_dir, base, info["merged_into"]), encoding="utf-8")
     return output_dir
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """sha256 of what a merge is made from: every file of the adapters directory but the run's report files, which
+    training rewrites after merging (the summary, its plot, the card)."""
+    from .fingerprint import file_sha256
+    from .report import PLOT_FILE, SUMMARY_FILE
+
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
+                                                                                        "README.md"))
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
+
+
+def merge_info(merged_dir: Path) -> dict:
+    """The merge_info.json of an earlier merge into `merged_dir`, or {} (none, or unreadable)."""
+    try:
+        info = json.loads((merged_dir / "merge_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):

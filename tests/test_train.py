@@ -112,6 +112,38 @@ def test_merged_lora_model_reproduces_the_adapter_model(lora_run):
     assert info["merged_into"] == "original base weights" and info["dtype"] == "float32"
 
 
+def _files(directory: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_change(lora_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sft_lora.merge import main as merge_main
+
+    recipe, summary = lora_run
+    merged = Path(summary["merged"])
+    before = _files(merged)
+    for _ in range(2):  # `make train && make merge && make merge`: each merge exits 0 and writes nothing
+        assert merge_main(["--adapter_model", summary["adapters"]]) == 0
+        assert "up to date" in capsys.readouterr().out
+    assert _files(merged) == before
+    copy = shutil.copytree(summary["adapters"], tmp_path / "x_adapters")
+    assert merge_main(["--adapter_model", str(copy)]) == 0  # a fresh output: merged
+    first = _files(tmp_path / "x_merged")
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, copy / "adapter_model.safetensors")
+    assert merge_main(["--adapter_model", str(copy)]) == 0  # adapters newer than the merge: merged again
+    assert "changed since it was merged; merging again" in capsys.readouterr().out
+    again = _files(tmp_path / "x_merged")
+    assert again["model.safetensors"][1] != first["model.safetensors"][1]
+    assert merge_main(["--adapter_model", str(copy)]) == 0 and "up to date" in capsys.readouterr().out
+    assert _files(tmp_path / "x_merged") == again
+
+
 def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
     recipe, summary = lora_run
     checkpoint = recipe.checkpoint_dir / "checkpoint-3"
