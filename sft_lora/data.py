@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArgs, RecipeError, looks_like_hub_id
+from .mix import Entry, entries, weighted
 
 
 class BadRecord:
@@ -129,7 +130,8 @@ def to_examples(records: list[tuple[str, Any]], args: DataArgs, origin: str) -> 
     return columns
 
 
-def _convert(records: Iterable[tuple[str, Any]], args: DataArgs) -> tuple[dict[str, list], int, str | None]:
+def _convert(records: Iterable[tuple[str, Any]], args: DataArgs, default_source: str | None = None
+             ) -> tuple[dict[str, list], int, str | None]:
     """(prompt/completion/source columns, number of records skipped, the first skipped one's message)."""
     prompts, completions, sources, skipped, first_skipped = [], [], [], 0, None
     system, prefix = [], ""
@@ -147,7 +149,7 @@ def _convert(records: Iterable[tuple[str, Any]], args: DataArgs) -> tuple[dict[s
             continue
         prompts.append([*system, {"role": "user", "content": prefix + record[args.input_field]}])
         completions.append([{"role": "assistant", "content": record[args.output_field]}])
-        sources.append(record.get(args.source_field) or "default")
+        sources.append(record.get(args.source_field) or default_source or "default")
     return {"prompt": prompts, "completion": completions, "source": sources}, skipped, first_skipped
 
 
@@ -166,30 +168,51 @@ def _check_counts(origin: str, total: int, skipped: int, first_skipped: str | No
 CHUNK = 20_000
 
 
-def _dataset(path: str, args: DataArgs):
-    """The records at `path` as a Dataset of prompt/completion/source, converted `CHUNK` records at a time."""
+def _dataset(entry: Entry, args: DataArgs):
+    """The records of one data entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` records at a
+    time (`entry` names the file the record came from, for the report's mix table)."""
     from datasets import Dataset, concatenate_datasets
 
-    records = iter(read_records(path, args))
+    records = iter(read_records(entry.path, args))
     parts, total, skipped, first_skipped = [], 0, 0, None
     while chunk := list(islice(records, CHUNK)):
-        columns, bad, first_bad = _convert(chunk, args)
+        columns, bad, first_bad = _convert(chunk, args, entry.source)
         total, skipped, first_skipped = total + len(chunk), skipped + bad, first_skipped or first_bad
         if columns["prompt"]:
-            parts.append(Dataset.from_dict(columns))
-    _check_counts(path, total, skipped, first_skipped)
+            parts.append(Dataset.from_dict({**columns, "entry": [entry.path] * len(columns["prompt"])}))
+    _check_counts(entry.path, total, skipped, first_skipped)
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def load_datasets(args: DataArgs, seed: int = 42):
-    """(train, eval or None) as `datasets.Dataset`s of prompt/completion/source."""
-    train = _dataset(args.path, args)
+    """(train, eval or None) as `datasets.Dataset`s of prompt/completion/source/entry, every entry of `data.path`
+    weighted (`mix.weighted`) and, with `data.eval_split`, split on its own before weighting."""
+    train, held_out = [], []
+    for n, entry in enumerate(entries(args.path)):
+        records = _dataset(entry, args)
+        if args.eval_split and not args.eval_path:
+            if round(len(records) * args.eval_split) < 1:
+                raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no eval record of "
+                                  f"{len(records)}; raise it or set data.eval_path")
+            split = records.train_test_split(test_size=args.eval_split, seed=seed)
+            records = split["train"]
+            held_out.append(split["test"])
+        train.append(_weighted(records, entry, seed + n))
     if args.eval_path:
-        return train, _dataset(args.eval_path, args)
-    if args.eval_split:
-        if round(len(train) * args.eval_split) < 1:
-            raise RecipeError(f"{args.path}: data.eval_split={args.eval_split} leaves no eval record of "
-                              f"{len(train)}; raise it or set data.eval_path")
-        split = train.train_test_split(test_size=args.eval_split, seed=seed)
-        return split["train"], split["test"]
-    return train, None
+        evaluation = entries(args.eval_path, "data.eval_path")
+        held_out = [_weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
+    return _concatenated(train), _concatenated(held_out) if held_out else None
+
+
+def _weighted(dataset, entry: Entry, seed: int):
+    out = weighted(dataset, entry.weight, seed)
+    if not len(out):
+        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {len(dataset)} records; "
+                          "raise the weight")
+    return out
+
+
+def _concatenated(parts: list):
+    from datasets import concatenate_datasets
+
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

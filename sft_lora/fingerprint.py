@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe
+from .mix import entries, paths
 
 NEUTRAL = re.compile(
     r"output_dir|run_name|project|report_to|disable_tqdm|push_to_hub|resume_from_checkpoint|peft_version"
@@ -61,13 +62,22 @@ def _named_or_hashed(path: str) -> str:
 
 def data_sha256(recipe: Recipe) -> dict[str, str]:
     """{path: sha256} of the data files a recipe trains and evaluates on."""
-    return {p: _named_or_hashed(p) for p in (recipe.data.path, recipe.data.eval_path) if p}
+    return {p: _named_or_hashed(p) for p in paths(recipe.data.path) + paths(recipe.data.eval_path)}
 
 
 def files_sha256(recipe: Recipe) -> dict[str, str]:
-    """{recipe key: sha256} of every file the recipe points at: training data, eval data, chat template."""
-    keys = {f"data.{key}": getattr(recipe.data, key) for key in COMPARED_BY_CONTENT["data"]}
-    return {key: _named_or_hashed(path) for key, path in keys.items() if path}
+    """{recipe key: sha256} of every file the recipe points at: training data, eval data, chat template; a list of
+    data entries hashes as its entries' hashes joined, with any weight or source beside them."""
+    out = {}
+    for key in COMPARED_BY_CONTENT["data"]:
+        value = getattr(recipe.data, key)
+        if value and key == "chat_template":
+            out[f"data.{key}"] = _named_or_hashed(value)
+        elif value:
+            out[f"data.{key}"] = "+".join(_named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None) else
+                                                                       f"*{e.weight:g}@{e.source}")
+                                          for e in entries(value))
+    return out
 
 
 def weights_view(recipe: Recipe) -> dict[str, Any]:

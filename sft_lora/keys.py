@@ -169,6 +169,13 @@ def check_combinations(recipe) -> None:
                          f"{recipe.report.smoke_prompts}")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
+    from .mix import entries
+
+    for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
+        try:
+            entries(getattr(data, key), f"data.{key}")
+        except ValueError as exc:
+            raise KeyProblem(f"data.{key}", str(exc)) from None
     strategy = recipe.training.eval_strategy  # an IntervalStrategy: a str enum
     if strategy != "no" and not (data.eval_split or data.eval_path):
         raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .config import Recipe, RecipeError
+from .mix import by_source, mix_lines, mix_table, percentiles
 from .prepare import Prepared
 from .rows import packing_line, records_by_source, report_rows, row_stats, trained_row, trainer_cut
 
@@ -48,6 +49,7 @@ class Report:
     example: str
     example_source: str
     by_source: dict[str, dict[str, Any]]
+    by_entry: dict[str, dict[str, Any]]
     failures: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -65,12 +67,14 @@ class Report:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})",
                  f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
-                 f"{'loss tokens':>13}{'truncated':>11}"]
+                 f"{'tokens':>11}{'loss tokens':>13}{'share':>7}{'truncated':>11}"]
         for source, stats in self.by_source.items():
             prompt = f"{stats['prompt_p50']}/{stats['prompt_max']}"
             answer = f"{stats['answer_p50']}/{stats['answer_max']}"
             lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
-                         f"{prompt:>16}{answer:>16}{stats['loss_tokens']:>13,}{stats['truncated']:>11}")
+                         f"{prompt:>16}{answer:>16}{stats['tokens']:>11,}{stats['loss_tokens']:>13,}"
+                         f"{stats['loss_share']:>7.1%}{stats['truncated']:>11}")
+        lines += mix_lines(self.by_entry)
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
@@ -117,34 +121,6 @@ def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
     return stop_ids(tokenizer, config, args.eos_token)
 
 
-def _pct(values) -> dict[str, int]:
-    import numpy as np
-
-    if not len(values):
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    return {f"p{q}": int(np.percentile(values, q, method="nearest")) for q in (50, 90, 99)} | \
-        {"max": int(values.max())}
-
-
-def _by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, Any]]:
-    """Per source: rows, trainable rows, prompt and answer p50/max, loss tokens, truncated rows."""
-    import numpy as np
-
-    order = np.argsort(stats["code"], kind="stable")
-    bounds = np.searchsorted(stats["code"][order], np.arange(len(stats["names"]) + 1))
-    groups = {name: order[bounds[k]:bounds[k + 1]] for k, name in enumerate(stats["names"])}
-    out = {}
-    for source in sorted(set(groups) | set(sources)):
-        mine = groups.get(source, np.zeros(0, dtype=np.int64))
-        prompt, answer = stats["prompt"][mine], (stats["length"] - stats["prompt"])[mine]
-        out[source] = {
-            "rows": len(mine), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
-            "prompt_p50": _pct(prompt)["p50"], "prompt_max": _pct(prompt)["max"], "answer_p50": _pct(answer)["p50"],
-            "answer_max": _pct(answer)["max"], "loss_tokens": int(stats["loss"][mine].sum()),
-            "truncated": int((stats["tokens"][mine] < stats["length"][mine]).sum())}
-    return out
-
-
 def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     """Measure the training rows as the trainer will train them, and list the failed checks."""
     args, rows = data.args, report_rows(data, tokenizer)
@@ -157,8 +133,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     report = Report(
         rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
         max_length=data.max_length, records_by_source=records_by_source(rows),
-        eval_records_by_source=records_by_source(data.eval_records), prompt_tokens=_pct(stats["prompt"]),
-        answer_tokens=_pct(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
+        eval_records_by_source=records_by_source(data.eval_records), prompt_tokens=percentiles(stats["prompt"]),
+        answer_tokens=percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int(truncated.sum()),
         truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
         truncated_loss_tokens=int(stats["lost_loss"].sum()), truncation=_truncation_words(args, data.max_length),
@@ -166,7 +142,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         rows_with_stop=int(stats["stop"].sum()), no_loss_rows=int((stats["loss"] == 0).sum()), packing=packing,
         packing_efficiency=efficiency, padding_efficiency=padding, packed_rows=packed_rows,
         example=render(tokenizer, *trained_row(rows, example, cut)),
-        example_source=stats["names"][stats["code"][example]], by_source=_by_source(stats, recipe.check.sources))
+        example_source=stats["names"][stats["code"][example]], by_source=by_source(stats, recipe.check.sources),
+        by_entry=mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share)
     return report
 

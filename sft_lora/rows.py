@@ -42,20 +42,24 @@ def trainer_cut(args, max_length: int | None) -> Cut:
 def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
     """Numpy arrays, one entry per row of `rows`: `prompt` and `length` (tokens before the answer, and in all, before
     truncation), `tokens` and `loss` (tokens and loss-carrying tokens as trained), `stop` (a stop token carries
-    loss), `lost_loss` (loss tokens truncation removes), `code` (index of the row's source in `names`)."""
+    loss), `lost_loss` (loss tokens truncation removes), `code` (index of the row's source in `names`), `entry_code`
+    (index of its data file in `entry_names`)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    parts, sources = [], []
+    parts, labels = [], {"": [], "entry_": []}
     for batch in rows.with_format("arrow").iter(batch_size=CHUNK):
         parts.append(_chunk_stats(batch, cut, np.asarray(stop_ids)))
-        sources.append(batch.column("source"))
+        labels[""].append(batch.column("source"))
+        labels["entry_"].append(batch.column("entry") if "entry" in batch.column_names else batch.column("source"))
     keys = ("prompt", "length", "tokens", "loss", "stop", "lost_loss")
     stats: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int) for k in keys}
-    source = pa.chunked_array([c for s in sources for c in s.chunks], type=pa.string())
-    stats["names"] = sorted(pc.unique(source).to_pylist())
-    stats["code"] = pc.index_in(source, value_set=pa.array(stats["names"], pa.string())).to_numpy()
+    for prefix, columns in labels.items():  # `names`/`code`: the sources; `entry_names`/`entry_code`: the files
+        column = pa.chunked_array([c for s in columns for c in s.chunks], type=pa.string())
+        stats[prefix + "names"] = sorted(pc.unique(column).to_pylist())
+        stats[prefix + "code"] = pc.index_in(column, value_set=pa.array(stats[prefix + "names"], pa.string())
+                                             ).to_numpy()
     return stats
 
 
@@ -147,9 +151,12 @@ def length_notice(rows, args, max_length: int | None, origin: str) -> dict[str, 
 
 def check_lengths(recipe: Recipe, tokenizer, data: Prepared) -> None:
     """`length_notice` for the training and the evaluation records of a run."""
-    length_notice(report_rows(data, tokenizer), data.args, data.max_length, recipe.data.path)
+    from .mix import describe
+
+    origin = describe(recipe.data.path)
+    length_notice(report_rows(data, tokenizer), data.args, data.max_length, origin)
     length_notice(report_rows(data, tokenizer, "eval"), data.args, data.max_length,
-                  recipe.data.eval_path or f"{recipe.data.path} (eval split)")
+                  describe(recipe.data.eval_path) if recipe.data.eval_path else f"{origin} (eval split)")
 
 
 def records_by_source(dataset) -> dict[str, int]:

@@ -31,8 +31,9 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    path: str = ""
-    """A .json array, a .jsonl file, a `save_to_disk` directory, or a hub dataset id."""
+    path: str | list = ""
+    """A .json array, a .jsonl file, a `save_to_disk` directory, a hub dataset id, or a list of them, each a path
+    or a mapping {path, source, weight} (source: for its records without one; weight: 0.5 = half, 2 = twice)."""
     input_field: str = "input"
     """Record field holding the user's question."""
     output_field: str = "output"
@@ -47,8 +48,8 @@ class DataArgs:
     """Split to read from a hub dataset or a DatasetDict directory."""
     eval_split: float = 0.0
     """Fraction of records held out for evaluation (0 = none)."""
-    eval_path: str | None = None
-    """A second data file used for evaluation instead of `eval_split`."""
+    eval_path: str | list | None = None
+    """Data used for evaluation instead of `eval_split`: a path or a list, as `path`."""
     chat_template: str | None = None
     """A .jinja file replacing the tokenizer's chat template."""
     on_bad_record: str = "fail"

@@ -9,14 +9,16 @@ import json
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .mix import paths
 from .model import DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def build_tiny_model(out_dir: str | Path, data_path: str | Path, *, hidden_size: int = 256, layers: int = 4,
+def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,
                      vocab_size: int = 2048, seed: int = 0) -> Path:
-    """Write a tiny Llama (config, safetensors, tokenizer with chat template) to `out_dir`; return it.
+    """Write a tiny Llama (config, safetensors, tokenizer with chat template) to `out_dir`; return it. `data`: the
+    .jsonl file(s) its tokenizer learns from (a `data.path` value: a path or a list of entries).
 
     Built in a temporary sibling and renamed, so an interrupted build never leaves a half model behind."""
     import torch
@@ -25,10 +27,13 @@ def build_tiny_model(out_dir: str | Path, data_path: str | Path, *, hidden_size:
 
     out_dir = Path(out_dir)
     texts = []
-    for line in Path(data_path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            texts += [record.get("input", ""), record.get("output", "")]
+    for data_path in paths(data if isinstance(data, list) else str(data)):
+        for line in Path(data_path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                turns = record.get("messages") or record.get("conversations") or []
+                texts += [record.get("input", ""), record.get("output", ""),
+                          *(t.get("content") or t.get("value") or "" for t in turns)]
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

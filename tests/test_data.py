@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -75,3 +76,48 @@ def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypat
     path.write_text("\n".join(json.dumps({"input": "a"}) for _ in range(10)) + "\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="d.jsonl: all 10 records are bad"):
         load_datasets(DataArgs(path=str(path), on_bad_record="skip"))
+
+
+def _numbered(path, n: int, **extra):
+    path.write_text("\n".join(json.dumps({"input": f"q{i}", "output": f"{path.stem}{i}", **extra})
+                              for i in range(n)) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_several_files_are_weighted_by_seed_and_split_per_entry(tmp_path):
+    a, b = _numbered(tmp_path / "a.jsonl", 20), _numbered(tmp_path / "b.jsonl", 10, source="own")
+    mix = [a, {"path": b, "source": "bee", "weight": 0.5}, {"path": a, "source": "again", "weight": 2.5}]
+    train = load_datasets(DataArgs(path=mix), seed=1)[0]
+    assert len(train) == 20 + 5 + 50  # weight 0.5 = half the records, 2.5 = each twice plus half once more
+    assert train["source"].count("default") == 20 and train["source"].count("again") == 50
+    assert train["source"].count("own") == 5  # a record's own source wins over the entry's
+    assert train["entry"].count(b) == 5 and train["entry"].count(a) == 70
+    halves = [sorted(load_datasets(DataArgs(path=mix), seed=s)[0]["completion"][20:25], key=str) for s in (1, 1, 2)]
+    assert halves[0] == halves[1] != halves[2]  # deterministic by seed
+    again = [c[0]["content"] for c in train["completion"][25:]]
+    assert sorted(again[:40]) == sorted(2 * [f"a{i}" for i in range(20)]) and len(set(again[40:])) == 10
+    train, evaluation = load_datasets(DataArgs(path=mix, eval_split=0.2), seed=1)
+    assert len(evaluation) == 4 + 2 + 4  # each entry holds out its own 20 %, before weighting
+    assert (evaluation["entry"].count(a), evaluation["entry"].count(b)) == (8, 2)
+    assert len(train) == 16 + 4 + 40
+    assert not {c[0]["content"] for c in evaluation["completion"][:4]} & {c[0]["content"] for c in
+                                                                          train["completion"][:16]}
+    train, evaluation = load_datasets(DataArgs(path=a, eval_path=[b, {"path": a, "weight": 0.25}]))
+    assert (len(train), len(evaluation)) == (20, 15)
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "data.path is required"),
+    (["a.jsonl", {"file": "b.jsonl"}], "data.path[1]: unknown key 'file' (path, source, weight)"),
+    ([{"path": "a.jsonl", "weight": 0}], "data.path[0].weight must be a number > 0"),
+    ([{"path": "a.jsonl", "source": 3}], "data.path[0].source must be a string"),
+    ([3], "data.path[0]: an entry is a path or a mapping"),
+])
+def test_a_malformed_data_entry_is_one_line_naming_it(tmp_path, value, message):
+    from sft_lora.config import load_recipe
+
+    from .conftest import write_recipe
+
+    path = write_recipe(tmp_path, tmp_path / "model", data={"path": value, "eval_split": None})
+    with pytest.raises(RecipeError, match=f"^{path}:\\d+: {re.escape(message)}"):
+        load_recipe(path)

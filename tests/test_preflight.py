@@ -106,6 +106,26 @@ def test_good_data_passes_and_the_report_adds_up(make_recipe):
         assert any(line.split()[:2] == [source, str(n)] for line in text.splitlines())
 
 
+def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path):
+    first, second = _data(tmp_path, SAMPLE_RECORDS[:40]), str(tmp_path / "second.jsonl")
+    (tmp_path / "second.jsonl").write_text("\n".join(json.dumps({"input": r["input"], "output": r["output"]})
+                                                     for r in SAMPLE_RECORDS[40:60]) + "\n", encoding="utf-8")
+    path = [first, {"path": second, "source": "extra", "weight": 1.5}]
+    recipe, report = _report(make_recipe(data={"path": path, "eval_split": None}))
+    rows = report_rows(prepare_datasets(recipe.training, load_tokenizer(recipe.model, recipe.data),
+                                        load_datasets(recipe.data)[0]), None)
+    assert {e: s["records"] for e, s in report.by_entry.items()} == {first: 40, second: 30}
+    assert report.by_source["extra"]["rows"] == 30
+    for table, column in ((report.by_entry, "entry"), (report.by_source, "source")):
+        for name, s in table.items():  # tokens and loss tokens of the rows the trainer gets, and their share
+            mine = [r for r in rows if r[column] == name]
+            assert s["tokens"] == sum(len(r["input_ids"]) for r in mine)
+            assert s["loss_tokens"] == sum(label != -100 for r in mine for label in r["labels"])
+            assert s["loss_share"] == pytest.approx(s["loss_tokens"] / report.loss_tokens)
+    text = report.text()
+    assert any(line.split()[0].endswith("/second.jsonl") and line.split()[1] == "30" for line in text.splitlines())
+
+
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
     # True is the library default; keep_end truncation is left to TRL's own preparation, which pads
     for padding_free, truncation in ((True, "keep_start"), (False, "keep_start"), (True, "keep_end")):

@@ -24,7 +24,7 @@ from sft_lora.checkpoints import RECORD, incomplete_reason, select_checkpoint
 from sft_lora.config import RecipeError, load_recipe
 
 from .children import Child, run
-from .conftest import ROOT, write_recipe
+from .conftest import ROOT, SAMPLE, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,10 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     template.write_text(template.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same path, new content
     with pytest.raises(RecipeError, match="made from a different chat template"):
         check_fingerprint(checkpoint, load_recipe(path))
+    data = saved["files_sha256"]["data.path"]  # a data mix: each file's content, with its weight and source
+    mixed = [fingerprint(load_recipe(path, [f"data.path=[{SAMPLE}, {{path: {SAMPLE}, weight: {w}}}]"]))
+             for w in (0.5, 0.25)]
+    assert [m["files_sha256"]["data.path"] for m in mixed] == [f"{data}+{data}*0.5@None", f"{data}+{data}*0.25@None"]
 
 
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, tmp_path):
