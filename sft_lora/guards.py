@@ -13,11 +13,26 @@ from .config import Recipe, RecipeError, first_line
 
 
 def check_outputs(recipe: Recipe) -> None:
-    """Every output directory can be created and written; none of them, nor a parent, is a file."""
-    for path, key in ((recipe.adapters_dir, "output.dir"), (recipe.checkpoint_dir, "output.checkpoint_dir")):
-        check_writable(path, key)
+    """Every output directory can be created and written; none of them, nor a parent, is a file; none of them is
+    or holds an input (a run replaces its output directories whole)."""
+    outputs = {recipe.adapters_dir: "output.dir", recipe.checkpoint_dir: "output.checkpoint_dir"}
     if recipe.output.merge:
-        check_writable(recipe.merged_dir, "output.dir")
+        outputs[recipe.merged_dir] = "output.dir"
+    model, data = recipe.model, recipe.data
+    inputs = {"the recipe": recipe.source, "model.name_or_path": model.name_or_path, "data.path": data.path,
+              "data.eval_path": data.eval_path, "data.chat_template": data.chat_template}
+    for path, key in outputs.items():
+        check_not_inputs(path, inputs, f"set {key} elsewhere")
+        check_writable(path, key)
+
+
+def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: str) -> None:
+    """Raise RecipeError when `target`, a directory about to be replaced, is or contains an existing input."""
+    out = Path(target).resolve()
+    for name, value in inputs.items():
+        path = Path(value).resolve() if value else None
+        if path is not None and path.exists() and (path == out or out in path.parents):
+            raise RecipeError(f"{target}: is or holds {name} ({value}), which writing there would delete; {fix}")
 
 
 def check_writable(path: Path, key: str) -> None:

@@ -160,6 +160,11 @@ def check_combinations(recipe) -> None:
         raise KeyProblem("model", "model.name_or_path is required (a hub id or a local directory)")
     if not data.path:
         raise KeyProblem("data", "data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
+    name = recipe.model_name  # a directory name in the output layout: it must stay inside output.dir
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        key = "model.name" if model.name else "model.name_or_path"
+        raise KeyProblem(key, f"{key} gives the run directory name '{name}', which would leave output.dir; set "
+                         "model.name to a plain name (no '/' or '..')")
     for name in recipe.check.ignore:
         if name not in CHECK_NAMES:
             raise KeyProblem("check.ignore", f"check.ignore: unknown check '{name}' (one of "

@@ -28,6 +28,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoTokenizer
 
     from .atomic import atomic_dir, check_target
+    from .guards import check_not_inputs
     from .manifest import redact
     from .model import stop_token_ids
     from .report import model_card
@@ -44,6 +45,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
+    check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
     inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base, "merge_into": merge_into}
     previous = merge_info(output_dir)
     weights = any((output_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json"))

@@ -389,6 +389,30 @@ def _(env):
     return *env.cli(env.recipe(), "lora.r"), ["command line: 'lora.r' is not an override; write section.key=value"]
 
 
+@case("paths: model.name leaves output.dir")
+def _(env):
+    code, err = env.cli(env.recipe(), "model.name=../../../escaped")
+    assert not any(p.name == "escaped" for p in env.tmp.parents[2].iterdir())
+    return code, err, ["command line: model.name gives the run directory name '../../../escaped', which would leave "
+                       "output.dir; set model.name to a plain name"]
+
+
+@case("paths: absolute model.name")
+def _(env):
+    return *env.cli(env.recipe(), f"model.name={env.tmp / 'elsewhere'}"), [
+        "command line: model.name gives the run directory name '/", "which would leave output.dir"]
+
+
+@case("paths: an output directory holds an input")
+def _(env):
+    adapters = env.tmp / "final_model" / "tiny-llama" / "1" / "lora_adapters"
+    adapters.mkdir(parents=True)  # a previous run's, where the user keeps the data
+    env.data("final_model/tiny-llama/1/lora_adapters/d.jsonl", [GOOD] * 8)
+    data = env.protect(adapters) / "d.jsonl"
+    return *env.cli(env.recipe(data={"path": str(data), "eval_split": None})), [
+        f"{adapters}: is or holds data.path ({data}), which writing there would delete; set output.dir elsewhere"]
+
+
 @case("model: name_or_path empty")
 def _(env):
     path = env.recipe(model={"name_or_path": ""})
@@ -569,6 +593,28 @@ def _(env):
     env.protect(existing)
     return (*env.merge("--adapter_model", env.protect(env.adapter), "--output_dir", existing),
             [f"{existing}: already exists; pass --overwrite to replace it"])
+
+
+@case("merge: --overwrite onto the adapter directory")
+def _(env):
+    adapter = env.protect(env.adapter)
+    return *env.merge("--adapter_model", adapter, "--output_dir", adapter, "--overwrite"), [
+        f"{adapter}: is or holds the adapter ({adapter}), which writing there would delete; choose another "
+        "--output_dir"]
+
+
+@case("merge: --overwrite onto the adapter's parent")
+def _(env):
+    adapter = env.protect(env.adapter)
+    return *env.merge("--adapter_model", adapter, "--output_dir", adapter.parent, "--overwrite"), [
+        f"{adapter.parent}: is or holds the adapter ("]
+
+
+@case("merge: --overwrite onto the base model")
+def _(env):
+    base = env.protect(env.model)
+    return *env.merge("--adapter_model", env.protect(env.adapter), "--output_dir", base, "--overwrite"), [
+        f"{base}: is or holds the base model ({base})"]
 
 
 @case("merge: output is a file")
