@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .config import Recipe, RecipeError, first_line
+from .mix import paths
 
 
 def check_outputs(recipe: Recipe) -> None:
@@ -19,8 +20,11 @@ def check_outputs(recipe: Recipe) -> None:
     if recipe.output.merge:
         outputs[recipe.merged_dir] = "output.dir"
     model, data = recipe.model, recipe.data
-    inputs = {"the recipe": recipe.source, "model.name_or_path": model.name_or_path, "data.path": data.path,
-              "data.eval_path": data.eval_path, "data.chat_template": data.chat_template}
+    inputs = {"the recipe": recipe.source, "model.name_or_path": model.name_or_path,
+              "data.chat_template": data.chat_template}
+    for key in ("path", "eval_path"):
+        for n, path in enumerate(paths(getattr(data, key))):
+            inputs[f"data.{key}[{n}]" if n else f"data.{key}"] = path
     for path, key in outputs.items():
         check_not_inputs(path, inputs, f"set {key} elsewhere")
         check_writable(path, key)
