@@ -26,13 +26,15 @@ RECORD = "sft_lora_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
+
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What a checkpoint records about the run that made it."""
     from .fingerprint import files_sha256, recipe_sha256, weights_sha256, weights_view
 
     view = weights_view(recipe)
+    length = {"max_steps": recipe.training.max_steps, "num_train_epochs": recipe.training.num_train_epochs}
     return {"recipe_sha256": recipe_sha256(recipe), "weights_sha256": weights_sha256(view),
-            "files_sha256": files_sha256(recipe), "weights_view": view}
+            "files_sha256": files_sha256(recipe), "weights_view": view, "length": length}
 
 
 class CheckpointRecord(TrainerCallback):
@@ -109,44 +111,24 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
     return None
 
 
-def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
-    """The checkpoint to resume from: `resume` is a directory, or "auto" for the newest complete one under the
-    recipe's checkpoint directory (incomplete ones are skipped with a notice). Refuses a checkpoint made from a
-    different recipe or data unless `force`."""
-    from transformers.trainer_utils import sort_checkpoints
-
-    if resume != "auto":
-        checkpoint = Path(resume)
-        if not checkpoint.is_dir():
-            raise RecipeError(f"{resume}: checkpoint directory not found; check --resume")
-        reason = incomplete_reason(checkpoint)
-        if reason and not force:
-            raise RecipeError(f"{checkpoint}: incomplete checkpoint ({reason}); pick another or pass --force-resume")
-        if reason:
-            if not (checkpoint / TRAINER_STATE).is_file():
-                raise RecipeError(f"{resume}: not a checkpoint directory (no {TRAINER_STATE}); check --resume")
-            print(f"notice: {checkpoint}: {reason}; used anyway (--force-resume)")
-        check_fingerprint(checkpoint, recipe, force)
-        return str(checkpoint)
-    root = recipe.checkpoint_dir
-    candidates = sort_checkpoints(str(root)) if root.is_dir() else []
-    for path in reversed(candidates):
-        reason = incomplete_reason(path)
-        if reason is None:
-            check_fingerprint(Path(path), recipe, force)
-            print(f"resuming from {path}")
-            return path
-        print(f"notice: skipping {path}: incomplete ({reason})")
-    found = f"{len(candidates)} incomplete checkpoint(s)" if candidates else "no checkpoint"
-    raise RecipeError(f"{root}: {found} to resume from; train first or pass --resume CHECKPOINT_DIR "
-                      "(with --force-resume for an incomplete one)")
-
-
 def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> None:
     """Refuse (RecipeError) a checkpoint whose recorded recipe or data differs from `recipe`'s, unless `force`."""
+    problems = fingerprint_problems(checkpoint, recipe)
+    if not problems:
+        return
+    message = f"{checkpoint}: made from {' and '.join(problems)}"
+    if force:
+        print(f"notice: {message}; resuming anyway (--force-resume)")
+        return
+    raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
+
+
+def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
+    """How the recipe and data a checkpoint recorded differ from `recipe`'s ([] when they match or none is
+    recorded)."""
     record_path = checkpoint / RECORD
     if not record_path.is_file():
-        return  # only reachable with force: nothing recorded to compare
+        return []  # only reachable with force: nothing recorded to compare
     saved = json.loads(record_path.read_text(encoding="utf-8"))
     now = fingerprint(recipe)
     problems = []
@@ -164,13 +146,7 @@ def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> 
         if then != now_:
             problems.append(f"{what} (sha256 {', '.join(h[:12] for h in then)} then, "
                             f"{', '.join(h[:12] for h in now_)} now)")
-    if not problems:
-        return
-    message = f"{checkpoint}: made from {' and '.join(problems)}"
-    if force:
-        print(f"notice: {message}; resuming anyway (--force-resume)")
-        return
-    raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
+    return problems
 
 
 def _short(value: Any) -> str:

@@ -115,3 +115,33 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory of this process (or peak RSS on CPU), GiB."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def replicas_agree(trainer) -> bool | None:
+    """Data-parallel replicas must end with identical adapter weights; a mismatch means a broken multi-process or
+    multi-node setup. None where there is one process or the weights are sharded (ZeRO-3, FSDP)."""
+    import hashlib
+
+    from accelerate.utils import DistributedType, gather_object
+
+    accelerator = trainer.accelerator
+    plugin = accelerator.state.deepspeed_plugin
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    if accelerator.num_processes == 1 or sharded:
+        return None
+    digest = hashlib.sha256()
+    for _, param in sorted(trainer.model.named_parameters()):
+        if param.requires_grad:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return len(set(gather_object([digest.hexdigest()]))) == 1

@@ -64,19 +64,29 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
+        return _stopped(exc, args, 2)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
         print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
               file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(exc, args, 128 + signal.SIGINT)
     except Exception as exc:
         from .signals import TrainingInterrupted, exit_code  # here, not at the top: it imports transformers
 
         if not isinstance(exc, TrainingInterrupted):
+            _stopped(exc, args, 1)
             raise
         print(f"interrupted: {exc}", file=sys.stderr)
-        return exit_code(exc.signum)
+        return _stopped(exc, args, exit_code(exc.signum))
     return 0
+
+
+def _stopped(exc: BaseException, args: argparse.Namespace, code: int) -> int:
+    """After a stop once training had started (`train` marks the exception): the command that continues the run."""
+    if getattr(exc, "training_started", False):
+        from .resume import continue_command
+
+        print(f"to continue: {continue_command(args)}", file=sys.stderr)
+    return code
 
 
 def _inputs(recipe: Recipe):
@@ -102,16 +112,16 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from accelerate import PartialState
 
-    from . import report
     from .guards import check_model_weights, check_outputs, check_qlora_backend
-    from .manifest import save_adapters
 
     check_outputs(recipe)
     check_qlora_backend(recipe)
     check_model_weights(recipe)
-    from .checkpoints import select_checkpoint
+    from .resume import nothing_left, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
+    if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
+        return done
     tokenizer, data = _inputs(recipe)
     from .rows import check_lengths
 
@@ -121,9 +131,9 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         from .preflight import run_check
 
         preflight = run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
-    _configure_wandb(recipe)
-    from .trainer import build_trainer
+    from .trainer import build_trainer, configure_wandb
 
+    configure_wandb(recipe)
     trainer = build_trainer(recipe, tokenizer, data)
     train_set, eval_set = data.records, data.eval_records
     summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
@@ -131,17 +141,30 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
                "records_by_source": {"train": _count(train_set), "eval": _count(eval_set)}}
-    result, before, after = _fit(trainer, resume_from, evaluate=eval_set is not None)
+    try:
+        main_process = _train_and_save(trainer, recipe, tokenizer, resume_from, summary, eval_set is not None)
+        del trainer
+        if main_process:
+            _finish(recipe, summary, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
+    except BaseException as exc:
+        exc.training_started = True  # main prints the command that continues the run
+        raise
+    return summary
+
+
+def _train_and_save(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: dict,
+                    evaluate: bool) -> bool:
+    """Train, save the adapters and add the run's numbers to `summary`; whether this is the main process."""
+    from . import report
+    from .manifest import peak_memory_gib, replicas_agree, save_adapters
+
+    result, before, after = _fit(trainer, resume_from, evaluate=evaluate)
     summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
-                   world_size=trainer.accelerator.num_processes, replicas_agree=_replicas_agree(trainer),
-                   peak_memory_gib=_peak_memory_gib())
+                   world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
+                   peak_memory_gib=peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)
     summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
-    main_process = trainer.accelerator.is_main_process
-    del trainer
-    if main_process:
-        _finish(recipe, summary, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
-    return summary
+    return trainer.accelerator.is_main_process
 
 
 def _fit(trainer, resume_from: str | None, evaluate: bool):
@@ -201,49 +224,6 @@ def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:
                            recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
     except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
         return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
-
-
-def _peak_memory_gib() -> float:
-    """Peak GPU memory of this process (or peak RSS on CPU), GiB."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def _replicas_agree(trainer) -> bool | None:
-    """Data-parallel replicas must end with identical adapter weights; a mismatch means a broken multi-process or
-    multi-node setup. None where there is one process or the weights are sharded (ZeRO-3, FSDP)."""
-    import hashlib
-
-    from accelerate.utils import DistributedType, gather_object
-
-    accelerator = trainer.accelerator
-    plugin = accelerator.state.deepspeed_plugin
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
-    if accelerator.num_processes == 1 or sharded:
-        return None
-    digest = hashlib.sha256()
-    for _, param in sorted(trainer.model.named_parameters()):
-        if param.requires_grad:
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-    return len(set(gather_object([digest.hexdigest()]))) == 1
-
-
-def _configure_wandb(recipe: Recipe) -> None:
-    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes."""
-    if "wandb" not in recipe.training.report_to:
-        return
-    os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
-    mode = recipe.wandb.mode
-    if mode == "auto":
-        netrc = Path.home() / ".netrc"
-        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-        mode = "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
-    os.environ.setdefault("WANDB_MODE", mode)
 
 
 if __name__ == "__main__":

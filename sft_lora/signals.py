@@ -31,7 +31,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: str) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to "
-                         f"{checkpoint}; continue with --resume")
+                         f"{checkpoint}")
 
 
 class GracefulStop(TrainerCallback):

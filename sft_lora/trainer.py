@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import types
 from pathlib import Path
@@ -145,3 +146,16 @@ def score_labelled_positions_only(model) -> None:
                                  fused.__defaults__, fused.__closure__)
     rebound.__kwdefaults__ = fused.__kwdefaults__
     model.forward = types.MethodType(rebound, model)
+
+
+def configure_wandb(recipe: Recipe) -> None:
+    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes."""
+    if "wandb" not in recipe.training.report_to:
+        return
+    os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
+    mode = recipe.wandb.mode
+    if mode == "auto":
+        netrc = Path.home() / ".netrc"
+        logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        mode = "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+    os.environ.setdefault("WANDB_MODE", mode)

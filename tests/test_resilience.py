@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sft_lora.checkpoints import RECORD, incomplete_reason, select_checkpoint
+from sft_lora.checkpoints import RECORD, incomplete_reason
 from sft_lora.config import RecipeError, load_recipe
+from sft_lora.resume import select_checkpoint
 
 from .children import Child, run
 from .conftest import ROOT, SAMPLE, write_recipe
@@ -212,6 +213,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, t
     assert seen <= step < 500 and incomplete_reason(checkpoint) is None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
     assert f"interrupted: stopped by SIGTERM at step {step}; checkpoint saved to {checkpoint}" in stderr
+    assert f"to continue: {sys.executable} -m sft_lora.run {recipe} --resume\n" in stderr  # the exact command
     assert not (tmp_path / "final_model").exists(), "an unfinished run writes no final adapters"
     # The checkpoint resumes: two more steps.
     code, child = run([str(recipe), f"training.max_steps={step + 2}", "--resume"], tmp_path / "resume")

@@ -174,6 +174,28 @@ def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(mak
     assert "resuming from" in out and "checkpoint-3" in out and "trained to step 4" in out
 
 
+def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_shorter_one(make_recipe, tmp_path,
+                                                                                          capsys):
+    small = tmp_path / "small.jsonl"  # 16 records, 4 steps an epoch: epoch counts stay cheap
+    small.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)[:16]), encoding="utf-8")
+    path = make_recipe(data={"path": str(small), "eval_split": 0.0}, report={"smoke_prompts": 1},
+                       training={"max_steps": None, "save_steps": 2})
+    assert main([str(path)]) == 0
+    capsys.readouterr()
+    before = _files(tmp_path)
+    # report.*, logging and save cadence are neutral: with the same length there is nothing to do, and nothing written
+    assert main([str(path), "--resume", "report.smoke_prompts=2", "training.logging_steps=3",
+                 "training.save_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing left to train" in out and "checkpoint-4" in out and "trained to step" not in out
+    assert _files(tmp_path) == before
+    # longer: the 1-epoch run's last checkpoint lives under .../1/lora; the 2-epoch run finds it and continues
+    assert main([str(path), "--resume", "training.num_train_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'checkpoints/tiny-llama/1/lora/checkpoint-4'}: the last complete " in out
+    assert "trained to step 8" in out and (tmp_path / "final_model/tiny-llama/2/lora_adapters").is_dir()
+
+
 def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
