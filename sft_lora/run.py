@@ -178,6 +178,9 @@ def _fit(trainer, resume_from: str | None, evaluate: bool):
     except Exception as exc:
         if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
             raise failure from None
+        if type(exc).__module__.startswith("wandb"):  # wandb.init at the first step: a key the server refuses
+            raise RecipeError(f"wandb: {printable(str(exc)).splitlines()[0]}; check WANDB_API_KEY (or `wandb login`) "
+                              "or set wandb.mode: offline") from None
         raise
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0

@@ -24,7 +24,10 @@ TOKEN_FORMATS = {
     "a GitHub token": re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
     "an AWS access key id": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
     "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    # 40 hex digits, as a wandb key is; not as a path part or `@revision` (a commit sha: a snapshot directory)
+    "a wandb API key (40 hex digits)": re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
 }
+NOT_SECRET = {"model.revision"}  # a commit sha is 40 hex digits too
 
 
 def secret_env_values() -> dict[str, str]:
@@ -39,7 +42,7 @@ def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:
     `values` maps section → {key: value}, or a top-level key → value."""
     env = secret_env_values()
     for dotted, value in _flatten(values):
-        if not isinstance(value, str):
+        if not isinstance(value, str) or dotted in NOT_SECRET:
             continue
         for name, secret in env.items():
             if secret in value:

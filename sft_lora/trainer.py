@@ -149,13 +149,24 @@ def score_labelled_positions_only(model) -> None:
 
 
 def configure_wandb(recipe: Recipe) -> None:
-    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes."""
+    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes. A
+    missing wandb or a malformed WANDB_API_KEY fails here in one line, not in a traceback at the first step."""
+    import importlib.util
+
     if "wandb" not in recipe.training.report_to:
         return
+    if importlib.util.find_spec("wandb") is None:
+        raise RecipeError(f"{recipe.source}: training.report_to includes wandb, which is not installed; pip install "
+                          "wandb or set training.report_to: none")
     os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
-    mode = recipe.wandb.mode
+    mode, key = recipe.wandb.mode, os.environ.get("WANDB_API_KEY")
     if mode == "auto":
         netrc = Path.home() / ".netrc"
         logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-        mode = "online" if os.environ.get("WANDB_API_KEY") or logged_in else "offline"
+        mode = "online" if key or logged_in else "offline"
     os.environ.setdefault("WANDB_MODE", mode)
+    if key is not None and os.environ["WANDB_MODE"] == "online":
+        from wandb.sdk.lib.wbauth.validation import check_api_key  # what wandb.init checks first
+
+        if problem := check_api_key(key):
+            raise RecipeError(f"WANDB_API_KEY (environment): {problem} Fix it, or set wandb.mode: offline")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -68,6 +69,9 @@ class Env:
         """An input that must come out unchanged (an existing model, a checkpoint); may not exist yet."""
         self.protected[path] = _snapshot(path) if path.exists() else {}
         return path
+
+
+_find = importlib.util.find_spec
 
 
 def _snapshot(path: Path) -> dict[str, str]:
@@ -378,6 +382,16 @@ def _(env):
     return code, err, [f"{path}:", "wandb.run_name looks like a secret (a Hugging Face token)"]
 
 
+@case("recipe: a wandb key in a value")
+def _(env):
+    env.monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    key = "0123456789abcdef" * 2 + "01234567"
+    path = env.recipe(wandb={"run_name": f"run-{key}"})
+    code, err = env.cli(path)
+    assert key not in err
+    return code, err, [f"{path}:", "wandb.run_name looks like a secret (a wandb API key (40 hex digits))"]
+
+
 @case("recipe: hub_token in training")
 def _(env):
     path = env.recipe(training={"hub_token": "abc"})
@@ -453,6 +467,23 @@ def _(env):
     missing = env.tmp / "accel.yaml"
     path = env.recipe(accelerate_config=str(missing))
     return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: fsdp, multi_gpu"]
+
+
+@case("wandb key in the environment malformed")
+def _(env):
+    env.monkeypatch.delenv("WANDB_MODE", raising=False)
+    env.monkeypatch.setenv("WANDB_API_KEY", "not-a-key")
+    code, err = env.cli(env.recipe(training={"report_to": "wandb"}, wandb={"mode": "online"}))
+    assert "not-a-key" not in err
+    return code, err, ["WANDB_API_KEY (environment): API key must have 40+ characters, has 5.",
+                       "or set wandb.mode: offline"]
+
+
+@case("wandb not installed")
+def _(env):
+    env.monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else _find(name))
+    path = env.recipe(training={"report_to": "wandb"})
+    return *env.cli(path), [f"{path}: training.report_to includes wandb, which is not installed"]
 
 
 @case("output dir is a file")

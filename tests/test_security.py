@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from sft_lora.config import load_recipe
+from sft_lora.config import RecipeError, load_recipe
 from sft_lora.run import main
 
 from .children import run
@@ -41,6 +41,22 @@ def test_a_recipe_cannot_carry_a_secret_and_does_not_echo_it(tmp_path, tiny_mode
         assert "wandb.run_name looks like a secret" in err and "keep tokens in the environment" in err
         assert SECRETS["HF_TOKEN"] not in err and SECRETS["OPENAI_API_KEY"] not in err
     assert not (tmp_path / "final_model").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_40_hex_wandb_key_is_refused_in_any_value_but_a_commit_sha_is_not(tmp_path, tiny_model, monkeypatch):
+    """The key is refused with no matching environment variable, anywhere in the recipe (a list item, a data entry);
+    a revision and a hub cache snapshot path (both 40 hex digits) still load."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    key = SECRETS["WANDB_API_KEY"]
+    for sections in ({"wandb": {"run_name": key}}, {"training": {"report_to": ["none", f"x-{key}"]}},
+                     {"data": {"path": [{"path": str(ROOT / "data" / "sample.jsonl"), "source": f"-{key}"}]}}):
+        with pytest.raises(RecipeError, match=r"looks like a secret \(a wandb API key \(40 hex digits\)\)"):
+            load_recipe(write_recipe(tmp_path, tiny_model, **sections))
+    snapshot = tmp_path / "hub" / "snapshots" / key
+    snapshot.mkdir(parents=True)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, model={"revision": key, "name": "tiny"},
+                                      data={"chat_template": str(snapshot / "t.jinja")}))
+    assert recipe.model.revision == key
 
 
 def test_no_secret_in_any_output_file(tmp_path, tiny_model):
