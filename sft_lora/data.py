@@ -8,12 +8,14 @@ completion only — the answer and the template's end-of-turn token — which is
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import DataArgs, RecipeError, looks_like_hub_id
+from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
 from .mix import Entry, entries, weighted
 
 
@@ -46,13 +48,21 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecipeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or use .jsonl") from None
+        except RecursionError:
+            raise RecipeError(f"{p}: not valid JSON (nested too deeply); fix the file") from None
         if not isinstance(records, list):
             raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
+        if SURROGATE.search(data):
+            records = [_surrogate_free(record) for record in records]
         return _numbered(p, records)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 
-        dataset = load_from_disk(str(p))
+        try:
+            dataset = load_from_disk(str(p))
+        except Exception as exc:  # FileNotFoundError, ValueError, pyarrow's: all mean "not a saved dataset"
+            raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); data.path takes .json, .jsonl, a "
+                              "save_to_disk directory or a hub dataset id") from None
         if isinstance(dataset, DatasetDict):
             if args.split not in dataset:
                 raise RecipeError(f"{p}: no split '{args.split}' (has {', '.join(dataset)}); set data.split")
@@ -77,7 +87,11 @@ def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:
 
 
 def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
-    with p.open("rb") as handle:
+    try:
+        handle = p.open("rb")
+    except OSError as exc:
+        raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check data.path") from None
+    with handle:
         for n, line in enumerate(handle, 1):
             if n == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
@@ -97,9 +111,24 @@ def _parse_json_line(line: bytes) -> Any:
     except UnicodeDecodeError:
         return BadRecord("not valid UTF-8; re-encode the file as UTF-8")
     try:
-        return json.loads(text)
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
         return BadRecord(f"not valid JSON ({exc.msg}); each line must be one JSON record")
+    except RecursionError:
+        return BadRecord("not valid JSON (nested too deeply); each line must be one JSON record")
+    return _surrogate_free(record) if SURROGATE.search(line) else record
+
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
+
+
+def _surrogate_free(record: Any) -> Any:
+    """`record`, or a BadRecord when a string holds a lone UTF-16 surrogate (Arrow would fail on it deep inside)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return BadRecord(f"holds a lone UTF-16 surrogate ({ascii(exc.object[exc.start])}), which is not text; fix "
+                         "the record")
+    return record
 
 
 def _problem(record: Any, args: DataArgs) -> str | None:
@@ -194,6 +223,9 @@ def load_datasets(args: DataArgs, seed: int = 42):
             if round(len(records) * args.eval_split) < 1:
                 raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no eval record of "
                                   f"{len(records)}; raise it or set data.eval_path")
+            if len(records) - math.ceil(len(records) * args.eval_split) < 1:  # datasets' rounding
+                raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no training record of "
+                                  f"{len(records)}; lower it or set data.eval_path")
             split = records.train_test_split(test_size=args.eval_split, seed=seed)
             records = split["train"]
             held_out.append(split["test"])

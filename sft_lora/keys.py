@@ -40,6 +40,8 @@ CHOICES = {
     "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
 }
+# Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree).
+MAXIMUM = {"training.max_length": 2**20}
 FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
 
 UPSTREAM_SECTIONS = ("lora", "quantization", "training")
@@ -86,8 +88,6 @@ def checked(given: dict[str, Any], fields: dict[str, tuple[Any, Any]], section: 
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
         value = _coerce(value, hint, default)
-        if bad := _out_of_range(value):
-            raise KeyProblem(dotted, f"{dotted} must be {bad}, got {value!r}")
         if not _type_ok(value, hint, default):
             raise KeyProblem(dotted, f"{dotted} expects {_describe(hint, default)}, got {value!r}")
         out[key] = value
@@ -113,12 +113,14 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_values(values: dict[str, dict[str, Any]]) -> None:
-    for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES)):
+    for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES) | set(MAXIMUM)):
         section, key = dotted.split(".")
         value = values[section].get(key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if dotted in POSITIVE and number and value <= 0:
             raise KeyProblem(dotted, f"{dotted} must be > 0, got {value}")
+        if dotted in MAXIMUM and number and value > MAXIMUM[dotted]:
+            raise KeyProblem(dotted, f"{dotted} must be at most {MAXIMUM[dotted]:,}, got {value:,}")
         if dotted in FRACTIONS and number and not 0 <= value < 1:
             raise KeyProblem(dotted, f"{dotted} must be in [0, 1), got {value}")
         if dotted in CHOICES and value is not None and value not in CHOICES[dotted]:
@@ -197,23 +199,12 @@ def _coerce(value: Any, hint: Any, default: Any) -> Any:
     (`eval_strategy: no`). Each is turned back where the field expects a float, or a string but no bool."""
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
         try:
-            return float(value)
+            return float(value) if math.isfinite(float(value)) else value  # "nan", "inf": not a usable number
         except ValueError:
             return value
     if isinstance(value, bool) and (_accepts(hint, str) or type(default) is str) and not _accepts(hint, bool):
         return "yes" if value else "no"
     return value
-
-
-def _out_of_range(value: Any) -> str | None:
-    """What a number in `value` (or in its items) must be when it is NaN, infinite or past 64 bits, else None
-    (upstream accepts NaN and inf silently, and a huge int fails deep in torch)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "a finite number"
-    if isinstance(value, int) and not -(2**63) < value < 2**63:
-        return "a number within 64 bits"
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return next(filter(None, map(_out_of_range, items)), None)
 
 
 def _accepts(hint: Any, kind: type) -> bool:

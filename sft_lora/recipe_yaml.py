@@ -8,6 +8,7 @@ unquoted dates as text.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,12 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, int]]:
         line = data[: exc.start].count(b"\n") + 1
         raise RecipeError(f"{path}:{line}: not valid UTF-8; save the recipe as UTF-8") from None
     raw, root = parse(text, str(path))
-    return raw, _key_lines(root)
+    lines = _key_lines(root)
+    for dotted, number in _numbers(raw):
+        if problem := _out_of_range(number):
+            line = lines.get(dotted) or lines.get(dotted.split(".")[0])
+            raise RecipeError(f"{path}{f':{line}' if line else ''}: {dotted} must be {problem}, got {number!r}")
+    return raw, lines
 
 
 def parse(text: str, where: str) -> Any:
@@ -114,10 +120,34 @@ def value(text: str, item: str) -> Any:
     from .config import RecipeError
 
     try:
-        return parse(text, "command line")[0]
+        data = parse(text, "command line")[0]
     except RecipeError as exc:
         reason = str(exc).removeprefix("command line: ")
         raise RecipeError(f"command line: '{item}': {reason}; quote the value if it is text") from None
+    for _, number in _numbers(data):
+        if problem := _out_of_range(number):
+            raise RecipeError(f"command line: {item.partition('=')[0]} must be {problem}, got {number!r}")
+    return data
+
+
+def _numbers(data: Any, dotted: str = ""):
+    """(dotted key, number) of every int and float in `data`, at any depth (list items under their key)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _numbers(value, f"{dotted}.{key}" if dotted else str(key))
+    elif isinstance(data, list):
+        for value in data:
+            yield from _numbers(value, dotted)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        yield dotted, data
+
+
+def _out_of_range(number: float) -> str | None:
+    """What a NaN, infinite or past-64-bit number must be (upstream takes NaN and inf silently; a huge int fails
+    deep in torch), else None."""
+    if isinstance(number, float) and not math.isfinite(number):
+        return "a finite number"
+    return "a number within 64 bits" if isinstance(number, int) and not -(2**63) < number < 2**63 else None
 
 
 def _key_lines(root) -> dict[str, int]:

@@ -211,6 +211,40 @@ def _(env):
             [f"{env.tmp / 'd.jsonl'}: data.eval_split=0.01 leaves no eval record of 4"])
 
 
+@case("data: a directory that is not a dataset")
+def _(env):
+    (env.tmp / "notes").mkdir()
+    (env.tmp / "notes" / "a.txt").write_text("hello")
+    return *env.cli(env.recipe(data={"path": str(env.tmp / "notes"), "eval_split": None})), [
+        f"{env.tmp / 'notes'}: not a dataset directory (", "data.path takes .json, .jsonl, a save_to_disk directory"]
+
+
+@case("data: JSON nested 100,000 deep")
+def _(env):
+    deep = '{"input": ' + "[" * 100_000 + "]" * 100_000 + ', "output": "b"}\n'
+    return *env.cli(env.with_data("d.jsonl", json.dumps(GOOD) + "\n" + deep)), [
+        f"{env.tmp / 'd.jsonl'}:2: not valid JSON (nested too deeply)"]
+
+
+@case("data: a lone UTF-16 surrogate")
+def _(env):
+    content = json.dumps(GOOD) + '\n{"input": "caf\\ud800", "output": "b"}\n'
+    return *env.cli(env.with_data("d.jsonl", content)), [
+        f"{env.tmp / 'd.jsonl'}:2: holds a lone UTF-16 surrogate ('\\ud800'), which is not text"]
+
+
+@case("data: eval_split leaves no training record")
+def _(env):
+    return (*env.cli(env.with_data("d.jsonl", [GOOD] * 2, eval_split=0.9)),
+            [f"{env.tmp / 'd.jsonl'}: data.eval_split=0.9 leaves no training record of 2; lower it"])
+
+
+@case("recipe: max_length no machine can allocate")
+def _(env):
+    return *env.cli(env.recipe(), f"training.max_length={10**12}"), [
+        "command line: training.max_length must be at most 1,048,576, got 1,000,000,000,000"]
+
+
 @case("data: chat template file missing")
 def _(env):
     return (*env.cli(env.recipe(data={"chat_template": str(env.tmp / "t.jinja")})),
@@ -299,7 +333,7 @@ def _(env):
 
 @case("recipe: infinite number")
 def _(env):
-    return *env.cli(env.recipe(), "training.learning_rate=inf"), [
+    return *env.cli(env.recipe(), "training.learning_rate=.inf"), [
         "command line: training.learning_rate must be a finite number, got inf"]
 
 
