@@ -15,7 +15,7 @@ bounded however many records there are.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -178,12 +178,12 @@ class Prepared:
 def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepared:
     """Tokenize with `prepare_rows` where it gives TRL's exact result; otherwise leave the datasets to TRL.
 
-    Without packing the prepared rows are already truncated, so TRL's preparation is skipped (set on `args`, the
-    run's SFTConfig); padding-free then needs `max_length=None` on it (TRL's rule: it does not truncate padding-free
-    rows itself). With packing TRL still packs (bfd truncates each document to max_length, as TRL's own path does)."""
+    Without packing the prepared rows are already truncated, so TRL's preparation is skipped; padding-free then needs
+    `max_length=None` (TRL's rule: it does not truncate padding-free rows itself). With packing TRL still packs (bfd
+    truncates each document to max_length, as TRL's own path does). `Prepared.args` is the trainer's SFTConfig: the
+    resolved one (`args`, left as resolved) rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
 
-    args = copy.copy(args)  # the trainer's view; the resolved config (recipe.training) stays as resolved
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
@@ -192,7 +192,7 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepa
         if args.padding_free and not args.packing:
             logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "
                            "training on padded batches", reason)
-            args.padding_free = False
+            prepared.args = dataclasses.replace(args, padding_free=False)
         prepared.unsupported = reason
         return prepared
     eval_packing = args.packing if args.eval_packing is None else args.eval_packing
@@ -206,11 +206,10 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepa
     prepared.train = trainable(prepared.rows)
     prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
     if not args.packing:
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         if args.shuffle_dataset:  # what TRL's skipped preparation would have done
             prepared.train = prepared.train.shuffle(seed=args.seed)
-        if args.padding_free:
-            args.max_length = None
+        skip = {"dataset_kwargs": {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}}
+        prepared.args = dataclasses.replace(args, **skip, **({"max_length": None} if args.padding_free else {}))
     return prepared
 
 
