@@ -15,7 +15,7 @@ ACCEL ?=
 LAUNCH := $(BIN)/python -m sft_lora.run
 ACCEL_ARG := $(if $(ACCEL),accelerate_config=$(ACCEL))
 
-.PHONY: install check train resume merge chat print-config test lint bench clean
+.PHONY: install check train resume merge chat print-config test fuzz lint bench clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ print-config: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The hostile-input fuzzer of `make test`, longer (FUZZ_CASES cases; FUZZ_SEED picks another sequence).
+FUZZ_CASES ?= 20000
+fuzz: install
+	FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check sft_lora tests bench

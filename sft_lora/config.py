@@ -150,10 +150,10 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     if not key:
         raw[section] = value
         return
-    if not isinstance(raw.get(section) or {}, dict):
-        raise RecipeError(f"command line: {section} is not a section, cannot set {dotted}")
     if raw.get(section) is None:
         raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise RecipeError(f"command line: {section} is not a section, cannot set {dotted}")
     raw[section][key] = value
 
 

@@ -113,6 +113,8 @@ def parse(text: str, where: str) -> Any:
         raise RecipeError(f"{where}: not valid Unicode (a lone surrogate); write it as UTF-8") from None
     except RecursionError:
         raise RecipeError(f"{where}: not valid YAML (nested too deeply); a recipe is a few levels deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a tag on a value it cannot type: `!!float false`
+        raise RecipeError(f"{where}: not valid YAML ({first_line(exc)})") from None
 
 
 def value(text: str, item: str) -> Any:

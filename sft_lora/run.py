@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe, printable
+from .config import SEED_FLAGS, Recipe, RecipeError, first_line, load_recipe, printable
 from .sections import recipe_keys
 
 
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return _stopped(exc, args, 2)
+    except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths", file=sys.stderr)
         return _stopped(exc, args, 2)
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
         print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",

@@ -4,6 +4,7 @@ knob documented once, as an attribute docstring that `--help` prints."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output":
                                  "check": CheckArgs, "report": ReportArgs}
 
 
+@functools.cache  # the --help epilog, built on every command line: reading the classes' sources takes ~40 ms
 def recipe_keys() -> str:
     """The recipe's keys, for --help: own sections in full, upstream sections by class."""
     lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false",

@@ -12,6 +12,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample.jsonl"
 
+FUZZ_SUMMARY = pytest.StashKey[str]()  # tests/test_fuzz.py's case count, printed at the end of every run
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SFT_LORA_CACHE", tempfile.mkdtemp(prefix="sft_lora_cache_"))  # prepared datasets
@@ -60,3 +62,8 @@ def write_recipe(directory: Path, model_dir: Path, **sections) -> Path:
 def make_recipe(tmp_path, tiny_model):
     """`write_recipe` into this test's tmp_path."""
     return lambda **sections: write_recipe(tmp_path, tiny_model, **sections)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if FUZZ_SUMMARY in config.stash:
+        terminalreporter.write_line(config.stash[FUZZ_SUMMARY])
