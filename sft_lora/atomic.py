@@ -30,6 +30,9 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                readable(path)
         if final.exists():
             old = final.with_name(f"{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -54,6 +57,7 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
     try:
         yield tmp
+        readable(tmp)
         fsync(tmp)
         os.replace(tmp, final)
     finally:
@@ -64,6 +68,14 @@ def write_atomic(final: str | Path, text: str) -> None:
     """Replace `final` with `text` (UTF-8) all at once."""
     with atomic_file(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def readable(path: str | Path) -> None:
+    """Give a written file the mode the user's umask asks for (0644 under the usual 022): some writers (safetensors
+    writes through a 0600 temporary file) make it private, so teammates on a shared server could not read weights."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def fsync(path: str | Path) -> None:

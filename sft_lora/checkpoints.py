@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .atomic import fsync, write_atomic
+from .atomic import fsync, readable, write_atomic
 from .config import Recipe, RecipeError
 
 RECORD = "sft_lora_checkpoint.json"
@@ -40,7 +40,8 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
 class CheckpointRecord(TrainerCallback):
     """Writes `sft_lora_checkpoint.json` into each checkpoint once all its files are saved (see module doc)."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None) -> None:
+        self.recipe, self.counts = recipe, counts or {}  # records by source, for the checkpoint's model card
         self.fingerprint = fingerprint(recipe)
         self.saving: Path | None = None  # the checkpoint being written, between on_step_end and on_save
 
@@ -65,9 +66,14 @@ class CheckpointRecord(TrainerCallback):
             dist.barrier()  # every rank has written its shards before rank 0 lists them
         if not state.is_world_process_zero:
             return
+        from .card import checkpoint_card
+
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,
+                                                               state.global_step))  # not PEFT's blank template
         files = {}
         for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
+            readable(path)  # Trainer's weights come 0600 from safetensors; as the umask says, like every file
             fsync(path)
             files[str(path.relative_to(checkpoint))] = path.stat().st_size
         record = {"step": state.global_step, **self.fingerprint, "files": files}

@@ -201,7 +201,11 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
     init = {"dtype": model.dtype, "revision": model.revision, "device_map": model.device_map,
             "attn_implementation": model.attn_implementation,
             "use_safetensors": True}  # never unpickle model weights (guards.check_model_weights)
-    return dict(recipe.given["training"], output_dir=str(recipe.checkpoint_dir), run_name=recipe.run_name,
+    training = dict(recipe.given["training"])
+    if not {"activation_checkpointing", "gradient_checkpointing"} & set(training):
+        # TRL's default, under the current name: TRL sets the old, deprecated one (a FutureWarning on every run)
+        training["activation_checkpointing"] = True  # decisions.py settles it once the data is prepared
+    return dict(training, output_dir=str(recipe.checkpoint_dir), run_name=recipe.run_name,
                 trust_remote_code=model.trust_remote_code,
                 model_init_kwargs={k: v for k, v in init.items() if v is not None})
 

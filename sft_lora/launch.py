@@ -85,8 +85,10 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     mixed = str(config.get("mixed_precision") or "no")
     wanted = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
     if mixed != "no" and mixed != wanted:
+        fix = (f"set mixed_precision: \"{wanted}\" in the config, or use accelerate_config=cpu_ddp" if training.use_cpu
+               else f"set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")  # no GPU: no bf16
         raise RecipeError(f"{where}: the accelerate config asks mixed_precision {mixed} but the recipe trains in "
-                          f"{wanted}; set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")
+                          f"{wanted}{' on the CPU' if training.use_cpu else ''}; {fix}")
     _check_deepspeed_batch(config, training, processes, where)
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
@@ -121,6 +123,13 @@ def check_this_launch(recipe: Recipe) -> None:
     """Check what accelerate actually set up for this process (also when launched by hand)."""
     from accelerate import PartialState
 
+    env = os.environ
+    # accelerate's one-process launcher exports MASTER_ADDR only when more processes were asked (`--num_processes
+    # 2` without a GPU, or with --cpu): it started one, which would train alone while the user waits for two.
+    if "MASTER_ADDR" in env and "ACCELERATE_MIXED_PRECISION" in env and "WORLD_SIZE" not in env:
+        raise RecipeError("accelerate launch was asked for several processes but started 1 (its one-process launcher "
+                          "runs where there is no GPU or with --cpu); use accelerate_config=cpu_ddp or accelerate "
+                          "launch --multi_gpu --num_processes N")
     check_launch(recipe, config_from_environment(), "accelerate launch")
     check_process_group(PartialState().num_processes)
 

@@ -28,10 +28,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoTokenizer
 
     from .atomic import atomic_dir, check_target
+    from .card import model_card
     from .guards import check_not_inputs
     from .manifest import redact
     from .model import stop_token_ids
-    from .report import model_card
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -47,14 +47,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
     check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
     inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base, "merge_into": merge_into}
-    previous = merge_info(output_dir)
-    weights = any((output_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json"))
-    if previous.get("inputs") == inputs and weights:
-        print(f"{output_dir}: up to date (a merge of these adapters into {base}); nothing to do")
+    if (earlier := _earlier_merge(adapter_dir, output_dir, inputs)) == "up to date":
         return output_dir
-    if previous.get("adapter") and Path(previous["adapter"]).resolve() == adapter_dir.resolve():
-        print(f"{output_dir}: {adapter_dir} changed since it was merged; merging again")
-        overwrite = True  # the old merge of these same adapters is stale; replacing it is what was asked
+    overwrite = overwrite or earlier == "stale"  # the old merge of these same adapters: replacing it was asked
     check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
 
     dequantize = bool(recipe.get("quantization")) and merge_into == "dequantized"
@@ -88,6 +83,20 @@ def adapter_sha256(adapter_dir: Path) -> str:
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
                                                                                         "README.md"))
     return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
+
+
+def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | None:
+    """"up to date" when `output_dir` holds a merge of exactly these inputs, "stale" when it holds a merge of this
+    adapters directory made before its files changed (each said in one line), else None."""
+    previous = merge_info(output_dir)
+    weights = any((output_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json"))
+    if previous.get("inputs") == inputs and weights:
+        print(f"{output_dir}: up to date (a merge of these adapters into {inputs['base_model']}); nothing to do")
+        return "up to date"
+    if previous.get("adapter") and Path(previous["adapter"]).resolve() == adapter_dir.resolve():
+        print(f"{output_dir}: {adapter_dir} changed since it was merged; merging again")
+        return "stale"
+    return None
 
 
 def merge_info(merged_dir: Path) -> dict:

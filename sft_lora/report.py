@@ -1,5 +1,5 @@
-"""What a run leaves to read: `summary.json` and a loss-curve PNG beside the adapters, a console table, and the
-model card (README.md) of the merged model.
+"""What a run leaves to read: `summary.json` and a loss-curve PNG beside the adapters and the console table (the
+model cards are `card.py`'s).
 
 The numbers come from the Trainer's own `state.log_history`: train losses as logged, eval losses overall
 (`eval_loss`) and per source (`eval_<source>_loss`, see `trainer.py`).
@@ -11,10 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .atomic import atomic_file, write_atomic
-from .config import looks_like_hub_id, read_saved_recipe
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -147,6 +144,10 @@ def summary_table(summary: dict[str, Any]) -> str:
     smoke = summary.get("smoke")
     if smoke:
         rows.append(("smoke check", smoke.get("verdict") or smoke.get("skipped", "")))
+        if smoke.get("samples"):  # one prompt and its answer, each on one line
+            sample = smoke["samples"][0]
+            rows.append(("  example", " -> ".join(json.dumps(sample[k][:200], ensure_ascii=False)
+                                                  for k in ("question", "text"))))
     rows += [("checkpoints", summary["checkpoints"]), ("adapters", summary["adapters"])]
     if summary.get("merged"):
         rows.append(("merged", summary["merged"]))
@@ -155,56 +156,3 @@ def summary_table(summary: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows) + 2
     lines += [f"{name + ':':<{width}}{value}" for name, value in rows]
     return "\n".join(lines)
-
-
-def model_card(adapter_dir: str | Path, base_model: str, merged_into: str) -> str:
-    """README.md of a merged model: base model, recipe, data sources and counts, eval loss per source, how to load.
-
-    Reads what training left in the adapters directory (the recipe and, if present, summary.json)."""
-    adapter_dir = Path(adapter_dir)
-    from .manifest import redact
-
-    recipe = read_saved_recipe(adapter_dir)
-    recipe_text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True) if recipe else ""
-    summary = {}
-    if (adapter_dir / SUMMARY_FILE).is_file():
-        summary = json.loads((adapter_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    hub_id = looks_like_hub_id(base_model)
-    method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [sft, lora, trl, sft_lora]", *([f"base_model: {base_model}"] if hub_id else []), "---", ""]
-    lines = [*front, f"# {Path(base_model).name} fine-tuned with {method} (sft_lora)", "",
-             f"- base model: `{base_model}`", f"- method: {method}, merged into the {merged_into}",
-             f"- data: `{recipe.get('data', {}).get('path', '?')}`"]
-    if summary.get("global_step") is not None:
-        tokens = f"{summary['tokens']:,}" if summary.get("tokens") else "?"
-        lines.append(f"- trained: {summary['global_step']} steps, {tokens} tokens")
-    counts = summary.get("records_by_source") or {}
-    if counts.get("train"):
-        evals = summary.get("eval_by_source", {})
-        lines += ["", "## Data and evaluation", "",
-                  "| source | train records | eval records | eval loss before | eval loss after |",
-                  "|---|---:|---:|---:|---:|"]
-        for source, n in counts["train"].items():
-            loss = evals.get(source, {})
-            lines.append(f"| {source} | {n} | {counts.get('eval', {}).get(source, 0)} | {_fmt(loss.get('before'))} "
-                         f"| {_fmt(loss.get('after'))} |")
-        lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(counts.get('eval', {}).values())} | "
-                     f"{_fmt(summary.get('eval_loss_before'))} | {_fmt(summary.get('eval_loss_after'))} |")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)",
-              'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")',
-              'messages = [{"role": "user", "content": "..."}]',
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-              "return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
-              "skip_special_tokens=True))", "```", "",
-              "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
-              "The chat template it was trained with is `chat_template.jinja`."]
-    if recipe_text:
-        lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any) -> str:
-    return "—" if value is None else f"{value:.4f}"

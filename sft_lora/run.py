@@ -97,9 +97,14 @@ def _inputs(recipe: Recipe):
     """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first when the
     recipe asks."""
     from .data import load_datasets
+    from .hub import check_reachable
     from .model import load_tokenizer
     from .prepare import prepare_datasets
 
+    check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
+    from .trainer import name_the_cpu_to_deepspeed
+
+    name_the_cpu_to_deepspeed()  # before the tiny model is built: saving it imports DeepSpeed
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         from .tiny import build_tiny_model
@@ -121,6 +126,9 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     check_outputs(recipe)
     check_qlora_backend(recipe)
     check_model_weights(recipe)
+    from .hub import check_push
+
+    check_push(recipe)
     from .resume import nothing_left, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
@@ -198,6 +206,10 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     from . import report
 
     report.write_summary(recipe.adapters_dir, summary)
+    from .atomic import write_atomic
+    from .card import model_card
+
+    write_atomic(recipe.adapters_dir / "README.md", model_card(recipe.adapters_dir, recipe.model.name_or_path))
     if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -210,6 +222,10 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     summary["smoke"] = _smoke(recipe, held_out, inputs)
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))
+    if recipe.output.push_to_hub:
+        from .hub import push_outputs
+
+        push_outputs(recipe)
 
 
 def _count(dataset) -> dict[str, int]:

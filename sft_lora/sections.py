@@ -67,6 +67,9 @@ class OutputArgs:
     """Merge the adapters into the base model when training ends."""
     merge_into: str = "dequantized"
     """QLoRA only: merge into the `dequantized` 4-bit base (what was trained against) or the `original` weights."""
+    push_to_hub: str | None = None
+    """Hub repo id (`org/name`) to upload the merged model (the adapters without merge) and its card to at the end;
+    the token is HF_TOKEN from the environment."""
 
 
 @dataclass

@@ -40,24 +40,37 @@ class SourceEvalSFTTrainer(SFTTrainer):
     `metric_for_best_model`'s default); evaluating each prepared set by its key keeps `eval_loss`."""
 
     source_prefix: str | None = None
+    printed_eval: int | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        _print_no_eval_dicts(self)
         score_labelled_positions_only(self.model.get_base_model() if hasattr(self.model, "get_base_model")
                                       else self.model)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = super().evaluate(OVERALL, ignore_keys, metric_key_prefix)
-        for key in self.eval_dataset:
-            if key != OVERALL and len(self.eval_dataset[key]):
-                self.source_prefix = source_metric(key.removeprefix(OVERALL + "/"))
-                try:
-                    metrics.update(super().evaluate(key, ignore_keys, self.source_prefix))
-                finally:
-                    self.source_prefix = None
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            sources = []
+        else:
+            metrics = super().evaluate(OVERALL, ignore_keys, metric_key_prefix)
+            sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL]
+            for key in self.eval_dataset:
+                if key != OVERALL and len(self.eval_dataset[key]):
+                    self.source_prefix = source_metric(key.removeprefix(OVERALL + "/"))
+                    try:
+                        metrics.update(super().evaluate(key, ignore_keys, self.source_prefix))
+                    finally:
+                        self.source_prefix = None
+        if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
+            from tqdm.auto import tqdm
+
+            tqdm.write(eval_line(self.state.global_step, metrics, sources))  # below a running progress bar
+            self.printed_eval = self.state.global_step  # the evaluation after training repeats the last one
         return metrics
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """None in the checkpoint root: TRL's card names no base model; each checkpoint gets sft_lora's (card.py)."""
 
     def log(self, logs, start_time=None):
         # TRL logs its eval metrics (entropy, token accuracy) as eval_* whatever the prefix; name them per source
@@ -67,6 +80,41 @@ class SourceEvalSFTTrainer(SFTTrainer):
                 logs[f"{self.source_prefix}_{key}"] = sum(values) / len(values)
             self._metrics["eval"].clear()
         super().log(logs, start_time)
+
+
+def eval_line(step: int, metrics: dict, sources: list[str]) -> str:
+    """One evaluation on one line: `eval at step 20: loss 2.3456 (arith_en 2.1012, translate 2.5120)`."""
+    per = [f"{s} {metrics[key]:.4f}" for s in sources if (key := source_metric(s) + "_loss") in metrics]
+    return f"eval at step {step}: loss {metrics.get('eval_loss', float('nan')):.4f}" + (
+        f" ({', '.join(per)})" if per else "")
+
+
+class _NoEvalDicts:
+    """Mixed into the Trainer's console printer: eval dicts are not printed (`evaluate` prints one line); they stay
+    in the log history (trainer_state.json), TensorBoard and wandb."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (logs and any(key.startswith("eval_") for key in logs)):
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+def _print_no_eval_dicts(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback) in (ProgressCallback, PrinterCallback):
+            trainer.callback_handler.remove_callback(callback)
+            trainer.callback_handler.add_callback(type(f"Compact{type(callback).__name__}",
+                                                       (_NoEvalDicts, type(callback)), {})())
+
+
+def name_the_cpu_to_deepspeed() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (to unwrap models, saving them too); on a machine with
+    no accelerator DeepSpeed then logs "Setting accelerator to CPU" as a warning, unless told the device."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own variable
 
 
 def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
@@ -81,9 +129,11 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
 
     from .decisions import decide_activation_checkpointing
     from .prepare import Prepared, prepare_datasets
+    from .rows import records_by_source
     from .targets import check_target_modules
 
     check_target_modules(recipe)  # a wrong target name fails before any weight is downloaded or loaded
+    name_the_cpu_to_deepspeed()
     if not isinstance(data, Prepared):
         data = prepare_datasets(recipe.training, tokenizer, data, eval_dataset)
     decide_activation_checkpointing(recipe, data.train)
@@ -94,7 +144,9 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
             model=recipe.model.name_or_path, args=args, train_dataset=data.train,
             eval_dataset=_eval_sets(recipe, data.eval), processing_class=tokenizer, peft_config=recipe.lora,
             quantization_config=recipe.quantization,
-            callbacks=[GracefulStop(), CheckpointRecord(recipe)],  # in this order: a stop request triggers the save
+            callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
+                       CheckpointRecord(recipe, {"train": records_by_source(data.records),
+                                                 "eval": records_by_source(data.eval_records)})],
         )
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {str(exc).splitlines()[0]}") from None

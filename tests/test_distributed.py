@@ -104,9 +104,25 @@ def test_single_gpu_config_is_one_process(reference, tmp_path, tiny_model):
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(reference, tmp_path, tiny_model):
     recipe = _recipe(tmp_path, tiny_model, per_device=2)
-    out = _run(recipe, cpu_config("multi_gpu", tmp_path))
+    out = _run(recipe, CONFIG_DIR / "cpu_ddp.yaml")  # the shipped CPU config, as it is
     assert "on 2 processes" in out and re.search(r"replicas:\s+identical on all 2 processes", out)
-    _assert_matches(reference, recipe)
+    adapters = _assert_matches(reference, recipe)
+    assert json.loads((adapters / "manifest.json").read_text())["hardware"]["world_size"] == 2
+    assert json.loads((adapters / "summary.json").read_text())["world_size"] == 2
+
+
+def test_more_processes_asked_than_accelerate_started_is_one_line_and_exit_2(tmp_path, tiny_model):
+    # without a GPU, `accelerate launch --num_processes 2` (and `--cpu --num_processes 2`) starts one process
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2", "-m",
+               "sft_lora.run", str(_recipe(tmp_path, tiny_model, per_device=2))]
+    done = subprocess.run(command, cwd=ROOT, env={**ENV, "SFT_LORA_LAUNCHED": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    # the one process exits 2 with one line; `accelerate launch` then fails itself (exit 1, its own traceback)
+    assert len(errors) == 1 and "returned non-zero exit status 2." in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 1
+    assert "asked for several processes but started 1" in errors[0] and "accelerate_config=cpu_ddp" in errors[0]
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp"])

@@ -35,10 +35,10 @@ def test_every_shipped_config_passes_with_a_matching_recipe(make_recipe):
     qlora = load_recipe(make_recipe(use_qlora=True, quantization={"bnb_4bit_quant_storage": "bfloat16"},
                                     training={"bf16": True}))
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["fsdp", "multi_gpu", "multi_node", "single_gpu", "zero2", "zero3", "zero3_offload"]
+    assert names == ["cpu_ddp", "fsdp", "multi_gpu", "multi_node", "single_gpu", "zero2", "zero3", "zero3_offload"]
     for name in names:
         config = read_config(CONFIG_DIR / f"{name}.yaml")
-        if name == "single_gpu":
+        if name in ("single_gpu", "cpu_ddp"):
             config["mixed_precision"] = "bf16"
         check_launch(lora, config, name)
         check_launch(qlora, config, name)
@@ -61,7 +61,12 @@ def test_mixed_precision_must_agree_with_the_recipe(make_recipe):
     fp32 = load_recipe(make_recipe(training={"bf16": False}))
     assert "asks mixed_precision bf16 but the recipe trains in no" in _error(fp32, shipped("zero2"))
     bf16 = load_recipe(make_recipe(training={"bf16": True}))
+    bf16.training.use_cpu = False  # as on a GPU machine
     assert "set training.fp16: true" in _error(bf16, shipped("zero2", mixed_precision="fp16"))
+    # on a machine without a GPU the fix is the config's, never bf16 in the recipe
+    cpu = _error(load_recipe(make_recipe(training={"bf16": False, "use_cpu": True})), shipped("multi_gpu"))
+    assert "trains in no on the CPU" in cpu and "training.bf16" not in cpu
+    assert 'set mixed_precision: "no" in the config, or use accelerate_config=cpu_ddp' in cpu
 
 
 def test_deepspeed_batch_arithmetic(make_recipe, tmp_path):
@@ -104,7 +109,7 @@ def test_config_names_resolve_and_unknown_ones_fail(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text(yaml.safe_dump({"distributed_type": "NO"}))
     assert resolve_config(str(own)) == own
-    with pytest.raises(RecipeError, match="'zero9' not found; use an existing file or one of: fsdp, multi_gpu"):
+    with pytest.raises(RecipeError, match="'zero9' not found; use an existing file or one of: cpu_ddp, fsdp"):
         resolve_config("zero9")
 
 

@@ -3,23 +3,23 @@ the manifest, the model card, chat on the output and the smoke check's verdict."
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
+import os
+import re
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from sft_lora.card import model_card
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
 from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.fingerprint import file_sha256
 from sft_lora.manifest import MANIFEST_FILE, build_manifest
-from sft_lora.report import model_card
-from sft_lora.run import train
 
 from .conftest import ROOT, SAMPLE
 
@@ -29,22 +29,25 @@ CANARY = "sft-lora-canary-7f3a9c"  # an environment value that must never reach 
 
 @pytest.fixture(scope="module")
 def default_job(tmp_path_factory, tiny_model):
-    """recipes/tiny.yaml as `make train` runs it (3 epochs, merge, smoke check), logging to TensorBoard."""
+    """recipes/tiny.yaml as `make train` runs it (3 epochs, merge, smoke check; a process of its own, so Python's
+    default warning filters apply), logging to TensorBoard. (recipe, summary, stdout, stderr)"""
     out = tmp_path_factory.mktemp("default_job")
-    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", [
-        f"model.name_or_path={tiny_model}", f"output.dir={out}/final_model", f"output.checkpoint_dir={out}/ckpt",
-        "training.report_to=tensorboard", "training.dataloader_pin_memory=false", f"data.path={SAMPLE}"])
-    console = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(console):
-        patch.setenv("SFT_LORA_TEST_CANARY", CANARY)
-        summary = train(recipe)
-    return recipe, summary, console.getvalue()
+    overrides = [f"model.name_or_path={tiny_model}", f"output.dir={out}/final_model",
+                 f"output.checkpoint_dir={out}/ckpt", "training.report_to=tensorboard",
+                 "training.dataloader_pin_memory=false", f"data.path={SAMPLE}"]
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", overrides)
+    done = subprocess.run([sys.executable, "-m", "sft_lora.run", str(ROOT / "recipes" / "tiny.yaml"), *overrides],
+                          cwd=ROOT, env={**os.environ, "SFT_LORA_TEST_CANARY": CANARY}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((recipe.adapters_dir / "summary.json").read_text(encoding="utf-8"))
+    return recipe, summary, done.stdout, done.stderr
 
 
 def test_per_source_eval_losses_are_in_summary_json_and_tensorboard(default_job):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe, summary, _ = default_job
+    recipe, summary, *_ = default_job
     saved = json.loads((recipe.adapters_dir / "summary.json").read_text(encoding="utf-8"))
     sources = sorted({json.loads(line)["source"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()})
     assert sorted(saved["eval_by_source"]) == sorted(saved["records_by_source"]["eval"]) == sources
@@ -72,7 +75,7 @@ def test_per_source_eval_losses_are_in_summary_json_and_tensorboard(default_job)
 def test_loss_plot_is_a_real_plot(default_job):
     from PIL import Image
 
-    recipe, summary, _ = default_job
+    recipe, summary, *_ = default_job
     assert summary["plot"] == str(recipe.adapters_dir / "loss.png")
     image = Image.open(summary["plot"]).convert("RGB")
     width, height = image.size
@@ -88,7 +91,7 @@ def test_loss_plot_is_a_real_plot(default_job):
 
 
 def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
-    recipe, summary, console = default_job
+    recipe, summary, console, _ = default_job
     assert console.index("pre-flight data report") < console.index("trained to step")
     assert "all checks passed" in console
     table = console[console.index("trained to step"):]
@@ -104,10 +107,31 @@ def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
     assert "settings:     padding-free batches, sdpa_documents attention, activation checkpointing off" in table
     for source, loss in summary["eval_by_source"].items():
         assert f"{source}:" in table and f"{loss['after']:.4f}" in table
+    sample = summary["smoke"]["samples"][0]  # the smoke check shows one prompt and its answer
+    assert f'  example:    {json.dumps(sample["question"], ensure_ascii=False)} -> ' \
+           f'{json.dumps(sample["text"], ensure_ascii=False)}' in table
+
+
+def test_the_console_is_quiet_and_each_evaluation_is_one_line(default_job):
+    recipe, summary, stdout, stderr = default_job
+    noise = [line for line in (stdout + stderr).splitlines()
+             if re.search(r"FutureWarning|DeprecationWarning|UserWarning|Setting accelerator to", line)]
+    assert not noise, noise
+    assert "{'eval_" not in stdout  # Trainer's raw eval dicts are not printed ...
+    sources = sorted(summary["eval_by_source"])
+    lines = [line for line in stdout.splitlines() if line.startswith("eval at step ")]
+    # ... each evaluation is one line: before training, after each epoch (the evaluation after training repeats
+    # the last one and is not printed again)
+    assert [int(line.split()[3].rstrip(":")) for line in lines] == [s for s, _ in summary["eval_history"]["overall"]]
+    assert lines[0] == f"eval at step 0: loss {summary['eval_loss_before']:.4f} (" + ", ".join(
+        f"{s} {summary['eval_by_source'][s]['before']:.4f}" for s in sources) + ")"
+    last = sorted(recipe.checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    history = json.loads((last / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    assert all(any(f"eval_{s}_loss" in entry for entry in history) for s in sources)  # the raw dicts are kept
 
 
 def test_manifest_identifies_the_run_and_holds_no_secret(default_job):
-    recipe, _, _ = default_job
+    recipe, *_ = default_job
     text = (recipe.adapters_dir / MANIFEST_FILE).read_text(encoding="utf-8")
     manifest = json.loads(text)
     assert manifest["data_sha256"] == {str(SAMPLE): file_sha256(SAMPLE)}
@@ -142,7 +166,7 @@ def test_secret_recipe_values_are_redacted_in_manifest_and_model_card(make_recip
 
 
 def test_merged_model_has_a_model_card(default_job):
-    recipe, summary, _ = default_job
+    recipe, summary, *_ = default_job
     card = (recipe.merged_dir / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and "library_name: transformers" in card.split("---")[1]
     assert str(recipe.model.name_or_path) in card
@@ -154,8 +178,41 @@ def test_merged_model_has_a_model_card(default_job):
     assert "AutoModelForCausalLM.from_pretrained" in card and "## Recipe" in card
 
 
+def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path):
+    from sft_lora.card import base_license, card_text
+
+    recipe, summary, *_ = default_job
+    root = Path(recipe.output.dir).parent
+    readmes = sorted(root.rglob("README.md"))
+    checkpoints = sorted(recipe.checkpoint_dir.glob("checkpoint-*"))
+    assert set(readmes) == {recipe.adapters_dir / "README.md", recipe.merged_dir / "README.md"} | {
+        c / "README.md" for c in checkpoints}  # none left by TRL in the checkpoint root
+    counts = summary["records_by_source"]
+    for readme in readmes:
+        card = readme.read_text(encoding="utf-8")
+        assert "More Information Needed" not in card and "[None]" not in card, readme
+        assert f"- base model: `{recipe.model.name_or_path}`" in card and "## Recipe" in card, readme
+        for source, n in counts["train"].items():
+            assert f"| {source} | {n} | {counts['eval'][source]} | " in card, (readme, source)
+    adapters_card = (recipe.adapters_dir / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in adapters_card.split("---")[1] and "AutoPeftModelForCausalLM" in adapters_card
+    last = checkpoints[-1]
+    assert f"(checkpoint {last.name.split('-')[1]})" in (last / "README.md").read_text(encoding="utf-8")
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in root.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes  # weights too (safetensors writes them 0600)
+    # the license is taken from the base model's own card when it names one
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n", encoding="utf-8")
+    assert base_license(str(base)) == "apache-2.0" and base_license(str(tmp_path)) is None
+    card = card_text(str(base), {}, {}, "original base weights")
+    assert "license: apache-2.0" in card.split("---")[1] and "license apache-2.0" in card
+
+
 def test_chat_prompt_answers_and_the_smoke_check_says_the_model_stops(default_job, capsys):
-    recipe, summary, _ = default_job
+    recipe, summary, *_ = default_job
     smoke = summary["smoke"]
     assert smoke["ok"] is True and smoke["stopped"] == smoke["total"] == 3
     assert all(s["stopped"] and 0 < s["tokens"] < smoke["max_new_tokens"] and s["text"] for s in smoke["samples"])
