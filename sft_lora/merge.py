@@ -34,16 +34,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from .model import stop_token_ids
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise RecipeError(f"{adapter_dir}: no adapter_config.json; pass the *_adapters directory training wrote")
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    recipe = read_saved_recipe(adapter_dir)
-    base = base_model or adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
-    merge_into = merge_into or saved_section(recipe, "output").merge_into
-    if merge_into not in ("dequantized", "original"):
-        raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
+    recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
     check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
     inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base, "merge_into": merge_into}
@@ -72,6 +63,21 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
                                            encoding="utf-8")
         (tmp / "README.md").write_text(model_card(adapter_dir, base, info["merged_into"]), encoding="utf-8")
     return output_dir
+
+
+def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | None) -> tuple[dict, str, str]:
+    """(the saved recipe, the base model, merge_into) of an adapters directory, the arguments winning."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RecipeError(f"{adapter_dir}: no adapter_config.json; pass the *_adapters directory training wrote")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    recipe = read_saved_recipe(adapter_dir)
+    base = base_model or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
+    merge_into = merge_into or saved_section(recipe, "output").merge_into
+    if merge_into not in ("dequantized", "original"):
+        raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
+    return recipe, base, merge_into
 
 
 def adapter_sha256(adapter_dir: Path) -> str:

@@ -135,7 +135,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
     tokenizer, data = _inputs(recipe)
-    from .rows import check_lengths
+    from .rows import check_lengths, records_by_source
 
     check_lengths(recipe, tokenizer, data)
     preflight = None
@@ -152,7 +152,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
-               "records_by_source": {"train": _count(train_set), "eval": _count(eval_set)}}
+               "records_by_source": {"train": records_by_source(train_set), "eval": records_by_source(eval_set)}}
     try:
         main_process = _train_and_save(trainer, recipe, tokenizer, resume_from, summary, eval_set is not None)
         del trainer
@@ -226,12 +226,6 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         from .hub import push_outputs
 
         push_outputs(recipe)
-
-
-def _count(dataset) -> dict[str, int]:
-    from .rows import records_by_source
-
-    return records_by_source(dataset)
 
 
 def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:
