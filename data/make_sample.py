@@ -1,11 +1,13 @@
-"""Regenerates sample.jsonl: the small Korean/English question-answer set the default job trains on.
+"""Regenerates sample.jsonl, the small Korean/English question-answer set the default job trains on, and chat.jsonl,
+the multi-turn conversations recipes/tiny-mix.yaml mixes in.
 
 Templated on purpose: the patterns are learnable by a tiny model in a minute, so eval loss clearly falls.
-Run: python data/make_sample.py > data/sample.jsonl
+Run: python data/make_sample.py > data/sample.jsonl; python data/make_sample.py chat > data/chat.jsonl
 """
 
 import json
 import random
+import sys
 
 CAPITALS = [
     ("France", "Paris", "프랑스", "파리"), ("Japan", "Tokyo", "일본", "도쿄"), ("Korea", "Seoul", "한국", "서울"),
@@ -46,5 +48,25 @@ def main() -> None:
         print(json.dumps(row, ensure_ascii=False))
 
 
+def chat() -> None:
+    """40 conversations of three exchanges (OpenAI `messages`), a running sum; some carry their own system turn."""
+    rng = random.Random(1)
+    for n in range(40):
+        korean = n % 2 == 1
+        a, b, c = rng.randint(1, 30), rng.randint(1, 30), rng.randint(1, 30)
+        if korean:
+            exchanges = [(f"{a} 더하기 {b}는 얼마인가요?", f"{a} 더하기 {b}는 {a + b}입니다."),
+                         (f"거기에 {c}를 더하면요?", f"{a + b} 더하기 {c}는 {a + b + c}입니다."),
+                         ("처음 숫자는 무엇이었나요?", f"처음 숫자는 {a}였습니다.")]
+        else:
+            exchanges = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."),
+                         (f"And plus {c}?", f"{a + b} plus {c} is {a + b + c}."),
+                         ("What was the first number?", f"The first number was {a}.")]
+        turns = [t for q, r in exchanges for t in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+        if n % 4 == 0:
+            turns.insert(0, {"role": "system", "content": "Keep a running total."})
+        print(json.dumps({"messages": turns, "source": "chat_ko" if korean else "chat_en"}, ensure_ascii=False))
+
+
 if __name__ == "__main__":
-    main()
+    chat() if sys.argv[1:] == ["chat"] else main()

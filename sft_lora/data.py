@@ -1,8 +1,10 @@
-"""Records → chat examples: load `{input, output, source}` from json/jsonl/dir/hub, validate, split eval.
+"""Records → chat examples: load records from json/jsonl/dir/hub, validate, weight and mix files, split eval.
 
-Each record becomes TRL's conversational prompt/completion form: the prompt is the (system and) user turn, the
-completion the assistant turn. TRL then renders both with the model's chat template and puts loss on the
-completion only — the answer and the template's end-of-turn token — which is what we want.
+A record is `{input, output, source?}` (one exchange) or a conversation (`turns.py`: OpenAI `messages` or ShareGPT
+`conversations`), told apart by its keys. Each becomes TRL's conversational prompt/completion form: the prompt is
+the (system and) first user turn, the completion the rest. TRL renders a one-turn completion with the model's chat
+template and puts loss on it only — the answer and the template's end-of-turn token — which is what we want;
+longer completions are tokenized by `turns.tokenize_turns`, with loss on the assistant turns only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
 from .mix import Entry, entries, weighted
+from .turns import conversation, is_conversation, split, with_system
 
 
 class BadRecord:
@@ -131,12 +134,18 @@ def _surrogate_free(record: Any) -> Any:
     return record
 
 
-def _problem(record: Any, args: DataArgs) -> str | None:
-    """What is wrong with one record, or None."""
+def _turns(record: Any, args: DataArgs) -> list[dict[str, str]] | str:
+    """One record's chat turns (an {input, output} record: a user and an assistant turn), or what is wrong."""
     if isinstance(record, BadRecord):
         return record.reason
+    source = record.get(args.source_field) if isinstance(record, dict) else None
+    if source is not None and not isinstance(source, str):
+        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
+    if is_conversation(record):
+        return conversation(record)
     if not isinstance(record, dict):
-        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
+        return (f"expected an object with '{args.input_field}' and '{args.output_field}' (or 'messages' or "
+                f"'conversations'), got {type(record).__name__}")
     for key in (args.input_field, args.output_field):
         if key not in record:
             return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
@@ -144,40 +153,36 @@ def _problem(record: Any, args: DataArgs) -> str | None:
             return f"'{key}' must be a string, got {type(record[key]).__name__}"
     if not record[args.output_field].strip():
         return f"'{args.output_field}' is empty; there is nothing to learn from it"
-    source = record.get(args.source_field)
-    if source is not None and not isinstance(source, str):
-        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
-    return None
+    return [{"role": "user", "content": record[args.input_field]},
+            {"role": "assistant", "content": record[args.output_field]}]
 
 
 def to_examples(records: list[tuple[str, Any]], args: DataArgs, origin: str) -> dict[str, list]:
-    """Validate (where, record) pairs and turn them into prompt/completion columns (plus `source`).
+    """Validate (where, record) pairs and turn them into prompt/completion columns (plus `source`, and `entry`:
+    `origin`).
 
     A bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped and counted (`skip`)."""
     columns, skipped, first_skipped = _convert(records, args)
     _check_counts(origin, len(records), skipped, first_skipped)
-    return columns
+    return {**columns, "entry": [origin] * len(columns["prompt"])}
 
 
 def _convert(records: Iterable[tuple[str, Any]], args: DataArgs, default_source: str | None = None
              ) -> tuple[dict[str, list], int, str | None]:
     """(prompt/completion/source columns, number of records skipped, the first skipped one's message)."""
     prompts, completions, sources, skipped, first_skipped = [], [], [], 0, None
-    system, prefix = [], ""
-    if args.system_prompt and args.fold_system_prompt:  # the template has no usable system role
-        prefix = f"{args.system_prompt}\n\n"
-    elif args.system_prompt:
-        system = [{"role": "system", "content": args.system_prompt}]
     for where, record in records:
-        problem = _problem(record, args)
-        if problem:
+        turns = _turns(record, args)
+        if isinstance(turns, str):
             if args.on_bad_record != "skip":
-                raise RecipeError(f"{where}: {problem}")
+                raise RecipeError(f"{where}: {turns}")
             skipped += 1
-            first_skipped = first_skipped or f"{where}: {problem}"
+            first_skipped = first_skipped or f"{where}: {turns}"
             continue
-        prompts.append([*system, {"role": "user", "content": prefix + record[args.input_field]}])
-        completions.append([{"role": "assistant", "content": record[args.output_field]}])
+        prompt, completion = split(with_system(turns, args.system_prompt, args.fold_system_prompt),
+                                   args.mask_history)
+        prompts.append(prompt)
+        completions.append(completion)
         sources.append(record.get(args.source_field) or default_source or "default")
     return {"prompt": prompts, "completion": completions, "source": sources}, skipped, first_skipped
 

@@ -25,9 +25,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-VERSION = "3"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
+VERSION = "4"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
 BATCH = 1000
-LENGTH, PROMPT = "untruncated_length", "prompt_length"  # the report's columns; Trainer drops them before collating
+# The report's columns (Trainer drops them before collating): untruncated length, where the first answer starts,
+# untruncated loss tokens, and whether the template renders a prompt differently once its answer follows.
+LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncated_loss", "template_drift"
 
 
 def unsupported(args, dataset) -> str | None:
@@ -74,22 +76,6 @@ def tokenizer_sha256(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]]
-                           ) -> list[tuple[list[int], int, int]]:
-    """(input_ids, completion start, prompt length) of each prompt + completion, untruncated, as TRL tokenizes them.
-
-    The prompt (with the generation prompt) and the whole conversation are rendered with the chat template and
-    tokenized in one batched call; the completion starts where the two token lists diverge (TRL's rule). Shared by
-    the preparation here and the pre-flight report's own tokenization where TRL prepares (preflight.py)."""
-    from trl.data_utils import common_prefix_length
-
-    rendered = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([p + c for p, c in zip(prompts, completions, strict=True)], tokenize=False)
-    encoded = tokenizer(rendered + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
-    return [(ids, common_prefix_length(prompt_ids, ids), len(prompt_ids))
-            for prompt_ids, ids in zip(encoded[: len(prompts)], encoded[len(prompts):], strict=True)]
-
-
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
                  cache: Path | None | bool = True, completion_only: bool = True):
     """Every record of `dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the
@@ -100,22 +86,31 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
     `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
     import datasets
 
+    from .turns import render_template, tokenize_conversations
+
     kept = [c for c in dataset.column_names if c not in ("prompt", "completion")]  # e.g. `source`, as TRL keeps it
     int32 = datasets.Value("int32")
     features = datasets.Features({"input_ids": datasets.Sequence(int32), "labels": datasets.Sequence(int32),
-                                  LENGTH: int32, PROMPT: int32, **{c: dataset.features[c] for c in kept}})
+                                  LENGTH: int32, PROMPT: int32, LOSS: int32, DRIFT: datasets.Value("bool"),
+                                  **{c: dataset.features[c] for c in kept}})
     warned: list[bool] = []
+    template = render_template(tokenizer)
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: []}  # one row per record
-        for ids, start, prompt_length in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"]):
-            if start < prompt_length and not warned:
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: [], LOSS: [], DRIFT: []}
+        for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"], template):
+            if drift and not warned:
                 warned.append(True)
-                logger.warning("the tokenized prompt is not a prefix of prompt+completion; the completion starts "
-                               "where they diverge (as in TRL)")
+                logger.warning("the chat template renders the prompt differently once the answer follows; the "
+                               "completion starts where they diverge (as in TRL)")
+            labels = [-100] * len(ids) if completion_only else list(ids)
+            for start, end in spans if completion_only else ():
+                labels[start:end] = ids[start:end]
             out[LENGTH].append(len(ids))
-            out[PROMPT].append(start)
-            out["labels"].append(([-100] * start + ids[start:] if completion_only else ids)[:max_length])
+            out[PROMPT].append(spans[0][0])
+            out[LOSS].append(sum(end - start for start, end in spans) if completion_only else len(ids))
+            out[DRIFT].append(drift)
+            out["labels"].append(labels[:max_length])
             out["input_ids"].append(ids[:max_length])
         return out
 
@@ -123,7 +118,7 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
                               "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
     directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
     if directory is not None and datasets.is_caching_enabled() and completion_only:
-        key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer),
+        key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), str(template),
                                         str(max_length)]).encode()).hexdigest()[:32]
         kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)
     else:
@@ -188,6 +183,13 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepa
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
     reason = next(filter(None, (unsupported(args, d) for d in (train_dataset, eval_dataset) if d is not None)), None)
+    from .turns import multi_turn
+
+    if reason and any(multi_turn(d) for d in (train_dataset, eval_dataset) if d is not None):
+        from .config import RecipeError
+
+        raise RecipeError(f"multi-turn conversations need sft_lora's data preparation, which does not apply "
+                          f"({reason}); drop that setting or set data.mask_history: true")
     if reason:
         if args.padding_free and not args.packing:
             logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Recipe, RecipeError
-from .prepare import LENGTH, PROMPT, Prepared, prepare_rows
+from .prepare import DRIFT, LENGTH, LOSS, PROMPT, Prepared, prepare_rows
 
 IGNORE = -100  # the label of a token that carries no loss
 CHUNK = 10_000  # rows per numpy pass: ~2.5 M tokens, tens of MB
@@ -72,15 +72,13 @@ def _chunk_stats(batch, cut: Cut, stop_ids) -> dict[str, Any]:
     bounds -= bounds[0]
     stored = np.diff(bounds)
     flat = pc.list_flatten(labels).to_numpy()
-    prompt, length = (batch.column(name).to_numpy().astype(np.int64) for name in (PROMPT, LENGTH))
+    prompt, length, untruncated_loss = (batch.column(name).to_numpy().astype(np.int64) for name in (PROMPT, LENGTH,
+                                                                                                   LOSS))
     carries_loss = flat != IGNORE
     keep = _kept(bounds, stored, cut)
     trained_loss = carries_loss if keep is None else carries_loss & keep
     stop = np.isin(flat, stop_ids) if keep is None else np.isin(flat, stop_ids) & keep
     loss = _per_row(trained_loss, bounds)
-    # Labels are -100 before the completion start and the tokens after it: what prepare_rows cut off beyond the
-    # stored row carried loss from the start on.
-    untruncated_loss = _per_row(carries_loss, bounds) + length - np.maximum(stored, prompt)
     return {"prompt": prompt, "length": length, "loss": loss, "stop": _per_row(stop, bounds) > 0,
             "tokens": stored if cut.length is None else np.minimum(stored, cut.length),
             "lost_loss": untruncated_loss - loss}
@@ -240,7 +238,8 @@ def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
         if completion_only:
             masks.append([0] * prompt_len + [1] * (len(ids) - prompt_len))
         labels = [token if all(bits) else IGNORE for token, *bits in zip(ids, *masks, strict=False)]
-        return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len}
+        return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len,
+                LOSS: sum(label != IGNORE for label in labels), DRIFT: False}
 
     return dataset.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
                        desc=f"Pre-flight: tokenizing {name} dataset")

@@ -45,6 +45,8 @@ class DataArgs:
     """Optional system turn put before every question."""
     fold_system_prompt: bool = False
     """Put system_prompt atop the user turn (blank line between): for chat templates without a usable system role."""
+    mask_history: bool = False
+    """Multi-turn conversations: loss on the last assistant turn only (earlier ones are context), not on every one."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory."""
     eval_split: float = 0.0

@@ -121,3 +121,42 @@ def test_a_malformed_data_entry_is_one_line_naming_it(tmp_path, value, message):
     path = write_recipe(tmp_path, tmp_path / "model", data={"path": value, "eval_split": None})
     with pytest.raises(RecipeError, match=f"^{path}:\\d+: {re.escape(message)}"):
         load_recipe(path)
+
+
+CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
+
+
+def test_conversations_mix_with_single_turn_records_and_their_own_system_turn_wins(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    records = [{"messages": [{"role": "system", "content": "Own."}, *CHAT], "source": "chat"},
+               {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+               {"input": "Q?", "output": "A."}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    train = load_datasets(DataArgs(path=str(path), system_prompt="Default."))[0]
+    assert train[0]["prompt"] == [{"role": "system", "content": "Own."}, CHAT[0]]
+    assert train[0]["completion"] == CHAT[1:] and train["source"] == ["chat", "default", "default"]
+    assert train[1]["prompt"] == [{"role": "system", "content": "Default."}, CHAT[0]]
+    assert train[1]["completion"] == [CHAT[1]] and train[2]["completion"] == [{"role": "assistant", "content": "A."}]
+    last = load_datasets(DataArgs(path=str(path), mask_history=True, fold_system_prompt=True))[0]
+    assert last[0]["prompt"] == [{"role": "user", "content": "Own.\n\nHi?"}, *CHAT[1:3]]  # folded, history as context
+    assert last[0]["completion"] == [CHAT[3]]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": CHAT[:1]}, "messages: no assistant turn; there is nothing to learn from it"),
+    ({"messages": CHAT[:3]}, "messages: no assistant turn ends the conversation"),
+    ({"messages": [CHAT[1], CHAT[0]]}, "messages[0]: roles out of order (assistant where user belongs)"),
+    ({"messages": [CHAT[0], CHAT[0]]}, "messages[1]: roles out of order (user where assistant belongs)"),
+    ({"messages": [CHAT[0], {"role": "system", "content": "late"}]}, "messages[1]: roles out of order (system"),
+    ({"messages": [CHAT[0], {"role": "assistant", "content": " "}]}, "messages[1]: the assistant turn is empty"),
+    ({"messages": [CHAT[0], {"role": "tool", "content": "x"}]}, "messages[1]: unknown role 'tool'"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
+     'conversations[1] must be {"from": …, "value": "text"}'),
+    ({"messages": []}, "'messages' must be a non-empty list of turns"),
+])
+def test_a_bad_conversation_is_one_line_naming_file_and_line(tmp_path, record, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(path))}:2: {re.escape(message)}"):
+        load_datasets(DataArgs(path=str(path)))

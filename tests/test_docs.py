@@ -68,11 +68,17 @@ def test_every_recipe_line_of_real_use_is_in_the_korean_readme():
 
 @pytest.mark.parametrize("title", ["Data", "Bad input"])
 def test_data_formats_and_error_lines_are_in_the_korean_readme(title):
-    spans = [_squash(s) for s in re.findall(r"`([^`]+)`", _section(README, title))]
+    section = _section(README, title)
+    prose = re.sub(r"^```.*?^```", "", section, flags=re.M | re.S)  # fenced examples: compared line by line below
+    spans = [_squash(s) for s in re.findall(r"`([^`]+)`", prose)]
     assert len(spans) >= 8
     korean = _squash(README_KO)
     missing = [s for s in spans if s not in korean]
     assert not missing, f"README.ko.md lacks these from README.md '{title}': {missing}"
+    for language in ("json", "yaml"):
+        lines = set(_fenced_lines(README_KO, language))
+        missing = [line for line in _fenced_lines(section, language) if line not in lines]
+        assert not missing, f"README.ko.md lacks these {language} lines of README.md '{title}': {missing}"
 
 
 def test_both_flag_tables_give_each_seed_flag_its_key_and_its_meaning_in_run_and_merge():

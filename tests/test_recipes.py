@@ -378,3 +378,64 @@ def test_fold_system_prompt_puts_it_atop_the_user_turn():
     assert plain["prompt"][0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
     assert to_examples([("x: record 1", record)], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
         {"role": "user", "content": "Q?"}]
+
+
+# --- Multi-turn conversations: loss on every assistant turn's content and end-of-turn token, nothing else. ---
+
+CONVERSATION = [("What is 2 plus 2?", "2 plus 2 is 4."), ("And 3 plus 3?", "It is 6."),
+                ("한국의 수도는?", "서울입니다.")]
+# What each family's template trains of one assistant turn ({} = its content), as rendered in the conversation;
+# Qwen3 and Gemma 3 conversations render with TRL's training template (what TRL's assistant_only_loss does).
+TRAINED_TURN = {"tiny": "{}</s>", "llama3": "{}<|eot_id|>", "qwen3": "<think>\n\n</think>\n\n{}<|im_end|>\n",
+                "mistral": " {}</s>", "gemma3": "{}<end_of_turn>\n", "exaone": "{}[|endofturn|]\n",
+                "hyperclovax-seed": "{}<|im_end|><|endofturn|>\n", "phi4-mini": "{}<|end|>"}
+LAST_TURN_EXTRA = {"phi4-mini": "<|endoftext|>"}  # Phi-4's template closes the conversation with its EOS
+
+
+def _runs(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of loss-carrying labels."""
+    runs, start = [], None
+    for n, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = n
+        elif label == -100 and start is not None:
+            runs.append((start, n))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_three_turn_conversation_trains_exactly_the_assistant_turns(family, tiny_arch, tmp_path):
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.prepare import prepare_datasets
+
+    turns = [t for q, a in CONVERSATION for t in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in turns]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"conversations": sharegpt}) + "\n",
+                    encoding="utf-8")
+    path = next(p for p in RECIPES if family_of(p) == family and not load_recipe(p).use_qlora)
+    recipe = validate(path, ci_overrides(tiny_arch(family), data, tmp_path))
+    recipe.data.system_prompt = recipe.data.system_prompt or CI_SYSTEM_PROMPT
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    train = load_datasets(recipe.data)[0]
+    rows = prepare_datasets(recipe.training, tokenizer, train).rows
+    assert rows[0]["input_ids"] == rows[1]["input_ids"] and rows[0]["labels"] == rows[1]["labels"]  # both formats
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    expected = [TRAINED_TURN[family].format(a) for _, a in CONVERSATION]
+    expected[-1] += LAST_TURN_EXTRA.get(family, "")
+    assert [tokenizer.decode(ids[s:e]) for s, e in _runs(labels)] == expected
+    assert all(label in (-100, token) for label, token in zip(labels, ids, strict=True))
+    assert not any(rows["template_drift"])
+    if family in ("qwen3", "gemma3"):  # TRL supports the case: its own preparation gives the same tokens and labels
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, use_cpu=True, bf16=False,
+                         report_to="none", max_length=None, eos_token=recipe.training.eos_token)
+        conversation = [*train[0]["prompt"], *train[0]["completion"]]
+        from datasets import Dataset
+
+        theirs = SFTTrainer(model=str(tiny_arch(family)), args=args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list([{"messages": conversation}])).train_dataset[0]
+        assert (theirs["input_ids"], theirs["labels"]) == (ids, labels)
