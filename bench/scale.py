@@ -2,6 +2,7 @@
 
     python -m bench.scale --records 100000            # README, Performance, Scale
     python -m bench.scale --records 100000 1000000
+    python -m bench.scale --records 100000 --mix      # half {input, output} records, half 3-exchange conversations
 
 For each size it writes `{input, output, source}` records of real Korean/English text (data/sample.jsonl joined to
 log-normal lengths, ~250 tokens each with the default job's tokenizer) and runs two commands, each in a fresh
@@ -56,11 +57,12 @@ def records_file(n: int, out: Path, median_records: float) -> Path:
     return path
 
 
-def write_recipe(out: Path, records: Path, model: Path) -> Path:
-    """The default job (recipes/tiny.yaml) on `records`: max_length 1024, no eval split, outputs under `out`."""
+def write_recipe(out: Path, records: Path | list, model: Path) -> Path:
+    """The default job (recipes/tiny.yaml) on `records` (a file or a `data.path` list): max_length 1024, no eval
+    split, outputs under `out`."""
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text(encoding="utf-8"))
     recipe["model"].update(name_or_path=str(model), build_tiny=False)
-    recipe["data"].update(path=str(records), eval_split=0)
+    recipe["data"].update(path=records if isinstance(records, list) else str(records), eval_split=0)
     recipe["training"].update(max_length=MAX_LENGTH, max_steps=STEPS, save_steps=1000)
     recipe["output"].update(dir=str(out / "final_model"), checkpoint_dir=str(out / "checkpoints"))
     path = out / "recipe.yaml"
@@ -124,15 +126,18 @@ def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
     raise RuntimeError(f"the training command ended (exit {child.wait()}) before its first step; see {log}")
 
 
-def run(n: int, out: Path, median_records: float) -> dict[str, Any]:
+def run(n: int, out: Path, median_records: float, mix: bool = False) -> dict[str, Any]:
+    from bench.turns import conversations_file
     from sft_lora.tiny import build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     model = out / "tiny-llama"
     if not (model / "config.json").is_file():
         build_tiny_model(model, SAMPLE)  # the default job's model and tokenizer
-    records = records_file(n, out, median_records)
-    work = out / f"run-{n}"
+    records: Path | list = records_file(n, out, median_records)
+    if mix:  # n records: half the file (weight 0.5, drawn by seed) and as many conversations (default template)
+        records = [{"path": str(records), "weight": 0.5}, str(conversations_file(n // 2, out))]
+    work = out / f"run-{n}{'-mix' if mix else ''}"
     work.mkdir(exist_ok=True)
     recipe = write_recipe(work, records, model)
     stamp = time.time_ns()
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, nargs="+", default=[100_000])
     parser.add_argument("--median-records", type=float, default=15,
                         help="sample records joined per prompt and per answer (15: ~250 tokens a record)")
+    parser.add_argument("--mix", action="store_true", help="half the records as 3-exchange conversations")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "scale")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     results = []
     for n in args.records:
-        r = run(n, args.out, args.median_records)
+        r = run(n, args.out, args.median_records, args.mix)
         results.append(r)
         p, t = r["prepare"], r["train"]
         print(f"| {n:,} | {p['tokens'] / p['rows']:.0f} | {p['wall_s']:.1f} ({p['cpu_s']:.1f}), "

@@ -16,10 +16,12 @@ from typing import Any
 
 from .config import RecipeError, first_line, read_saved_recipe, saved_section
 from .model import stop_token_ids
+from .turns import template_kwargs
 
 
 def load(model_dir: str | Path):
-    """(model, tokenizer, system prompt) from an adapters directory (base + adapter) or a merged model directory."""
+    """(model, tokenizer, system prompt, chat-template variables) from an adapters directory (base + adapter) or a
+    merged model directory: what training rendered prompts with (`turns.template_kwargs`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -51,16 +53,18 @@ def load(model_dir: str | Path):
         raise RecipeError(f"{model_dir}: cannot load the model ({first})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
-    return model.eval(), tokenizer, saved_section(recipe, "data").system_prompt
+    data = saved_section(recipe, "data")
+    return model.eval(), tokenizer, data.system_prompt, template_kwargs(tokenizer, data.chat_template_kwargs)
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
-             temperature: float = 0.0, streamer=None) -> dict[str, Any]:
-    """One assistant answer to `messages`: {text, stopped (ended on EOS by itself), tokens}."""
+             temperature: float = 0.0, streamer=None, template_kwargs: dict | None = None) -> dict[str, Any]:
+    """One assistant answer to `messages`, its prompt rendered as training rendered prompts (`template_kwargs`):
+    {text, stopped (ended on EOS by itself), tokens}."""
     import torch
 
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt").to(model.device)
+                                           return_tensors="pt", **template_kwargs or {}).to(model.device)
     stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
@@ -75,10 +79,10 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
 
 def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:
     """Answer each prompt (greedy) with the saved model; report how many answers ended on EOS within the limit."""
-    model, tokenizer, _ = load(model_dir)
+    model, tokenizer, _, kwargs = load(model_dir)
     samples = []
     for messages in prompts:
-        answer = generate(model, tokenizer, messages, max_new_tokens)
+        answer = generate(model, tokenizer, messages, max_new_tokens, template_kwargs=kwargs)
         samples.append({"question": messages[-1]["content"], **answer})
     stopped = sum(s["stopped"] for s in samples)
     verdict = (f"{stopped} of {len(samples)} answers ended with the end-of-turn token within {max_new_tokens} "
@@ -88,7 +92,8 @@ def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_
             "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
 
 
-def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float) -> None:
+def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float,
+                kwargs: dict) -> None:
     from transformers import TextStreamer
 
     print("type a message; /reset clears the conversation, /exit or Ctrl-D quits", flush=True)
@@ -110,7 +115,7 @@ def interactive(model, tokenizer, system: str | None, max_new_tokens: int, tempe
         messages = ([{"role": "system", "content": system}] if system else []) + history
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer=streamer)
+        answer = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer, kwargs)
         if not answer["stopped"]:
             print(f"[cut at {max_new_tokens} tokens]")
         history.append({"role": "assistant", "content": answer["text"]})
@@ -125,16 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, system = load(args.model_dir)
+        model, tokenizer, system, kwargs = load(args.model_dir)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     system = args.system if args.system is not None else system
     if args.prompt is None:
-        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature)
+        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
         return 0
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": args.prompt}]
-    answer = generate(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+    answer = generate(model, tokenizer, messages, args.max_new_tokens, args.temperature, template_kwargs=kwargs)
     print(answer["text"])
     if not answer["stopped"]:
         print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)

@@ -17,6 +17,7 @@ from .config import Recipe, RecipeError
 from .mix import by_source, mix_lines, mix_table, percentiles
 from .prepare import Prepared
 from .rows import packing_line, records_by_source, report_rows, row_stats, trained_row, trainer_cut
+from .sections import CHECK_NAMES
 
 IGNORE = -100  # the label of a token that carries no loss
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
@@ -94,7 +95,7 @@ class Report:
         for name, message in self.failures:
             lines.append(f"  {'IGNORED' if name in ignore else 'FAILED'} [{name}] {message}")
         if not self.failures:
-            lines.append("  all checks passed (no_loss, eos, truncated, empty_source)")
+            lines.append(f"  all checks passed ({', '.join(CHECK_NAMES)})")
         return "\n".join(lines)
 
     def enforce(self, ignore: list[str] = ()) -> None:
@@ -152,16 +153,25 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
     """Fill `report.failures` (and warnings) from the numbers."""
     import numpy as np
 
+    def record(index: int) -> str:
+        prompt = records[index]["prompt"]
+        question = prompt[-1]["content"] if prompt else ""
+        return f"record {index + 1}, source '{stats['names'][stats['code'][index]]}', question '{_cut(question, 40)}'"
+
+    drift = np.flatnonzero(stats["drift"])
+    if len(drift):  # the model would train on a context it never sees at inference
+        report.failures.append(("template", f"{len(drift)} of {report.rows} training records render differently "
+                                f"once the answer follows (first: {record(int(drift[0]))}): the chat template drops, "
+                                "moves or rewrites an earlier turn, so the rendered prompt is not a prefix of prompt + "
+                                "answer; set data.fold_system_prompt: true (a template without a system role) or a "
+                                "data.chat_template that renders earlier turns the same way"))
     no_loss = np.flatnonzero(stats["loss"] == 0)
     if len(no_loss):
         first = int(no_loss[0])
         why = ("its prompt fills training.max_length" if stats["tokens"][first] < stats["length"][first] else
                "the chat template renders no answer tokens after the prompt")
-        prompt = records[first]["prompt"]
-        source, question = stats["names"][stats["code"][first]], prompt[-1]["content"] if prompt else ""
         report.failures.append(("no_loss", f"{len(no_loss)} of {report.rows} training records carry no "
-                                f"loss-carrying token (first: source '{source}', question '{_cut(question, 40)}': "
-                                f"{why}); TRL would drop or waste them"))
+                                f"loss-carrying token (first: {record(first)}: {why}); TRL would drop or waste them"))
     if report.rows and not report.rows_with_stop:
         report.failures.append(("eos", f"the end-of-turn token ({' or '.join(report.stop_tokens)}) carries loss in "
                                 "no training row, so the model never learns to stop; use a chat template that closes "

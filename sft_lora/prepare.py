@@ -77,7 +77,7 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
-                 cache: Path | None | bool = True, completion_only: bool = True):
+                 cache: Path | None | bool = True, completion_only: bool = True, template_kwargs: dict | None = None):
     """Every record of `dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the
     completion, unless not `completion_only`), truncated to `max_length` (keep the start; None = no truncation), one
     row per record, with the untruncated length (`LENGTH`) and the completion start (`PROMPT`); `trainable` gives
@@ -98,7 +98,8 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: [], LOSS: [], DRIFT: []}
-        for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"], template):
+        for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"], template,
+                                                        template_kwargs):
             if drift and not warned:
                 warned.append(True)
                 logger.warning("the chat template renders the prompt differently once the answer follows; the "
@@ -119,6 +120,7 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
     directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
     if directory is not None and datasets.is_caching_enabled() and completion_only:
         key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), str(template),
+                                        repr(sorted((template_kwargs or {}).items())),
                                         str(max_length)]).encode()).hexdigest()[:32]
         kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)
     else:
@@ -170,7 +172,8 @@ class Prepared:
     """Why TRL prepares the data itself (`unsupported`), or None."""
 
 
-def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepared:
+def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template_kwargs: dict | None = None
+                     ) -> Prepared:
     """Tokenize with `prepare_rows` where it gives TRL's exact result; otherwise leave the datasets to TRL.
 
     Without packing the prepared rows are already truncated, so TRL's preparation is skipped; padding-free then needs
@@ -201,10 +204,10 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None) -> Prepa
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
     with PartialState().local_main_process_first():
         prepared.rows = prepare_rows(train_dataset, tokenizer, None if args.packing else args.max_length,
-                                     num_proc=args.dataset_num_proc)
+                                     num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
         if eval_dataset is not None:
             prepared.eval_rows = prepare_rows(eval_dataset, tokenizer, None if eval_packing else args.max_length,
-                                              num_proc=args.dataset_num_proc)
+                                              num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
     prepared.train = trainable(prepared.rows)
     prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
     if not args.packing:

@@ -43,7 +43,8 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
     """Numpy arrays, one entry per row of `rows`: `prompt` and `length` (tokens before the answer, and in all, before
     truncation), `tokens` and `loss` (tokens and loss-carrying tokens as trained), `stop` (a stop token carries
     loss), `lost_loss` (loss tokens truncation removes), `code` (index of the row's source in `names`), `entry_code`
-    (index of its data file in `entry_names`)."""
+    (index of its data file in `entry_names`), `drift` (the template renders its prompt differently once the
+    answer follows)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -53,7 +54,7 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
         parts.append(_chunk_stats(batch, cut, np.asarray(stop_ids)))
         labels[""].append(batch.column("source"))
         labels["entry_"].append(batch.column("entry") if "entry" in batch.column_names else batch.column("source"))
-    keys = ("prompt", "length", "tokens", "loss", "stop", "lost_loss")
+    keys = ("prompt", "length", "tokens", "loss", "stop", "lost_loss", "drift")
     stats: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int) for k in keys}
     for prefix, columns in labels.items():  # `names`/`code`: the sources; `entry_names`/`entry_code`: the files
         column = pa.chunked_array([c for s in columns for c in s.chunks], type=pa.string())
@@ -81,7 +82,7 @@ def _chunk_stats(batch, cut: Cut, stop_ids) -> dict[str, Any]:
     loss = _per_row(trained_loss, bounds)
     return {"prompt": prompt, "length": length, "loss": loss, "stop": _per_row(stop, bounds) > 0,
             "tokens": stored if cut.length is None else np.minimum(stored, cut.length),
-            "lost_loss": untruncated_loss - loss}
+            "lost_loss": untruncated_loss - loss, "drift": batch.column(DRIFT).to_numpy(zero_copy_only=False)}
 
 
 def _kept(bounds, stored, cut: Cut):

@@ -100,6 +100,7 @@ def _inputs(recipe: Recipe):
     from .hub import check_reachable
     from .model import load_tokenizer
     from .prepare import prepare_datasets
+    from .turns import template_kwargs
 
     check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
     from .trainer import name_the_cpu_to_deepspeed
@@ -112,7 +113,8 @@ def _inputs(recipe: Recipe):
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
-    return tokenizer, prepare_datasets(recipe.training, tokenizer, train_set, eval_set)
+    kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
+    return tokenizer, prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:

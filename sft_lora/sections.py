@@ -55,6 +55,9 @@ class DataArgs:
     """Data used for evaluation instead of `eval_split`: a path or a list, as `path`."""
     chat_template: str | None = None
     """A .jinja file replacing the tokenizer's chat template."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Variables for the chat template in training, chat and the smoke check; a template that takes
+    enable_thinking (Qwen3) gets enable_thinking: false unless set here."""
     on_bad_record: str = "fail"
     """A record that is not valid (bad JSON/UTF-8, missing or empty field): fail the run, or skip it and count it."""
 
@@ -84,7 +87,8 @@ class WandbArgs:
     """auto (online with an API key, else offline), online, offline or disabled."""
 
 
-CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source")  # the pre-flight failures `check.ignore` can name
+# The pre-flight failures `check.ignore` can name.
+CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source", "template")
 
 
 @dataclass
@@ -92,7 +96,8 @@ class CheckArgs:
     enabled: bool = True
     """Print the pre-flight data report at the start of every run, and stop the run when a check fails."""
     ignore: list[str] = field(default_factory=list)
-    """Failed checks to report as warnings instead of stopping the run: no_loss, eos, truncated, empty_source."""
+    """Failed checks to report as warnings instead of stopping the run: no_loss, eos, truncated, empty_source,
+    template."""
     max_truncated_share: float = 0.05
     """Fail (truncated) when more than this share of training rows is cut at training.max_length."""
     sources: list[str] = field(default_factory=list)

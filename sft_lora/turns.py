@@ -68,6 +68,14 @@ def split(turns: list[dict[str, str]], last_only: bool) -> tuple[list[dict], lis
     return turns[:cut], turns[cut:]
 
 
+def template_kwargs(tokenizer, given: dict | None = None) -> dict:
+    """Variables every render passes the chat template (training, chat, smoke check): `data.chat_template_kwargs`,
+    and `enable_thinking: false` where the template takes it (Qwen3) unless given: the no-thinking prompt, its empty
+    think block part of the prompt, as Qwen3 answers with thinking off."""
+    thinking = "enable_thinking" in str(tokenizer.chat_template)
+    return {**({"enable_thinking": False} if thinking else {}), **(given or {})}
+
+
 def render_template(tokenizer) -> str | None:
     """The template conversations are rendered with: None (the tokenizer's own), or TRL's training version of it
     where TRL has one and the tokenizer's lacks `{% generation %}` markers (what TRL's assistant_only_loss uses)."""
@@ -82,13 +90,15 @@ def render_template(tokenizer) -> str | None:
 
 
 def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
-                           template: str | None = None) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
+                           template: str | None = None, kwargs: dict | None = None
+                           ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
     """(input_ids, loss spans, drift) of each prompt + completion, untruncated, as TRL tokenizes them: drift when
     the rendered prompt is not a prefix of the rendered whole (the template guard in preflight.py).
 
     A one-turn completion: the prompt (with the generation prompt) and the whole conversation are rendered with the
     chat template and tokenized in one batched call; the completion starts where the two token lists diverge (TRL's
-    rule). Longer completions (multi-turn conversations): `turns.tokenize_turns` with `template`."""
+    rule). Longer completions (multi-turn conversations): `turns.tokenize_turns` with `template`. `kwargs`: the
+    template's variables (`template_kwargs`), as TRL passes a row's `chat_template_kwargs`."""
     from trl.data_utils import common_prefix_length
 
     single = [n for n, c in enumerate(completions) if len(c) == 1]
@@ -96,14 +106,15 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
     out: list[Any] = [None] * len(prompts)
     if single:
         heads = [prompts[n] for n in single]
-        rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False)
+        rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True, **kwargs or {})
+        full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False,
+                                             **kwargs or {})
         encoded = tokenizer(rendered + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
         for k, n in enumerate(single):
             prompt_ids, ids = encoded[k], encoded[len(single) + k]
             out[n] = (ids, [(common_prefix_length(prompt_ids, ids), len(ids))], not full[k].startswith(rendered[k]))
     if multi:
-        turns = tokenize_turns(tokenizer, [prompts[n] + completions[n] for n in multi], template)
+        turns = tokenize_turns(tokenizer, [prompts[n] + completions[n] for n in multi], template, kwargs or {})
         for n, row in zip(multi, turns, strict=True):
             out[n] = row
     return out
@@ -125,7 +136,7 @@ def marked_template(template: str | None) -> str | None:
                   lambda m: f"{{{{{m[1]} '{CLOSE if m[2] else OPEN}' {m[3]}}}}}", template)
 
 
-def tokenize_turns(tokenizer, conversations: list[list[dict]], template: str | None
+def tokenize_turns(tokenizer, conversations: list[list[dict]], template: str | None, kwargs: dict
                    ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
     """(input_ids, [(start, end) token span of each assistant turn], drift) per conversation, untruncated.
 
@@ -134,8 +145,8 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], template: str | N
     assistant-mask rule). Other templates: `_by_prefixes`."""
     marked = marked_template(template or tokenizer.chat_template)
     if marked is None or any(OPEN in t["content"] or CLOSE in t["content"] for c in conversations for t in c):
-        return _by_prefixes(tokenizer, conversations, template)
-    rendered = tokenizer.apply_chat_template(conversations, tokenize=False, chat_template=marked)
+        return _by_prefixes(tokenizer, conversations, template, kwargs)
+    rendered = tokenizer.apply_chat_template(conversations, tokenize=False, chat_template=marked, **kwargs)
     texts, spans = zip(*map(_unmark, rendered), strict=True)
     encoded = tokenizer(list(texts), add_special_tokens=False)
     return [(ids, [_token_span(encoded.encodings[n], start, stop) for start, stop in spans[n]], False)
@@ -174,7 +185,7 @@ def _token_span(encoding, start: int, stop: int) -> tuple[int, int]:
     return first(start, 1), first(stop - 1, 0)
 
 
-def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | None
+def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | None, kwargs: dict
                  ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
     """`tokenize_turns` for a template without generation markers: each assistant turn's span runs from where the
     conversation up to it, rendered with the generation prompt, ends, to where the conversation up to and including
@@ -187,10 +198,11 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
             heads.append(turns[:a])
             ends.append(turns[:a + 1])
             owner.append(n)
-    render = tokenizer.apply_chat_template
-    full = render(conversations, tokenize=False, chat_template=template)
-    head_texts = render(heads, tokenize=False, add_generation_prompt=True, chat_template=template)
-    end_texts = render(ends, tokenize=False, chat_template=template)
+    def render(conversations: list, generation: bool = False) -> list[str]:
+        return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation,
+                                             chat_template=template, **kwargs)
+
+    full, head_texts, end_texts = render(conversations), render(heads, True), render(ends)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # as apply_chat_template does
     out = [(ids, [], False) for ids in encoded["input_ids"]]
     offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in encoded["offset_mapping"]]

@@ -413,7 +413,8 @@ def test_a_three_turn_conversation_trains_exactly_the_assistant_turns(family, ti
     turns = [t for q, a in CONVERSATION for t in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     sharegpt = [{"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in turns]
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"conversations": sharegpt}) + "\n",
+    single = SAMPLE.read_text(encoding="utf-8").splitlines()[0]  # the template guard passes single turns too
+    data.write_text(f"{json.dumps({'messages': turns})}\n{json.dumps({'conversations': sharegpt})}\n{single}\n",
                     encoding="utf-8")
     path = next(p for p in RECIPES if family_of(p) == family and not load_recipe(p).use_qlora)
     recipe = validate(path, ci_overrides(tiny_arch(family), data, tmp_path))
@@ -439,3 +440,67 @@ def test_a_three_turn_conversation_trains_exactly_the_assistant_turns(family, ti
         theirs = SFTTrainer(model=str(tiny_arch(family)), args=args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list([{"messages": conversation}])).train_dataset[0]
         assert (theirs["input_ids"], theirs["labels"]) == (ids, labels)
+
+
+def test_the_template_guard_fails_a_template_that_drops_the_system_prompt(tmp_path, tiny_arch, ci_data):
+    # Mistral v0.3 keeps the system prompt in the last user turn only: gone from the prompt once the answer follows.
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.preflight import run_check
+    from sft_lora.prepare import prepare_datasets
+
+    for fold in (None, True):  # the shipped recipe folds; without folding the guard fails
+        path = broken(tmp_path / str(fold), "mistral/7b-lora.yaml",
+                      data={"fold_system_prompt": fold, "system_prompt": CI_SYSTEM_PROMPT})
+        recipe = validate(path, ci_overrides(tiny_arch("mistral"), ci_data, tmp_path))
+        tokenizer = load_tokenizer(recipe.model, recipe.data)
+        data = prepare_datasets(recipe.training, tokenizer, *load_datasets(recipe.data))
+        if fold:
+            assert "template" not in {name for name, _ in run_check(recipe, tokenizer, data).failures}
+            continue
+        with pytest.raises(RecipeError) as info:
+            run_check(recipe, tokenizer, data)
+        message = str(info.value)
+        assert message.startswith("pre-flight check failed [template]: 8 of 8 training records render differently "
+                                  "once the answer follows (first: record 1, source ")
+        assert "set data.fold_system_prompt: true" in message and "data.chat_template" in message
+
+
+def test_qwen3_prompts_render_as_in_training_in_chat_and_thinking_mode_is_a_knob(tiny_arch, ci_data, tmp_path):
+    # Qwen3's template takes enable_thinking: training, chat and the smoke check all render enable_thinking=False,
+    # so the empty think block is prompt (no loss) and chat's prompt is token for token the trained one.
+    import torch
+
+    from sft_lora.chat import generate
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.prepare import prepare_datasets
+    from sft_lora.turns import template_kwargs
+
+    path, data = ROOT / "recipes" / "qwen3" / "8b-lora.yaml", tmp_path / "think.jsonl"
+    for given, answer, trained, prompt_end in (
+            ({}, "4.", "4.<|im_end|>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+            ({"enable_thinking": True}, "<think>two and two</think>4.",  # the thinking mode, as the recipe says
+             "<think>\ntwo and two\n</think>\n\n4.<|im_end|>\n", "<|im_start|>assistant\n")):
+        data.write_text(json.dumps({"input": "2+2?", "output": answer}) + "\n", encoding="utf-8")
+        recipe = validate(path, [*ci_overrides(tiny_arch("qwen3"), data, tmp_path),
+                                 f"data.chat_template_kwargs={json.dumps(given)}"])
+        tokenizer = load_tokenizer(recipe.model, recipe.data)
+        kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
+        train = load_datasets(recipe.data)[0]
+        row = prepare_datasets(recipe.training, tokenizer, train, None, kwargs).rows[0]
+        start = row["prompt_length"]
+        assert tokenizer.decode(row["labels"][start:]) == trained and set(row["labels"][:start]) == {-100}
+        assert not row["template_drift"]
+        seen: list[list[int]] = []
+
+        class Model:  # records the prompt chat.generate feeds the model
+            device, generation_config = "cpu", None
+
+            def generate(self, input_ids, seen=seen, eos=tokenizer.eos_token_id, **_):
+                seen.append(input_ids[0].tolist())
+                return torch.cat([input_ids, torch.tensor([[eos]])], dim=1)
+
+        generate(Model(), tokenizer, train[0]["prompt"], 4, template_kwargs=kwargs)
+        assert seen == [row["input_ids"][:start]]
+        assert tokenizer.decode(seen[0]).endswith(prompt_end)
