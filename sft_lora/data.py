@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
-from .mix import Entry, entries, weighted
+from .mix import Entry, concatenated, entries, weighted
 from .turns import conversation, is_conversation, split, with_system
 
 
@@ -144,8 +144,7 @@ def _turns(record: Any, args: DataArgs) -> list[dict[str, str]] | str:
     if is_conversation(record):
         return conversation(record)
     if not isinstance(record, dict):
-        return (f"expected an object with '{args.input_field}' and '{args.output_field}' (or 'messages' or "
-                f"'conversations'), got {type(record).__name__}")
+        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
     for key in (args.input_field, args.output_field):
         if key not in record:
             return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
@@ -234,22 +233,9 @@ def load_datasets(args: DataArgs, seed: int = 42):
             split = records.train_test_split(test_size=args.eval_split, seed=seed)
             records = split["train"]
             held_out.append(split["test"])
-        train.append(_weighted(records, entry, seed + n))
+        train.append(weighted(records, entry, seed + n))
     if args.eval_path:
         evaluation = entries(args.eval_path, "data.eval_path")
-        held_out = [_weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
-    return _concatenated(train), _concatenated(held_out) if held_out else None
+        held_out = [weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
+    return concatenated(train), concatenated(held_out) if held_out else None
 
-
-def _weighted(dataset, entry: Entry, seed: int):
-    out = weighted(dataset, entry.weight, seed)
-    if not len(out):
-        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {len(dataset)} records; "
-                          "raise the weight")
-    return out
-
-
-def _concatenated(parts: list):
-    from datasets import concatenate_datasets
-
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

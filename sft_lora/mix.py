@@ -58,16 +58,26 @@ def describe(value: Any) -> str:
     return " + ".join(paths(value))
 
 
-def weighted(dataset, weight: float, seed: int):
-    """`dataset` sampled by `weight`: each record int(weight) times, plus round(fraction × n) records drawn by
-    `seed` (kept in file order)."""
+def weighted(dataset, entry: Entry, seed: int):
+    """`dataset` (the records of `entry`) sampled by its weight: each record int(weight) times, plus round(fraction
+    × n) records drawn by `seed` (kept in file order)."""
     import numpy as np
 
-    if weight == 1:
+    from .config import RecipeError
+
+    if entry.weight == 1:
         return dataset
-    n, whole, part = len(dataset), int(weight), weight - int(weight)
+    n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
     extra = np.sort(np.random.default_rng(seed).permutation(n)[:round(part * n)])
+    if not whole and not len(extra):
+        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")
     return dataset.select(np.concatenate([np.tile(np.arange(n), whole), extra]))
+
+
+def concatenated(parts: list):
+    from datasets import concatenate_datasets
+
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[str, Any]]:
