@@ -34,8 +34,11 @@ def first_line(exc: BaseException) -> str:
 
 
 def printable(text: str) -> str:
-    """`text` with control characters and lone surrogates escaped, so an error echoing a value stays one line."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    """An error line echoing values, made safe to print: control characters and lone surrogates escaped (one line),
+    anything credential-shaped redacted (`secret_check.scrub`)."""
+    from .secret_check import scrub
+
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
 
 
 # The seed's command-line flags (README.ko) and the recipe key each one sets.

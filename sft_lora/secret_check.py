@@ -36,6 +36,15 @@ def secret_env_values() -> dict[str, str]:
             if is_secret_name(k) and len(v) >= 8 and not os.path.exists(v)}
 
 
+def scrub(text: str) -> str:
+    """`text` with each secret environment value and each token-shaped part replaced by `<redacted>`."""
+    for secret in secret_env_values().values():
+        text = text.replace(secret, "<redacted>")
+    for pattern in TOKEN_FORMATS.values():
+        text = pattern.sub("<redacted>", text)
+    return text
+
+
 def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:
     """(dotted key, what it looks like) of the first value that looks like a secret, or None.
 

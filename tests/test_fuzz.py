@@ -1,7 +1,8 @@
 """Hostile input, fuzzed: seeded mutations of recipes (values, structure, raw YAML text and bytes), overrides and data
 records, run in-process through the user's pre-flight commands (`--print-config`, `--check`) and the data reader.
 Each case must end with exit 0, or exit 2 and exactly one `error:` line on stderr — never a traceback — write no
-file outside the output roots (the prepared-data cache aside) and leave its inputs byte-identical.
+file outside the output roots (the prepared-data cache aside), echo nothing credential-shaped (the pool of values
+holds tokens) and leave its inputs byte-identical.
 
 `FUZZ_CASES` sets the number of cases (default 3,000: ~25 s on an idle 2-core machine), `FUZZ_SEED` the
 seed; `make fuzz` runs 20,000.
@@ -25,6 +26,7 @@ import yaml
 from sft_lora import run
 from sft_lora.config import RecipeError, load_recipe, printable
 from sft_lora.data import load_datasets
+from sft_lora.secret_check import TOKEN_FORMATS
 
 from .conftest import FUZZ_SUMMARY, ROOT, write_recipe
 
@@ -273,6 +275,8 @@ def test_fuzz_recipes_overrides_and_data(tmp_path, tiny_model, request, monkeypa
             problem = f"exit {code}, traceback:\n{traceback}"
         elif code == 2 and (len(lines) != 1 or not lines[0].startswith("error: ")):
             problem = f"exit 2 with {len(lines)} stderr lines:\n{stderr[-2000:]}"
+        elif any(pattern.search(stderr) for pattern in TOKEN_FORMATS.values()):
+            problem = f"a credential-shaped value echoed on stderr: {stderr[-2000:]}"
         else:
             changed = [str(p) for p, digest in case.inputs.items()
                        if hashlib.sha256(p.read_bytes()).hexdigest() != digest]

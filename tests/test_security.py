@@ -43,6 +43,16 @@ def test_a_recipe_cannot_carry_a_secret_and_does_not_echo_it(tmp_path, tiny_mode
     assert not (tmp_path / "final_model").exists() and not (tmp_path / "checkpoints").exists()
 
 
+def test_an_error_line_never_echoes_a_token(make_recipe, monkeypatch, capsys):
+    """Errors that echo a value or a key (a wrong type, an unknown key) redact what looks like a credential."""
+    monkeypatch.setenv("SFT_LORA_DB_PASSWORD", SECRETS["SFT_LORA_DB_PASSWORD"])
+    for override in (f"training.num_train_epochs={SECRETS['HF_TOKEN']}", f"lora.r={SECRETS['WANDB_API_KEY']}",
+                     f"lora.{SECRETS['SFT_LORA_DB_PASSWORD']}=1"):
+        assert main([str(make_recipe()), "--check", override]) == 2
+        err = capsys.readouterr().err
+        assert "<redacted>" in err and not any(secret in err for secret in SECRETS.values()), err
+
+
 def test_a_40_hex_wandb_key_is_refused_in_any_value_but_a_commit_sha_is_not(tmp_path, tiny_model, monkeypatch):
     """The key is refused with no matching environment variable, anywhere in the recipe (a list item, a data entry);
     a revision and a hub cache snapshot path (both 40 hex digits) still load."""
