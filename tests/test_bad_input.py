@@ -500,7 +500,7 @@ def _(env):
 def _(env):
     missing = env.tmp / "accel.yaml"
     path = env.recipe(accelerate_config=str(missing))
-    return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: fsdp, multi_gpu"]
+    return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: cpu_ddp, fsdp, multi_gpu"]
 
 
 @case("wandb key in the environment malformed")
@@ -568,8 +568,8 @@ def _checkpoint(env: Env, path: Path, step: int = 2, protect: bool = True, **ove
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
-    CheckpointRecord(recipe).on_save(SimpleNamespace(output_dir=str(recipe.checkpoint_dir)),
-                                     SimpleNamespace(global_step=step, is_world_process_zero=True), None)
+    state = SimpleNamespace(global_step=step, is_world_process_zero=True, log_history=[])
+    CheckpointRecord(recipe).on_save(SimpleNamespace(output_dir=str(recipe.checkpoint_dir)), state, None)
     return env.protect(checkpoint) if protect else checkpoint
 
 
