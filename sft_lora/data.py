@@ -41,23 +41,7 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
             raise RecipeError(f"{p}: data file not found; check data.path")
         return _jsonl_records(p)
     if p.suffix == ".json":
-        data = _read_bytes(p)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise RecipeError(f"{p}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or use .jsonl") from None
-        except RecursionError:
-            raise RecipeError(f"{p}: not valid JSON (nested too deeply); fix the file") from None
-        if not isinstance(records, list):
-            raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
-        if SURROGATE.search(data):
-            records = [_surrogate_free(record) for record in records]
-        return _numbered(p, records)
+        return _json_records(p)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -83,6 +67,27 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
         reason = type(exc).__name__
         raise RecipeError(f"{path}: could not load hub dataset ({reason}); check data.path and network") from None
+
+
+def _json_records(p: Path) -> list[tuple[str, Any]]:
+    """(where, record) pairs of a .json array; a file that is not valid is an error as a whole."""
+    data = _read_bytes(p)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{p}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or use .jsonl") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: not valid JSON (nested too deeply); fix the file") from None
+    if not isinstance(records, list):
+        raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
+    if SURROGATE.search(data):
+        records = [_surrogate_free(record) for record in records]
+    return _numbered(p, records)
 
 
 def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:

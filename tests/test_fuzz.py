@@ -244,6 +244,21 @@ def _one(n: int, case: Case, base: dict) -> tuple[str, tuple[int, str, str | Non
     return f"{flag} {overrides!r}", _call([str(path), flag, *overrides])
 
 
+def _problem(case: Case, code: int, stderr: str, traceback: str | None) -> str | None:
+    """What is wrong with a case's outcome, or None."""
+    lines = stderr.splitlines()
+    if traceback or code not in (0, 2):
+        return f"exit {code}, traceback:\n{traceback}"
+    if code == 2 and (len(lines) != 1 or not lines[0].startswith("error: ")):
+        return f"exit 2 with {len(lines)} stderr lines:\n{stderr[-2000:]}"
+    if any(pattern.search(stderr) for pattern in TOKEN_FORMATS.values()):
+        return f"a credential-shaped value echoed on stderr: {stderr[-2000:]}"
+    changed = [str(p) for p, digest in case.inputs.items() if hashlib.sha256(p.read_bytes()).hexdigest() != digest]
+    roots = (case.work / "final_model", case.work / "checkpoints")
+    stray = [str(p) for p in _tree(case.work) - set(case.inputs) if not any(r in p.parents for r in roots)]
+    return f"inputs changed {changed}, files outside the output roots {stray}" if changed or stray else None
+
+
 def _tree(root: Path) -> set[Path]:
     return {p for p in root.rglob("*")}
 
@@ -269,22 +284,7 @@ def test_fuzz_recipes_overrides_and_data(tmp_path, tiny_model, request, monkeypa
         for stale in sorted(_tree(work), reverse=True):
             stale.unlink() if stale.is_file() or stale.is_symlink() else stale.rmdir()
         what, (code, stderr, traceback) = _one(n, case, base)
-        lines = stderr.splitlines()
-        problem = None
-        if traceback or code not in (0, 2):
-            problem = f"exit {code}, traceback:\n{traceback}"
-        elif code == 2 and (len(lines) != 1 or not lines[0].startswith("error: ")):
-            problem = f"exit 2 with {len(lines)} stderr lines:\n{stderr[-2000:]}"
-        elif any(pattern.search(stderr) for pattern in TOKEN_FORMATS.values()):
-            problem = f"a credential-shaped value echoed on stderr: {stderr[-2000:]}"
-        else:
-            changed = [str(p) for p, digest in case.inputs.items()
-                       if hashlib.sha256(p.read_bytes()).hexdigest() != digest]
-            stray = [str(p) for p in _tree(work) - set(case.inputs)
-                     if not any(root in p.parents for root in (work / "final_model", work / "checkpoints"))]
-            if changed or stray:
-                problem = f"inputs changed {changed}, files outside the output roots {stray}"
-        if problem:
+        if problem := _problem(case, code, stderr, traceback):
             failures.append(f"case {n} ({what}): {problem}")
         else:
             counts[code] += 1
