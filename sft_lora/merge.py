@@ -119,6 +119,9 @@ def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from .model import name_the_cpu_to_deepspeed
+
+    name_the_cpu_to_deepspeed()
     model_args = saved_section(recipe, "model")
     kwargs = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code,
               "dtype": model_args.dtype, "use_safetensors": True}  # no pickled weights

@@ -1,4 +1,4 @@
-"""The tokenizer, with the chat template that turns a record into turns; nothing else.
+"""The tokenizer, with the chat template that turns a record into turns, and the device named to DeepSpeed.
 
 The model itself is loaded by TRL's SFTTrainer from `SFTConfig.model_init_kwargs` and the quantization config,
 so loading follows upstream (device maps under DeepSpeed, dtype, revision) without code of our own.
@@ -6,6 +6,7 @@ so loading follows upstream (device maps under DeepSpeed, dtype, revision) witho
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import DataArgs, ModelArgs, RecipeError, looks_like_hub_id
@@ -59,3 +60,12 @@ def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = No
     extra = getattr(generation_config, "eos_token_id", None)
     ids += [extra] if isinstance(extra, int) else list(extra or [])
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def name_the_cpu_to_deepspeed() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (to unwrap models, saving them too); on a machine with
+    no accelerator DeepSpeed then logs "Setting accelerator to CPU" as a warning, unless told the device."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own variable

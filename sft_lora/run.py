@@ -103,7 +103,7 @@ def _inputs(recipe: Recipe):
     from .turns import template_kwargs
 
     check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
-    from .trainer import name_the_cpu_to_deepspeed
+    from .model import name_the_cpu_to_deepspeed
 
     name_the_cpu_to_deepspeed()  # before the tiny model is built: saving it imports DeepSpeed
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)

@@ -108,15 +108,6 @@ def _print_no_eval_dicts(trainer) -> None:
                                                        (_NoEvalDicts, type(callback)), {})())
 
 
-def name_the_cpu_to_deepspeed() -> None:
-    """accelerate imports DeepSpeed whenever it is installed (to unwrap models, saving them too); on a machine with
-    no accelerator DeepSpeed then logs "Setting accelerator to CPU" as a warning, unless told the device."""
-    import torch
-
-    if not torch.accelerator.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own variable
-
-
 def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter.
 
@@ -128,6 +119,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     from peft.utils.error import NoMatchingPeftModuleError
 
     from .decisions import decide_activation_checkpointing
+    from .model import name_the_cpu_to_deepspeed
     from .prepare import Prepared, prepare_datasets
     from .rows import records_by_source
     from .targets import check_target_modules
