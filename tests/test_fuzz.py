@@ -33,7 +33,7 @@ from .conftest import FUZZ_SUMMARY, ROOT, write_recipe
 CASES = int(os.environ.get("FUZZ_CASES", "3000"))
 SEED = int(os.environ.get("FUZZ_SEED", "12"))
 ONLY = os.environ.get("FUZZ_ONLY")
-CHECK_EVERY = 25  # one case in 25 runs `--check` (tokenizes, ~70 ms); the others `--print-config` or the reader
+CHECK_EVERY = int(os.environ.get("FUZZ_CHECK_EVERY", "25"))  # 1 in 25 runs `--check` (~70 ms: it tokenizes)
 
 KEYS = [
     "use_qlora", "accelerate_config", "model.name_or_path", "model.name", "model.dtype", "model.revision",
@@ -154,7 +154,21 @@ def _override(rng: random.Random) -> str:
     return rng.choice([f"{key}={value}", f"{key}={value}", key, f"={value}", f"{key}.x={value}"])
 
 
+def _conversation(rng: random.Random) -> dict:
+    """A multi-turn record (OpenAI messages or ShareGPT), some turns mutated."""
+    key, role, text = rng.choice([("messages", "role", "content"), ("conversations", "from", "value")])
+    roles = ["system", "user", "assistant", "human", "gpt", "tool", "", None, 3]
+    turns = [{role: ["user", "assistant"][i % 2] if key == "messages" else ["human", "gpt"][i % 2], text: f"t{i}"}
+             for i in range(rng.randint(0, 6))]
+    for turn in rng.sample(turns, k=min(len(turns), rng.randint(0, 2))):
+        field = rng.choice([role, text, "extra"])
+        turn[field] = rng.choice(roles) if field == role else rng.choice(RECORD_VALUES)
+    return {key: turns if rng.random() > 0.1 else rng.choice(RECORD_VALUES)}
+
+
 def _record(rng: random.Random):
+    if rng.random() < 0.25:
+        return _conversation(rng)
     record = dict(GOOD)
     for _ in range(rng.randint(0, 2)):
         field = rng.choice(["input", "output", "source", "extra"])
