@@ -41,8 +41,9 @@ CHOICES = {
     "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
     "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
 }
-# Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree).
-MAXIMUM = {"training.max_length": 2**20}
+# Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
+# LoRA rank past any model's hidden size only adds zeros).
+MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
 FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
 
 UPSTREAM_SECTIONS = ("lora", "quantization", "training")

@@ -152,3 +152,12 @@ def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe
     assert recipe.training.eval_strategy == "no"
     assert load_recipe(make_recipe(), ["training.activation_checkpointing=no"]).training.activation_checkpointing \
         is False  # a real bool field keeps the bool
+
+
+def test_values_no_machine_can_allocate_fail_at_load_and_the_bound_itself_loads(make_recipe):
+    path = make_recipe()
+    assert load_recipe(path, ["lora.r=65536", "training.max_length=1048576"]).lora.r == 65536
+    for override, message in (("lora.r=65537", "lora.r must be at most 65,536, got 65,537"),
+                              ("training.max_length=1048577", "training.max_length must be at most 1,048,576")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path, [override])
