@@ -136,7 +136,7 @@ def run(n: int, out: Path, median_records: float, mix: bool = False) -> dict[str
         build_tiny_model(model, SAMPLE)  # the default job's model and tokenizer
     records: Path | list = records_file(n, out, median_records)
     if mix:  # n records: half the file (weight 0.5, drawn by seed) and as many conversations (default template)
-        records = [{"path": str(records), "weight": 0.5}, str(conversations_file(n // 2, out))]
+        records = [{"path": str(records), "weight": 0.5}, str(conversations_file(n // 2, out, MAX_QUESTION))]
     work = out / f"run-{n}{'-mix' if mix else ''}"
     work.mkdir(exist_ok=True)
     recipe = write_recipe(work, records, model)

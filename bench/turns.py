@@ -30,13 +30,15 @@ MAX_LENGTH = 1024  # TRL's default
 QWEN3_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>")
 
 
-def conversations_file(n: int, out: Path) -> Path:
-    path = out / f"conversations-{n}.jsonl"
+def conversations_file(n: int, out: Path, max_question: int | None = None) -> Path:
+    """`n` conversations of three exchanges; each question cut at `max_question` characters (None: whole)."""
+    path = out / f"conversations-{n}{f'-q{max_question}' if max_question else ''}.jsonl"
     if not path.is_file():
         records = real_text_records(3 * n, seed=7)
         with path.open("w", encoding="utf-8") as handle:
             for k in range(n):
-                turns = [t for r in records[3 * k:3 * k + 3] for t in ({"role": "user", "content": r["input"]},
+                turns = [t for r in records[3 * k:3 * k + 3] for t in ({"role": "user",
+                                                                         "content": r["input"][:max_question]},
                                                                         {"role": "assistant", "content": r["output"]})]
                 handle.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
     return path
