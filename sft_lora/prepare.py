@@ -84,6 +84,8 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
     the rows TRL trains on.
 
     `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
+    from importlib.metadata import version
+
     import datasets
 
     from .turns import render_template, tokenize_conversations
@@ -94,12 +96,14 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
                                   LENGTH: int32, PROMPT: int32, LOSS: int32, DRIFT: datasets.Value("bool"),
                                   **{c: dataset.features[c] for c in kept}})
     warned: list[bool] = []
-    template = render_template(tokenizer)
+    template: list[str | None] = []  # looked up at the first conversation: TRL's template module imports for seconds
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: [], LOSS: [], DRIFT: []}
-        for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"], template,
-                                                        template_kwargs):
+        if not template and any(len(c) > 1 for c in batch["completion"]):
+            template.append(render_template(tokenizer))
+        for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"],
+                                                        template[0] if template else None, template_kwargs):
             if drift and not warned:
                 warned.append(True)
                 logger.warning("the chat template renders the prompt differently once the answer follows; the "
@@ -119,7 +123,7 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
                               "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
     directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
     if directory is not None and datasets.is_caching_enabled() and completion_only:
-        key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), str(template),
+        key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), version("trl"),
                                         repr(sorted((template_kwargs or {}).items())),
                                         str(max_length)]).encode()).hexdigest()[:32]
         kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)
