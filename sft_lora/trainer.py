@@ -90,11 +90,12 @@ def eval_line(step: int, metrics: dict, sources: list[str]) -> str:
 
 
 class _NoEvalDicts:
-    """Mixed into the Trainer's console printer: eval dicts are not printed (`evaluate` prints one line); they stay
-    in the log history (trainer_state.json), TensorBoard and wandb."""
+    """Mixed into the Trainer's console printer: eval dicts (`evaluate` prints one line) and the end-of-training
+    speed dict (the summary table shows it) are not printed; they stay in the log history (trainer_state.json),
+    TensorBoard and wandb."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (logs and any(key.startswith("eval_") for key in logs)):
+        if not (logs and any(key.startswith("eval_") or key == "train_runtime" for key in logs)):
             super().on_log(args, state, control, logs=logs, **kwargs)
 
 

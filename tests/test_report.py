@@ -118,6 +118,7 @@ def test_the_console_is_quiet_and_each_evaluation_is_one_line(default_job):
              if re.search(r"FutureWarning|DeprecationWarning|UserWarning|Setting accelerator to", line)]
     assert not noise, noise
     assert "{'eval_" not in stdout  # Trainer's raw eval dicts are not printed ...
+    assert "'train_runtime'" not in stdout  # ... nor its speed dict: the summary table says it (trained to step …)
     sources = sorted(summary["eval_by_source"])
     lines = [line for line in stdout.splitlines() if line.startswith("eval at step ")]
     # ... each evaluation is one line: before training, after each epoch (the evaluation after training repeats
