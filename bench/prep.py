@@ -19,13 +19,12 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.workload import ROOT, SAMPLE, cpu_model_name, real_text_records
+from bench.workload import ROOT, SAMPLE, cpu_model_name, real_text_records, spawn_one
 
 MAX_LENGTH = 1024  # TRL's default
 
@@ -82,17 +81,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_gib": peak, "digest": _digest(prepared) if spec.get("digest", True) else None}
 
 
-def spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    result = Path(spec["out"]) / f"prep-{spec['kind']}-{time.time_ns()}.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "bench.prep", "_one", json.dumps(spec), str(result)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"prep {spec['kind']} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return json.loads(result.read_text())
-
-
 def records_file(n: int, out: Path) -> Path:
     path = out / f"records-{n}.jsonl"
     if not path.is_file():
@@ -126,7 +114,7 @@ def measure(n: int, repeats: int, out: Path, kinds: list[str], num_proc: int | N
         for kind in kinds:
             if kind == "ours-again" and "ours" not in kinds:
                 raise ValueError("ours-again reads the cache that ours writes")
-            result = spawn({**spec, "kind": kind, "cache": str(cache)})
+            result = spawn_one("bench.prep", {**spec, "kind": kind, "cache": str(cache)}, f"prep-{kind}")
             runs[kind].append(result)
             log(f"  prep {kind} run {repeat + 1}: {result['rows_per_s']:,.0f} rows/s end to end "
                 f"({result['prepare_s']:.1f} s preparing), peak RSS {result['peak_rss_gib']:.2f} GiB")

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from bench.workload import (
     cpu_model_name,
     flops_per_token,
     measured_peak_flops,
+    spawn_one,
     synthetic_records,
     write_json,
     write_jsonl,
@@ -203,20 +203,11 @@ class _LogLines:
 
 
 def spawn(spec: dict[str, Any], jemalloc: bool, threads: int | None = None) -> dict[str, Any]:
-    """Run one measurement in a fresh process; its JSON result comes back through a file."""
-    result = Path(spec["out"]) / f"result-{spec['path']}-{time.time_ns()}.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    """One measurement in a fresh process (`workload.spawn_one`), with jemalloc and the thread count asked for."""
+    env = {"TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if jemalloc:
-        env["LD_PRELOAD"] = JEMALLOC
-        env["MALLOC_CONF"] = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-    done = subprocess.run([sys.executable, "-m", "bench.run", "_one", json.dumps(spec), str(result)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec['path']} run failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return json.loads(result.read_text())
+        env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    return spawn_one("bench.run", spec, f"result-{spec['path']}", env)
 
 
 def main(argv: list[str] | None = None) -> int:

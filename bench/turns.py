@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.prep import _digest, tokenizer_dir
-from bench.workload import ROOT, cpu_model_name, real_text_records, write_json
+from bench.workload import ROOT, cpu_model_name, real_text_records, spawn_one, write_json
 
 MAX_LENGTH = 1024  # TRL's default
 QWEN3_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>")
@@ -93,17 +92,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             "load": os.getloadavg()[0], "digest": _digest(prepared.select_columns(["input_ids", "labels"]))}
 
 
-def spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    result = Path(spec["out"]) / f"turns-{spec['kind']}-{time.time_ns()}.json"
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "bench.turns", "_one", json.dumps(spec), str(result)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"turns {spec['kind']} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return json.loads(result.read_text())
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_one"]:
@@ -122,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {"trl": [], "ours": []}
     for repeat in range(args.repeats):
         for kind in runs:  # interleaved, so a change in the machine's load hits both
-            runs[kind].append(spawn({**spec, "kind": kind}))
+            runs[kind].append(spawn_one("bench.turns", {**spec, "kind": kind}, f"turns-{kind}",
+                                        {"OMP_NUM_THREADS": "1"}))
             r = runs[kind][-1]
             print(f"  {kind} run {repeat + 1}: {r['rows']:,} conversations, CPU {r['cpu_s']:.2f} s, wall "
                   f"{r['wall_s']:.2f} s, load {r['load']:.2f}", flush=True)

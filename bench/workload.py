@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +94,19 @@ def write_json(data: Any, path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))
+
+
+def spawn_one(module: str, spec: dict[str, Any], label: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measurement as `python -m <module> _one SPEC RESULT` in a fresh process (its own heap and thread
+    pool); its JSON result comes back through a file. `env` adds to the environment."""
+    result = Path(spec["out"]) / f"{label}-{time.time_ns()}.json"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", module, "_one", json.dumps(spec), str(result)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return json.loads(result.read_text())
 
 
 def build_model(shape: str, data: Path, out: Path, gpu: bool) -> Path:
