@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.workload import ROOT, SAMPLE, cpu_model_name, real_text_records, spawn_one
+from bench.workload import ROOT, SAMPLE, answer_spawn, cpu_model_name, real_text_records, spawn_one
 
 MAX_LENGTH = 1024  # TRL's default
 
@@ -147,8 +147,7 @@ def print_table(n: int, runs: dict[str, list[dict[str, Any]]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_one"]:
-        Path(argv[2]).write_text(json.dumps(run_one(json.loads(argv[1]))))
+    if answer_spawn(argv, run_one):
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)

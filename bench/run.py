@@ -27,6 +27,7 @@ from bench.workload import (
     JOBS,
     LORA,
     ROOT,
+    answer_spawn,
     build_model,
     cpu_model_name,
     flops_per_token,
@@ -212,9 +213,7 @@ def spawn(spec: dict[str, Any], jemalloc: bool, threads: int | None = None) -> d
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_one"]:
-        spec = json.loads(argv[1])
-        Path(argv[2]).write_text(json.dumps(run_one(spec)))
+    if answer_spawn(argv, run_one):
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=["tiny"], choices=list(JOBS))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.prep import _digest, tokenizer_dir
-from bench.workload import ROOT, cpu_model_name, real_text_records, spawn_one, write_json
+from bench.workload import ROOT, answer_spawn, cpu_model_name, real_text_records, spawn_one, write_json
 
 MAX_LENGTH = 1024  # TRL's default
 QWEN3_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>")
@@ -94,8 +94,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_one"]:
-        Path(argv[2]).write_text(json.dumps(run_one(json.loads(argv[1]))))
+    if answer_spawn(argv, run_one):
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=20_000)

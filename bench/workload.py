@@ -109,6 +109,14 @@ def spawn_one(module: str, spec: dict[str, Any], label: str, env: dict[str, str]
     return json.loads(result.read_text())
 
 
+def answer_spawn(argv: list[str], run_one) -> bool:
+    """The child side of `spawn_one`: for `_one SPEC RESULT`, run `run_one(SPEC)` into RESULT and return True."""
+    if argv[:1] != ["_one"]:
+        return False
+    Path(argv[2]).write_text(json.dumps(run_one(json.loads(argv[1]))))
+    return True
+
+
 def build_model(shape: str, data: Path, out: Path, gpu: bool) -> Path:
     """A random-init Llama of `shape` at `out` with a byte-level BPE tokenizer of 8k trained on `data`."""
     import torch
