@@ -1,0 +1,32 @@
+"""The package stays one that a newcomer reads at a glance (issue #11): README's Layout names every module, no module
+is over 250 lines, no function over 50. Pure text, no training."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted((ROOT / "sft_lora").glob("*.py"))
+
+
+def test_readme_layout_lists_every_module_and_no_other():
+    layout = re.search(r"^## Layout\n(.*?)(?=^## |\Z)", (ROOT / "README.md").read_text(encoding="utf-8"),
+                       flags=re.M | re.S).group(1)
+    listed = set(re.findall(r"^sft_lora/(\w+\.py)\s", layout, flags=re.M))
+    assert listed == {m.name for m in MODULES} - {"__init__.py"}
+
+
+def test_no_module_over_250_lines_and_no_function_over_50():
+    too_long = []
+    for module in MODULES:
+        text = module.read_text(encoding="utf-8")
+        if len(text.splitlines()) > 250:
+            too_long.append(f"{module.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > 50:
+                    too_long.append(f"{module.name}:{node.lineno} {node.name}: {node.end_lineno - start + 1} lines")
+    assert not too_long, too_long
