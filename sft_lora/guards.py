@@ -1,4 +1,4 @@
-"""Checks run before training touches anything: outputs are writable, QLoRA's backend can run.
+"""Checks run before training touches anything: outputs are writable and hold no input.
 
 Each failure is a `RecipeError` (one line, exit 2) raised before any model, data or checkpoint is written, so an
 unwritable output directory fails in the first second rather than at the first checkpoint, hours in.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Recipe, RecipeError, first_line
+from .config import Recipe, RecipeError
 from .mix import paths
 
 
@@ -60,27 +60,3 @@ def check_writable(path: Path, key: str) -> None:
         raise RecipeError(f"{existing}: cannot write here ({exc.strerror}), needed for {path}; set {key} to a "
                           "writable directory") from None
 
-
-def check_model_weights(recipe: Recipe) -> None:
-    """A local base model must have safetensors weights: a .bin/.pt checkpoint is a pickle, which can run code
-    when loaded. (Hub models are held to the same rule by `use_safetensors=True` when loading.)"""
-    path = Path(recipe.model.name_or_path)
-    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise RecipeError(f"{path}: weights only as a pickle ({pickles[0]}), which can run code when loaded; "
-                          "convert them to safetensors (save_pretrained writes safetensors) and point "
-                          "model.name_or_path there")
-
-
-def check_qlora_backend(recipe: Recipe) -> None:
-    """QLoRA needs bitsandbytes importable on this machine; say so in one line instead of a deep traceback."""
-    if not recipe.use_qlora:
-        return
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
-        reason = first_line(exc)
-        raise RecipeError(f"{recipe.source}: use_qlora is true but bitsandbytes cannot run here ({reason}); "
-                          "install a bitsandbytes build for this machine or set use_qlora: false") from None

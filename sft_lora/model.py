@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import DataArgs, ModelArgs, RecipeError, looks_like_hub_id
+from .config import DataArgs, ModelArgs, Recipe, RecipeError, first_line, looks_like_hub_id
 
 # Used when a tokenizer has none (base models). Zephyr-style role markers, each turn ends with the tokenizer's
 # EOS, so the end of the answer is a token the model already stops on. Turns are joined by "\n" (not ended by
@@ -69,3 +69,27 @@ def name_the_cpu_to_deepspeed() -> None:
 
     if not torch.accelerator.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own variable
+
+
+def check_model_weights(recipe: Recipe) -> None:
+    """A local base model must have safetensors weights: a .bin/.pt checkpoint is a pickle, which can run code
+    when loaded. (Hub models are held to the same rule by `use_safetensors=True` when loading.)"""
+    path = Path(recipe.model.name_or_path)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise RecipeError(f"{path}: weights only as a pickle ({pickles[0]}), which can run code when loaded; "
+                          "convert them to safetensors (save_pretrained writes safetensors) and point "
+                          "model.name_or_path there")
+
+
+def check_qlora_backend(recipe: Recipe) -> None:
+    """QLoRA needs bitsandbytes importable on this machine; say so in one line instead of a deep traceback."""
+    if not recipe.use_qlora:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
+        raise RecipeError(f"{recipe.source}: use_qlora is true but bitsandbytes cannot run here ({first_line(exc)}); "
+                          "install a bitsandbytes build for this machine or set use_qlora: false") from None

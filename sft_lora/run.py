@@ -123,7 +123,8 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from accelerate import PartialState
 
-    from .guards import check_model_weights, check_outputs, check_qlora_backend
+    from .guards import check_outputs
+    from .model import check_model_weights, check_qlora_backend
 
     check_outputs(recipe)
     check_qlora_backend(recipe)
