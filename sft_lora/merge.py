@@ -28,10 +28,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoTokenizer
 
     from .atomic import atomic_dir, check_target
-    from .card import model_card
     from .guards import check_not_inputs
     from .manifest import redact
     from .model import stop_token_ids
+    from .report import model_card
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)

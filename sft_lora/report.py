@@ -1,9 +1,5 @@
-"""What a run leaves to read: `summary.json` and a loss-curve PNG beside the adapters and the console table (the
-model cards are `card.py`'s).
-
-The numbers come from the Trainer's own `state.log_history`: train losses as logged, eval losses overall
-(`eval_loss`) and per source (`eval_<source>_loss`, see `trainer.py`).
-"""
+"""What a run leaves to read: `summary.json`, a loss-curve PNG and the console table, from the Trainer's
+`state.log_history`; and the model card (README.md) of the adapters, the merged model and each checkpoint."""
 
 from __future__ import annotations
 
@@ -11,11 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .atomic import atomic_file, write_atomic
+from .config import looks_like_hub_id, read_saved_recipe
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    return "—" if value is None else format(value, fmt)
 
 
 def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[str, list[list[float]]]:
@@ -24,129 +27,105 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
     history: dict[str, list[list[float]]] = {}
     for entry in log_history:
         for key, name in keys.items():
-            if key in entry:
-                points = history.setdefault(name, [])
-                point = [entry["step"], entry[key]]
-                if point not in points:  # the final evaluation repeats the last epoch's when they share a step
-                    points.append(point)
+            # not twice: the final evaluation repeats the last epoch's when they share a step
+            if key in entry and [entry["step"], entry[key]] not in (points := history.setdefault(name, [])):
+                points.append([entry["step"], entry[key]])
     return history
 
 
 def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[str, float] | None,
                 sources: list[str]) -> dict[str, Any]:
-    """Steps, tokens, speed, losses and per-source eval of a finished run, for the summary."""
-    history = trainer.state.log_history
+    """Steps, tokens, speed, losses, per-source eval and speed settings of a finished run, for the summary."""
+    history, args = trainer.state.log_history, trainer.args
+    before, after = before or {}, after or {}
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
     runtime = result.metrics["train_runtime"]
     evals = eval_history(history, sources)  # the eval before training is in it at step 0 (`eval_on_start`)
-    overall = evals.get("overall", [])
-    best = min(overall, key=lambda point: point[1]) if overall else None
+    best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
     by_source = {}
-    for source in sources:
+    for source in (s for s in sources if evals.get(s)):
         key = source_metric(source) + "_loss"
-        points = evals.get(source, [])
-        if points:
-            by_source[source] = {"before": (before or {}).get(key), "after": (after or {}).get(key),
-                                 "best": min(p[1] for p in points)}
+        by_source[source] = {"before": before.get(key), "after": after.get(key),
+                             "best": min(p[1] for p in evals[source])}
     return {
         "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
         "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
         "best_eval_loss": best[1] if best else None, "best_eval_step": best[0] if best else None,
-        "eval_by_source": by_source, "eval_history": evals, "speed_settings": speed_settings(trainer),
+        "eval_by_source": by_source, "eval_history": evals,
+        "speed_settings": {  # what decides speed and memory (several chosen by decisions.py)
+            "padding_free": bool(getattr(trainer, "padding_free", False)), "packing": bool(args.packing),
+            "attention": getattr(trainer.model.config, "_attn_implementation", None),
+            "activation_checkpointing": bool(args.gradient_checkpointing)},
     }
 
 
-def speed_settings(trainer) -> dict[str, Any]:
-    """What the trainer ran with of the settings that decide speed and memory (several are chosen by trainer.py)."""
-    args = trainer.args
-    return {"padding_free": bool(getattr(trainer, "padding_free", False)), "packing": bool(args.packing),
-            "attention": getattr(trainer.model.config, "_attn_implementation", None),
-            "activation_checkpointing": bool(args.gradient_checkpointing)}
-
-
 def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
-    """Write `summary.json` and `loss.png` into `directory` (each file replaced atomically); return the JSON path."""
+    """Write `summary.json` and `loss.png` (train, eval and each source's eval loss against the step) into
+    `directory`, each file replaced atomically; return the JSON path."""
     directory = Path(directory)
-    plot = plot_losses(summary, directory / PLOT_FILE)
-    summary["plot"] = str(plot) if plot else None
+    train, evals = summary.get("train_losses") or [], summary.get("eval_history") or {}
+    summary["plot"] = None
+    if train or evals:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+        colours = iter([c for c in plt.get_cmap("tab10").colors if c != plt.get_cmap("tab10").colors[3]] * 10)
+        if train:
+            ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
+        for name, points in evals.items():
+            overall = name == "overall"
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", linewidth=2.2 if overall else 1.2,
+                    linestyle="-" if overall else "--", color="tab:red" if overall else next(colours),
+                    label="eval" if overall else f"eval {name}")
+        ax.set(xlabel="step", ylabel="loss", title=summary.get("title", "loss"))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        with atomic_file(directory / PLOT_FILE) as tmp:
+            fig.savefig(tmp)
+        plt.close(fig)
+        summary["plot"] = str(directory / PLOT_FILE)
     summary["summary_file"] = str(directory / SUMMARY_FILE)
     write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     return directory / SUMMARY_FILE
 
 
-def plot_losses(summary: dict[str, Any], path: Path) -> Path | None:
-    """Train loss, eval loss and each source's eval loss against the step, as a PNG; None with nothing to plot."""
-    train = summary.get("train_losses") or []
-    evals = summary.get("eval_history") or {}
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    colours = iter([c for c in plt.get_cmap("tab10").colors if c != plt.get_cmap("tab10").colors[3]] * 10)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
-    for name, points in evals.items():
-        overall = name == "overall"
-        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", linewidth=2.2 if overall else 1.2,
-                linestyle="-" if overall else "--", color="tab:red" if overall else next(colours),
-                label="eval" if overall else f"eval {name}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(summary.get("title", "loss"))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return path
-
-
 def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run console table."""
-    def num(value: Any, fmt: str = ".4f") -> str:
-        return "—" if value is None else format(value, fmt)
-
-    processes = summary.get("world_size", 1)
-    lines = [f"\ntrained to step {summary['global_step']} in {summary['runtime_s']:.1f} s "
-             f"on {processes} process{'es' if processes > 1 else ''}"]
-    rows = [("steps", f"{summary['global_step']} ({num(summary.get('epochs'), '.2g')} epochs)")]
+    processes, runtime, step = summary.get("world_size", 1), summary["runtime_s"], summary["global_step"]
+    lines = [f"\ntrained to step {step} in {runtime:.1f} s on {processes} process{'es' if processes > 1 else ''}"]
+    rows = [("steps", f"{step} ({_num(summary.get('epochs'), '.2g')} epochs)")]
     if summary.get("peak_memory_gib") is not None:
         rows.append(("peak memory", f"{summary['peak_memory_gib']:.2f} GiB"))
     if summary.get("replicas_agree") is not None:
         verdict = "identical" if summary["replicas_agree"] else "DIFFER — the processes did not stay in sync"
         rows.append(("replicas", f"{verdict} on all {processes} processes"))
     if summary.get("tokens"):
-        rows.append(("tokens", f"{summary['tokens']:,} in {summary['runtime_s']:.1f} s "
-                               f"({num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
-    speed = summary.get("speed_settings")
-    if speed:
+        rows.append(("tokens", f"{summary['tokens']:,} in {runtime:.1f} s "
+                               f"({_num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
+    if speed := summary.get("speed_settings"):
         batches = "packed" if speed["packing"] else "padding-free" if speed["padding_free"] else "padded"
         rows.append(("settings", f"{batches} batches, {speed['attention']} attention, activation checkpointing "
                                  f"{'on' if speed['activation_checkpointing'] else 'off'}"))
-    losses = summary["train_losses"]
-    if losses:
+    if losses := summary["train_losses"]:
         rows.append(("train loss", f"{losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} "
                                    f"(step {losses[-1][0]})"))
     if summary.get("eval_loss_after") is not None:
         before = summary.get("eval_loss_before")
         start = f"{before:.4f} (before) -> " if before is not None else ""
         rows.append(("eval loss", f"{start}{summary['eval_loss_after']:.4f} (after); best "
-                                  f"{num(summary.get('best_eval_loss'))} at step {summary.get('best_eval_step')}"))
+                                  f"{_num(summary.get('best_eval_loss'))} at step {summary.get('best_eval_step')}"))
         for source, loss in summary.get("eval_by_source", {}).items():
             start = f"{loss['before']:.4f} -> " if loss.get("before") is not None else ""
-            rows.append((f"  {source}", f"{start}{num(loss.get('after'))}"))
-    smoke = summary.get("smoke")
-    if smoke:
+            rows.append((f"  {source}", f"{start}{_num(loss.get('after'))}"))
+    if smoke := summary.get("smoke"):
         rows.append(("smoke check", smoke.get("verdict") or smoke.get("skipped", "")))
         if smoke.get("samples"):  # one prompt and its answer, each on one line
-            sample = smoke["samples"][0]
-            rows.append(("  example", " -> ".join(json.dumps(sample[k][:200], ensure_ascii=False)
+            rows.append(("  example", " -> ".join(json.dumps(smoke["samples"][0][k][:200], ensure_ascii=False)
                                                   for k in ("question", "text"))))
     rows += [("checkpoints", summary["checkpoints"]), ("adapters", summary["adapters"])]
     if summary.get("merged"):
@@ -154,5 +133,89 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("summary_file"):
         rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary.get("plot") else "")))
     width = max(len(name) for name, _ in rows) + 2
-    lines += [f"{name + ':':<{width}}{value}" for name, value in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"{name + ':':<{width}}{value}" for name, value in rows])
+
+
+def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:
+    """README.md of a merged model (`merged_into` says into which weights) or, without it, of the adapters: from
+    what training left in the adapters directory (the recipe and, if present, summary.json)."""
+    summary_file = Path(adapter_dir) / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into)
+
+
+def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> str:
+    """README.md of `checkpoint-<step>`: the run's card with the eval losses logged so far."""
+    evals = eval_history(log_history, sorted(counts.get("eval") or {}))
+    ends = {name: {"before": points[0][1], "after": points[-1][1]} for name, points in evals.items()}
+    overall = ends.pop("overall", {})
+    summary = {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
+               "eval_loss_after": overall.get("after"), "eval_by_source": ends}
+    return card_text(recipe.model.name_or_path, yaml.safe_load(recipe.to_yaml()), summary, None, f"checkpoint {step}")
+
+
+def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "") -> str:
+    """Metadata through huggingface_hub's `ModelCardData`; body: base model, method, data sources with their record
+    counts and eval losses, how to load it, and the resolved recipe (secrets redacted)."""
+    from huggingface_hub import ModelCardData
+
+    from .manifest import redact
+
+    method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
+    adapters = merged_into is None
+    metadata = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None,
+                             library_name="peft" if adapters else "transformers", license=base_license(base_model),
+                             pipeline_tag="text-generation", tags=["sft", method.lower(), "trl", "sft_lora"])
+    kind = f"{method} adapters" + (f" ({what})" if what else "") if adapters else f"merged {method} model"
+    lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(base_model).name}: {kind} (sft_lora)", "",
+             f"- base model: `{base_model}`" + (f", license {metadata.license}" if metadata.license else ""),
+             f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),
+             f"- data: `{(recipe.get('data') or {}).get('path', '?')}`"]
+    if summary.get("global_step") is not None:
+        tokens = f", {summary['tokens']:,} tokens" if summary.get("tokens") else ""
+        lines.append(f"- trained: {summary['global_step']} steps{tokens}")
+    counts = summary.get("records_by_source") or {}
+    if counts.get("train"):
+        evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
+        lines += ["", "## Data and evaluation", "", "| source | train records | eval records | eval loss before | "
+                  "eval loss after |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {source} | {n} | {eval_counts.get(source, 0)} | {_num(evals.get(source, {}).get('before'))} | "
+                  f"{_num(evals.get(source, {}).get('after'))} |" for source, n in counts["train"].items()]
+        lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
+                     f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
+    lines += _usage(adapters)
+    if recipe:
+        text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True)
+        lines += ["", "## Recipe", "", "```yaml", text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _usage(adapters: bool) -> list[str]:
+    load = ("from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(path)") \
+        if adapters else ("from transformers import AutoModelForCausalLM",
+                          'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")')
+    return ["", "## Use", "", "```python", load[0], "from transformers import AutoTokenizer", "",
+            'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)", load[1],
+            'messages = [{"role": "user", "content": "..."}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True)",
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
+            "skip_special_tokens=True))", "```", "",
+            "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
+            "The chat template it was trained with is `chat_template.jinja`."]
+
+
+def base_license(base_model: str) -> str | None:
+    """The license the base model's own card names (a local directory's README.md, or a hub model's README in the
+    local cache; never the network); None when unknown."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    readme = Path(base_model) / "README.md"
+    try:
+        if not readme.is_file():
+            if not looks_like_hub_id(base_model):
+                return None
+            readme = Path(hf_hub_download(base_model, "README.md", local_files_only=True))
+        return ModelCard.load(readme).data.license
+    except Exception:  # no card, not cached, unreadable metadata: the license is unknown
+        return None

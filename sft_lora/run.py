@@ -210,9 +210,8 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
 
     report.write_summary(recipe.adapters_dir, summary)
     from .atomic import write_atomic
-    from .card import model_card
 
-    write_atomic(recipe.adapters_dir / "README.md", model_card(recipe.adapters_dir, recipe.model.name_or_path))
+    write_atomic(recipe.adapters_dir / "README.md", report.model_card(recipe.adapters_dir, recipe.model.name_or_path))
     if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -70,7 +70,7 @@ class SourceEvalSFTTrainer(SFTTrainer):
         return metrics
 
     def create_model_card(self, *args, **kwargs) -> None:
-        """None in the checkpoint root: TRL's card names no base model; each checkpoint gets sft_lora's (card.py)."""
+        """None in the checkpoint root: TRL's card names no base model; each checkpoint gets sft_lora's (report.py)."""
 
     def log(self, logs, start_time=None):
         # TRL logs its eval metrics (entropy, token accuracy) as eval_* whatever the prefix; name them per source

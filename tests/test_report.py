@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from sft_lora.card import model_card
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
 from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.fingerprint import file_sha256
 from sft_lora.manifest import MANIFEST_FILE, build_manifest
+from sft_lora.report import model_card
 
 from .conftest import ROOT, SAMPLE
 
@@ -180,7 +180,7 @@ def test_merged_model_has_a_model_card(default_job):
 
 
 def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path):
-    from sft_lora.card import base_license, card_text
+    from sft_lora.report import base_license, card_text
 
     recipe, summary, *_ = default_job
     root = Path(recipe.output.dir).parent
