@@ -36,7 +36,7 @@ def build_model(shape: str, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sft_lora.tiny import build_tiny_model
+    from sft_lora.model import build_tiny_model
 
     tokenizer_dir = build_tiny_model(out / "tokenizer", ROOT / "data" / "sample.jsonl", hidden_size=64, layers=1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

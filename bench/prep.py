@@ -96,7 +96,7 @@ def records_file(n: int, out: Path) -> Path:
 
 def tokenizer_dir(out: Path) -> Path:
     """The default job's tokenizer (byte-level BPE trained on data/sample.jsonl, with its chat template)."""
-    from sft_lora.tiny import build_tiny_model
+    from sft_lora.model import build_tiny_model
 
     path = out / "tokenizer"
     return path if (path / "tokenizer.json").is_file() else build_tiny_model(path, SAMPLE, hidden_size=64, layers=1)

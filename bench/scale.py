@@ -128,7 +128,7 @@ def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
 
 def run(n: int, out: Path, median_records: float, mix: bool = False) -> dict[str, Any]:
     from bench.turns import conversations_file
-    from sft_lora.tiny import build_tiny_model
+    from sft_lora.model import build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     model = out / "tiny-llama"

@@ -17,8 +17,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample.jsonl"
 
-# Architectures with random weights. `tiny` is sft_lora.tiny's model (hidden 256 x 4 layers) with an 8k vocabulary;
-# the Llama shapes are Llama-3.2-1B's and Llama-3.1-8B's configs.
+# Architectures with random weights. `tiny` is sft_lora.model.build_tiny_model's (hidden 256 x 4 layers) with an 8k
+# vocabulary; the Llama shapes are Llama-3.2-1B's and Llama-3.1-8B's configs.
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 8192, "max_position_embeddings": 1024,
@@ -122,7 +122,7 @@ def build_model(shape: str, data: Path, out: Path, gpu: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sft_lora.tiny import build_tiny_model
+    from sft_lora.model import build_tiny_model
 
     if (out / "config.json").is_file():
         return out

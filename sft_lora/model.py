@@ -1,11 +1,10 @@
-"""The tokenizer, with the chat template that turns a record into turns, and the device named to DeepSpeed.
-
-The model itself is loaded by TRL's SFTTrainer from `SFTConfig.model_init_kwargs` and the quantization config,
-so loading follows upstream (device maps under DeepSpeed, dtype, revision) without code of our own.
-"""
+"""The base model's side: tokenizer and chat template, the embedded tiny model, checks on the weights and backend
+(TRL's SFTTrainer loads the model itself, from `SFTConfig.model_init_kwargs`), and the Hugging Face Hub: endpoint
+`HF_ENDPOINT`, token `HF_TOKEN` from the environment, never a recipe value or a stored login."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,8 +53,8 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
 
 
 def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = None) -> list[int]:
-    """The tokens that end an answer: the EOS (`eos_token`, as training.eos_token names it, else the tokenizer's)
-    first, then the generation config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
+    """The tokens that end an answer: the EOS (training.eos_token, else the tokenizer's) first, then the generation
+    config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
     ids = [tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id]
     extra = getattr(generation_config, "eos_token_id", None)
     ids += [extra] if isinstance(extra, int) else list(extra or [])
@@ -93,3 +92,103 @@ def check_qlora_backend(recipe: Recipe) -> None:
     except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
         raise RecipeError(f"{recipe.source}: use_qlora is true but bitsandbytes cannot run here ({first_line(exc)}); "
                           "install a bitsandbytes build for this machine or set use_qlora: false") from None
+
+
+def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,
+                     vocab_size: int = 2048, seed: int = 0) -> Path:
+    """The embedded tiny model, so the default job and the tests run with no GPU and no hub: a random-init Llama and
+    a BPE tokenizer learnt from `data` (a `data.path` value), written to `out_dir` whole or not at all."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .atomic import atomic_dir
+    from .mix import paths
+
+    texts = []
+    for data_path in paths(data if isinstance(data, list) else str(data)):
+        for line in Path(data_path).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                turns = record.get("messages") or record.get("conversations") or []
+                texts += [record.get("input", ""), record.get("output", ""),
+                          *(t.get("content") or t.get("value") or "" for t in turns)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", model_max_length=1024)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+    with atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT  # read now: a test or a launcher may set it late
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_reachable(recipe: Recipe) -> None:
+    """RecipeError when the recipe names a model or data set by hub id and the hub does not answer within 5 s (the hub
+    client would retry for about a minute first)."""
+    names = [(key, value) for key, value in (("model.name_or_path", recipe.model.name_or_path),
+                                             ("data.path", recipe.data.path))
+             if isinstance(value, str) and looks_like_hub_id(value)
+             and not (key == "model.name_or_path" and recipe.model.build_tiny)]
+    if _offline() or not names:
+        return
+    import httpx
+
+    try:
+        httpx.head(_endpoint(), timeout=5)  # any answer will do: the hub is reachable
+    except httpx.HTTPError as exc:
+        key, name = names[0]
+        raise RecipeError(f"{key}: '{name}' is a hub id but {_endpoint()} cannot be reached ({first_line(exc)}); "
+                          f"set HF_HUB_OFFLINE=1 to use the copy in the local cache, or set {key} to a local path"
+                          ) from None
+
+
+def check_push(recipe: Recipe) -> None:
+    """Before training: a push needs a token in the environment and the network."""
+    repo = recipe.output.push_to_hub
+    if repo and not os.environ.get("HF_TOKEN"):
+        raise RecipeError(f"output.push_to_hub: pushing to '{repo}' needs HF_TOKEN (a write token) in the "
+                          "environment; export it or remove output.push_to_hub")
+    if repo and _offline():
+        raise RecipeError(f"output.push_to_hub: HF_HUB_OFFLINE is set, so '{repo}' cannot be pushed to; unset it "
+                          "or remove output.push_to_hub")
+
+
+def push_outputs(recipe: Recipe) -> str:
+    """Upload the merged model (the adapters when the run does not merge), model card included, to the private (if
+    new) repo `output.push_to_hub`; return the commit URL."""
+    from huggingface_hub import HfApi
+
+    repo = recipe.output.push_to_hub
+    directory = Path(recipe.merged_dir if recipe.output.merge else recipe.adapters_dir)
+    api = HfApi(endpoint=_endpoint(), token=os.environ.get("HF_TOKEN") or False)  # False: no stored login
+    try:
+        api.create_repo(repo, private=True, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=directory,
+                                   commit_message=f"sft_lora: {recipe.model_name} {recipe.method}")
+    except Exception as exc:  # HTTP errors, bad repo ids, no network: the outputs on disk are kept
+        raise RecipeError(f"output.push_to_hub: could not push {directory} to '{repo}' ({first_line(exc)}); the "
+                          "outputs are saved; check the repo id and that HF_TOKEN may write to it") from None
+    print(f"pushed {directory} to {commit.commit_url}")
+    return commit.commit_url

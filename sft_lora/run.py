@@ -97,8 +97,7 @@ def _inputs(recipe: Recipe):
     """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first when the
     recipe asks."""
     from .data import load_datasets
-    from .hub import check_reachable
-    from .model import load_tokenizer
+    from .model import check_reachable, load_tokenizer
     from .prepare import prepare_datasets
     from .turns import template_kwargs
 
@@ -108,7 +107,7 @@ def _inputs(recipe: Recipe):
     name_the_cpu_to_deepspeed()  # before the tiny model is built: saving it imports DeepSpeed
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
-        from .tiny import build_tiny_model
+        from .model import build_tiny_model
 
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
@@ -129,7 +128,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     check_outputs(recipe)
     check_qlora_backend(recipe)
     check_model_weights(recipe)
-    from .hub import check_push
+    from .model import check_push
 
     check_push(recipe)
     from .resume import nothing_left, select_checkpoint
@@ -225,7 +224,7 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))
     if recipe.output.push_to_hub:
-        from .hub import push_outputs
+        from .model import push_outputs
 
         push_outputs(recipe)
 

@@ -22,7 +22,7 @@ os.environ.setdefault("SFT_LORA_CACHE", tempfile.mkdtemp(prefix="sft_lora_cache_
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The default job's tiny Llama, built once for the whole session."""
-    from sft_lora.tiny import build_tiny_model
+    from sft_lora.model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", SAMPLE)
 
