@@ -1,10 +1,7 @@
-"""Records → chat examples: load records from json/jsonl/dir/hub, validate, weight and mix files, split eval.
+"""Records → chat examples: read json/jsonl/dir/hub records, validate them, weight and mix several files, split eval.
 
-A record is `{input, output, source?}` (one exchange) or a conversation (`turns.py`: OpenAI `messages` or ShareGPT
-`conversations`), told apart by its keys. Each becomes TRL's conversational prompt/completion form: the prompt is
-the (system and) first user turn, the completion the rest. TRL renders a one-turn completion with the model's chat
-template and puts loss on it only — the answer and the template's end-of-turn token — which is what we want;
-longer completions are tokenized by `turns.tokenize_turns`, with loss on the assistant turns only.
+A record is `{input, output, source?}` or a conversation (`turns.py`), told apart by its keys. Each becomes TRL's
+conversational prompt/completion form: the prompt is the (system and) first user turn, the completion the rest.
 """
 
 from __future__ import annotations
@@ -13,32 +10,75 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
-from .mix import Entry, concatenated, entries, weighted
-from .turns import conversation, is_conversation, split, with_system
+from .keys import suggest
+from .turns import chat
+
+KEYS = ("path", "source", "weight")  # of a data entry
+# Records turned into Arrow at a time. Converting all records' Python objects at once peaked at 6.1 GiB RSS for
+# 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
+CHUNK = 20_000
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of `data.path`: `source` names its records that have no source of their own; `weight` samples it."""
+
+    path: str
+    source: str | None = None
+    weight: float = 1.0
 
 
 class BadRecord:
-    """A record that could not be read (bad JSON, bad UTF-8); `to_examples` fails or skips it like any bad one."""
+    """A record that could not be read (bad JSON, bad UTF-8); it fails the run or is skipped like any bad one."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
 
-def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
-    """(where, record) pairs from a .json array, .jsonl, a `save_to_disk` directory or a hub dataset id.
+def entries(value: Any, key: str = "data.path") -> list[Entry]:
+    """`data.path` / `data.eval_path` (a path or a list of paths and {path, source, weight}) as entries."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError(f"{key} is an empty list; give at least one data file")
+    out = []
+    for n, item in enumerate(items):
+        where = f"{key}[{n}]" if isinstance(value, list) else key
+        item = {"path": item} if isinstance(item, str) else item
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight}}, got {item!r}")
+        for name in item:
+            if name not in KEYS:
+                raise ValueError(f"{where}: unknown key '{name}' (path, source, weight){suggest(str(name), KEYS)}")
+        path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"{where}.source must be a string, got {source!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"{where}.weight must be a number > 0 (0.5 = half the records, 2 = each twice), "
+                             f"got {weight!r}")
+        out.append(Entry(path, source, float(weight)))
+    return out
 
-    `where` names the record in errors: `file:line` for .jsonl, `file: record N` otherwise. A .jsonl line that is
-    not valid UTF-8 or JSON becomes a `BadRecord`; a .json file that is not valid is an error as a whole. A .jsonl
-    file is read lazily, line by line (1 M records: see `CHUNK`)."""
+
+def paths(value: Any) -> list[str]:
+    """The file paths (or hub ids) of `data.path` / `data.eval_path`; [] when unset."""
+    return [e.path for e in entries(value)] if value else []
+
+
+def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
+    """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id."""
     p = Path(path)
+    if p.suffix in (".json", ".jsonl") and not p.is_file():
+        raise RecipeError(f"{p}: data file not found; check data.path")
     if p.suffix == ".jsonl":
-        if not p.is_file():
-            raise RecipeError(f"{p}: data file not found; check data.path")
         return _jsonl_records(p)
     if p.suffix == ".json":
         return _json_records(p)
@@ -65,13 +105,13 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     try:
         return _numbered(path, load_dataset(path, split=args.split).to_list())
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
-        reason = type(exc).__name__
-        raise RecipeError(f"{path}: could not load hub dataset ({reason}); check data.path and network") from None
+        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check data.path and "
+                          "network") from None
 
 
 def _json_records(p: Path) -> list[tuple[str, Any]]:
     """(where, record) pairs of a .json array; a file that is not valid is an error as a whole."""
-    data = _read_bytes(p)
+    data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -85,9 +125,7 @@ def _json_records(p: Path) -> list[tuple[str, Any]]:
         raise RecipeError(f"{p}: not valid JSON (nested too deeply); fix the file") from None
     if not isinstance(records, list):
         raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
-    if SURROGATE.search(data):
-        records = [_surrogate_free(record) for record in records]
-    return _numbered(p, records)
+    return _numbered(p, [_surrogate_free(r) for r in records] if SURROGATE.search(data) else records)
 
 
 def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:
@@ -107,26 +145,16 @@ def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{p}:{n}", _parse_json_line(line)
 
 
-def _read_bytes(p: Path) -> bytes:
-    if not p.is_file():
-        raise RecipeError(f"{p}: data file not found; check data.path")
-    return p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
-
-
 def _parse_json_line(line: bytes) -> Any:
     try:
-        text = line.decode("utf-8")
+        record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
         return BadRecord("not valid UTF-8; re-encode the file as UTF-8")
-    try:
-        record = json.loads(text)
     except json.JSONDecodeError as exc:
         return BadRecord(f"not valid JSON ({exc.msg}); each line must be one JSON record")
     except RecursionError:
         return BadRecord("not valid JSON (nested too deeply); each line must be one JSON record")
     return _surrogate_free(record) if SURROGATE.search(line) else record
-
-SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
 
 
 def _surrogate_free(record: Any) -> Any:
@@ -139,92 +167,69 @@ def _surrogate_free(record: Any) -> Any:
     return record
 
 
-def _turns(record: Any, args: DataArgs) -> list[dict[str, str]] | str:
-    """One record's chat turns (an {input, output} record: a user and an assistant turn), or what is wrong."""
-    if isinstance(record, BadRecord):
-        return record.reason
-    source = record.get(args.source_field) if isinstance(record, dict) else None
-    if source is not None and not isinstance(source, str):
-        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
-    if is_conversation(record):
-        return conversation(record)
-    if not isinstance(record, dict):
-        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
-    for key in (args.input_field, args.output_field):
-        if key not in record:
-            return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
-        if not isinstance(record[key], str):
-            return f"'{key}' must be a string, got {type(record[key]).__name__}"
-    if not record[args.output_field].strip():
-        return f"'{args.output_field}' is empty; there is nothing to learn from it"
-    return [{"role": "user", "content": record[args.input_field]},
-            {"role": "assistant", "content": record[args.output_field]}]
-
-
-def to_examples(records: list[tuple[str, Any]], args: DataArgs, origin: str) -> dict[str, list]:
-    """Validate (where, record) pairs and turn them into prompt/completion columns (plus `source`, and `entry`:
-    `origin`).
-
-    A bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped and counted (`skip`)."""
-    columns, skipped, first_skipped = _convert(records, args)
-    _check_counts(origin, len(records), skipped, first_skipped)
-    return {**columns, "entry": [origin] * len(columns["prompt"])}
-
-
-def _convert(records: Iterable[tuple[str, Any]], args: DataArgs, default_source: str | None = None
-             ) -> tuple[dict[str, list], int, str | None]:
-    """(prompt/completion/source columns, number of records skipped, the first skipped one's message)."""
-    prompts, completions, sources, skipped, first_skipped = [], [], [], 0, None
+def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -> tuple[dict[str, list], int, str]:
+    """(prompt/completion/source/entry columns, records skipped, the first skipped one's message) of (where, record)
+    pairs; a bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped (`skip`)."""
+    prompts, completions, sources, skipped, first_skipped = [], [], [], 0, ""
     for where, record in records:
-        turns = _turns(record, args)
+        turns = record.reason if isinstance(record, BadRecord) else chat(record, args)
         if isinstance(turns, str):
             if args.on_bad_record != "skip":
                 raise RecipeError(f"{where}: {turns}")
             skipped += 1
             first_skipped = first_skipped or f"{where}: {turns}"
             continue
-        prompt, completion = split(with_system(turns, args.system_prompt, args.fold_system_prompt),
-                                   args.mask_history)
-        prompts.append(prompt)
-        completions.append(completion)
-        sources.append(record.get(args.source_field) or default_source or "default")
-    return {"prompt": prompts, "completion": completions, "source": sources}, skipped, first_skipped
-
-
-def _check_counts(origin: str, total: int, skipped: int, first_skipped: str | None) -> None:
-    if not total:
-        raise RecipeError(f"{origin}: no records; the data file is empty")
-    if skipped == total:
-        raise RecipeError(f"{origin}: all {total} records are bad (first: {first_skipped}); fix the data")
-    if skipped:
-        print(f"notice: {origin}: skipped {skipped} bad of {total} records (data.on_bad_record: skip); "
-              f"first: {first_skipped}")
-
-
-# Records turned into Arrow at a time. Converting all records' Python objects at once peaked at 6.1 GiB RSS for
-# 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
-CHUNK = 20_000
+        prompts.append(turns[0])
+        completions.append(turns[1])
+        sources.append(record.get(args.source_field) or entry.source or "default")
+    columns = {"prompt": prompts, "completion": completions, "source": sources, "entry": [entry.path] * len(prompts)}
+    return columns, skipped, first_skipped
 
 
 def _dataset(entry: Entry, args: DataArgs):
-    """The records of one data entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` records at a
-    time (`entry` names the file the record came from, for the report's mix table)."""
-    from datasets import Dataset, concatenate_datasets
+    """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
+    from datasets import Dataset
 
     records = iter(read_records(entry.path, args))
-    parts, total, skipped, first_skipped = [], 0, 0, None
+    parts, total, skipped, first_skipped = [], 0, 0, ""
     while chunk := list(islice(records, CHUNK)):
-        columns, bad, first_bad = _convert(chunk, args, entry.source)
+        columns, bad, first_bad = examples(chunk, args, entry)
         total, skipped, first_skipped = total + len(chunk), skipped + bad, first_skipped or first_bad
         if columns["prompt"]:
-            parts.append(Dataset.from_dict({**columns, "entry": [entry.path] * len(columns["prompt"])}))
-    _check_counts(entry.path, total, skipped, first_skipped)
+            parts.append(Dataset.from_dict(columns))
+    if not total:
+        raise RecipeError(f"{entry.path}: no records; the data file is empty")
+    if skipped == total:
+        raise RecipeError(f"{entry.path}: all {total} records are bad (first: {first_skipped}); fix the data")
+    if skipped:
+        print(f"notice: {entry.path}: skipped {skipped} bad of {total} records (data.on_bad_record: skip); "
+              f"first: {first_skipped}")
+    return concatenated(parts)
+
+
+def weighted(dataset, entry: Entry, seed: int):
+    """`dataset` (the records of `entry`) sampled by its weight: each record int(weight) times, plus round(fraction
+    × n) records drawn by `seed` (kept in file order)."""
+    import numpy as np
+
+    if entry.weight == 1:
+        return dataset
+    n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
+    extra = np.sort(np.random.default_rng(seed).permutation(n)[:round(part * n)])
+    if not whole and not len(extra):
+        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")
+    return dataset.select(np.concatenate([np.tile(np.arange(n), whole), extra]))
+
+
+def concatenated(parts: list):
+    from datasets import concatenate_datasets
+
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def load_datasets(args: DataArgs, seed: int = 42):
-    """(train, eval or None) as `datasets.Dataset`s of prompt/completion/source/entry, every entry of `data.path`
-    weighted (`mix.weighted`) and, with `data.eval_split`, split on its own before weighting."""
+    """(train, eval or None) Datasets of prompt/completion/source/entry: every entry of `data.path` weighted and,
+    with `data.eval_split`, split on its own before weighting."""
     train, held_out = [], []
     for n, entry in enumerate(entries(args.path)):
         records = _dataset(entry, args)
@@ -243,4 +248,3 @@ def load_datasets(args: DataArgs, seed: int = 42):
         evaluation = entries(args.eval_path, "data.eval_path")
         held_out = [weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
     return concatenated(train), concatenated(held_out) if held_out else None
-

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe
-from .mix import entries, paths
+from .data import entries, paths
 
 NEUTRAL = re.compile(
     r"output_dir|run_name|project|report_to|disable_tqdm|push_to_hub|resume_from_checkpoint|peft_version"

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .config import Recipe, RecipeError
-from .mix import paths
+from .data import paths
 
 
 def check_outputs(recipe: Recipe) -> None:

@@ -179,7 +179,7 @@ def check_combinations(recipe) -> None:
                          f"{recipe.report.smoke_prompts}")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
-    from .mix import entries
+    from .data import entries
 
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
         try:

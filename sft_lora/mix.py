@@ -1,83 +1,10 @@
-"""Several data files in one run: `data.path` (and `data.eval_path`) as a list of entries, each a path or a mapping
-`{path, source, weight}`; `weight` samples an entry deterministically by seed (0.5 = half its records, 2 = each
-record twice). The pre-flight report's mix table (per entry and per source: records, tokens, share of the loss
-tokens) is figured here too, from `rows.row_stats`' arrays.
+"""The pre-flight report's mix table (per entry and per source: records, tokens, share of the loss tokens), figured
+from `rows.row_stats`' arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
-
-KEYS = ("path", "source", "weight")
-
-
-@dataclass(frozen=True)
-class Entry:
-    path: str
-    source: str | None = None
-    """Names every record of this entry that has no source of its own."""
-    weight: float = 1.0
-
-
-def entries(value: Any, key: str = "data.path") -> list[Entry]:
-    """`data.path` / `data.eval_path` as entries; ValueError naming `key[i]` for a malformed one."""
-    from .keys import suggest
-
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise ValueError(f"{key} is an empty list; give at least one data file")
-    out = []
-    for n, item in enumerate(items):
-        where = f"{key}[{n}]" if isinstance(value, list) else key
-        item = {"path": item} if isinstance(item, str) else item
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight}}, got {item!r}")
-        for name in item:
-            if name not in KEYS:
-                raise ValueError(f"{where}: unknown key '{name}' (path, source, weight){suggest(str(name), KEYS)}")
-        path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
-        if source is not None and not isinstance(source, str):
-            raise ValueError(f"{where}.source must be a string, got {source!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ValueError(f"{where}.weight must be a number > 0 (0.5 = half the records, 2 = each twice), "
-                             f"got {weight!r}")
-        out.append(Entry(path, source, float(weight)))
-    return out
-
-
-def paths(value: Any) -> list[str]:
-    """The file paths (or hub ids) of `data.path` / `data.eval_path`; [] when unset."""
-    return [e.path for e in entries(value)] if value else []
-
-
-def describe(value: Any) -> str:
-    """How errors and notices name the data: the path, or the paths joined by ' + '."""
-    return " + ".join(paths(value))
-
-
-def weighted(dataset, entry: Entry, seed: int):
-    """`dataset` (the records of `entry`) sampled by its weight: each record int(weight) times, plus round(fraction
-    × n) records drawn by `seed` (kept in file order)."""
-    import numpy as np
-
-    from .config import RecipeError
-
-    if entry.weight == 1:
-        return dataset
-    n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
-    extra = np.sort(np.random.default_rng(seed).permutation(n)[:round(part * n)])
-    if not whole and not len(extra):
-        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")
-    return dataset.select(np.concatenate([np.tile(np.arange(n), whole), extra]))
-
-
-def concatenated(parts: list):
-    from datasets import concatenate_datasets
-
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[str, Any]]:

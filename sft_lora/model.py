@@ -103,7 +103,7 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from .atomic import atomic_dir
-    from .mix import paths
+    from .data import paths
 
     texts = []
     for data_path in paths(data if isinstance(data, list) else str(data)):

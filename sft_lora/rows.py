@@ -150,12 +150,12 @@ def length_notice(rows, args, max_length: int | None, origin: str) -> dict[str, 
 
 def check_lengths(recipe: Recipe, tokenizer, data: Prepared) -> None:
     """`length_notice` for the training and the evaluation records of a run."""
-    from .mix import describe
+    from .data import paths
 
-    origin = describe(recipe.data.path)
+    origin = " + ".join(paths(recipe.data.path))
     length_notice(report_rows(data, tokenizer), data.args, data.max_length, origin)
     length_notice(report_rows(data, tokenizer, "eval"), data.args, data.max_length,
-                  describe(recipe.data.eval_path) if recipe.data.eval_path else f"{origin} (eval split)")
+                  " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{origin} (eval split)")
 
 
 def records_by_source(dataset) -> dict[str, int]:

@@ -27,6 +27,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", SAMPLE)
 
 
+def to_examples(records: list, args, origin: str) -> dict[str, list]:
+    """(where, record) pairs as sft_lora.data turns them into prompt/completion/source/entry columns."""
+    from sft_lora.data import Entry, examples
+
+    return examples(records, args, Entry(origin))[0]
+
+
 def write_recipe(directory: Path, model_dir: Path, **sections) -> Path:
     """Write a recipe (the tiny job, shortened, outputs under `directory`) updated by `sections`; return its path.
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sft_lora.config import DataArgs, load_recipe
-from sft_lora.data import load_datasets, to_examples
+from sft_lora.data import load_datasets
 from sft_lora.model import load_tokenizer
 from sft_lora.prepare import is_cached, prepare
 from sft_lora.trainer import build_trainer
 
-from .conftest import ROOT, SAMPLE
+from .conftest import ROOT, SAMPLE, to_examples
 
 pytestmark = pytest.mark.slow
 TEMPLATES = sorted((ROOT / "tests" / "chat_templates").glob("*.jinja"))

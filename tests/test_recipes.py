@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from sft_lora.config import Recipe, RecipeError, load_recipe
-from sft_lora.data import to_examples
 
-from .conftest import ROOT, SAMPLE
+from .conftest import ROOT, SAMPLE, to_examples
 
 pytestmark = pytest.mark.slow
 
