@@ -18,7 +18,7 @@ import yaml
 
 from . import keys, recipe_yaml
 from .keys import KeyProblem
-from .sections import OWN_SECTIONS, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
+from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
 
@@ -35,8 +35,8 @@ def first_line(exc: BaseException) -> str:
 
 def printable(text: str) -> str:
     """An error line echoing values, made safe to print: control characters and lone surrogates escaped (one line),
-    anything credential-shaped redacted (`secret_check.scrub`)."""
-    from .secret_check import scrub
+    anything credential-shaped redacted (`keys.scrub`)."""
+    from .keys import scrub
 
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
 
@@ -162,14 +162,12 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
     """Check every key and value, then build the upstream objects and take the library's decisions."""
-    from .secret_check import find_secret
+    from .keys import find_secret
 
     sections = keys.sections_of(raw)
-    own = {name: cls(**keys.checked(sections[name], keys.class_fields(cls), name))
-           for name, cls in OWN_SECTIONS.items()}
+    own = {name: cls(**keys.checked(sections[name], cls, name)) for name, cls in OWN_SECTIONS.items()}
     use_qlora, accelerate_config = keys.top_level(raw)
-    upstream = {name: keys.checked(sections[name], keys.class_fields(keys.upstream_class(name)), name)
-                for name in keys.UPSTREAM_SECTIONS}
+    upstream = {name: keys.checked(sections[name], keys.upstream_class(name), name) for name in UPSTREAM}
     training = {"num_train_epochs": 3, "learning_rate": 1e-4 if use_qlora else 5e-6, "report_to": ["wandb"],
                 **upstream["training"]}
     if own["data"].eval_split or own["data"].eval_path:

@@ -1,5 +1,5 @@
-"""Every recipe key checked against the class that receives it: unknown keys (with a did-you-mean) and values of
-the wrong type are reported under `section.key` before any upstream object is built or any model touched."""
+"""Every recipe key checked against the class that receives it, before any upstream object is built or model touched:
+unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combinations, and tokens (never saved)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import importlib
 import inspect
 import math
 import os
@@ -15,7 +16,7 @@ import types
 import typing
 from typing import Any
 
-from .sections import CHECK_NAMES, OWN_SECTIONS
+from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 
 
 class KeyProblem(ValueError):
@@ -26,85 +27,46 @@ class KeyProblem(ValueError):
         super().__init__(message)
 
 
-# Values that must be > 0 (upstream classes accept some of these silently and fail hours later).
-POSITIVE = {
-    "training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
-    "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
-    "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
-    "report.smoke_max_new_tokens",
-}
-# Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
-CHOICES = {
-    "model.dtype": ("auto", "bfloat16", "float16", "float32"), "data.on_bad_record": ("fail", "skip"),
-    "output.merge_into": ("dequantized", "original"), "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
-    "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
-    "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
-}
-# Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
-# LoRA rank past any model's hidden size only adds zeros).
-MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
-FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
-
-UPSTREAM_SECTIONS = ("lora", "quantization", "training")
-# `training` keys that other sections own, and where to set them instead.
-OWNED_ELSEWHERE = {
-    "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
-    "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
-    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
-}
-
-
 def upstream_class(section: str) -> type:
-    """The upstream class a recipe section is handed to whole."""
-    import importlib
-
-    module, name = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "BitsAndBytesConfig"),
-                    "training": ("trl", "SFTConfig")}[section]
+    module, name = UPSTREAM[section]
     return getattr(importlib.import_module(module), name)
 
 
 @functools.cache  # type hints are resolved once per class, not per recipe (~1.4 ms for SFTConfig)
 def class_fields(cls: type) -> dict[str, tuple[Any, Any]]:
     """name → (type hint, default) of the keyword arguments `cls` takes."""
-    if dataclasses.is_dataclass(cls) and cls.__name__ != "BitsAndBytesConfig":  # its __init__ is hand-written
-        hints = _hints(cls)
-        return {f.name: (hints.get(f.name, Any), f.default) for f in dataclasses.fields(cls) if f.init}
-    params = inspect.signature(cls.__init__).parameters
-    return {n: (Any if p.annotation is inspect.Parameter.empty else p.annotation, p.default)
-            for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
-
-
-def _hints(cls) -> dict[str, Any]:
     try:
-        return typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)
     except Exception:  # an upstream annotation we cannot resolve: fall back to the defaults' types
-        return {}
+        hints = {}
+    params = inspect.signature(cls).parameters
+    return {n: (hints.get(n, Any), p.default) for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
 
 
-def checked(given: dict[str, Any], fields: dict[str, tuple[Any, Any]], section: str) -> dict[str, Any]:
+def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
     """Reject unknown keys (with a suggestion) and values of the wrong type; return the values to use."""
-    out = {}
+    fields, out = class_fields(cls), {}
     for key, value in given.items():
         dotted = f"{section}.{key}"
         if key not in fields:
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
-        value = _coerce(value, hint, default)
+        out[key] = value = _coerce(value, hint, default)
         if not _type_ok(value, hint, default):
-            raise KeyProblem(dotted, f"{dotted} expects {_describe(hint, default)}, got {value!r}")
-        out[key] = value
+            kind = type(default).__name__ if hint is Any or isinstance(hint, str) else (
+                getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
+            raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}")
     return out
 
 
 def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """section → {key: value} with `${VAR}` expanded; unknown sections and keys another section owns rejected."""
-    known = [*OWN_SECTIONS, *UPSTREAM_SECTIONS, "use_qlora", "accelerate_config"]
+    known = [*OWN_SECTIONS, *UPSTREAM, "use_qlora", "accelerate_config"]
     for key in raw:
         if key not in known:
             raise KeyProblem(key, f"unknown section '{key}'{suggest(key, known)}")
     sections = {}
-    for name in [*OWN_SECTIONS, *UPSTREAM_SECTIONS]:
+    for name in [*OWN_SECTIONS, *UPSTREAM]:
         value = raw.get(name)
         if value is not None and not isinstance(value, dict):
             raise KeyProblem(name, f"section '{name}' must be a mapping of keys, got {value!r}")
@@ -134,10 +96,8 @@ def expand_env(value: Any, dotted: str) -> Any:
     """Expand `${VAR}` and `${VAR:-default}` in a string value, so one recipe serves several machines."""
     def sub(match: re.Match) -> str:
         var, default = match.group(1), match.group(3)
-        if var in os.environ:
-            return os.environ[var]
-        if default is not None:
-            return default
+        if var in os.environ or default is not None:
+            return os.environ.get(var, default)
         raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
                          f"${{{var}:-default}}")
 
@@ -146,13 +106,12 @@ def expand_env(value: Any, dotted: str) -> Any:
 
 def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
     """(use_qlora, accelerate_config): QLoRA unless use_qlora is false (the seed's default)."""
-    use_qlora = raw.get("use_qlora")
+    use_qlora, accelerate_config = raw.get("use_qlora"), raw.get("accelerate_config")
     if use_qlora is not None and not isinstance(use_qlora, bool):
         raise KeyProblem("use_qlora", f"use_qlora must be true or false, got {use_qlora!r}")
     if use_qlora is False and raw.get("quantization"):
         raise KeyProblem("quantization", "a quantization section needs QLoRA but use_qlora is false; remove one "
                          "of them")
-    accelerate_config = raw.get("accelerate_config")
     if accelerate_config is not None and not isinstance(accelerate_config, str):
         raise KeyProblem("accelerate_config", "accelerate_config must be a name (zero3) or a file path")
     return use_qlora is not False, accelerate_config
@@ -198,8 +157,8 @@ def suggest(key: str, choices) -> str:
 
 
 def _coerce(value: Any, hint: Any, default: Any) -> Any:
-    """Undo two YAML 1.1 surprises: `1e-4` is read as a string (it wants `1.0e-4`), and `no`/`yes` as booleans
-    (`eval_strategy: no`). Each is turned back where the field expects a float, or a string but no bool."""
+    """Undo two YAML 1.1 surprises where the field wants a float, or a str but no bool: `1e-4` read as a string
+    (it wants `1.0e-4`), `no`/`yes` as booleans (`eval_strategy: no`)."""
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
         try:
             return float(value) if math.isfinite(float(value)) else value  # "nan", "inf": not a usable number
@@ -211,9 +170,8 @@ def _coerce(value: Any, hint: Any, default: Any) -> Any:
 
 
 def _accepts(hint: Any, kind: type) -> bool:
-    if hint is kind:
-        return True
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and kind in typing.get_args(hint)
+    return hint is kind or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                            and kind in typing.get_args(hint))
 
 
 def _type_ok(value: Any, hint: Any, default: Any) -> bool:
@@ -239,7 +197,53 @@ def _type_ok(value: Any, hint: Any, default: Any) -> bool:
     return True  # richer upstream types (torch.dtype, classes) are left to the upstream constructor
 
 
-def _describe(hint: Any, default: Any) -> str:
-    if hint is Any or isinstance(hint, str):
-        return type(default).__name__
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+# Tokens stay out of recipes (a recipe is saved beside the adapters, in checkpoints and logs); they belong in the
+# environment, which sft_lora never copies into an output. A name saying its value is a secret; vocabulary tokens not.
+SECRET_NAME = re.compile(r"token|key|secret|password|passwd|credential|auth", re.IGNORECASE)
+TOKEN_NAMES = {"eos_token", "pad_token", "bos_token", "unk_token"}
+TOKEN_FORMATS = {
+    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
+    "an OpenAI/Anthropic-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    "a GitHub token": re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+    "an AWS access key id": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
+    "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    # 40 hex digits, as a wandb key is; not as a path part or `@revision` (a commit sha: a snapshot directory)
+    "a wandb API key (40 hex digits)": re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
+}
+NOT_SECRET = {"model.revision"}  # a commit sha is 40 hex digits too
+
+
+def is_secret_name(name: str) -> bool:
+    return name.lower() not in TOKEN_NAMES and bool(SECRET_NAME.search(name))
+
+
+def secret_env_values() -> dict[str, str]:
+    """name → value of environment variables whose name says they hold a secret (8+ characters, not a path)."""
+    return {k: v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8 and not os.path.exists(v)}
+
+
+def scrub(text: str) -> str:
+    """`text` with each secret environment value and each token-shaped part replaced by `<redacted>`."""
+    for secret in secret_env_values().values():
+        text = text.replace(secret, "<redacted>")
+    for pattern in TOKEN_FORMATS.values():
+        text = pattern.sub("<redacted>", text)
+    return text
+
+
+def find_secret(values: Any, dotted: str = "") -> tuple[str, str] | None:
+    """(dotted key, what it looks like) of the first string in `values` (nested dicts and lists) that looks like a
+    secret: a known token format or a secret environment variable's value (a `${VAR}` expands to it); else None."""
+    if isinstance(values, (dict, list, tuple)):
+        items = values.items() if isinstance(values, dict) else ((None, v) for v in values)
+        for key, value in items:
+            where = dotted if key is None else f"{dotted}.{key}" if dotted else str(key)
+            if found := find_secret(value, where):
+                return found
+        return None
+    if not isinstance(values, str) or dotted in NOT_SECRET:
+        return None
+    for name, secret in secret_env_values().items():
+        if secret in values:
+            return dotted, f"the value of ${name}"
+    return next(((dotted, kind) for kind, pattern in TOKEN_FORMATS.items() if pattern.search(values)), None)

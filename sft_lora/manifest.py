@@ -21,7 +21,7 @@ import yaml
 
 from .config import RECIPE_FILE, Recipe
 from .fingerprint import data_sha256, recipe_sha256
-from .secret_check import is_secret_name
+from .keys import is_secret_name
 
 MANIFEST_FILE = "manifest.json"
 PACKAGES = ("sft_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",

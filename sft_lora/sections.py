@@ -1,5 +1,5 @@
-"""The recipe's own sections (`model`, `data`, `output`, `wandb`, `check`, `report`): one dataclass each, every
-knob documented once, as an attribute docstring that `--help` prints."""
+"""The recipe's schema: its own sections (`model`, `data`, `output`, `wandb`, `check`, `report`), one dataclass each,
+every knob documented once as an attribute docstring that `--help` prints, and the rules on upstream sections' keys."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     path: str | list = ""
-    """A .json array, a .jsonl file, a `save_to_disk` directory, a hub dataset id, or a list of them, each a path
-    or a mapping {path, source, weight} (source: for its records without one; weight: 0.5 = half, 2 = twice)."""
+    """A .json/.jsonl file, save_to_disk dir or hub dataset id, or a list of them or of {path, source, weight}."""
     input_field: str = "input"
     """Record field holding the user's question."""
     output_field: str = "output"
@@ -56,8 +55,7 @@ class DataArgs:
     chat_template: str | None = None
     """A .jinja file replacing the tokenizer's chat template."""
     chat_template_kwargs: dict = field(default_factory=dict)
-    """Variables for the chat template in training, chat and the smoke check; a template that takes
-    enable_thinking (Qwen3) gets enable_thinking: false unless set here."""
+    """Chat template variables in training, chat and the smoke check (enable_thinking: false unless set here)."""
     on_bad_record: str = "fail"
     """A record that is not valid (bad JSON/UTF-8, missing or empty field): fail the run, or skip it and count it."""
 
@@ -73,8 +71,7 @@ class OutputArgs:
     merge_into: str = "dequantized"
     """QLoRA only: merge into the `dequantized` 4-bit base (what was trained against) or the `original` weights."""
     push_to_hub: str | None = None
-    """Hub repo id (`org/name`) to upload the merged model (the adapters without merge) and its card to at the end;
-    the token is HF_TOKEN from the environment."""
+    """Hub repo id (`org/name`) for the merged model (else the adapters) and its card at the end; token: HF_TOKEN."""
 
 
 @dataclass
@@ -96,8 +93,7 @@ class CheckArgs:
     enabled: bool = True
     """Print the pre-flight data report at the start of every run, and stop the run when a check fails."""
     ignore: list[str] = field(default_factory=list)
-    """Failed checks to report as warnings instead of stopping the run: no_loss, eos, truncated, empty_source,
-    template."""
+    """Failed checks reported as warnings, not stopping the run: no_loss, eos, truncated, empty_source, template."""
     max_truncated_share: float = 0.05
     """Fail (truncated) when more than this share of training rows is cut at training.max_length."""
     sources: list[str] = field(default_factory=list)
@@ -116,6 +112,33 @@ class ReportArgs:
 
 OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs,
                                  "check": CheckArgs, "report": ReportArgs}
+# Values that must be > 0 (upstream classes accept some of these silently and fail hours later).
+POSITIVE = {
+    "training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
+    "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
+    "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
+    "report.smoke_max_new_tokens",
+}
+# Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"), "data.on_bad_record": ("fail", "skip"),
+    "output.merge_into": ("dequantized", "original"), "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+}
+# Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
+# LoRA rank past any model's hidden size only adds zeros).
+MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
+FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
+UPSTREAM = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "BitsAndBytesConfig"),
+            "training": ("trl", "SFTConfig")}  # sections handed whole to an upstream class
+# `training` keys that other sections own, and where to set them instead.
+OWNED_ELSEWHERE = {
+    "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
+    "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
+    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
+}
 
 
 @functools.cache  # the --help epilog, built on every command line: reading the classes' sources takes ~40 ms
@@ -124,8 +147,8 @@ def recipe_keys() -> str:
     lines = ["top level:", "  use_qlora  QLoRA (4-bit base) when true (default), plain LoRA when false",
              "  accelerate_config  launch under this accelerate config (zero3, fsdp, … or a path)"]
     for name, cls in OWN_SECTIONS.items():
-        lines.append(f"{name}:")
-        docs = _attribute_docs(cls)
+        lines.append(f"{name}:")  # the attribute docstrings written under each field above (litgpt style):
+        docs = dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", inspect.getsource(cls), flags=re.M))
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             lines.append(f"  {f.name} = {default!r}  {docs.get(f.name, '')}")
@@ -133,9 +156,3 @@ def recipe_keys() -> str:
               "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",
               "training:      any trl.SFTConfig field (defaults: 3 epochs, lr 1e-4 QLoRA / 5e-6 LoRA)"]
     return "\n".join(lines)
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings written under each field above (litgpt style)."""
-    source = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", source, flags=re.M))
