@@ -19,8 +19,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .atomic import fsync, readable, write_atomic
 from .config import Recipe, RecipeError
+from .outputs import fsync, readable, write_atomic
 
 RECORD = "sft_lora_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
@@ -85,7 +85,7 @@ class CheckpointRecord(TrainerCallback):
 def save_failure(trainer, exc: BaseException) -> RecipeError | None:
     """A one-line error when `exc` escaped `trainer.train()` because a checkpoint could not be written (disk full,
     read-only); None for any other error. The checkpoint it leaves has no record, so resume skips it."""
-    from .atomic import write_error
+    from .outputs import write_error
 
     record = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointRecord)), None)
     reason = write_error(exc)

@@ -201,7 +201,7 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
     model = recipe.model
     init = {"dtype": model.dtype, "revision": model.revision, "device_map": model.device_map,
             "attn_implementation": model.attn_implementation,
-            "use_safetensors": True}  # never unpickle model weights (guards.check_model_weights)
+            "use_safetensors": True}  # never unpickle model weights (model.check_model_weights)
     training = dict(recipe.given["training"])
     if not {"activation_checkpointing", "gradient_checkpointing"} & set(training):
         # TRL's default, under the current name: TRL sets the old, deprecated one (a FutureWarning on every run)

@@ -27,10 +27,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     `merge_info.json`."""
     from transformers import AutoTokenizer
 
-    from .atomic import atomic_dir, check_target
-    from .guards import check_not_inputs
-    from .manifest import redact
     from .model import stop_token_ids
+    from .outputs import atomic_dir, check_not_inputs, check_target, redact
     from .report import model_card
 
     adapter_dir = Path(adapter_dir)

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_file, write_atomic
 from .config import looks_like_hub_id, read_saved_recipe
+from .outputs import atomic_file, write_atomic
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -159,7 +159,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     counts and eval losses, how to load it, and the resolved recipe (secrets redacted)."""
     from huggingface_hub import ModelCardData
 
-    from .manifest import redact
+    from .outputs import redact
 
     method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
     adapters = merged_into is None

@@ -122,8 +122,8 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
     from accelerate import PartialState
 
-    from .guards import check_outputs
     from .model import check_model_weights, check_qlora_backend
+    from .outputs import check_outputs
 
     check_outputs(recipe)
     check_qlora_backend(recipe)
@@ -170,7 +170,7 @@ def _train_and_save(trainer, recipe: Recipe, tokenizer, resume_from: str | None,
                     evaluate: bool) -> bool:
     """Train, save the adapters and add the run's numbers to `summary`; whether this is the main process."""
     from . import report
-    from .manifest import peak_memory_gib, replicas_agree, save_adapters
+    from .outputs import peak_memory_gib, replicas_agree, save_adapters
 
     result, before, after = _fit(trainer, resume_from, evaluate=evaluate)
     summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
@@ -208,7 +208,7 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     from . import report
 
     report.write_summary(recipe.adapters_dir, summary)
-    from .atomic import write_atomic
+    from .outputs import write_atomic
 
     write_atomic(recipe.adapters_dir / "README.md", report.model_card(recipe.adapters_dir, recipe.model.name_or_path))
     if recipe.output.merge:
