@@ -6,7 +6,7 @@
 One model, one padding-free row per measurement (documents marked by `position_ids` restarting at 0, no attention
 mask, no KV cache: the case transformers detects as packed), forward + backward with the LM loss. For `sdpa` and
 `flex_attention` transformers builds a block-diagonal mask (dense T×T for sdpa, a BlockMask for flex) from the
-positions; `sdpa_documents` (sft_lora/attention.py) runs causal SDPA per document. Rows: many short documents and
+positions; `sdpa_documents` (sft_lora/decisions.py) runs causal SDPA per document. Rows: many short documents and
 a few long ones, both ~8k tokens. Each implementation's loss must match `sdpa_documents`' (same weights, same row).
 """
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.workload import SHAPES, write_json
-    from sft_lora.attention import register
+    from sft_lora.decisions import register
 
     register()
     gpu = torch.cuda.is_available()

@@ -1,11 +1,6 @@
-"""Recipe → one resolved configuration, built once: the upstream objects themselves plus the project's sections.
-
-A recipe has the project's own sections (`sections.py`) and three sections handed whole to upstream classes:
-`lora` → `peft.LoraConfig`, `quantization` → `transformers.BitsAndBytesConfig`, `training` → `trl.SFTConfig`.
-Every key is checked against its class first (`keys.py`), so a typo fails in the recipe's own words, file:line,
-with a did-you-mean. The choices the library makes (precision, padding-free batches, attention, activation
-checkpointing, the end-of-turn token) are taken here, set on the objects and listed by `--print-config`.
-"""
+"""Recipe → one resolved configuration, built once: the upstream objects themselves (`lora` → peft.LoraConfig,
+`quantization` → BitsAndBytesConfig, `training` → trl.SFTConfig) plus the project's own sections, every key checked
+first (`keys.py`) so a typo fails in the recipe's words at file:line, and the library's choices (`decisions.py`)."""
 
 from __future__ import annotations
 
@@ -16,11 +11,20 @@ from typing import Any
 
 import yaml
 
-from . import keys, recipe_yaml
-from .keys import KeyProblem
+from . import decisions, keys, recipe_yaml
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
+# The seed's command-line flags (README.ko) and the recipe key each one sets.
+SEED_FLAGS = {
+    "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
+    "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
+    "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate",
+}
+QLORA_DEFAULTS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                  "bnb_4bit_compute_dtype": "bfloat16"}
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                 "task_type": "CAUSAL_LM"}
 
 
 class RecipeError(ValueError):
@@ -35,29 +39,14 @@ def first_line(exc: BaseException) -> str:
 
 def printable(text: str) -> str:
     """An error line echoing values, made safe to print: control characters and lone surrogates escaped (one line),
-    anything credential-shaped redacted (`keys.scrub`)."""
-    from .keys import scrub
-
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
-
-
-# The seed's command-line flags (README.ko) and the recipe key each one sets.
-SEED_FLAGS = {
-    "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
-    "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
-    "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate",
-}
-QLORA_DEFAULTS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                  "bnb_4bit_compute_dtype": "bfloat16"}
-LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
-                 "task_type": "CAUSAL_LM"}
+    anything credential-shaped redacted."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in keys.scrub(text))
 
 
 @dataclass
 class Recipe:
-    """A loaded recipe, resolved once. `training`, `lora` and `quantization` are the upstream objects (SFTConfig,
-    LoraConfig, BitsAndBytesConfig or None); `given` holds the keys they were built from (what the saved recipe
-    writes); `decisions` says what the library chose and by which rule (`--print-config` prints it)."""
+    """A loaded recipe, resolved once. `training`, `lora`, `quantization`: the upstream objects (None without QLoRA);
+    `given`: the keys they were built from (the saved recipe); `decisions`: the library's choices and rules."""
 
     source: str
     use_qlora: bool
@@ -118,9 +107,8 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file, apply `section.key=value` overrides then seed flags (command line wins), resolve.
-
-    Raises RecipeError with the file, line, section and key for every mistake a user can make."""
+    """Read a recipe, apply `section.key=value` overrides then seed flags (the command line wins), resolve; any
+    mistake is a RecipeError naming the file, line, section and key."""
     path = Path(path)
     raw, lines = recipe_yaml.read_recipe(path)
     raw = raw or {}
@@ -144,7 +132,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
 
     try:
         return _resolve(raw, str(path), loc)
-    except KeyProblem as problem:
+    except keys.KeyProblem as problem:
         raise RecipeError(f"{loc(problem.dotted)}: {problem}") from None
 
 
@@ -162,8 +150,6 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
     """Check every key and value, then build the upstream objects and take the library's decisions."""
-    from .keys import find_secret
-
     sections = keys.sections_of(raw)
     own = {name: cls(**keys.checked(sections[name], cls, name)) for name, cls in OWN_SECTIONS.items()}
     use_qlora, accelerate_config = keys.top_level(raw)
@@ -178,21 +164,17 @@ def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
              "training": training}
     values = {**{k: v or {} for k, v in given.items()}, **{n: dataclasses.asdict(a) for n, a in own.items()}}
     keys.check_values(values)
-    if found := find_secret({**values, "use_qlora": use_qlora}):  # the recipe is saved beside the adapters
+    if found := keys.find_secret({**values, "use_qlora": use_qlora}):  # the recipe is saved beside the adapters
         raise RecipeError(f"{loc(found[0])}: {found[0]} looks like a secret ({found[1]}); keep tokens in the "
                           "environment (HF_TOKEN, WANDB_API_KEY), never in a recipe")
     recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, given=given, raw=raw,
                     **own)
-    from .decisions import decide, decide_hardware
-
-    decide_hardware(recipe)  # bf16 / use_cpu, unless the recipe sets them
-    recipe.lora = _construct(keys.upstream_class("lora"), given["lora"], "lora", source)
-    if use_qlora:
-        recipe.quantization = _construct(keys.upstream_class("quantization"), given["quantization"], "quantization",
-                                         source)
-    recipe.training = _construct(keys.upstream_class("training"), sft_kwargs(recipe), "training", source)
+    decisions.decide_hardware(recipe)  # bf16 / use_cpu, unless the recipe sets them
+    recipe.lora = _construct("lora", given["lora"], source)
+    recipe.quantization = _construct("quantization", given["quantization"], source) if use_qlora else None
+    recipe.training = _construct("training", sft_kwargs(recipe), source)
     keys.check_combinations(recipe)
-    decide(recipe)  # padding-free batches, attention, end-of-turn token, activation checkpointing
+    decisions.decide(recipe)  # padding-free batches, attention, end-of-turn token, activation checkpointing
     return recipe
 
 
@@ -211,17 +193,17 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
                 model_init_kwargs={k: v for k, v in init.items() if v is not None})
 
 
-def _construct(cls, kwargs: dict[str, Any], section: str, source: str):
+def _construct(section: str, kwargs: dict[str, Any], source: str):
     """Build an upstream object; its own validation errors are reported under the recipe's section."""
     try:
-        return cls(**kwargs)
+        return keys.upstream_class(section)(**kwargs)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{source}: {section}: {first_line(exc)}") from None
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """Whether a model or dataset name that is not here reads as a hub id (`org/name`, `name`) rather than a local
-    path (`./x`, `/x`, `~/x`, `a/b/c`, `x.jsonl`)."""
+    """Whether a name that is not here reads as a hub id (`org/name`, `name`), not a local path (`./x`, `/x`, `~/x`,
+    `a/b/c`, `x.jsonl`)."""
     return (not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
             and Path(name).suffix.lower() not in (".json", ".jsonl", ".yaml", ".yml", ".txt", ".csv", ".parquet"))
 
@@ -233,7 +215,7 @@ def read_saved_recipe(directory: str | Path) -> dict[str, Any]:
 
 
 def saved_section(saved: dict[str, Any], name: str):
-    """One of the project's own sections of a saved recipe as its dataclass, so its defaults are the class's
-    (keys another sft_lora version wrote and this one lacks are ignored)."""
+    """One of the own sections of a saved recipe as its dataclass, with the class's defaults (keys another sft_lora
+    version wrote and this one lacks are ignored)."""
     names = {f.name for f in dataclasses.fields(OWN_SECTIONS[name])}
     return OWN_SECTIONS[name](**{k: v for k, v in (saved.get(name) or {}).items() if k in names})

@@ -1,11 +1,6 @@
-"""The library's own choices, taken while a recipe is resolved (`config.py`) and listed by `--print-config`.
-
-Each applies only where the recipe leaves the key unset, and is set on the resolved objects, not patched in later:
-precision from the hardware; padding-free batches (one row, no padding) wherever sft_lora's data preparation
-applies, with attention per document (`attention.py`) — the same examples per step as padded batches, so losses
-match plain TRL step by step, and faster (README, Performance); activation checkpointing only where memory needs
-it, the one choice that needs the prepared data (`decide_activation_checkpointing`, before the trainer is built).
-"""
+"""The library's own choices, each taken only where the recipe leaves its key unset, set on the resolved objects and
+listed by `--print-config`: precision, padding-free batches attending per document (`sdpa_documents`, below), and
+activation checkpointing only where memory needs it (once the data is prepared)."""
 
 from __future__ import annotations
 
@@ -14,12 +9,12 @@ import logging
 import os
 
 logger = logging.getLogger(__name__)
+ATTENTION = "sdpa_documents"
 
 
 def decide_hardware(recipe) -> None:
-    """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (README, The recipe).
-    `use_cpu` on a machine without a GPU: without it, processes started by `accelerate launch` never form a process
-    group on CPU."""
+    """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (README, The recipe);
+    `use_cpu` without a GPU, else processes started by `accelerate launch` never form a process group on CPU."""
     import torch
 
     gpu = torch.cuda.is_available()
@@ -38,8 +33,8 @@ def _default(recipe, key: str, value, rule: str) -> bool:
 
 
 def decide(recipe) -> None:
-    """The choices that read the built SFTConfig: padding-free batches, attention, end-of-turn token, and the rule
-    of activation checkpointing (taken with the data)."""
+    """The choices that read the built SFTConfig: padding-free batches (the same examples per step as padded ones,
+    so losses match plain TRL step by step; README, Performance), attention, end-of-turn token."""
     from .prepare import unsupported_settings
 
     reason = unsupported_settings(recipe.training)
@@ -60,48 +55,32 @@ def decide(recipe) -> None:
             "micro-batch exceed half the device's memory")
 
 
-def decide_activation_checkpointing(recipe, train_dataset) -> None:
-    """The resolution step taken once the data is prepared, before the trainer is built: the choice of
-    `_choose_activation_checkpointing`, set on `recipe.training` (a no-op when the recipe sets it)."""
-    on = _choose_activation_checkpointing(recipe, recipe.training, train_dataset)
-    if on is not None:
-        recipe.training = dataclasses.replace(recipe.training, activation_checkpointing=on)
-
-
 def _choose_attention(recipe, args) -> str | None:
-    """Padding-free batches attend within each document without a dense mask over the whole row: `flex_attention`
-    on CUDA, `sdpa_documents` elsewhere (`attention.padding_free_attention`), unless the recipe names an attention
-    (`model.attn_implementation`: sdpa, eager, flash_attention_2 …), which is kept. Returns the attention to use,
-    None for the recipe's own."""
+    """The attention of padding-free batches when the recipe names none (`model.attn_implementation` wins: None).
+    CUDA: transformers' `flex_attention` (a compiled block-sparse document mask), fastest in README's GPU table
+    (Llama-3.2-1B shape on an H200: 28,018 real tokens/s vs 15,534 for `sdpa`'s dense mask and 4,617 for
+    `sdpa_documents`). Elsewhere `sdpa_documents` (flex_attention has no backward on CPU)."""
     import torch
 
-    from .attention import padding_free_attention
-
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-    if padding_free and recipe.model.attn_implementation is None:
-        device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
-        return padding_free_attention(device)
-    return None
-
-
-# Bytes of saved activations per token, layer and (10·hidden + 4·intermediate) element for LoRA on a Llama-style
-# block (inputs of every projection, norms, rotary q/k, SiLU); a deliberate over-estimate.
-_ACTIVATION_ELEMENTS = (10, 4)
-
-
-def _choose_activation_checkpointing(recipe, args, train_dataset) -> bool | None:
-    """Checkpoint activations only where memory needs it: when the recipe leaves `activation_checkpointing`
-    unset, it is on for QLoRA (memory is why one picks it) and otherwise only when the estimated weights +
-    activations of the largest micro-batch exceed half the device's memory (checkpointing recomputes every
-    layer's forward: +26-41 % time per token on the tiny CPU job, README, Performance). None: the recipe's own."""
-    if {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.given["training"]):
+    if not padding_free or recipe.model.attn_implementation is not None:
         return None
-    need, have = _memory_estimate(recipe, args, train_dataset)
+    return "flex_attention" if torch.cuda.is_available() and not args.use_cpu else register()
+
+
+def decide_activation_checkpointing(recipe, train_dataset) -> None:
+    """Taken once the data is prepared, where the recipe leaves it unset: on for QLoRA (memory is why one picks it),
+    else only when the estimated weights + activations of the largest micro-batch exceed half the device's memory
+    (checkpointing recomputes every layer's forward: +26-41 % time per token on the tiny CPU job, README,
+    Performance)."""
+    if {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.given["training"]):
+        return
+    need, have = _memory_estimate(recipe, recipe.training, train_dataset)
     on = recipe.use_qlora or need is None or need > 0.5 * have
     if need is not None:
         logger.info("activation checkpointing %s: ~%.1f GiB of weights + activations, device has %.1f GiB",
                     "on" if on else "off", need / 2**30, have / 2**30)
-    return on
+    recipe.training = dataclasses.replace(recipe.training, activation_checkpointing=on)
 
 
 def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
@@ -130,10 +109,73 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
 
         lengths = pc.list_value_length(train_dataset.data.column("input_ids")).to_numpy()
         tokens = int(np.sort(lengths)[-rows:].sum())
-    per_token = layers * (_ACTIVATION_ELEMENTS[0] * hidden + _ACTIVATION_ELEMENTS[1] * intermediate) * act_bytes
+    # Saved activations per token and layer for LoRA on a Llama-style block: 10·hidden + 4·intermediate elements
+    # (inputs of every projection, norms, rotary q/k, SiLU); a deliberate over-estimate.
+    per_token = layers * (10 * hidden + 4 * intermediate) * act_bytes
     need = params * weight_bytes + tokens * per_token
     if torch.cuda.is_available() and not args.use_cpu:
         have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return need, float(have)
+
+
+# `sdpa_documents`: padding-free training (TRL's `padding_free`) flattens a batch into one row, marking where each
+# document starts by resetting `position_ids`. For sdpa and eager, transformers 5.24 then attends over a dense T×T
+# block-diagonal mask of the whole row (cost ∝ T²); only flash-attention kernels read the document boundaries, and
+# none runs on CPU. This attends within each document with causal SDPA (cost ∝ Σnᵢ²), keeping a sliding-window
+# layer's window, and otherwise is `sdpa`. Hand-written because no upstream CPU varlen attention exists.
+def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """`sdpa`, except that a batch without padding attends causally within each document only (one padding-free
+    row: the documents its positions mark; several rows: each row), within the layer's sliding window if any."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds, positions, cu_seq_lens = [0, query.shape[2]], kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
+    if query.shape[0] == 1 and cu_seq_lens is not None:  # the collator's document starts, plus the row's end
+        bounds = [int(x) for x in cu_seq_lens.tolist()] or bounds
+    elif query.shape[0] == 1 and positions is not None and positions.dim() == 2 and positions.shape[0] == 1:
+        # where positions stop counting up by one: the rule transformers uses to detect packed sequences
+        starts = (torch.nonzero(torch.diff(positions[0]) != 1).flatten() + 1).tolist()
+        bounds = [0, *starts, positions.shape[1]]
+    # Sliding-window layers (Gemma 3, Mistral …) pass their window; transformers puts it in the mask we leave out.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outputs = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end <= start:
+            continue
+        mask, causal = None, True
+        if window is not None and end - start > window:
+            offsets = torch.arange(end - start, device=query.device)
+            distance = offsets[:, None] - offsets[None, :]
+            mask, causal = (distance >= 0) & (distance < window), False  # transformers' sliding_window_overlay
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=gqa))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def sdpa_documents_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+                        **kwargs):
+    """No mask for a batch without padding (the attention above finds the documents); sdpa's mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def register() -> str:
+    """Register `sdpa_documents` with transformers (idempotent); return its name for `attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, sdpa_documents_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_documents_mask)
+    return ATTENTION

@@ -16,6 +16,7 @@ import types
 import typing
 from typing import Any
 
+from .recipe_yaml import leaves
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 
 
@@ -231,19 +232,17 @@ def scrub(text: str) -> str:
     return text
 
 
-def find_secret(values: Any, dotted: str = "") -> tuple[str, str] | None:
-    """(dotted key, what it looks like) of the first string in `values` (nested dicts and lists) that looks like a
-    secret: a known token format or a secret environment variable's value (a `${VAR}` expands to it); else None."""
-    if isinstance(values, (dict, list, tuple)):
-        items = values.items() if isinstance(values, dict) else ((None, v) for v in values)
-        for key, value in items:
-            where = dotted if key is None else f"{dotted}.{key}" if dotted else str(key)
-            if found := find_secret(value, where):
-                return found
-        return None
-    if not isinstance(values, str) or dotted in NOT_SECRET:
-        return None
-    for name, secret in secret_env_values().items():
-        if secret in values:
-            return dotted, f"the value of ${name}"
-    return next(((dotted, kind) for kind, pattern in TOKEN_FORMATS.items() if pattern.search(values)), None)
+def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:
+    """(dotted key, what it looks like) of the first string (section → {key: value}, any depth) that looks like a
+    secret: a known token format or a secret environment variable's value (`${VAR}` expands to it); else None."""
+    env = secret_env_values()
+    for dotted, value in leaves(values):
+        if not isinstance(value, str) or dotted in NOT_SECRET:
+            continue
+        for name, secret in env.items():
+            if secret in value:
+                return dotted, f"the value of ${name}"
+        for kind, pattern in TOKEN_FORMATS.items():
+            if pattern.search(value):
+                return dotted, kind
+    return None

@@ -1,10 +1,6 @@
-"""Recipe YAML read strictly, so every problem is one line naming file:line (or the override), never a hang.
-
-PyYAML's safe loader keeps the last of two equal keys, expands aliases without bound (a 450-byte "billion laughs"
-recipe walks 10⁹ values) and builds dates, sets and bytes from tags. `RecipeLoader` (a subclass) refuses duplicate
-keys naming both lines, counts what aliases expand to, refuses tags other than the plain JSON types, and keeps
-unquoted dates as text.
-"""
+"""Recipe YAML read strictly, so every problem is one line naming file:line (or the override), never a hang: PyYAML's
+safe loader keeps the last of two equal keys, expands aliases without bound (a 450-byte "billion laughs" recipe walks
+10⁹ values) and builds dates, sets and bytes from tags; `RecipeLoader` refuses all three and keeps dates as text."""
 
 from __future__ import annotations
 
@@ -42,8 +38,7 @@ RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.cons
 
 
 def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
-    """How many values `node` expands to (an alias counts its value each time); raise past MAX_VALUES, on a
-    cycle, or on a tag other than the plain ones."""
+    """How many values `node` expands to (an alias counts each time); raise past MAX_VALUES, on a cycle or a tag."""
     if id(node) in sizes:
         return sizes[id(node)]
     if id(node) in open_:
@@ -65,16 +60,6 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
     return total
 
 
-def _load(text: str):
-    """(data, root node) of one YAML document; raises yaml.YAMLError or RecursionError."""
-    loader = RecipeLoader(text)
-    try:
-        node = loader.get_single_node()
-        return (loader.construct_document(node) if node is not None else None), node
-    finally:
-        loader.dispose()
-
-
 def read_recipe(path: Path) -> tuple[Any, dict[str, int]]:
     """(the recipe's data, the line of every `section` and `section.key`); RecipeError for any problem."""
     from .config import RecipeError
@@ -91,8 +76,12 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, int]]:
         line = data[: exc.start].count(b"\n") + 1
         raise RecipeError(f"{path}:{line}: not valid UTF-8; save the recipe as UTF-8") from None
     raw, root = parse(text, str(path))
-    lines = _key_lines(root)
-    for dotted, number in _numbers(raw):
+    lines: dict[str, int] = {}  # 1-based
+    for knode, vnode in root.value if isinstance(root, yaml.MappingNode) else ():
+        lines[knode.value] = knode.start_mark.line + 1
+        for k2, _ in vnode.value if isinstance(vnode, yaml.MappingNode) else ():
+            lines[f"{knode.value}.{k2.value}"] = k2.start_mark.line + 1
+    for dotted, number in leaves(raw):
         if problem := _out_of_range(number):
             line = lines.get(dotted) or lines.get(dotted.split(".")[0])
             raise RecipeError(f"{path}{f':{line}' if line else ''}: {dotted} must be {problem}, got {number!r}")
@@ -104,7 +93,12 @@ def parse(text: str, where: str) -> Any:
     from .config import RecipeError, first_line
 
     try:
-        return _load(text)
+        loader = RecipeLoader(text)  # in the try: libyaml refuses a lone surrogate here
+        try:
+            node = loader.get_single_node()
+            return (loader.construct_document(node) if node is not None else None), node
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"{where}:{mark.line + 1}" if mark and where != "command line" else where
@@ -126,37 +120,27 @@ def value(text: str, item: str) -> Any:
     except RecipeError as exc:
         reason = str(exc).removeprefix("command line: ")
         raise RecipeError(f"command line: '{item}': {reason}; quote the value if it is text") from None
-    for _, number in _numbers(data):
+    for _, number in leaves(data):
         if problem := _out_of_range(number):
             raise RecipeError(f"command line: {item.partition('=')[0]} must be {problem}, got {number!r}")
     return data
 
 
-def _numbers(data: Any, dotted: str = ""):
-    """(dotted key, number) of every int and float in `data`, at any depth (list items under their key)."""
+def leaves(data: Any, dotted: str = ""):
+    """(dotted key, value) of every value in `data` that is not a mapping or list (list items under their key)."""
     if isinstance(data, dict):
         for key, value in data.items():
-            yield from _numbers(value, f"{dotted}.{key}" if dotted else str(key))
-    elif isinstance(data, list):
+            yield from leaves(value, f"{dotted}.{key}" if dotted else str(key))
+    elif isinstance(data, (list, tuple)):
         for value in data:
-            yield from _numbers(value, dotted)
-    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+            yield from leaves(value, dotted)
+    else:
         yield dotted, data
 
 
-def _out_of_range(number: float) -> str | None:
+def _out_of_range(value: Any) -> str | None:
     """What a NaN, infinite or past-64-bit number must be (upstream takes NaN and inf silently; a huge int fails
     deep in torch), else None."""
-    if isinstance(number, float) and not math.isfinite(number):
+    if isinstance(value, float) and not math.isfinite(value):
         return "a finite number"
-    return "a number within 64 bits" if isinstance(number, int) and not -(2**63) < number < 2**63 else None
-
-
-def _key_lines(root) -> dict[str, int]:
-    """Line number (1-based) of every `section` and `section.key`."""
-    lines: dict[str, int] = {}
-    for knode, vnode in root.value if isinstance(root, yaml.MappingNode) else ():
-        lines[knode.value] = knode.start_mark.line + 1
-        for k2, _ in vnode.value if isinstance(vnode, yaml.MappingNode) else ():
-            lines[f"{knode.value}.{k2.value}"] = k2.start_mark.line + 1
-    return lines
+    return "a number within 64 bits" if isinstance(value, int) and not -(2**63) < value < 2**63 else None

@@ -25,7 +25,7 @@ TEMPLATES = sorted((ROOT / "tests" / "chat_templates").glob("*.jinja"))
 def test_a_packed_documents_logits_equal_its_logits_alone(tiny_model, attn):
     from transformers import AutoModelForCausalLM
 
-    from sft_lora.attention import register
+    from sft_lora.decisions import register
 
     register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
@@ -48,7 +48,7 @@ def test_a_packed_documents_logits_equal_its_logits_alone(tiny_model, attn):
 def test_packed_documents_keep_their_sliding_window():
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from sft_lora.attention import register
+    from sft_lora.decisions import register
 
     register()
 
