@@ -53,7 +53,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     import trl.data_utils  # noqa: F401  (imports outside the timed region, for both paths)
 
-    from sft_lora.prepare import prepare
+    from sft_lora.prepare import prepare_rows, trainable
 
     start = time.perf_counter()
     dataset, _ = load_datasets(DataArgs(path=spec["records"]))
@@ -70,7 +70,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         done = time.perf_counter()
         tokenize_s = done - formatted_trl
     else:
-        prepared = prepare(dataset, tokenizer, MAX_LENGTH, cache=Path(spec["cache"]), num_proc=spec.get("num_proc"))
+        prepared = trainable(prepare_rows(dataset, tokenizer, MAX_LENGTH, cache=Path(spec["cache"]),
+                                          num_proc=spec.get("num_proc")))
         done = time.perf_counter()
         tokenize_s = done - formatted
     rows = len(dataset)

@@ -66,7 +66,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sft_lora.config import DataArgs
     from sft_lora.data import load_datasets
-    from sft_lora.prepare import prepare
+    from sft_lora.prepare import prepare_rows, trainable
 
     torch.set_num_threads(1)
     import trl.chat_template_utils  # noqa: F401  (imported outside the timed region, for both paths)
@@ -86,7 +86,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         prepared = trainer._prepare_dataset(messages, tokenizer, args, False, None, "train")
     else:
         wall, cpu = time.perf_counter(), time.process_time()
-        prepared = prepare(dataset, tokenizer, MAX_LENGTH, cache=False)
+        prepared = trainable(prepare_rows(dataset, tokenizer, MAX_LENGTH, cache=False))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {"kind": spec["kind"], "rows": len(dataset), "rows_out": len(prepared), "wall_s": wall, "cpu_s": cpu,
             "load": os.getloadavg()[0], "digest": _digest(prepared.select_columns(["input_ids", "labels"]))}

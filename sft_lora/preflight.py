@@ -1,25 +1,16 @@
-"""Pre-flight data report: what the trainer will learn from, checked before the model is loaded.
-
-The costly fine-tuning failures are silent: answers with no loss-carrying token, an end-of-turn token that is never
-trained (so generation never stops), half the data cut at `max_length`. The report reads the prepared dataset the
-trainer trains on (`prepare.prepare_datasets`, one tokenization, cached), whose rows keep the untruncated lengths,
-so it can say what truncation costs; its figures are computed column-wise (`rows.py`). `tests/test_preflight.py`
-proves they equal what `trainer.train_dataset` holds. It needs the tokenizer alone, so `--check` and a failing
-check cost the preparation, not a model load.
+"""Pre-flight checks before the model is loaded: the data report (what the trainer will learn from: answers with no
+loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets.
 """
 
-from __future__ import annotations
-
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import rows as figures
 from .config import Recipe, RecipeError
-from .mix import by_source, mix_lines, mix_table, percentiles
-from .prepare import Prepared
-from .rows import packing_line, records_by_source, report_rows, row_stats, trained_row, trainer_cut
+from .prepare import Prepared, report_rows
 from .sections import CHECK_NAMES
 
-IGNORE = -100  # the label of a token that carries no loss
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
 
 
@@ -66,6 +57,7 @@ class Report:
 
     def text(self, ignore: list[str] = ()) -> str:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
+        truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})",
                  f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
                  f"{'tokens':>11}{'loss tokens':>13}{'share':>7}{'truncated':>11}"]
@@ -75,14 +67,17 @@ class Report:
             lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
                          f"{prompt:>16}{answer:>16}{stats['tokens']:>11,}{stats['loss_tokens']:>13,}"
                          f"{stats['loss_share']:>7.1%}{stats['truncated']:>11}")
-        lines += mix_lines(self.by_entry)
+        if len(self.by_entry) > 1:  # the per-file mix
+            lines.append(f"  {'data entry':<36}{'records':>9}{'tokens':>11}{'loss tokens':>13}{'share':>8}")
+            lines += [f"  {name if len(name) <= 35 else '…' + name[-34:]:<36}{s['records']:>9}{s['tokens']:>11,}"
+                      f"{s['loss_tokens']:>13,}{s['loss_share']:>8.1%}" for name, s in self.by_entry.items()]
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
             f"  answer tokens   p50 {a['p50']}  p90 {a['p90']}  p99 {a['p99']}  max {a['max']}",
             f"  loss tokens     {self.loss_tokens:,} of {self.tokens:,} trained tokens ({self.loss_share:.1%}): "
             "the answers and their end-of-turn token",
-            f"  truncated       {self.truncated_rows} of {self.rows} rows ({_share(self.truncated_rows, self.rows)}) "
+            f"  truncated       {self.truncated_rows} of {self.rows} rows ({truncated}) "
             f"{self.truncation}, {self.truncated_tokens:,} tokens lost ({self.truncated_loss_tokens:,} of them "
             "loss-carrying)",
             f"  end of turn     {' or '.join(self.stop_tokens)} carries loss in {self.rows_with_stop} of {self.rows} "
@@ -92,8 +87,7 @@ class Report:
             *("    " + line for line in self.example.splitlines()),
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
-        for name, message in self.failures:
-            lines.append(f"  {'IGNORED' if name in ignore else 'FAILED'} [{name}] {message}")
+        lines += [f"  {'IGNORED' if name in ignore else 'FAILED'} [{name}] {text}" for name, text in self.failures]
         if not self.failures:
             lines.append(f"  all checks passed ({', '.join(CHECK_NAMES)})")
         return "\n".join(lines)
@@ -108,43 +102,30 @@ class Report:
                               f"to train anyway set check.ignore=[{name}]")
 
 
-def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
-    """Tokens that end generation: the tokenizer's EOS (or training.eos_token, which TRL makes the EOS) and the
-    base model's generation_config EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>)."""
-    from transformers import GenerationConfig
-
-    from .model import stop_token_ids as stop_ids
-
-    try:
-        config = GenerationConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
-    except Exception:  # no generation_config.json (or no network): the tokenizer's EOS is what TRL trains
-        config = None
-    return stop_ids(tokenizer, config, args.eos_token)
-
-
 def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     """Measure the training rows as the trainer will train them, and list the failed checks."""
     args, rows = data.args, report_rows(data, tokenizer)
-    cut = trainer_cut(args, data.max_length)
-    stop_ids = stop_token_ids(recipe, args, tokenizer)
-    stats = row_stats(rows, cut, stop_ids)
-    truncated = stats["tokens"] < stats["length"]
-    packing, efficiency, padding, packed_rows = packing_line(stats["tokens"], args, data.max_length)
+    cut = figures.trainer_cut(args, data.max_length)
+    stop_ids = figures.stop_token_ids(recipe, args, tokenizer)
+    stats = figures.row_stats(rows, cut, stop_ids)
+    packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"], args, data.max_length)
     example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
     report = Report(
         rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
-        max_length=data.max_length, records_by_source=records_by_source(rows),
-        eval_records_by_source=records_by_source(data.eval_records), prompt_tokens=percentiles(stats["prompt"]),
-        answer_tokens=percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
-        loss_tokens=int(stats["loss"].sum()), truncated_rows=int(truncated.sum()),
+        max_length=data.max_length, records_by_source=figures.records_by_source(rows),
+        eval_records_by_source=figures.records_by_source(data.eval_records),
+        prompt_tokens=figures.percentiles(stats["prompt"]),
+        answer_tokens=figures.percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
+        loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),
         truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
         truncated_loss_tokens=int(stats["lost_loss"].sum()), truncation=_truncation_words(args, data.max_length),
         stop_tokens=[tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)],
         rows_with_stop=int(stats["stop"].sum()), no_loss_rows=int((stats["loss"] == 0).sum()), packing=packing,
         packing_efficiency=efficiency, padding_efficiency=padding, packed_rows=packed_rows,
-        example=render(tokenizer, *trained_row(rows, example, cut)),
-        example_source=stats["names"][stats["code"][example]], by_source=by_source(stats, recipe.check.sources),
-        by_entry=mix_table(stats, "entry_code", "entry_names"))
+        example=render(tokenizer, *figures.trained_row(rows, example, cut)),
+        example_source=stats["names"][stats["code"][example]],
+        by_source=figures.by_source(stats, recipe.check.sources),
+        by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share)
     return report
 
@@ -196,20 +177,17 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
 
 
 def _truncation_words(args, max_length: int | None) -> str:
-    if max_length is None:
-        return "(no max_length)"
-    if args.packing:
-        return f"at {max_length} (packing {args.packing_strategy})"
-    return f"at {max_length} ({args.truncation_mode})"
+    how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
+    return "(no max_length)" if max_length is None else f"at {max_length} ({how})"
 
 
 def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """A row's text as trained, with the loss-carrying spans in brackets."""
     parts, start = [], 0
     for end in range(1, len(input_ids) + 1):
-        if end == len(input_ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE):
+        if end == len(input_ids) or (labels[end] != figures.IGNORE) != (labels[start] != figures.IGNORE):
             text = tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
-            parts.append(f"{MARK[0]}{text}{MARK[1]}" if labels[start] != IGNORE else text)
+            parts.append(f"{MARK[0]}{text}{MARK[1]}" if labels[start] != figures.IGNORE else text)
             start = end
     return "".join(parts)
 
@@ -219,16 +197,49 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.1%}" if whole else "0%"
-
-
 def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:
-    """The report, printed on the main process; raises RecipeError on a failed check not in `check.ignore`.
-
-    Every rank computes the verdict itself (the data is the same), so all ranks stop together with no collective."""
+    """The report, printed on the main process; RecipeError on a failed check not in `check.ignore`: every rank
+    judges the same data itself, so all ranks stop together with no collective."""
     report = preflight(recipe, tokenizer, data)
     if main_process:
         print(report.text(recipe.check.ignore), flush=True)
     report.enforce(recipe.check.ignore)
     return report
+
+
+def model_modules(recipe: Recipe) -> dict[str, str] | None:
+    """Dotted name → class name of every module of the recipe's model, built on the meta device (no weights); None
+    when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    except Exception:  # any failure here is reported, better worded, by the real load that follows
+        return None
+    return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}
+
+
+def check_target_modules(recipe: Recipe, modules: dict[str, str] | None = None) -> None:
+    """RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model: PEFT fails
+    only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
+    the native Llama modules trains attention only)."""
+    targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
+    if targets is None or targets == "all-linear":
+        return
+    modules = model_modules(recipe) if modules is None else modules
+    if not modules:
+        return
+    if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
+        what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"
+    else:  # PEFT: a list entry matches a module whose name is the entry or ends with "." + entry
+        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in modules)]
+        what = missing and f"{', '.join(map(repr, missing))} {'matches' if len(missing) == 1 else 'match'}"
+    if what:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind.endswith("Linear")})
+        raise RecipeError(f"{recipe.source}: lora.target_modules: {what} no module of {recipe.model.name_or_path}; "
+                          f"its linear layers are {', '.join(linear)} (or use all-linear)")

@@ -1,19 +1,6 @@
-"""Prompt/completion chat examples → `input_ids` + `labels`, the same tokens as TRL's own preparation, faster, cached.
-
-TRL's `SFTTrainer` prepares a conversational prompt/completion dataset one row at a time, tokenizing the prompt and
-then prompt + completion (two tokenizer calls per row), and then runs three more passes (labels, truncation,
-filter). Here each batch of rows is rendered with the chat template and tokenized in one batched fast-tokenizer
-call (prompts and full conversations together), and labels and truncation happen in the same pass: ~3× TRL's
-rows/s on the benchmark's records (README, Performance). The rows TRL trains on are identical to TRL's — same
-`input_ids`, same `labels` (tests/test_perf.py). The prepared file keeps every record, one row each, with two more
-columns for the pre-flight report (`preflight.py`): the untruncated length and the prompt length; the trainer
-reads the same file, minus the rows truncation leaves without a label (TRL drops those). It is written to an Arrow
-file keyed by the dataset's content fingerprint, the tokenizer, the chat template and max_length, so a second run
-with the same inputs reads it back instead of tokenizing again. Output rows stream to disk, so memory stays
-bounded however many records there are.
+"""Prompt/completion chat examples → `input_ids` + `labels`: TRL's exact rows (tests/test_perf.py), ~3× faster (one
+batched render + tokenizer call per batch, labels and truncation in the same pass; README, Performance), cached.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import hashlib
@@ -26,14 +13,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 VERSION = "4"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
-BATCH = 1000
 # The report's columns (Trainer drops them before collating): untruncated length, where the first answer starts,
 # untruncated loss tokens, and whether the template renders a prompt differently once its answer follows.
 LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncated_loss", "template_drift"
 
 
 def unsupported(args, dataset) -> str | None:
-    """Why this preparation cannot stand in for TRL's on `dataset` with `args`, or None when it can."""
+    """Why this preparation cannot stand in for TRL's on `dataset` with the SFTConfig `args`, or None when it can."""
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -57,35 +43,19 @@ def unsupported_settings(args) -> str | None:
     return None
 
 
-def cache_dir() -> Path:
-    """Where prepared datasets are kept: $SFT_LORA_CACHE, else beside the datasets cache (HF_DATASETS_CACHE)."""
-    import datasets
-
-    return Path(os.environ.get("SFT_LORA_CACHE") or datasets.config.HF_DATASETS_CACHE) / "sft_lora_prepared"
-
-
 def tokenizer_sha256(tokenizer) -> str:
     """What decides the token ids: vocabulary and rules, special tokens, chat template."""
-    digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = [type(tokenizer).__name__, backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
              repr(sorted(tokenizer.special_tokens_map.items())), str(tokenizer.chat_template)]
-    for part in parts:
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{part}\0" for part in parts).encode()).hexdigest()
 
 
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
                  cache: Path | None | bool = True, completion_only: bool = True, template_kwargs: dict | None = None):
-    """Every record of `dataset` (prompt/completion chat columns) as `input_ids` + `labels` (-100 outside the
-    completion, unless not `completion_only`), truncated to `max_length` (keep the start; None = no truncation), one
-    row per record, with the untruncated length (`LENGTH`) and the completion start (`PROMPT`); `trainable` gives
-    the rows TRL trains on.
-
-    `cache`: True = the default cache directory, a Path = that directory, False/None = in memory, no cache."""
-    from importlib.metadata import version
-
+    """Every record of `dataset` as `input_ids` + `labels` (-100 outside the completion, unless not
+    `completion_only`), cut to `max_length` (keep the start; None: no cut), one row per record (kept columns such as
+    `source` beside), plus the report's columns. `cache`: True (the default directory), a directory, or False."""
     import datasets
 
     from .turns import render_template, tokenize_conversations
@@ -119,80 +89,80 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
             out["input_ids"].append(ids[:max_length])
         return out
 
-    kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "remove_columns": ["prompt", "completion"],
-                              "features": features, "num_proc": num_proc, "desc": "Tokenizing (sft_lora)"}
-    directory = _writable(cache_dir() if cache is True else Path(cache)) if cache else None
-    if directory is not None and datasets.is_caching_enabled() and completion_only:
-        key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), version("trl"),
-                                        repr(sorted((template_kwargs or {}).items())),
-                                        str(max_length)]).encode()).hexdigest()[:32]
-        kwargs.update(cache_file_name=str(directory / f"{key}.arrow"), load_from_cache_file=True)
-    else:
-        kwargs["keep_in_memory"] = True
-    return dataset.map(tokenize, **kwargs)
+    file = _cache_file(cache, dataset, tokenizer, max_length, template_kwargs) if completion_only else None
+    cached = {"cache_file_name": file, "load_from_cache_file": True} if file else {"keep_in_memory": True}
+    return dataset.map(tokenize, batched=True, batch_size=1000, remove_columns=["prompt", "completion"],
+                       features=features, num_proc=num_proc, desc="Tokenizing (sft_lora)", **cached)
 
 
-def has_labels(rows):
-    """Per row of `prepare_rows`' output, whether a label is left after truncation (numpy bool array)."""
-    import pyarrow.compute as pc
+def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int | None, template_kwargs) -> str | None:
+    """The Arrow file that caches these rows, keyed by all that decides them, in `cache` (True: $SFT_LORA_CACHE, else
+    beside the datasets cache); None (with a notice when it cannot be written): prepare in memory."""
+    from importlib.metadata import version
 
-    table = rows.with_format("arrow")[:]  # honours a selection (indices mapping); zero-copy otherwise
-    return (pc.list_value_length(table.column("input_ids")).to_numpy() > table.column(PROMPT).to_numpy())
+    import datasets
+
+    if not cache:
+        return None
+    directory = Path(os.environ.get("SFT_LORA_CACHE") or datasets.config.HF_DATASETS_CACHE) / "sft_lora_prepared" \
+        if cache is True else Path(cache)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
+              "(set SFT_LORA_CACHE to a writable directory to cache it)")
+        return None
+    if not datasets.is_caching_enabled():
+        return None
+    key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), version("trl"),
+                                    repr(sorted((template_kwargs or {}).items())), str(max_length)]).encode())
+    return str(directory / f"{key.hexdigest()[:32]}.arrow")
 
 
 def trainable(rows):
     """The rows TRL trains on: those truncation leaves with a label (TRL drops the others), in order."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    keep = has_labels(rows)
+    table = rows.with_format("arrow")[:]  # honours a selection (indices mapping); zero-copy otherwise
+    keep = pc.list_value_length(table.column("input_ids")).to_numpy() > table.column(PROMPT).to_numpy()
     return rows if keep.all() else rows.select(np.flatnonzero(keep), keep_in_memory=True)
-
-
-def prepare(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
-            cache: Path | None | bool = True):
-    """`trainable(prepare_rows(...))`: `dataset` as TRL would train on it, rows left without a label dropped."""
-    return trainable(prepare_rows(dataset, tokenizer, max_length, num_proc=num_proc, cache=cache))
 
 
 @dataclass
 class Prepared:
     """The datasets of a run, prepared once: what the trainer gets, and what the pre-flight report reads."""
 
-    args: Any
-    """The trainer's copy of the run's SFTConfig, adapted to the data prepared here (TRL's preparation skipped)."""
-    train: Any
-    """What the trainer trains on: `trainable(rows)`, or the chat records where TRL prepares them itself."""
-    eval: Any
-    """Likewise for evaluation (None without an eval set)."""
-    records: Any
-    """The training chat records (prompt/completion/source); row i of `rows` is record i."""
+    args: Any  # the trainer's SFTConfig, adapted to the data prepared here (TRL's preparation skipped)
+    train: Any  # what the trainer trains on: `trainable(rows)`, or the chat records where TRL prepares them itself
+    eval: Any  # likewise for evaluation (None without an eval set)
+    records: Any  # the training chat records (prompt/completion/source); row i of `rows` is record i
     eval_records: Any
-    rows: Any
-    """Every training record as `prepare_rows` tokenized it (rows TRL drops included); None where TRL prepares."""
+    rows: Any  # every training record as `prepare_rows` tokenized it (rows TRL drops included); None where TRL prepares
     eval_rows: Any
-    max_length: int | None
-    """Where the rows are cut (the recipe's max_length; padding-free clears it on the SFTConfig afterwards)."""
-    unsupported: str | None = None
-    """Why TRL prepares the data itself (`unsupported`), or None."""
+    max_length: int | None  # where rows are cut (the recipe's; padding-free clears it on the SFTConfig afterwards)
+    unsupported: str | None = None  # why TRL prepares the data itself (`unsupported`), or None
 
 
 def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template_kwargs: dict | None = None
                      ) -> Prepared:
-    """Tokenize with `prepare_rows` where it gives TRL's exact result; otherwise leave the datasets to TRL.
-
-    Without packing the prepared rows are already truncated, so TRL's preparation is skipped; padding-free then needs
-    `max_length=None` (TRL's rule: it does not truncate padding-free rows itself). With packing TRL still packs (bfd
-    truncates each document to max_length, as TRL's own path does). `Prepared.args` is the trainer's SFTConfig: the
-    resolved one (`args`, left as resolved) rebuilt with those changes by `dataclasses.replace`, so its checks run."""
+    """Tokenize with `prepare_rows` where it gives TRL's exact result, skipping TRL's preparation; otherwise leave
+    the datasets to TRL. Without packing the rows come truncated; padding-free then needs `max_length=None` (TRL's
+    rule). With packing TRL still packs (bfd cuts each document, as TRL's own path does). `Prepared.args`: `args`
+    rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
+
+    from .turns import multi_turn
 
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
-    reason = next(filter(None, (unsupported(args, d) for d in (train_dataset, eval_dataset) if d is not None)), None)
-    from .turns import multi_turn
-
-    if reason and any(multi_turn(d) for d in (train_dataset, eval_dataset) if d is not None):
+    datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
+    reason = next(filter(None, (unsupported(args, d) for d in datasets)), None)
+    if reason and any(multi_turn(d) for d in datasets):
         from .config import RecipeError
 
         raise RecipeError(f"multi-turn conversations need sft_lora's data preparation, which does not apply "
@@ -222,20 +192,42 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     return prepared
 
 
-def _writable(directory: Path) -> Path | None:
-    """`directory`, created if missing, or None (with a notice) when it cannot be written: prepare in memory."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
-              "(set SFT_LORA_CACHE to a writable directory to cache it)")
-        return None
-    return directory
+def report_rows(data: Prepared, tokenizer, which: str = "train"):
+    """The rows the report reads: the prepared rows, or, where TRL prepares the data itself, the records tokenized
+    as TRL will (kept on `data`, so the length notice and the report tokenize once)."""
+    name = "rows" if which == "train" else "eval_rows"
+    records = data.records if which == "train" else data.eval_records
+    if getattr(data, name) is None and records is not None:
+        setattr(data, name, tokenize_like_trl(records, tokenizer, data.args, which))
+    return getattr(data, name)
 
 
-def is_cached(dataset) -> bool:
-    """Whether a prepared dataset was read back from (or written to) cache files rather than held in memory."""
-    return bool(getattr(dataset, "cache_files", None))
+def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
+    """`dataset` as `prepare_rows` rows, untruncated, as `SFTTrainer._prepare_dataset` tokenizes it: loss on the
+    completion (`completion_only_loss`, default on) and on the assistant mask (`assistant_only_loss`)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.data_utils import common_prefix_length
+
+    completion_only = args.completion_only_loss is not False  # TRL: None means on for prompt/completion data
+    if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
+        return prepare_rows(dataset, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
+                            completion_only=completion_only)
+    # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
+    template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
+
+    def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
+        options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True}
+        prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **options)
+        full = tokenizer.apply_chat_template(example["prompt"] + example["completion"],
+                                             return_assistant_tokens_mask=True, **options)
+        ids = list(full["input_ids"])
+        prompt_len = common_prefix_length(list(prompt_ids["input_ids"]), ids)
+        masks = [full["assistant_masks"]]
+        if completion_only:
+            masks.append([0] * prompt_len + [1] * (len(ids) - prompt_len))
+        labels = [token if all(bits) else -100 for token, *bits in zip(ids, *masks, strict=False)]
+        return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len,
+                LOSS: sum(label != -100 for label in labels), DRIFT: False}
+
+    return dataset.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
+                       desc=f"Pre-flight: tokenizing {name} dataset")

@@ -121,9 +121,9 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
 
     from .decisions import decide_activation_checkpointing
     from .model import name_the_cpu_to_deepspeed
+    from .preflight import check_target_modules
     from .prepare import Prepared, prepare_datasets
     from .rows import records_by_source
-    from .targets import check_target_modules
 
     check_target_modules(recipe)  # a wrong target name fails before any weight is downloaded or loaded
     name_the_cpu_to_deepspeed()

@@ -12,7 +12,7 @@ import torch
 from sft_lora.config import DataArgs, load_recipe
 from sft_lora.data import load_datasets
 from sft_lora.model import load_tokenizer
-from sft_lora.prepare import is_cached, prepare
+from sft_lora.prepare import prepare_rows, trainable
 from sft_lora.trainer import build_trainer
 
 from .conftest import ROOT, SAMPLE, to_examples
@@ -111,6 +111,11 @@ def test_padding_free_attention_is_chosen_by_device(make_recipe, monkeypatch, cu
     assert (chosen or (args.model_init_kwargs or {}).get("attn_implementation")) == expected
 
 
+def prepare(dataset, tokenizer, max_length: int | None, **kwargs):
+    """The rows TRL trains on, by sft_lora's preparation: rows truncation leaves without a label dropped."""
+    return trainable(prepare_rows(dataset, tokenizer, max_length, **kwargs))
+
+
 def _trl_prepared(tokenizer, dataset, max_length: int):
     """TRL's own preparation of `dataset` (what SFTTrainer does without sft_lora)."""
     from trl import SFTConfig, SFTTrainer
@@ -153,7 +158,7 @@ def test_the_prepared_dataset_is_cached_and_a_second_run_reuses_it(tiny_model, t
     data = DataArgs(path=str(SAMPLE))
     tokenizer = load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data)
     first = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path)
-    assert is_cached(first) and len(list(tmp_path.glob("*.arrow"))) == 1
+    assert first.cache_files and len(list(tmp_path.glob("*.arrow"))) == 1
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again instead of reading the cache")
@@ -173,7 +178,7 @@ def test_a_cache_directory_that_cannot_be_written_prepares_in_memory(tiny_model,
     (tmp_path / "a-file").write_text("")
     prepared = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path / "a-file" / "cache")
     assert "cannot write the prepared-data cache" in capsys.readouterr().out
-    assert not is_cached(prepared)
+    assert not prepared.cache_files
     assert prepared["input_ids"] == prepare(load_datasets(data)[0], tokenizer, 256, cache=False)["input_ids"]
 
 
