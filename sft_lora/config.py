@@ -2,8 +2,6 @@
 `quantization` → BitsAndBytesConfig, `training` → trl.SFTConfig) plus the project's own sections, every key checked
 first (`keys.py`) so a typo fails in the recipe's words at file:line, and the library's choices (`decisions.py`)."""
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +19,6 @@ SEED_FLAGS = {
     "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
     "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate",
 }
-QLORA_DEFAULTS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                  "bnb_4bit_compute_dtype": "bfloat16"}
-LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
-                 "task_type": "CAUSAL_LM"}
 
 
 class RecipeError(ValueError):
@@ -159,8 +153,10 @@ def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
     if own["data"].eval_split or own["data"].eval_path:
         training.setdefault("eval_strategy", "epoch")
         training.setdefault("eval_on_start", True)  # the eval loss before any step, to compare the last one with
-    given = {"lora": {**LORA_DEFAULTS, **upstream["lora"]},
-             "quantization": {**QLORA_DEFAULTS, **upstream["quantization"]} if use_qlora else None,
+    given = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                      "task_type": "CAUSAL_LM", **upstream["lora"]},
+             "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                              "bnb_4bit_compute_dtype": "bfloat16", **upstream["quantization"]} if use_qlora else None,
              "training": training}
     values = {**{k: v or {} for k, v in given.items()}, **{n: dataclasses.asdict(a) for n, a in own.items()}}
     keys.check_values(values)

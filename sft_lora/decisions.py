@@ -2,8 +2,6 @@
 listed by `--print-config`: precision, padding-free batches attending per document (`sdpa_documents`, below), and
 activation checkpointing only where memory needs it (once the data is prepared)."""
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import os
@@ -56,10 +54,9 @@ def decide(recipe) -> None:
 
 
 def _choose_attention(recipe, args) -> str | None:
-    """The attention of padding-free batches when the recipe names none (`model.attn_implementation` wins: None).
-    CUDA: transformers' `flex_attention` (a compiled block-sparse document mask), fastest in README's GPU table
-    (Llama-3.2-1B shape on an H200: 28,018 real tokens/s vs 15,534 for `sdpa`'s dense mask and 4,617 for
-    `sdpa_documents`). Elsewhere `sdpa_documents` (flex_attention has no backward on CPU)."""
+    """Padding-free batches' attention unless `model.attn_implementation` names one (then None). CUDA: `flex_attention`
+    (block-sparse document mask), fastest in README's H200 table: 28,018 tokens/s vs 15,534 for `sdpa`'s dense mask
+    and 4,617 for `sdpa_documents`, which serves elsewhere (flex_attention has no backward on CPU)."""
     import torch
 
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
@@ -69,10 +66,8 @@ def _choose_attention(recipe, args) -> str | None:
 
 
 def decide_activation_checkpointing(recipe, train_dataset) -> None:
-    """Taken once the data is prepared, where the recipe leaves it unset: on for QLoRA (memory is why one picks it),
-    else only when the estimated weights + activations of the largest micro-batch exceed half the device's memory
-    (checkpointing recomputes every layer's forward: +26-41 % time per token on the tiny CPU job, README,
-    Performance)."""
+    """Once the data is prepared, where the recipe leaves it unset: on for QLoRA (memory is why one picks it), else
+    only where memory needs it, as each layer's forward runs twice (+26-41 % time per token, README, Performance)."""
     if {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.given["training"]):
         return
     need, have = _memory_estimate(recipe, recipe.training, train_dataset)

@@ -1,9 +1,6 @@
 """Every recipe key checked against the class that receives it, before any upstream object is built or model touched:
 unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combinations, and tokens (never saved)."""
 
-from __future__ import annotations
-
-import dataclasses
 import difflib
 import enum
 import functools
@@ -177,12 +174,12 @@ def _accepts(hint: Any, kind: type) -> bool:
 
 def _type_ok(value: Any, hint: Any, default: Any) -> bool:
     if hint is Any or isinstance(hint, (str, typing.TypeVar)):
-        if default is None or default is dataclasses.MISSING or default is inspect.Parameter.empty:
+        if default is None or default is inspect.Parameter.empty:
             return True
         hint = type(default)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h, dataclasses.MISSING) for h in typing.get_args(hint))
+        return any(_type_ok(value, h, inspect.Parameter.empty) for h in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if origin is not None:
@@ -199,9 +196,7 @@ def _type_ok(value: Any, hint: Any, default: Any) -> bool:
 
 
 # Tokens stay out of recipes (a recipe is saved beside the adapters, in checkpoints and logs); they belong in the
-# environment, which sft_lora never copies into an output. A name saying its value is a secret; vocabulary tokens not.
-SECRET_NAME = re.compile(r"token|key|secret|password|passwd|credential|auth", re.IGNORECASE)
-TOKEN_NAMES = {"eos_token", "pad_token", "bos_token", "unk_token"}
+# environment, which sft_lora never copies into an output.
 TOKEN_FORMATS = {
     "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
     "an OpenAI/Anthropic-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
@@ -211,11 +206,12 @@ TOKEN_FORMATS = {
     # 40 hex digits, as a wandb key is; not as a path part or `@revision` (a commit sha: a snapshot directory)
     "a wandb API key (40 hex digits)": re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
 }
-NOT_SECRET = {"model.revision"}  # a commit sha is 40 hex digits too
 
 
 def is_secret_name(name: str) -> bool:
-    return name.lower() not in TOKEN_NAMES and bool(SECRET_NAME.search(name))
+    """Whether a name (environment variable or recipe key) says its value is a secret; vocabulary tokens do not."""
+    return name.lower() not in {"eos_token", "pad_token", "bos_token", "unk_token"} and bool(
+        re.search(r"token|key|secret|password|passwd|credential|auth", name, re.IGNORECASE))
 
 
 def secret_env_values() -> dict[str, str]:
@@ -237,7 +233,7 @@ def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:
     secret: a known token format or a secret environment variable's value (`${VAR}` expands to it); else None."""
     env = secret_env_values()
     for dotted, value in leaves(values):
-        if not isinstance(value, str) or dotted in NOT_SECRET:
+        if not isinstance(value, str) or dotted == "model.revision":  # a commit sha is 40 hex digits too
             continue
         for name, secret in env.items():
             if secret in value:

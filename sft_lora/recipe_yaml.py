@@ -2,8 +2,6 @@
 safe loader keeps the last of two equal keys, expands aliases without bound (a 450-byte "billion laughs" recipe walks
 10⁹ values) and builds dates, sets and bytes from tags; `RecipeLoader` refuses all three and keeps dates as text."""
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 from typing import Any

@@ -1,8 +1,6 @@
 """The recipe's schema: its own sections (`model`, `data`, `output`, `wandb`, `check`, `report`), one dataclass each,
 every knob documented once as an attribute docstring that `--help` prints, and the rules on upstream sections' keys."""
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import inspect
