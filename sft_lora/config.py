@@ -104,11 +104,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
     """Read a recipe, apply `section.key=value` overrides then seed flags (the command line wins), resolve; any
     mistake is a RecipeError naming the file, line, section and key."""
     path = Path(path)
-    raw, lines = recipe_yaml.read_recipe(path)
+    raw, where = recipe_yaml.read_recipe(path)
     raw = raw or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, lora, training …)")
-    where = {key: f"{path}:{line}" for key, line in lines.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

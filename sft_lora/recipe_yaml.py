@@ -58,8 +58,8 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
     return total
 
 
-def read_recipe(path: Path) -> tuple[Any, dict[str, int]]:
-    """(the recipe's data, the line of every `section` and `section.key`); RecipeError for any problem."""
+def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
+    """(the recipe's data, `path:line` of every `section` and `section.key`); RecipeError for any problem."""
     from .config import RecipeError
 
     if not path.is_file():
@@ -74,16 +74,16 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, int]]:
         line = data[: exc.start].count(b"\n") + 1
         raise RecipeError(f"{path}:{line}: not valid UTF-8; save the recipe as UTF-8") from None
     raw, root = parse(text, str(path))
-    lines: dict[str, int] = {}  # 1-based
+    where = {}
     for knode, vnode in root.value if isinstance(root, yaml.MappingNode) else ():
-        lines[knode.value] = knode.start_mark.line + 1
+        where[knode.value] = f"{path}:{knode.start_mark.line + 1}"
         for k2, _ in vnode.value if isinstance(vnode, yaml.MappingNode) else ():
-            lines[f"{knode.value}.{k2.value}"] = k2.start_mark.line + 1
+            where[f"{knode.value}.{k2.value}"] = f"{path}:{k2.start_mark.line + 1}"
     for dotted, number in leaves(raw):
         if problem := _out_of_range(number):
-            line = lines.get(dotted) or lines.get(dotted.split(".")[0])
-            raise RecipeError(f"{path}{f':{line}' if line else ''}: {dotted} must be {problem}, got {number!r}")
-    return raw, lines
+            at = where.get(dotted) or where.get(dotted.split(".")[0]) or path
+            raise RecipeError(f"{at}: {dotted} must be {problem}, got {number!r}")
+    return raw, where
 
 
 def parse(text: str, where: str) -> Any:
