@@ -1,10 +1,7 @@
 """Records → chat examples: read json/jsonl/dir/hub records, validate them, weight and mix several files, split eval.
 
 A record is `{input, output, source?}` or a conversation (`turns.py`), told apart by its keys. Each becomes TRL's
-conversational prompt/completion form: the prompt is the (system and) first user turn, the completion the rest.
-"""
-
-from __future__ import annotations
+conversational prompt/completion form: the prompt is the (system and) first user turn, the completion the rest."""
 
 import json
 import math
@@ -84,7 +81,6 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
         return _json_records(p)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
-
         try:
             dataset = load_from_disk(str(p))
         except Exception as exc:  # FileNotFoundError, ValueError, pyarrow's: all mean "not a saved dataset"
@@ -101,7 +97,6 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     if not looks_like_hub_id(path):
         raise RecipeError(f"{p}: data file not found; check data.path")
     from datasets import load_dataset
-
     try:
         return _numbered(path, load_dataset(path, split=args.split).to_list())
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
@@ -189,7 +184,6 @@ def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -
 def _dataset(entry: Entry, args: DataArgs):
     """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
     from datasets import Dataset
-
     records = iter(read_records(entry.path, args))
     parts, total, skipped, first_skipped = [], 0, 0, ""
     while chunk := list(islice(records, CHUNK)):
@@ -211,7 +205,6 @@ def weighted(dataset, entry: Entry, seed: int):
     """`dataset` (the records of `entry`) sampled by its weight: each record int(weight) times, plus round(fraction
     × n) records drawn by `seed` (kept in file order)."""
     import numpy as np
-
     if entry.weight == 1:
         return dataset
     n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
@@ -223,7 +216,6 @@ def weighted(dataset, entry: Entry, seed: int):
 
 def concatenated(parts: list):
     from datasets import concatenate_datasets
-
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 

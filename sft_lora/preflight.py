@@ -1,6 +1,5 @@
 """Pre-flight checks before the model is loaded: the data report (what the trainer will learn from: answers with no
-loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets.
-"""
+loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
 import re
 from dataclasses import dataclass, field, fields
@@ -212,7 +211,6 @@ def model_modules(recipe: Recipe) -> dict[str, str] | None:
     when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
     model = recipe.model
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,

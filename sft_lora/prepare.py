@@ -1,6 +1,5 @@
 """Prompt/completion chat examples → `input_ids` + `labels`: TRL's exact rows (tests/test_perf.py), ~3× faster (one
-batched render + tokenizer call per batch, labels and truncation in the same pass; README, Performance), cached.
-"""
+batched render + tokenizer call per batch, labels and truncation in the same pass; README, Performance), cached."""
 
 import dataclasses
 import hashlib
@@ -21,7 +20,6 @@ LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncate
 def unsupported(args, dataset) -> str | None:
     """Why this preparation cannot stand in for TRL's on `dataset` with the SFTConfig `args`, or None when it can."""
     from datasets import Dataset
-
     if not isinstance(dataset, Dataset):
         return "not a map-style datasets.Dataset"
     columns = set(dataset.column_names)
@@ -59,7 +57,6 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
     import datasets
 
     from .turns import render_template, tokenize_conversations
-
     kept = [c for c in dataset.column_names if c not in ("prompt", "completion")]  # e.g. `source`, as TRL keeps it
     int32 = datasets.Value("int32")
     features = datasets.Features({"input_ids": datasets.Sequence(int32), "labels": datasets.Sequence(int32),
@@ -101,7 +98,6 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
     from importlib.metadata import version
 
     import datasets
-
     if not cache:
         return None
     directory = Path(os.environ.get("SFT_LORA_CACHE") or datasets.config.HF_DATASETS_CACHE) / "sft_lora_prepared" \
@@ -126,7 +122,6 @@ def trainable(rows):
     """The rows TRL trains on: those truncation leaves with a label (TRL drops the others), in order."""
     import numpy as np
     import pyarrow.compute as pc
-
     table = rows.with_format("arrow")[:]  # honours a selection (indices mapping); zero-copy otherwise
     keep = pc.list_value_length(table.column("input_ids")).to_numpy() > table.column(PROMPT).to_numpy()
     return rows if keep.all() else rows.select(np.flatnonzero(keep), keep_in_memory=True)
@@ -156,7 +151,6 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     from accelerate import PartialState
 
     from .turns import multi_turn
-
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
@@ -164,7 +158,6 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     reason = next(filter(None, (unsupported(args, d) for d in datasets)), None)
     if reason and any(multi_turn(d) for d in datasets):
         from .config import RecipeError
-
         raise RecipeError(f"multi-turn conversations need sft_lora's data preparation, which does not apply "
                           f"({reason}); drop that setting or set data.mask_history: true")
     if reason:
@@ -207,7 +200,6 @@ def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
     completion (`completion_only_loss`, default on) and on the assistant mask (`assistant_only_loss`)."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
     from trl.data_utils import common_prefix_length
-
     completion_only = args.completion_only_loss is not False  # TRL: None means on for prompt/completion data
     if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
         return prepare_rows(dataset, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,

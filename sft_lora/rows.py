@@ -1,6 +1,5 @@
 """The prepared rows as the trainer trains them, figured with numpy over the Arrow columns `CHUNK` rows at a time: no
-per-row Python objects, so memory stays bounded however many records there are (README, Performance, Scale).
-"""
+per-row Python objects, so memory stays bounded however many records there are (README, Performance, Scale)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,6 @@ def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
     from transformers import GenerationConfig
 
     from .model import stop_token_ids as stop_ids
-
     try:
         config = GenerationConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
     except Exception:  # no generation_config.json (or no network): the tokenizer's EOS is what TRL trains
@@ -51,7 +49,6 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-
     parts, labels = [], {"": [], "entry_": []}
     for batch in rows.with_format("arrow").iter(batch_size=CHUNK):
         parts.append(_chunk_stats(batch, cut, np.asarray(stop_ids)))
@@ -70,7 +67,6 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
 def _chunk_stats(batch, cut: Cut, stop_ids) -> dict[str, Any]:
     import numpy as np
     import pyarrow.compute as pc
-
     labels = batch.column("labels").combine_chunks()
     bounds = labels.offsets.to_numpy().astype(np.int64)
     bounds -= bounds[0]
@@ -102,17 +98,13 @@ def trained_row(rows, index: int, cut: Cut) -> tuple[list[int], list[int]]:
 def percentiles(values) -> dict[str, int]:
     """p50, p90, p99 and max of `values` (0s when empty)."""
     import numpy as np
-
-    if not len(values):
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    return {f"p{q}": int(np.percentile(values, q, method="nearest")) for q in (50, 90, 99)} | \
-        {"max": int(values.max())}
+    points = np.percentile(values, (50, 90, 99, 100), method="nearest") if len(values) else (0, 0, 0, 0)
+    return dict(zip(("p50", "p90", "p99", "max"), map(int, points), strict=True))
 
 
 def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[str, Any]]:
     """Per name (entry or source): records, tokens and loss tokens as trained, and the share of all loss tokens."""
     import numpy as np
-
     total = int(stats["loss"].sum()) or 1
     out = {}
     for k, name in enumerate(stats[names]):
@@ -127,7 +119,6 @@ def by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, 
     """Per source (those in the data and those `check.sources` names): rows, trainable rows, prompt and answer
     p50/max, tokens, loss tokens and their share, truncated rows."""
     import numpy as np
-
     table = mix_table(stats, "code", "names")
     out = {}
     for source in sorted(set(table) | set(sources)):
@@ -156,7 +147,6 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
     `pack_dataset` packs a column of the lengths alone (null values: no token copied); padded batches are padded to
     their longest row, in a seeded random order like the trainer's sampler."""
     import numpy as np
-
     strategy, batch = args.packing_strategy, int(args.per_device_train_batch_size)
     packed_rows, efficiency = 0, 0.0
     if max_length and len(lengths):
@@ -186,7 +176,6 @@ def _pack(lengths, max_length: int, strategy: str) -> tuple[int, float]:
     from datasets import Dataset
     from datasets.table import InMemoryTable
     from trl.data_utils import pack_dataset
-
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.nulls(int(offsets[-1])))
     packed = pack_dataset(Dataset(InMemoryTable(pa.table({"input_ids": column}))), max_length, strategy,
@@ -218,7 +207,6 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
     """`length_notice` for the training and the evaluation records of a run (`prepare.Prepared`)."""
     from .data import paths
     from .prepare import report_rows
-
     origin = " + ".join(paths(recipe.data.path))
     length_notice(report_rows(data, tokenizer), data.args, data.max_length, origin)
     length_notice(report_rows(data, tokenizer, "eval"), data.args, data.max_length,

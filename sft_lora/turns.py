@@ -1,9 +1,7 @@
 """Chat turns: a record ({input, output}, OpenAI `messages` or ShareGPT `conversations`) as prompt/completion turns,
-and their tokenization with loss on every assistant turn (its content and end-of-turn token) and nothing else.
-"""
+and their tokenization with loss on every assistant turn (its content and end-of-turn token) and nothing else."""
 
-from __future__ import annotations
-
+import bisect
 import os
 import re
 from typing import Any
@@ -13,10 +11,9 @@ OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% gen
 
 
 def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
-    """(prompt, completion) turns of a record, or what is wrong with it: the prompt is the (system and) first user
-    turn (`data.mask_history`: all but the last assistant turn), the completion the rest (TRL's conversational form).
-    The record's own system turn, else `data.system_prompt`; `fold_system_prompt` puts it atop the first user turn
-    (blank line between), for templates without a usable system role."""
+    """(prompt, completion) turns of a record, or what is wrong: the prompt ends before the first assistant turn (the
+    last with `data.mask_history`); its system turn, else `data.system_prompt`, goes atop the first user turn with
+    `fold_system_prompt` (for templates without a usable system role)."""
     source = record.get(args.source_field) if isinstance(record, dict) else None
     if source is not None and not isinstance(source, str):
         return f"'{args.source_field}' must be a string, got {type(source).__name__}"
@@ -36,8 +33,7 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
             return f"'{args.output_field}' is empty; there is nothing to learn from it"
         turns = [{"role": "user", "content": record[args.input_field]},
                  {"role": "assistant", "content": record[args.output_field]}]
-    own = turns[0]["role"] == "system"
-    system, turns = (turns[0]["content"], turns[1:]) if own else (args.system_prompt, turns)
+    system, turns = (turns[0]["content"], turns[1:]) if turns[0]["role"] == "system" else (args.system_prompt, turns)
     if system and args.fold_system_prompt:
         turns = [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
     elif system:
@@ -76,9 +72,8 @@ def _conversation(record: dict) -> list[dict[str, str]] | str:
 
 
 def template_kwargs(tokenizer, given: dict | None = None) -> dict:
-    """Variables every render passes the chat template: `data.chat_template_kwargs`, and `enable_thinking: false`
-    where the template takes it (Qwen3) unless given: its empty think block is part of the prompt, as Qwen3 answers
-    with thinking off."""
+    """Every render's template variables: `data.chat_template_kwargs`, and `enable_thinking: false` where the template
+    takes it (Qwen3) unless given: its empty think block is then part of the prompt, as Qwen3 answers."""
     thinking = "enable_thinking" in str(tokenizer.chat_template)
     return {**({"enable_thinking": False} if thinking else {}), **(given or {})}
 
@@ -87,7 +82,6 @@ def render_template(tokenizer) -> str | None:
     """None (the tokenizer's own), or TRL's training version of the template where TRL has one and the tokenizer's
     lacks `{% generation %}` markers: what TRL's assistant_only_loss renders conversations with."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if has_generation_markers(tokenizer.chat_template):
         return None
     try:
@@ -99,12 +93,10 @@ def render_template(tokenizer) -> str | None:
 def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
                            template: str | None = None, kwargs: dict | None = None
                            ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
-    """(input_ids, loss spans, drift) of each prompt + completion, untruncated, as TRL tokenizes them; drift: the
-    rendered prompt is not a prefix of the rendered whole. A one-turn completion starts where the tokens of the
-    prompt (with the generation prompt) and of the whole diverge (TRL's rule; one batched tokenizer call); longer
-    ones: `tokenize_turns`."""
+    """(input_ids, loss spans, drift: the rendered prompt is no prefix of the whole) per row, untruncated, as TRL does:
+    a one-turn completion starts where the tokens of the prompt (with the generation prompt) and of the whole
+    diverge (one batched tokenizer call); longer ones: `tokenize_turns`."""
     from trl.data_utils import common_prefix_length
-
     single = [n for n, c in enumerate(completions) if len(c) == 1]
     multi = [n for n, c in enumerate(completions) if len(c) > 1]
     out: list[Any] = [None] * len(prompts)
@@ -126,13 +118,10 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
 
 def tokenize_turns(tokenizer, conversations: list[list[dict]], template: str | None, kwargs: dict
                    ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
-    """(input_ids, [(start, end) token span of each assistant turn], drift) per conversation, untruncated.
-
-    A template with `{% generation %}` markers (the tokenizer's or TRL's training version) gets them replaced by
-    `OPEN`/`CLOSE` characters: one plain render gives every assistant span (transformers' generation tracking renders
-    ~2.5x slower), a token is in a span when its characters overlap it (transformers' assistant-mask rule)."""
+    """(input_ids, [(start, end) token span of each assistant turn], drift) per conversation, untruncated: with
+    `{% generation %}` markers made `OPEN`/`CLOSE` characters, one plain render gives every span (transformers'
+    generation tracking is ~2.5x slower); a token overlapping one is in it (transformers' assistant-mask rule)."""
     from trl.chat_template_utils import has_generation_markers
-
     given = template or tokenizer.chat_template
     if not given or not has_generation_markers(given) or \
             any(OPEN in t["content"] or CLOSE in t["content"] for c in conversations for t in c):
@@ -161,18 +150,9 @@ def _unmark(text: str) -> tuple[str, list[tuple[int, int]]]:
 
 
 def _token_span(encoding, start: int, stop: int) -> tuple[int, int]:
-    """The tokens overlapping characters [start, stop): the first ending after `start` to the first starting at or
-    after `stop`, by bisection over the tokens' character offsets."""
+    """The tokens overlapping characters [start, stop): the first ending after `start` to the first starting after."""
     def first(position: int, edge: int) -> int:  # the first token whose start (edge 0) or end (1) is past it
-        low, high = 0, len(encoding)
-        while low < high:
-            middle = (low + high) // 2
-            if encoding.token_to_chars(middle)[edge] > position:
-                high = middle
-            else:
-                low = middle + 1
-        return low
-
+        return bisect.bisect_right(range(len(encoding)), position, key=lambda n: encoding.token_to_chars(n)[edge])
     return first(start, 1), first(stop - 1, 0)
 
 
@@ -182,7 +162,6 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
     up to it, rendered with the generation prompt, ends, to where the conversation up to and including it ends
     (three batched renders); `drift` where such a prompt is not a prefix of the whole."""
     import numpy as np
-
     heads, ends, owner = [], [], []
     for n, turns in enumerate(conversations):
         for a in (i for i, t in enumerate(turns) if t["role"] == "assistant"):
@@ -213,7 +192,6 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
 def multi_turn(dataset) -> bool:
     """Whether a prompt/completion dataset holds a completion of more than one turn (a conversation)."""
     import pyarrow.compute as pc
-
     if "completion" not in getattr(dataset, "column_names", ()):
         return False
     return (pc.max(pc.list_value_length(dataset.with_format("arrow")[:].column("completion"))).as_py() or 0) > 1
