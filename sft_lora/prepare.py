@@ -41,14 +41,6 @@ def unsupported_settings(args) -> str | None:
     return None
 
 
-def tokenizer_sha256(tokenizer) -> str:
-    """What decides the token ids: vocabulary and rules, special tokens, chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [type(tokenizer).__name__, backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
-             repr(sorted(tokenizer.special_tokens_map.items())), str(tokenizer.chat_template)]
-    return hashlib.sha256("".join(f"{part}\0" for part in parts).encode()).hexdigest()
-
-
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
                  cache: Path | None | bool = True, completion_only: bool = True, template_kwargs: dict | None = None):
     """Every record of `dataset` as `input_ids` + `labels` (-100 outside the completion, unless not
@@ -113,8 +105,12 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
         return None
     if not datasets.is_caching_enabled():
         return None
-    key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, tokenizer_sha256(tokenizer), version("trl"),
-                                    repr(sorted((template_kwargs or {}).items())), str(max_length)]).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the token ids: vocabulary and rules, special tokens
+    key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, type(tokenizer).__name__,
+                                    backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
+                                    repr(sorted(tokenizer.special_tokens_map.items())), str(tokenizer.chat_template),
+                                    version("trl"), repr(sorted((template_kwargs or {}).items())),
+                                    str(max_length)]).encode())
     return str(directory / f"{key.hexdigest()[:32]}.arrow")
 
 
