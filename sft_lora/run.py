@@ -1,9 +1,6 @@
-"""Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`.
-
-Load and validate the recipe, prepare the data once (`prepare.py`) and check it (`preflight.py`), build the
-SFTTrainer, train (or resume), save the adapters in the seed's layout with the resolved recipe and the manifest
-beside them, merge when the recipe asks, then smoke-test generation and write the summary (`report.py`).
-"""
+"""Entry point: `accelerate launch -m sft_lora.run recipes/x.yaml [section.key=value ...]`: load the recipe, prepare
+and check the data once, train (or resume), save the adapters (with the recipe and manifest), merge when asked,
+smoke-test generation, write the summary and push when asked."""
 
 from __future__ import annotations
 
@@ -47,27 +44,21 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
             print(recipe.explain() + recipe.to_yaml(), end="")
-            return 0
-        if args.check:
+        elif args.check:
             from .preflight import run_check
 
-            tokenizer, data = _inputs(recipe)
-            run_check(recipe, tokenizer, data)
-            return 0
-        if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
-            from .launch import relaunch
+            run_check(recipe, *_inputs(recipe))
+        else:
+            from .launch import check_this_launch, relaunch
 
-            relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
-        from .launch import check_this_launch
-
-        check_this_launch(recipe)
-        train(recipe, resume=args.resume, force_resume=args.force_resume)
-    except RecipeError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return _stopped(exc, args, 2)
-    except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths", file=sys.stderr)
+            if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
+                relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
+            check_this_launch(recipe)
+            train(recipe, resume=args.resume, force_resume=args.force_resume)
+    except (RecipeError, OSError) as exc:  # OSError: a path the system refuses (name too long, I/O error …)
+        line = str(exc) if isinstance(exc, RecipeError) else f"{exc.strerror or first_line(exc)}; check the paths"
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        print(f"error: {printable(where + line)}", file=sys.stderr)
         return _stopped(exc, args, 2)
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
         print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
@@ -94,21 +85,16 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int) -> int:
 
 
 def _inputs(recipe: Recipe):
-    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first when the
-    recipe asks."""
+    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first if asked."""
     from .data import load_datasets
-    from .model import check_reachable, load_tokenizer
+    from .model import build_tiny_model, check_reachable, load_tokenizer, name_the_cpu_to_deepspeed
     from .prepare import prepare_datasets
     from .turns import template_kwargs
 
     check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
-    from .model import name_the_cpu_to_deepspeed
-
     name_the_cpu_to_deepspeed()  # before the tiny model is built: saving it imports DeepSpeed
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
-        from .model import build_tiny_model
-
         print(f"building the tiny model at {recipe.model.name_or_path}")
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
@@ -118,27 +104,21 @@ def _inputs(recipe: Recipe):
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
     """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run.
-
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
-    from accelerate import PartialState
-
-    from .model import check_model_weights, check_qlora_backend
+    from .model import check_model_weights, check_push, check_qlora_backend
     from .outputs import check_outputs
 
-    check_outputs(recipe)
-    check_qlora_backend(recipe)
-    check_model_weights(recipe)
-    from .model import check_push
+    for check in (check_outputs, check_qlora_backend, check_model_weights, check_push):
+        check(recipe)  # each in one line, before anything heavy is imported or loaded
+    from accelerate import PartialState
 
-    check_push(recipe)
     from .resume import nothing_left, select_checkpoint
+    from .rows import check_lengths, records_by_source
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
     tokenizer, data = _inputs(recipe)
-    from .rows import check_lengths, records_by_source
-
     check_lengths(recipe, tokenizer, data)
     preflight = None
     if recipe.check.enabled:
@@ -149,41 +129,30 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     configure_wandb(recipe)
     trainer = build_trainer(recipe, tokenizer, data)
-    train_set, eval_set = data.records, data.eval_records
+    evaluate = data.eval_records is not None
     summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
-               "records_by_source": {"train": records_by_source(train_set), "eval": records_by_source(eval_set)}}
+               "records_by_source": {"train": records_by_source(data.records),
+                                     "eval": records_by_source(data.eval_records)}}
     try:
-        main_process = _train_and_save(trainer, recipe, tokenizer, resume_from, summary, eval_set is not None)
+        _fit(trainer, recipe, tokenizer, resume_from, summary, evaluate)
+        main_process = trainer.accelerator.is_main_process
         del trainer
         if main_process:
-            _finish(recipe, summary, *((eval_set, "eval") if eval_set is not None else (train_set, "train")))
+            _finish(recipe, summary, *((data.eval_records, "eval") if evaluate else (data.records, "train")))
     except BaseException as exc:
         exc.training_started = True  # main prints the command that continues the run
         raise
     return summary
 
 
-def _train_and_save(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: dict,
-                    evaluate: bool) -> bool:
-    """Train, save the adapters and add the run's numbers to `summary`; whether this is the main process."""
+def _fit(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: dict, evaluate: bool) -> None:
+    """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
-    from .outputs import peak_memory_gib, replicas_agree, save_adapters
-
-    result, before, after = _fit(trainer, resume_from, evaluate=evaluate)
-    summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
-                   world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
-                   peak_memory_gib=peak_memory_gib())
-    save_adapters(trainer, recipe, tokenizer)
-    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
-    return trainer.accelerator.is_main_process
-
-
-def _fit(trainer, resume_from: str | None, evaluate: bool):
-    """Train (a signal: checkpoint, stop, raise TrainingInterrupted); (train result, eval before, eval after)."""
     from .checkpoints import save_failure
+    from .outputs import peak_memory_gib, replicas_agree, save_adapters
     from .signals import interruptible
 
     try:
@@ -199,17 +168,21 @@ def _fit(trainer, resume_from: str | None, evaluate: bool):
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0
               for k, v in log.items() if k.startswith("eval_")} or None
-    return result, before, trainer.evaluate() if evaluate else None
+    after = trainer.evaluate() if evaluate else None
+    summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
+                   world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
+                   peak_memory_gib=peak_memory_gib())
+    save_adapters(trainer, recipe, tokenizer)
+    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
 
 
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     """On the main process: the summary (before the merge, so the model card has the eval losses), the merge, the
-    smoke check, the summary again with it, and the table."""
+    smoke check (a few held-out questions; it never fails a finished run), the summary again, the table, the push."""
     from . import report
-
-    report.write_summary(recipe.adapters_dir, summary)
     from .outputs import write_atomic
 
+    report.write_summary(recipe.adapters_dir, summary)
     write_atomic(recipe.adapters_dir / "README.md", report.model_card(recipe.adapters_dir, recipe.model.name_or_path))
     if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -220,28 +193,22 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
-    summary["smoke"] = _smoke(recipe, held_out, inputs)
+    summary["smoke"] = None
+    if n := min(recipe.report.smoke_prompts, len(held_out)):
+        from .chat import smoke_check
+
+        try:
+            summary["smoke"] = smoke_check(recipe.merged_dir if recipe.output.merge else recipe.adapters_dir,
+                                           [row["prompt"] for row in held_out.select(range(n))],
+                                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
+        except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
+            summary["smoke"] = {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {first_line(exc)}"}
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))
     if recipe.output.push_to_hub:
         from .model import push_outputs
 
         push_outputs(recipe)
-
-
-def _smoke(recipe: Recipe, held_out, inputs: str) -> dict | None:
-    """Generate for a few held-out questions with the saved model; never fails a finished run."""
-    n = min(recipe.report.smoke_prompts, len(held_out))
-    if not n:
-        return None
-    from .chat import smoke_check
-
-    model_dir = recipe.merged_dir if recipe.output.merge else recipe.adapters_dir
-    try:
-        return smoke_check(model_dir, [row["prompt"] for row in held_out.select(range(n))],
-                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
-    except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
-        return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
 
 
 if __name__ == "__main__":
