@@ -1,10 +1,7 @@
 """Talk to a trained model: `python -m sft_lora.chat DIR [--prompt "…"]`, DIR = the adapters or the merged model.
 
-The chat template, tokenizer and system prompt are the ones saved with the model, so the model sees what it was
-trained on. Without `--prompt` it is an interactive chat that keeps the conversation; with it, one answer is
-printed and the command exits. `smoke_check` is the same generation, run after training on held-out questions to
-see whether the model stops by itself.
-"""
+With the chat template, tokenizer and system prompt saved with it (what it was trained on). `smoke_check` is the
+same generation on held-out questions after training: does the model stop by itself?"""
 
 from __future__ import annotations
 
@@ -31,26 +28,24 @@ def load(model_dir: str | Path):
     kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code}
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
-    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+    adapter = model_dir / "adapter_config.json"
+    if not adapter.is_file() and not (model_dir / "config.json").is_file():
         raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
                           "(config.json); pass a *_adapters or *_merged directory")
     try:
-        if (model_dir / "adapter_config.json").is_file():
+        if adapter.is_file():
             from peft import PeftModel
 
-            config = json.loads((model_dir / "adapter_config.json").read_text(encoding="utf-8"))
-            quantization = recipe.get("quantization")
-            if quantization:
-                kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
-            base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"],
-                                                        revision=model_args.revision, **kwargs)
-            model = PeftModel.from_pretrained(base, str(model_dir))
+            if recipe.get("quantization"):
+                kwargs["quantization_config"] = BitsAndBytesConfig(**recipe["quantization"])
+            base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            model = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base, revision=model_args.revision, **kwargs), str(model_dir))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
-        first = first_line(exc)
-        raise RecipeError(f"{model_dir}: cannot load the model ({first})") from None
+        raise RecipeError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
     data = saved_section(recipe, "data")
@@ -72,9 +67,8 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
                                 streamer=streamer, **sampling)
     new = output[0, inputs["input_ids"].shape[1]:].tolist()
-    stopped = any(token in stops for token in new)
-    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
-            "tokens": len(new)}
+    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(),
+            "stopped": any(token in stops for token in new), "tokens": len(new)}
 
 
 def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:

@@ -1,9 +1,6 @@
-"""Which accelerate launch a recipe runs under, and the recipe × launch combinations known to fail.
-
-`check_launch` runs before any model loads: once against the config file a recipe names (`accelerate_config`),
-and again inside the launched processes against what accelerate actually set up (its environment variables).
-Each known-bad combination fails with one line and its fix; the issue threads behind them are cited inline.
-"""
+"""Which accelerate launch a recipe runs under, and the recipe × launch combinations known to fail (each in one line
+with its fix, the issue threads cited inline): checked against the config file a recipe names before launching, and
+again inside the launched processes against what accelerate actually set up."""
 
 from __future__ import annotations
 
@@ -65,22 +62,23 @@ def config_from_environment() -> dict[str, Any]:
 def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     """Raise RecipeError for a recipe × accelerate-config combination known to fail or to train wrongly."""
     kind = str(config.get("distributed_type", "NO")).upper()
-    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and _zero_stage(config) == 3)
+    stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+    name = f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else kind
+    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3)
     training, quant = recipe.training, recipe.quantization
     processes = int(config.get("num_processes") or 1)
-
     # QLoRA with sharded weights needs the 4-bit storage dtype to equal the float dtype that ZeRO-3/FSDP flatten
     # (PEFT docs "Use PEFT QLoRA and DeepSpeed with ZeRO3"; huggingface/peft#2016, transformers#29266).
     if sharded and quant is not None:
         compute = str(quant.bnb_4bit_compute_dtype).removeprefix("torch.")
         if str(quant.bnb_4bit_quant_storage).removeprefix("torch.") != compute:
-            raise RecipeError(f"{where}: QLoRA under {_name(config)} needs quantization.bnb_4bit_quant_storage: "
+            raise RecipeError(f"{where}: QLoRA under {name} needs quantization.bnb_4bit_quant_storage: "
                               f"{compute} (equal to bnb_4bit_compute_dtype); add it to the recipe")
     # A device map places whole layers on devices itself; DeepSpeed/FSDP/DDP place them instead
     # ("DeepSpeed Zero-3 is not compatible with ... passing a device_map": peft#306, accelerate#2543).
     if recipe.model.device_map is not None and (kind != "NO" or processes > 1):
         raise RecipeError(f"{where}: model.device_map={recipe.model.device_map!r} cannot be used under "
-                          f"{_name(config)}; remove model.device_map (each process loads its own copy or shard)")
+                          f"{name}; remove model.device_map (each process loads its own copy or shard)")
     # Precision is decided twice (recipe and accelerate config); when they disagree one silently wins.
     mixed = str(config.get("mixed_precision") or "no")
     wanted = "bf16" if training.bf16 else "fp16" if training.fp16 else "no"
@@ -89,7 +87,8 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
                else f"set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")  # no GPU: no bf16
         raise RecipeError(f"{where}: the accelerate config asks mixed_precision {mixed} but the recipe trains in "
                           f"{wanted}{' on the CPU' if training.use_cpu else ''}; {fix}")
-    _check_deepspeed_batch(config, training, processes, where)
+    if kind == "DEEPSPEED":
+        _check_deepspeed_batch(config, training, processes, where)
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         # Checkpointing twice recomputes every layer twice; transformers refuses the pair at step 0.
@@ -146,8 +145,6 @@ def check_process_group(world_size: int) -> None:
 def _check_deepspeed_batch(config: dict[str, Any], training, processes: int, where: str) -> None:
     """DeepSpeed requires train_batch_size = micro batch × accumulation × world size; numbers fixed in the
     accelerate or DeepSpeed config must agree with the recipe's, or DeepSpeed stops at start-up."""
-    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED":
-        return
     ds = dict(config.get("deepspeed_config") or {})
     if ds.get("deepspeed_config_file"):
         import json
@@ -163,11 +160,3 @@ def _check_deepspeed_batch(config: dict[str, Any], training, processes: int, whe
                               f"(per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} "
                               f"× {processes} processes); set it to \"auto\"")
 
-
-def _zero_stage(config: dict[str, Any]) -> int:
-    return int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
-
-
-def _name(config: dict[str, Any]) -> str:
-    kind = str(config.get("distributed_type", "NO")).upper()
-    return f"DeepSpeed ZeRO-{_zero_stage(config)}" if kind == "DEEPSPEED" else kind

@@ -1,14 +1,9 @@
-"""Put the pieces into an SFTTrainer: the resolved SFTConfig, LoraConfig and BitsAndBytesConfig of the recipe.
-
-The data comes prepared (`prepare.py`, once per run); the one resolution step that needs it, activation
-checkpointing, is taken here before the trainer is built (`decisions.py`). The trainer
-subclass below evaluates each data source on its own and, on CPU too, scores only labelled positions.
-"""
+"""The recipe's SFTConfig, LoraConfig and BitsAndBytesConfig put into an SFTTrainer, and the subclass that evaluates
+each data source on its own and, on CPU too, scores only labelled positions."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 import types
@@ -19,8 +14,6 @@ from trl import SFTTrainer
 from .checkpoints import CheckpointRecord
 from .config import Recipe, RecipeError, first_line
 from .signals import GracefulStop
-
-logger = logging.getLogger(__name__)
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 # The one private TRL name sft_lora relies on: the device test with which TRL's fused LM head
@@ -33,39 +26,55 @@ def source_metric(source: str) -> str:
     return "eval_" + re.sub(r"\s+", "_", source.strip())
 
 
-class SourceEvalSFTTrainer(SFTTrainer):
-    """Evaluates the whole eval set (`eval_loss`, as usual) then each source (`eval_<source>_loss`).
+class _NoEvalDicts:
+    """Mixed into the Trainer's console printer: eval dicts (`evaluate` prints one line) and the end-of-training
+    speed dict (the summary table shows it) are not printed; they stay in the log history, TensorBoard and wandb."""
 
-    Trainer's dict of eval datasets would rename the overall loss to `eval_<name>_loss` (breaking
-    `metric_for_best_model`'s default); evaluating each prepared set by its key keeps `eval_loss`."""
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (logs and any(key.startswith("eval_") or key == "train_runtime" for key in logs)):
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class SourceEvalSFTTrainer(SFTTrainer):
+    """Evaluates the whole eval set (`eval_loss`, as usual) then each source (`eval_<source>_loss`). Trainer's dict
+    of eval datasets would rename the overall loss to `eval_<name>_loss` (breaking `metric_for_best_model`'s
+    default); evaluating each prepared set by its key keeps `eval_loss`."""
 
     source_prefix: str | None = None
     printed_eval: int | None = None
 
     def __init__(self, *args, **kwargs) -> None:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
         super().__init__(*args, **kwargs)
-        _print_no_eval_dicts(self)
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) in (ProgressCallback, PrinterCallback):
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(type(f"Compact{type(callback).__name__}",
+                                                        (_NoEvalDicts, type(callback)), {})())
         score_labelled_positions_only(self.model.get_base_model() if hasattr(self.model, "get_base_model")
                                       else self.model)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            sources = []
+            metrics, sources = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix), []
         else:
             metrics = super().evaluate(OVERALL, ignore_keys, metric_key_prefix)
             sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL]
-            for key in self.eval_dataset:
-                if key != OVERALL and len(self.eval_dataset[key]):
-                    self.source_prefix = source_metric(key.removeprefix(OVERALL + "/"))
+            for source in sources:
+                if len(self.eval_dataset[f"{OVERALL}/{source}"]):
+                    self.source_prefix = source_metric(source)
                     try:
-                        metrics.update(super().evaluate(key, ignore_keys, self.source_prefix))
+                        metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
                     finally:
                         self.source_prefix = None
         if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
             from tqdm.auto import tqdm
 
-            tqdm.write(eval_line(self.state.global_step, metrics, sources))  # below a running progress bar
+            # one line, below a running progress bar: `eval at step 20: loss 2.3456 (arith_en 2.1012, translate …)`
+            per = [f"{s} {metrics[key]:.4f}" for s in sources if (key := source_metric(s) + "_loss") in metrics]
+            tqdm.write(f"eval at step {self.state.global_step}: loss {metrics.get('eval_loss', float('nan')):.4f}"
+                       + (f" ({', '.join(per)})" if per else ""))
             self.printed_eval = self.state.global_step  # the evaluation after training repeats the last one
         return metrics
 
@@ -82,42 +91,12 @@ class SourceEvalSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def eval_line(step: int, metrics: dict, sources: list[str]) -> str:
-    """One evaluation on one line: `eval at step 20: loss 2.3456 (arith_en 2.1012, translate 2.5120)`."""
-    per = [f"{s} {metrics[key]:.4f}" for s in sources if (key := source_metric(s) + "_loss") in metrics]
-    return f"eval at step {step}: loss {metrics.get('eval_loss', float('nan')):.4f}" + (
-        f" ({', '.join(per)})" if per else "")
-
-
-class _NoEvalDicts:
-    """Mixed into the Trainer's console printer: eval dicts (`evaluate` prints one line) and the end-of-training
-    speed dict (the summary table shows it) are not printed; they stay in the log history (trainer_state.json),
-    TensorBoard and wandb."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (logs and any(key.startswith("eval_") or key == "train_runtime" for key in logs)):
-            super().on_log(args, state, control, logs=logs, **kwargs)
-
-
-def _print_no_eval_dicts(trainer) -> None:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for callback in list(trainer.callback_handler.callbacks):
-        if type(callback) in (ProgressCallback, PrinterCallback):
-            trainer.callback_handler.remove_callback(callback)
-            trainer.callback_handler.add_callback(type(f"Compact{type(callback).__name__}",
-                                                       (_NoEvalDicts, type(callback)), {})())
-
-
 def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
-    """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter.
-
-    `data`: the run's datasets as `prepare.prepare_datasets` prepared them, or a chat-record train set (and
-    `eval_dataset`), prepared here. With `report.eval_per_source` and more than one source, every evaluation also
-    reports each source's loss. Its checkpoints carry a completion record and fingerprint
-    (`checkpoints.CheckpointRecord`), and SIGTERM/SIGINT stop it at a step boundary after a checkpoint
-    (`signals.GracefulStop`)."""
+    """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter; its
+    checkpoints carry a completion record and SIGTERM/SIGINT stop it at a step boundary after a checkpoint.
+    `data`: the run's `prepare.Prepared` datasets, or a chat-record train set (and `eval_dataset`), prepared here."""
     from peft.utils.error import NoMatchingPeftModuleError
+    from transformers.integrations import TensorBoardCallback
 
     from .decisions import decide_activation_checkpointing
     from .model import name_the_cpu_to_deepspeed
@@ -146,15 +125,17 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
         raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first_line(exc)}); check "
                           "model.name_or_path, the network or HF_TOKEN") from None
-    _pin_tensorboard_dir(trainer, recipe.checkpoint_dir / "runs")
+    # TensorBoard writes to `{checkpoint_dir}/runs`; unpinned, an eval before training (the writer is not yet set
+    # up) goes to `./runs` in the working directory and the rest to a dated folder under the checkpoints.
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(recipe.checkpoint_dir / "runs")
     return trainer
 
 
 def _eval_sets(recipe: Recipe, eval_dataset):
     """The eval set, or with `report.eval_per_source` and several sources {OVERALL: all, "eval/<source>": …}."""
-    if eval_dataset is None or not recipe.report.eval_per_source:
-        return eval_dataset
-    sources = sorted(set(eval_dataset["source"]))
+    sources = sorted(set(eval_dataset["source"])) if eval_dataset is not None and recipe.report.eval_per_source else []
     if len(sources) < 2:  # one source: its loss is the overall loss
         return eval_dataset
     column = eval_dataset["source"]
@@ -162,23 +143,11 @@ def _eval_sets(recipe: Recipe, eval_dataset):
                                                                              if v == s]) for s in sources}}
 
 
-def _pin_tensorboard_dir(trainer, directory: Path) -> None:
-    """TensorBoard writes to `{checkpoint_dir}/runs`; without this, an eval before training (the writer is not yet
-    set up) goes to `./runs` in the working directory and the rest to a dated folder under the checkpoints."""
-    from transformers.integrations import TensorBoardCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = str(directory)
-
-
 def score_labelled_positions_only(model) -> None:
-    """Make TRL's fused LM head on `model` score only the positions that carry a label on CPU too, as it does on
-    Triton devices. TRL scores every position (padding and prompt included) elsewhere to keep tile shapes fixed
-    for compiled backends such as Neuron; eager CPU has no such constraint, and scoring all positions costs +26 %
-    time per token on the benchmark job (README, Performance). The fused forward TRL bound to this model is bound
-    again, to this model only, with a device test that also says yes on CPU; TRL's module is left as it is. A
-    no-op if TRL's forward no longer consults `TRL_DEVICE_TEST` (tests/test_perf.py then fails)."""
+    """Make TRL's fused LM head on `model` score only labelled positions on CPU too, as on Triton devices: TRL scores
+    every position elsewhere to keep tile shapes fixed for compiled backends (Neuron); on eager CPU that costs +26 %
+    time per token on the benchmark job (README, Performance). The forward TRL bound is bound again, to this model
+    only, with a device test that also says yes on CPU; a no-op if it no longer consults `TRL_DEVICE_TEST`."""
     fused = getattr(model.forward, "__func__", None)
     if fused is None or TRL_DEVICE_TEST not in fused.__code__.co_names or TRL_DEVICE_TEST not in fused.__globals__:
         return
