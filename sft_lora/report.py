@@ -35,7 +35,8 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
 
 def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[str, float] | None,
                 sources: list[str]) -> dict[str, Any]:
-    """Steps, tokens, speed, losses, per-source eval and speed settings of a finished run, for the summary."""
+    """Steps, tokens, speed, losses (eval before the first step and after the last too), per-source eval and speed
+    settings of a finished run, for the summary."""
     history, args = trainer.state.log_history, trainer.args
     before, after = before or {}, after or {}
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
@@ -48,6 +49,7 @@ def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[st
         by_source[source] = {"before": before.get(key), "after": after.get(key),
                              "best": min(p[1] for p in evals[source])}
     return {
+        "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
         "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
         "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
@@ -60,9 +62,9 @@ def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[st
     }
 
 
-def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
+def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
     """Write `summary.json` and `loss.png` (train, eval and each source's eval loss against the step) into
-    `directory`, each file replaced atomically; return the JSON path."""
+    `directory`, each file replaced atomically."""
     directory = Path(directory)
     train, evals = summary.get("train_losses") or [], summary.get("eval_history") or {}
     summary["plot"] = None
@@ -91,7 +93,6 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> Path:
         summary["plot"] = str(directory / PLOT_FILE)
     summary["summary_file"] = str(directory / SUMMARY_FILE)
     write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
-    return directory / SUMMARY_FILE
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -169,8 +169,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: d
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0
               for k, v in log.items() if k.startswith("eval_")} or None
     after = trainer.evaluate() if evaluate else None
-    summary.update(eval_loss_before=(before or {}).get("eval_loss"), eval_loss_after=(after or {}).get("eval_loss"),
-                   world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
+    summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
                    peak_memory_gib=peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)
     summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
