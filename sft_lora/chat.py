@@ -17,8 +17,7 @@ from .turns import template_kwargs
 
 
 def load(model_dir: str | Path):
-    """(model, tokenizer, system prompt, chat-template variables) from an adapters directory (base + adapter) or a
-    merged model directory: what training rendered prompts with (`turns.template_kwargs`)."""
+    """(model, tokenizer, system prompt, template variables) of an adapters dir (base + adapter) or a merged model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -54,8 +53,7 @@ def load(model_dir: str | Path):
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, streamer=None, template_kwargs: dict | None = None) -> dict[str, Any]:
-    """One assistant answer to `messages`, its prompt rendered as training rendered prompts (`template_kwargs`):
-    {text, stopped (ended on EOS by itself), tokens}."""
+    """One answer to `messages`, its prompt rendered as in training: {text, stopped (on EOS by itself), tokens}."""
     import torch
 
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,

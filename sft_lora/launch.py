@@ -107,8 +107,7 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
 
 
 def relaunch(recipe: Recipe, argv: list[str]) -> None:
-    """Start this same command under `accelerate launch` with the recipe's accelerate config, after checking the
-    pair, so a bad combination fails here in one line instead of in every launched process."""
+    """This command again under `accelerate launch`, the pair checked first: a bad one fails once, not per process."""
     path = resolve_config(recipe.accelerate_config, f"{recipe.source}: accelerate_config")
     check_launch(recipe, read_config(path), str(path))
     accelerate = Path(sys.executable).with_name("accelerate")

@@ -73,8 +73,7 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
 
 
 def adapter_sha256(adapter_dir: Path) -> str:
-    """sha256 of what a merge is made from: every file of the adapters directory but the run's report files, which
-    training rewrites after merging (the summary, its plot, the card)."""
+    """sha256 of the adapter files a merge is made from: not the report files training rewrites after merging."""
     from .fingerprint import file_sha256
     from .report import PLOT_FILE, SUMMARY_FILE
 

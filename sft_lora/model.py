@@ -96,8 +96,7 @@ def check_qlora_backend(recipe: Recipe) -> None:
 
 def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,
                      vocab_size: int = 2048, seed: int = 0) -> Path:
-    """The embedded tiny model, so the default job and the tests run with no GPU and no hub: a random-init Llama and
-    a BPE tokenizer learnt from `data` (a `data.path` value), written to `out_dir` whole or not at all."""
+    """The embedded tiny model (random Llama, BPE learnt from `data`), for runs with no GPU and no hub; atomic."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -145,8 +144,7 @@ def _offline() -> bool:
 
 
 def check_reachable(recipe: Recipe) -> None:
-    """RecipeError when the recipe names a model or data set by hub id and the hub does not answer within 5 s (the hub
-    client would retry for about a minute first)."""
+    """A hub id the hub does not answer for within 5 s: one line now, not a minute of the hub client's retries."""
     names = [(key, value) for key, value in (("model.name_or_path", recipe.model.name_or_path),
                                              ("data.path", recipe.data.path))
              if isinstance(value, str) and looks_like_hub_id(value)
@@ -176,8 +174,7 @@ def check_push(recipe: Recipe) -> None:
 
 
 def push_outputs(recipe: Recipe) -> str:
-    """Upload the merged model (the adapters when the run does not merge), model card included, to the private (if
-    new) repo `output.push_to_hub`; return the commit URL."""
+    """Upload the merged model (else the adapters), card included, to `output.push_to_hub` (private if new); its URL."""
     from huggingface_hub import HfApi
 
     repo = recipe.output.push_to_hub

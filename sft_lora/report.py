@@ -35,8 +35,7 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
 
 def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[str, float] | None,
                 sources: list[str]) -> dict[str, Any]:
-    """Steps, tokens, speed, losses (eval before the first step and after the last too), per-source eval and speed
-    settings of a finished run, for the summary."""
+    """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args
     before, after = before or {}, after or {}
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
@@ -63,8 +62,7 @@ def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[st
 
 
 def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
-    """Write `summary.json` and `loss.png` (train, eval and each source's eval loss against the step) into
-    `directory`, each file replaced atomically."""
+    """Write `summary.json` and `loss.png` (train, eval, per-source eval loss by step) into `directory`, atomically."""
     directory = Path(directory)
     train, evals = summary.get("train_losses") or [], summary.get("eval_history") or {}
     summary["plot"] = None
@@ -138,8 +136,7 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:
-    """README.md of a merged model (`merged_into` says into which weights) or, without it, of the adapters: from
-    what training left in the adapters directory (the recipe and, if present, summary.json)."""
+    """README.md of the adapters or, with `merged_into` (into which weights), of the merged model; from the adapters."""
     summary_file = Path(adapter_dir) / SUMMARY_FILE
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into)
@@ -156,8 +153,7 @@ def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list
 
 
 def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "") -> str:
-    """Metadata through huggingface_hub's `ModelCardData`; body: base model, method, data sources with their record
-    counts and eval losses, how to load it, and the resolved recipe (secrets redacted)."""
+    """The card: `ModelCardData` metadata, base model, method, data table, how to load it, recipe (secrets redacted)."""
     from huggingface_hub import ModelCardData
 
     from .outputs import redact
@@ -207,8 +203,7 @@ def _usage(adapters: bool) -> list[str]:
 
 
 def base_license(base_model: str) -> str | None:
-    """The license the base model's own card names (a local directory's README.md, or a hub model's README in the
-    local cache; never the network); None when unknown."""
+    """The license the base model's own card names (local dir, or the hub cache; never the network), else None."""
     from huggingface_hub import ModelCard, hf_hub_download
 
     readme = Path(base_model) / "README.md"

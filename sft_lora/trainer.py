@@ -163,8 +163,7 @@ def score_labelled_positions_only(model) -> None:
 
 
 def configure_wandb(recipe: Recipe) -> None:
-    """wandb as in the seed (project RAPA); offline when no API key is configured, so no network never crashes. A
-    missing wandb or a malformed WANDB_API_KEY fails here in one line, not in a traceback at the first step."""
+    """wandb offline unless a key or login exists (no network never crashes); no wandb or a bad key: one line now."""
     import importlib.util
 
     if "wandb" not in recipe.training.report_to:
