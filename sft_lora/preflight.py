@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from . import rows as figures
 from .config import Recipe, RecipeError
 from .prepare import Prepared, report_rows
@@ -131,8 +133,6 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
 
 def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
     """Fill `report.failures` (and warnings) from the numbers."""
-    import numpy as np
-
     def record(index: int) -> str:
         prompt = records[index]["prompt"]
         question = prompt[-1]["content"] if prompt else ""

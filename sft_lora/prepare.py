@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import RecipeError
+from .turns import multi_turn, render_template, tokenize_conversations
+
 logger = logging.getLogger(__name__)
 
 VERSION = "4"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
@@ -47,8 +50,6 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
     `completion_only`), cut to `max_length` (keep the start; None: no cut), one row per record (kept columns such as
     `source` beside), plus the report's columns. `cache`: True (the default directory), a directory, or False."""
     import datasets
-
-    from .turns import render_template, tokenize_conversations
     kept = [c for c in dataset.column_names if c not in ("prompt", "completion")]  # e.g. `source`, as TRL keeps it
     int32 = datasets.Value("int32")
     features = datasets.Features({"input_ids": datasets.Sequence(int32), "labels": datasets.Sequence(int32),
@@ -145,15 +146,12 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     rule). With packing TRL still packs (bfd cuts each document, as TRL's own path does). `Prepared.args`: `args`
     rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
-
-    from .turns import multi_turn
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         tokenizer.eos_token = args.eos_token
     datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
     reason = next(filter(None, (unsupported(args, d) for d in datasets)), None)
     if reason and any(multi_turn(d) for d in datasets):
-        from .config import RecipeError
         raise RecipeError(f"multi-turn conversations need sft_lora's data preparation, which does not apply "
                           f"({reason}); drop that setting or set data.mask_history: true")
     if reason:

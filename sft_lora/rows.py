@@ -4,8 +4,13 @@ per-row Python objects, so memory stays bounded however many records there are (
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from .config import Recipe, RecipeError
-from .prepare import DRIFT, LENGTH, LOSS, PROMPT
+from .data import paths
+from .prepare import DRIFT, LENGTH, LOSS, PROMPT, report_rows
 
 IGNORE = -100  # the label of a token that carries no loss
 CHUNK = 10_000  # rows per numpy pass: ~2.5 M tokens, tens of MB
@@ -46,9 +51,6 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
     """Numpy arrays, one entry per row: `prompt`, `length` (tokens before the answer, and in all, untruncated),
     `tokens`, `loss` (as trained), `stop` (a stop token carries loss), `lost_loss` (loss tokens truncation removes),
     `drift` (`prepare.DRIFT`), `code`/`entry_code` (index of the row's source/file in `names`/`entry_names`)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     parts, labels = [], {"": [], "entry_": []}
     for batch in rows.with_format("arrow").iter(batch_size=CHUNK):
         parts.append(_chunk_stats(batch, cut, np.asarray(stop_ids)))
@@ -65,8 +67,6 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
 
 
 def _chunk_stats(batch, cut: Cut, stop_ids) -> dict[str, Any]:
-    import numpy as np
-    import pyarrow.compute as pc
     labels = batch.column("labels").combine_chunks()
     bounds = labels.offsets.to_numpy().astype(np.int64)
     bounds -= bounds[0]
@@ -97,14 +97,12 @@ def trained_row(rows, index: int, cut: Cut) -> tuple[list[int], list[int]]:
 
 def percentiles(values) -> dict[str, int]:
     """p50, p90, p99 and max of `values` (0s when empty)."""
-    import numpy as np
     points = np.percentile(values, (50, 90, 99, 100), method="nearest") if len(values) else (0, 0, 0, 0)
     return dict(zip(("p50", "p90", "p99", "max"), map(int, points), strict=True))
 
 
 def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[str, Any]]:
     """Per name (entry or source): records, tokens and loss tokens as trained, and the share of all loss tokens."""
-    import numpy as np
     total = int(stats["loss"].sum()) or 1
     out = {}
     for k, name in enumerate(stats[names]):
@@ -118,7 +116,6 @@ def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[s
 def by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, Any]]:
     """Per source (those in the data and those `check.sources` names): rows, trainable rows, prompt and answer
     p50/max, tokens, loss tokens and their share, truncated rows."""
-    import numpy as np
     table = mix_table(stats, "code", "names")
     out = {}
     for source in sorted(set(table) | set(sources)):
@@ -146,7 +143,6 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
     """(description, packing fill, padding fill or None, packed rows) of rows of these trained lengths: TRL's own
     `pack_dataset` packs a column of the lengths alone (null values: no token copied); padded batches are padded to
     their longest row, in a seeded random order like the trainer's sampler."""
-    import numpy as np
     strategy, batch = args.packing_strategy, int(args.per_device_train_batch_size)
     packed_rows, efficiency = 0, 0.0
     if max_length and len(lengths):
@@ -170,9 +166,6 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
 
 def _pack(lengths, max_length: int, strategy: str) -> tuple[int, float]:
     """(packed rows, share of their tokens that are data) when TRL packs rows of these lengths."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     from datasets import Dataset
     from datasets.table import InMemoryTable
     from trl.data_utils import pack_dataset
@@ -205,8 +198,6 @@ def length_notice(rows, args, max_length: int | None, origin: str) -> None:
 
 def check_lengths(recipe: Recipe, tokenizer, data) -> None:
     """`length_notice` for the training and the evaluation records of a run (`prepare.Prepared`)."""
-    from .data import paths
-    from .prepare import report_rows
     origin = " + ".join(paths(recipe.data.path))
     length_notice(report_rows(data, tokenizer), data.args, data.max_length, origin)
     length_notice(report_rows(data, tokenizer, "eval"), data.args, data.max_length,
