@@ -1,7 +1,6 @@
 """Records → chat examples: read json/jsonl/dir/hub records, validate them, weight and mix several files, split eval.
-
-A record is `{input, output, source?}` or a conversation (`turns.py`), told apart by its keys. Each becomes TRL's
-conversational prompt/completion form: the prompt is the (system and) first user turn, the completion the rest."""
+A record is `{input, output, source?}` or a conversation (`turns.py`), told apart by its keys; each becomes TRL's
+conversational prompt/completion form (`turns.chat`)."""
 
 import json
 import math
