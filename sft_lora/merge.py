@@ -74,8 +74,8 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
 
 def adapter_sha256(adapter_dir: Path) -> str:
     """sha256 of the adapter files a merge is made from: not the report files training rewrites after merging."""
-    from .fingerprint import file_sha256
     from .report import PLOT_FILE, SUMMARY_FILE
+    from .resume import file_sha256
 
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
                                                                                         "README.md"))

@@ -22,12 +22,10 @@ import yaml
 
 from .config import RECIPE_FILE, Recipe, RecipeError, first_line
 from .data import paths
-from .fingerprint import data_sha256, recipe_sha256
 from .keys import is_secret_name
+from .resume import data_sha256, recipe_sha256
 
 MANIFEST_FILE = "manifest.json"
-PACKAGES = ("sft_lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-            "tokenizers", "safetensors")
 
 
 @contextlib.contextmanager
@@ -168,7 +166,8 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "data_sha256": data_sha256(recipe),
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         "seed": recipe.training.seed, "base_model": recipe.model.name_or_path,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in ("sft_lora", "torch", "transformers", "trl", "peft", "datasets",
+                                                       "accelerate", "bitsandbytes", "tokenizers", "safetensors")},
         "python": platform.python_version(),
         "git": git_state(Path(__file__).resolve().parents[1]),
         "hardware": {"system": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),

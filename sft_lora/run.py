@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return _stopped(exc, args, 128 + signal.SIGINT)
     except Exception as exc:
-        from .signals import TrainingInterrupted, exit_code  # here, not at the top: it imports transformers
+        from .callbacks import TrainingInterrupted  # here, not at the top: it imports transformers
 
         if not isinstance(exc, TrainingInterrupted):
             _stopped(exc, args, 1)
             raise
         print(f"interrupted: {exc}", file=sys.stderr)
-        return _stopped(exc, args, exit_code(exc.signum))
+        return _stopped(exc, args, 128 + exc.signum)
     return 0
 
 
@@ -151,9 +151,8 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 def _fit(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
-    from .checkpoints import save_failure
+    from .callbacks import interruptible, save_failure
     from .outputs import peak_memory_gib, replicas_agree, save_adapters
-    from .signals import interruptible
 
     try:
         with interruptible(trainer):

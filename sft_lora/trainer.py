@@ -11,9 +11,8 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from .checkpoints import CheckpointRecord
+from .callbacks import CheckpointRecord, GracefulStop
 from .config import Recipe, RecipeError, first_line
-from .signals import GracefulStop
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 # The one private TRL name sft_lora relies on: the device test with which TRL's fused LM head

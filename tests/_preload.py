@@ -6,7 +6,6 @@ import torch  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
 from trl import SFTConfig, SFTTrainer  # noqa: F401
 
-import sft_lora.checkpoints  # noqa: F401
+import sft_lora.callbacks  # noqa: F401
 import sft_lora.data  # noqa: F401
 import sft_lora.run  # noqa: F401
-import sft_lora.signals  # noqa: F401

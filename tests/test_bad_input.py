@@ -22,8 +22,9 @@ from types import SimpleNamespace
 import pytest
 
 from sft_lora import merge, run
-from sft_lora.checkpoints import RECORD, CheckpointRecord, incomplete_reason
+from sft_lora.callbacks import CheckpointRecord
 from sft_lora.config import load_recipe
+from sft_lora.resume import RECORD, incomplete_reason
 
 from .children import run as run_child
 from .conftest import ROOT, write_recipe

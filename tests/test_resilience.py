@@ -20,9 +20,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sft_lora.checkpoints import RECORD, incomplete_reason
 from sft_lora.config import RecipeError, load_recipe
-from sft_lora.resume import select_checkpoint
+from sft_lora.resume import RECORD, incomplete_reason, select_checkpoint
 
 from .children import Child, run
 from .conftest import ROOT, SAMPLE, write_recipe
@@ -167,8 +166,7 @@ def test_resume_refuses_a_checkpoint_from_another_recipe_or_data_unless_forced(r
 
 
 def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_defaults(make_recipe, tmp_path):
-    from sft_lora.checkpoints import check_fingerprint, fingerprint
-    from sft_lora.fingerprint import weights_view
+    from sft_lora.resume import check_fingerprint, fingerprint, weights_view
 
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")

@@ -1,0 +1,132 @@
+"""Trainer callbacks (README, Reliability): each checkpoint's completion record, written last; on SIGTERM/SIGINT a
+checkpoint at the next step boundary, then exit 128 + the signal (143, 130); a second signal exits at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .config import Recipe, RecipeError
+from .outputs import fsync, readable, write_atomic, write_error
+from .resume import RECORD, fingerprint
+
+
+class CheckpointRecord(TrainerCallback):
+    """Writes `sft_lora_checkpoint.json` into each checkpoint once all its files are on disk (Trainer marks no end):
+    each file's size and the run's fingerprint. Resume trusts only checkpoints whose files match their record."""
+
+    def __init__(self, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None) -> None:
+        self.recipe, self.counts = recipe, counts or {}  # records by source, for the checkpoint's model card
+        self.fingerprint = fingerprint(recipe)
+        self.saving: Path | None = None  # the checkpoint being written, between on_step_end and on_save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A save is about to rewrite this directory (a fresh run over an old one): an old record must not vouch
+        # for files that are being replaced. Trainer has no "before save" event; on_step_end is the last one.
+        if control.should_save:
+            self.saving = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero:
+                (self.saving / RECORD).unlink(missing_ok=True)
+
+    on_epoch_end = on_step_end  # an epoch-end save too
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its shards before rank 0 lists them
+        if not state.is_world_process_zero:
+            return
+        from .report import checkpoint_card
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,
+                                                               state.global_step))  # not PEFT's blank template
+        files = {}
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
+            readable(path)  # Trainer's weights come 0600 from safetensors; as the umask says, like every file
+            fsync(path)
+            files[str(path.relative_to(checkpoint))] = path.stat().st_size
+        record = {"step": state.global_step, **self.fingerprint, "files": files}
+        write_atomic(checkpoint / RECORD, json.dumps(record, indent=1, default=str) + "\n")
+        fsync(checkpoint)
+        self.saving = None
+
+
+def save_failure(trainer, exc: BaseException) -> RecipeError | None:
+    """A one-line error when `exc` escaped `trainer.train()` because a checkpoint could not be written (disk full,
+    read-only); None for any other error. The checkpoint it leaves has no record, so resume skips it."""
+    saving = next((cb.saving for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointRecord)), None)
+    if saving is None or (reason := write_error(exc)) is None:
+        return None
+    return RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
+                       "then run again with --resume (this incomplete checkpoint is skipped)")
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving `checkpoint` at `step`."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+
+
+class GracefulStop(TrainerCallback):
+    """Installs the handlers for the length of `Trainer.train` (Python's defaults apply outside it)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        # os.write, not print: a handler may interrupt a print in progress, and print is not reentrant.
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"\n{name} again: exiting now without saving\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (again to exit now)\n".encode())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Any process's signal stops every rank at the same step: the save is a collective under ZeRO.
+            flag = torch.tensor([0 if self.signum is None else self.signum], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if self.signum is None and int(flag.item()):
+                self.signum = int(flag.item())
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@contextlib.contextmanager
+def interruptible(trainer) -> Iterator[None]:
+    """Around `trainer.train()`: restores Python's handlers even when training fails (on_train_end does not), then
+    raises TrainingInterrupted if it stopped on a signal (a checkpoint is saved; nothing final may be written)."""
+    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GracefulStop))
+    try:
+        yield
+    finally:
+        stop.restore()
+    if stop.signum is not None:
+        step = trainer.state.global_step
+        raise TrainingInterrupted(stop.signum, step, os.path.join(trainer.args.output_dir, f"checkpoint-{step}"))
