@@ -1,8 +1,6 @@
 """Trainer callbacks (README, Reliability): each checkpoint's completion record, written last; on SIGTERM/SIGINT a
 checkpoint at the next step boundary, then exit 128 + the signal (143, 130); a second signal exits at once."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

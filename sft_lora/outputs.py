@@ -1,8 +1,6 @@
 """What a run writes: every file and directory all at once (built in a temporary sibling, then renamed, so a crash
 leaves only `<name>.tmp-*`), the adapters with their manifest, and the output directories checked before training."""
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json

@@ -1,8 +1,6 @@
 """Resume: the fingerprint of what shapes a run's weights, the checkpoints whose completion record vouches for them,
 which one a run resumes from (also a shorter run's), whether anything is left to train (README, Reliability)."""
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import hashlib
