@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -222,6 +221,8 @@ def _version(name: str) -> str | None:
 
 def peak_memory_gib() -> float:
     """Peak GPU memory of this process (or peak RSS on CPU), GiB."""
+    import resource  # Unix only
+
     import torch
 
     if torch.cuda.is_available():

@@ -174,8 +174,7 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
             print(f"resuming from {path}")
             return str(path)
         print(f"notice: skipping {path}: incomplete ({reason})")
-    others = [p for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine for p in _checkpoints(d)]
-    for earlier in sorted(others, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+    for earlier in _checkpoints(*(d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine)):
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
             state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))
             epochs = state.get("num_train_epochs")
@@ -188,14 +187,17 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
                       "(with --force-resume for an incomplete one)")
 
 
-def _checkpoints(directory: Path) -> list[Path]:  # highest step first
-    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
+    found = [p for d in directories for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
 def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     """When `checkpoint` ends the run `recipe` asks for (same recorded length) and the adapters were saved after it:
     say so, merge if asked and not yet done, return the run's summary; None when there is training left."""
+    from accelerate import PartialState
+
+    from .merge import merge_adapter
     from .report import SUMMARY_FILE
 
     checkpoint = Path(checkpoint)
@@ -212,11 +214,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     print(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "
           f"its adapters are saved in {recipe.adapters_dir}; to train longer raise training.num_train_epochs or "
           "training.max_steps")
-    from accelerate import PartialState
-
     if recipe.output.merge and PartialState().is_main_process:
-        from .merge import merge_adapter
-
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)  # up to date: writes nothing
     return summary
 
