@@ -31,11 +31,8 @@ class Entry:
     weight: float = 1.0
 
 
-class BadRecord:
-    """A record that could not be read (bad JSON, bad UTF-8); it fails the run or is skipped like any bad one."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+class BadRecord(str):
+    """Why a record could not be read (bad JSON, bad UTF-8); it fails the run or is skipped like any bad one."""
 
 
 def entries(value: Any, key: str = "data.path") -> list[Entry]:
@@ -166,7 +163,7 @@ def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -
     pairs; a bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped (`skip`)."""
     prompts, completions, sources, skipped, first_skipped = [], [], [], 0, ""
     for where, record in records:
-        turns = record.reason if isinstance(record, BadRecord) else chat(record, args)
+        turns = record if isinstance(record, BadRecord) else chat(record, args)
         if isinstance(turns, str):
             if args.on_bad_record != "skip":
                 raise RecipeError(f"{where}: {turns}")

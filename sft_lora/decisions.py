@@ -14,7 +14,6 @@ def decide_hardware(recipe) -> None:
     """bf16 where the GPU supports it, fp32 on CPU, where TRL's bf16 default is ~30 % slower (README, The recipe);
     `use_cpu` without a GPU, else processes started by `accelerate launch` never form a process group on CPU."""
     import torch
-
     gpu = torch.cuda.is_available()
     bf16 = bool(gpu and torch.cuda.is_bf16_supported())
     _default(recipe, "bf16", bf16, "bf16 where the GPU supports it, fp32 on CPU")
@@ -34,7 +33,6 @@ def decide(recipe) -> None:
     """The choices that read the built SFTConfig: padding-free batches (the same examples per step as padded ones,
     so losses match plain TRL step by step; README, Performance), attention, end-of-turn token."""
     from .prepare import unsupported_settings
-
     reason = unsupported_settings(recipe.training)
     rule = "where sft_lora's data preparation applies" + (f"; it does not here: {reason}" if reason else "")
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
@@ -58,7 +56,6 @@ def _choose_attention(recipe, args) -> str | None:
     (block-sparse document mask), fastest in README's H200 table: 28,018 tokens/s vs 15,534 for `sdpa`'s dense mask
     and 4,617 for `sdpa_documents`, which serves elsewhere (flex_attention has no backward on CPU)."""
     import torch
-
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
     if not padding_free or recipe.model.attn_implementation is not None:
         return None
@@ -83,7 +80,6 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
     import numpy as np
     import torch
     from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code).get_text_config()
@@ -101,7 +97,6 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
         tokens = rows * (args.max_length or 1024)
     else:  # padding-free: the longest rows of the data, not max_length, bound a micro-batch
         import pyarrow.compute as pc
-
         lengths = pc.list_value_length(train_dataset.data.column("input_ids")).to_numpy()
         tokens = int(np.sort(lengths)[-rows:].sum())
     # Saved activations per token and layer for LoRA on a Llama-style block: 10·hidden + 4·intermediate elements
@@ -126,7 +121,6 @@ def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: f
     row: the documents its positions mark; several rows: each row), within the layer's sliding window if any."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if attention_mask is not None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -159,7 +153,6 @@ def sdpa_documents_mask(*args, attention_mask=None, q_length=None, kv_length=Non
                         **kwargs):
     """No mask for a batch without padding (the attention above finds the documents); sdpa's mask otherwise."""
     from transformers.masking_utils import sdpa_mask
-
     if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
@@ -170,7 +163,6 @@ def register() -> str:
     """Register `sdpa_documents` with transformers (idempotent); return its name for `attn_implementation`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(ATTENTION, sdpa_documents_forward)
     AttentionMaskInterface.register(ATTENTION, sdpa_documents_mask)
     return ATTENTION

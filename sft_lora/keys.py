@@ -51,7 +51,7 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
         hint, default = fields[key]
         out[key] = value = _coerce(value, hint, default)
         if not _type_ok(value, hint, default):
-            kind = type(default).__name__ if hint is Any or isinstance(hint, str) else (
+            kind = type(default).__name__ if hint is Any else (
                 getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
             raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}")
     return out
@@ -137,7 +137,6 @@ def check_combinations(recipe) -> None:
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
     from .data import entries
-
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
         try:
             entries(getattr(data, key), f"data.{key}")
@@ -173,7 +172,7 @@ def _accepts(hint: Any, kind: type) -> bool:
 
 
 def _type_ok(value: Any, hint: Any, default: Any) -> bool:
-    if hint is Any or isinstance(hint, (str, typing.TypeVar)):
+    if hint is Any or isinstance(hint, typing.TypeVar):
         if default is None or default is inspect.Parameter.empty:
             return True
         hint = type(default)

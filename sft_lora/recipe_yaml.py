@@ -61,7 +61,6 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
 def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
     """(the recipe's data, `path:line` of every `section` and `section.key`); RecipeError for any problem."""
     from .config import RecipeError
-
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found; pass a path such as recipes/tiny.yaml")
     try:
@@ -89,7 +88,6 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
 def parse(text: str, where: str) -> Any:
     """(data, root node) of YAML `text`; RecipeError `where[:line]: not valid YAML (…)` for any problem."""
     from .config import RecipeError, first_line
-
     try:
         loader = RecipeLoader(text)  # in the try: libyaml refuses a lone surrogate here
         try:
@@ -112,7 +110,6 @@ def parse(text: str, where: str) -> Any:
 def value(text: str, item: str) -> Any:
     """An override's or flag's value, typed like YAML; RecipeError naming the override."""
     from .config import RecipeError
-
     try:
         data = parse(text, "command line")[0]
     except RecipeError as exc:

@@ -177,28 +177,25 @@ def _pack(lengths, max_length: int, strategy: str) -> tuple[int, float]:
     return len(packed), filled / (len(packed) * max_length) if len(packed) else 0.0
 
 
-def length_notice(rows, args, max_length: int | None, origin: str) -> None:
-    """A one-line notice when some records are longer than max_length (TRL truncates them, and drops those left
-    without an answer token, without a word); RecipeError when all are. Nothing where TRL does not truncate."""
-    if rows is None or max_length is None or args.packing:  # packing splits sequences instead
-        return
-    table = rows.with_format("arrow")[:]
-    length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
-    cut = length > max_length
-    n, truncated, longest = len(length), int(cut.sum()), int(length.max(initial=0))
-    dropped = int((cut & (prompt >= max_length)).sum()) if args.truncation_mode == "keep_start" else 0
-    if truncated == n:
-        raise RecipeError(f"{origin}: all {n} records are longer than training.max_length={max_length} tokens "
-                          f"(longest {longest}); raise training.max_length or shorten the records")
-    if truncated:
-        lost = f"; {dropped} of them lose their whole answer and are dropped" if dropped else ""
-        print(f"notice: {origin}: {truncated} of {n} records are longer than training.max_length={max_length} "
-              f"tokens and are truncated (longest {longest}){lost}")
-
-
 def check_lengths(recipe: Recipe, tokenizer, data) -> None:
-    """`length_notice` for the training and the evaluation records of a run (`prepare.Prepared`)."""
-    origin = " + ".join(paths(recipe.data.path))
-    length_notice(report_rows(data, tokenizer), data.args, data.max_length, origin)
-    length_notice(report_rows(data, tokenizer, "eval"), data.args, data.max_length,
-                  " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{origin} (eval split)")
+    """A one-line notice when some training or eval records of a run (`prepare.Prepared`) are longer than max_length
+    (TRL truncates them, and drops those left without an answer token, without a word); RecipeError when all are.
+    Nothing where TRL does not truncate."""
+    args, max_length, train = data.args, data.max_length, " + ".join(paths(recipe.data.path))
+    evaluation = " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{train} (eval split)"
+    for which, origin in (("train", train), ("eval", evaluation)):
+        rows = report_rows(data, tokenizer, which)
+        if rows is None or max_length is None or args.packing:  # packing splits sequences instead
+            continue
+        table = rows.with_format("arrow")[:]
+        length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
+        cut = length > max_length
+        n, truncated, longest = len(length), int(cut.sum()), int(length.max(initial=0))
+        dropped = int((cut & (prompt >= max_length)).sum()) if args.truncation_mode == "keep_start" else 0
+        if truncated == n:
+            raise RecipeError(f"{origin}: all {n} records are longer than training.max_length={max_length} tokens "
+                              f"(longest {longest}); raise training.max_length or shorten the records")
+        if truncated:
+            lost = f"; {dropped} of them lose their whole answer and are dropped" if dropped else ""
+            print(f"notice: {origin}: {truncated} of {n} records are longer than training.max_length={max_length} "
+                  f"tokens and are truncated (longest {longest}){lost}")
