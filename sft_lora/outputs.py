@@ -165,8 +165,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "seed": recipe.training.seed, "base_model": recipe.model.name_or_path,
         "packages": {name: _version(name) for name in ("sft_lora", "torch", "transformers", "trl", "peft", "datasets",
                                                        "accelerate", "bitsandbytes", "tokenizers", "safetensors")},
-        "python": platform.python_version(),
-        "git": git_state(Path(__file__).resolve().parents[1]),
+        "python": platform.python_version(), "git": git_state(Path(__file__).resolve().parents[1]),
         "hardware": {"system": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),
                      "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                      "cuda": torch.version.cuda if cuda else None, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -225,9 +224,8 @@ def peak_memory_gib() -> float:
 
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # Linux reports KiB
 
 
 def replicas_agree(trainer) -> bool | None:
@@ -235,8 +233,7 @@ def replicas_agree(trainer) -> bool | None:
     multi-node setup. None where there is one process or the weights are sharded (ZeRO-3, FSDP)."""
     from accelerate.utils import DistributedType, gather_object
 
-    accelerator = trainer.accelerator
-    plugin = accelerator.state.deepspeed_plugin
+    accelerator, plugin = trainer.accelerator, trainer.accelerator.state.deepspeed_plugin
     sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
     if accelerator.num_processes == 1 or sharded:
         return None

@@ -116,12 +116,11 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
 
 def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> None:
     """Refuse (RecipeError) a checkpoint whose recorded recipe or data differs from `recipe`'s, unless `force`."""
-    if not (problems := fingerprint_problems(checkpoint, recipe)):
-        return
-    message = f"{checkpoint}: made from {' and '.join(problems)}"
-    if not force:
-        raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
-    print(f"notice: {message}; resuming anyway (--force-resume)")
+    if problems := fingerprint_problems(checkpoint, recipe):
+        message = f"{checkpoint}: made from {' and '.join(problems)}"
+        if not force:
+            raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
+        print(f"notice: {message}; resuming anyway (--force-resume)")
 
 
 def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
