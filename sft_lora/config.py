@@ -1,6 +1,6 @@
-"""Recipe → one resolved configuration, built once: the upstream objects themselves (`lora` → peft.LoraConfig,
-`quantization` → BitsAndBytesConfig, `training` → trl.SFTConfig) plus the project's own sections, every key checked
-first (`keys.py`) so a typo fails in the recipe's words at file:line, and the library's choices (`decisions.py`)."""
+"""Recipe → one resolved configuration, built once: the upstream objects themselves (peft.LoraConfig,
+BitsAndBytesConfig, trl.SFTConfig) plus the own sections, every key checked first (`keys.py`) so a typo fails at
+file:line; and the library's choices (`decisions.py`)."""
 
 import dataclasses
 from dataclasses import dataclass, field
@@ -32,8 +32,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def printable(text: str) -> str:
-    """An error line echoing values, made safe to print: control characters and lone surrogates escaped (one line),
-    anything credential-shaped redacted."""
+    """An error line made safe to print: control characters and lone surrogates escaped, credentials redacted."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in keys.scrub(text))
 
 
@@ -105,7 +104,6 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
     mistake is a RecipeError naming the file, line, section and key."""
     path = Path(path)
     raw, where = recipe_yaml.read_recipe(path)
-    raw = raw or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, lora, training …)")
     for item in overrides:

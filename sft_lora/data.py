@@ -69,12 +69,10 @@ def paths(value: Any) -> list[str]:
 def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id."""
     p = Path(path)
-    if p.suffix in (".json", ".jsonl") and not p.is_file():
-        raise RecipeError(f"{p}: data file not found; check data.path")
-    if p.suffix == ".jsonl":
-        return _jsonl_records(p)
-    if p.suffix == ".json":
-        return _json_records(p)
+    if p.suffix in (".json", ".jsonl"):
+        if not p.is_file():
+            raise RecipeError(f"{p}: data file not found; check data.path")
+        return _jsonl_records(p) if p.suffix == ".jsonl" else _json_records(p)
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
         try:
@@ -130,8 +128,7 @@ def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
         raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check data.path") from None
     with handle:
         for n, line in enumerate(handle, 1):
-            if n == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
+            line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data
             if line.strip():
                 yield f"{p}:{n}", _parse_json_line(line)
 

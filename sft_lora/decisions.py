@@ -149,8 +149,7 @@ def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: f
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def sdpa_documents_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
-                        **kwargs):
+def sdpa_documents_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
     """No mask for a batch without padding (the attention above finds the documents); sdpa's mask otherwise."""
     from transformers.masking_utils import sdpa_mask
     if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:

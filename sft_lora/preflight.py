@@ -111,6 +111,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     stats = figures.row_stats(rows, cut, stop_ids)
     packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"], args, data.max_length)
     example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
+    how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
     report = Report(
         rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
         max_length=data.max_length, records_by_source=figures.records_by_source(rows),
@@ -119,7 +120,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         answer_tokens=figures.percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),
         truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
-        truncated_loss_tokens=int(stats["lost_loss"].sum()), truncation=_truncation_words(args, data.max_length),
+        truncated_loss_tokens=int(stats["lost_loss"].sum()),
+        truncation="(no max_length)" if data.max_length is None else f"at {data.max_length} ({how})",
         stop_tokens=[tokenizer.convert_ids_to_tokens(i) for i in sorted(stop_ids)],
         rows_with_stop=int(stats["stop"].sum()), no_loss_rows=int((stats["loss"] == 0).sum()), packing=packing,
         packing_efficiency=efficiency, padding_efficiency=padding, packed_rows=packed_rows,
@@ -175,11 +177,6 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                                "truncation")
 
 
-def _truncation_words(args, max_length: int | None) -> str:
-    how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
-    return "(no max_length)" if max_length is None else f"at {max_length} ({how})"
-
-
 def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """A row's text as trained, with the loss-carrying spans in brackets."""
     parts, start = [], 0
@@ -222,15 +219,14 @@ def model_modules(recipe: Recipe) -> dict[str, str] | None:
     return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}
 
 
-def check_target_modules(recipe: Recipe, modules: dict[str, str] | None = None) -> None:
+def check_target_modules(recipe: Recipe) -> None:
     """RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model: PEFT fails
     only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
     the native Llama modules trains attention only)."""
     targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
     if targets is None or targets == "all-linear":
         return
-    modules = model_modules(recipe) if modules is None else modules
-    if not modules:
+    if not (modules := model_modules(recipe)):
         return
     if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
         what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"

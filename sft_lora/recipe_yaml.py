@@ -82,7 +82,7 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
         if problem := _out_of_range(number):
             at = where.get(dotted) or where.get(dotted.split(".")[0]) or path
             raise RecipeError(f"{at}: {dotted} must be {problem}, got {number!r}")
-    return raw, where
+    return raw or {}, where
 
 
 def parse(text: str, where: str) -> Any:

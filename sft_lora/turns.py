@@ -14,15 +14,14 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
     """(prompt, completion) turns of a record, or what is wrong: the prompt ends before the first assistant turn (the
     last with `data.mask_history`); its system turn, else `data.system_prompt`, goes atop the first user turn with
     `fold_system_prompt` (for templates without a usable system role)."""
-    source = record.get(args.source_field) if isinstance(record, dict) else None
-    if source is not None and not isinstance(source, str):
+    if not isinstance(record, dict):
+        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
+    if (source := record.get(args.source_field)) is not None and not isinstance(source, str):
         return f"'{args.source_field}' must be a string, got {type(source).__name__}"
-    if isinstance(record, dict) and ("messages" in record or "conversations" in record):
+    if "messages" in record or "conversations" in record:
         turns = _conversation(record)
         if isinstance(turns, str):
             return turns
-    elif not isinstance(record, dict):
-        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
     else:
         for key in (args.input_field, args.output_field):
             if key not in record:
@@ -110,8 +109,8 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
             prompt_ids, ids = encoded[k], encoded[len(single) + k]
             out[n] = (ids, [(common_prefix_length(prompt_ids, ids), len(ids))], not full[k].startswith(rendered[k]))
     if multi:
-        turns = tokenize_turns(tokenizer, [prompts[n] + completions[n] for n in multi], template, kwargs or {})
-        for n, row in zip(multi, turns, strict=True):
+        conversations = [prompts[n] + completions[n] for n in multi]
+        for n, row in zip(multi, tokenize_turns(tokenizer, conversations, template, kwargs or {}), strict=True):
             out[n] = row
     return out
 
