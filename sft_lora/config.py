@@ -100,8 +100,8 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe, apply `section.key=value` overrides then seed flags (the command line wins), resolve; any
-    mistake is a RecipeError naming the file, line, section and key."""
+    """Read a recipe, apply `section.key=value` overrides then seed flags (the command line wins), resolve; a mistake
+    is a RecipeError naming file:line and key."""
     path = Path(path)
     raw, where = recipe_yaml.read_recipe(path)
     if not isinstance(raw, dict):
@@ -208,7 +208,6 @@ def read_saved_recipe(directory: str | Path) -> dict[str, Any]:
 
 
 def saved_section(saved: dict[str, Any], name: str):
-    """One of the own sections of a saved recipe as its dataclass, with the class's defaults (keys another sft_lora
-    version wrote and this one lacks are ignored)."""
+    """A saved recipe's own section as its dataclass (keys another sft_lora version wrote, this one lacks: ignored)."""
     names = {f.name for f in dataclasses.fields(OWN_SECTIONS[name])}
     return OWN_SECTIONS[name](**{k: v for k, v in (saved.get(name) or {}).items() if k in names})

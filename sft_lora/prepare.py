@@ -180,25 +180,20 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
 
 
 def report_rows(data: Prepared, tokenizer, which: str = "train"):
-    """The rows the report reads: the prepared rows, or, where TRL prepares the data itself, the records tokenized
-    as TRL will (kept on `data`, so the length notice and the report tokenize once)."""
-    name = "rows" if which == "train" else "eval_rows"
-    records = data.records if which == "train" else data.eval_records
-    if getattr(data, name) is None and records is not None:
-        setattr(data, name, tokenize_like_trl(records, tokenizer, data.args, which))
-    return getattr(data, name)
-
-
-def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
-    """`dataset` as `prepare_rows` rows, untruncated, as `SFTTrainer._prepare_dataset` tokenizes it: loss on the
-    completion (`completion_only_loss`, default on) and on the assistant mask (`assistant_only_loss`)."""
+    """The rows the report reads: the prepared rows or, where TRL prepares the data itself, the records tokenized
+    untruncated as `SFTTrainer._prepare_dataset` does, kept on `data` (the length notice and the report tokenize
+    once): loss on the completion (`completion_only_loss`, default on) and assistant mask (`assistant_only_loss`)."""
+    name, records = ("rows", data.records) if which == "train" else ("eval_rows", data.eval_records)
+    args, completion_only = data.args, data.args.completion_only_loss is not False  # TRL: None means on here
+    if getattr(data, name) is not None or records is None:
+        return getattr(data, name)
+    if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
+        setattr(data, name, prepare_rows(records, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
+                                         completion_only=completion_only))
+        return getattr(data, name)
+    # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
     from trl.data_utils import common_prefix_length
-    completion_only = args.completion_only_loss is not False  # TRL: None means on for prompt/completion data
-    if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
-        return prepare_rows(dataset, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
-                            completion_only=completion_only)
-    # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
     template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
 
     def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
@@ -208,12 +203,12 @@ def tokenize_like_trl(dataset, tokenizer, args, name: str = "train"):
                                              return_assistant_tokens_mask=True, **options)
         ids = list(full["input_ids"])
         prompt_len = common_prefix_length(list(prompt_ids["input_ids"]), ids)
-        masks = [full["assistant_masks"]]
-        if completion_only:
-            masks.append([0] * prompt_len + [1] * (len(ids) - prompt_len))
-        labels = [token if all(bits) else -100 for token, *bits in zip(ids, *masks, strict=False)]
+        labels = [token if mask and (n >= prompt_len or not completion_only) else -100
+                  for n, (token, mask) in enumerate(zip(ids, full["assistant_masks"], strict=False))]
         return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len,
                 LOSS: sum(label != -100 for label in labels), DRIFT: False}
 
-    return dataset.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
-                       desc=f"Pre-flight: tokenizing {name} dataset")
+    rows = records.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
+                       desc=f"Pre-flight: tokenizing {which} dataset")
+    setattr(data, name, rows)
+    return rows

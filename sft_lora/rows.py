@@ -114,19 +114,17 @@ def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[s
 
 
 def by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, Any]]:
-    """Per source (those in the data and those `check.sources` names): rows, trainable rows, prompt and answer
-    p50/max, tokens, loss tokens and their share, truncated rows."""
+    """Per source in the data or `check.sources`: its `mix_table` figures, trainable and truncated rows, prompt and
+    answer p50/max."""
     table = mix_table(stats, "code", "names")
     out = {}
     for source in sorted(set(table) | set(sources)):
-        mine = (stats["code"] == stats["names"].index(source)) if source in table else np.zeros(0, dtype=np.int64)
+        mine = stats["code"] == (stats["names"].index(source) if source in table else -1)
         prompt, answer = percentiles(stats["prompt"][mine]), percentiles((stats["length"] - stats["prompt"])[mine])
-        out[source] = {"rows": table.get(source, {}).get("records", 0),
-                       "trainable_rows": int((stats["loss"][mine] > 0).sum()),
-                       "prompt_p50": prompt["p50"], "prompt_max": prompt["max"],
-                       "answer_p50": answer["p50"], "answer_max": answer["max"],
-                       "tokens": 0, "loss_tokens": 0, "loss_share": 0.0,
-                       **{k: v for k, v in table.get(source, {}).items() if k != "records"},
+        mix = table.get(source, {"records": 0, "tokens": 0, "loss_tokens": 0, "loss_share": 0.0})
+        out[source] = {"rows": mix.pop("records"), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
+                       "prompt_p50": prompt["p50"], "prompt_max": prompt["max"], "answer_p50": answer["p50"],
+                       "answer_max": answer["max"], **mix,
                        "truncated": int((stats["tokens"][mine] < stats["length"][mine]).sum())}
     return out
 
@@ -178,9 +176,8 @@ def _pack(lengths, max_length: int, strategy: str) -> tuple[int, float]:
 
 
 def check_lengths(recipe: Recipe, tokenizer, data) -> None:
-    """A one-line notice when some training or eval records of a run (`prepare.Prepared`) are longer than max_length
-    (TRL truncates them, and drops those left without an answer token, without a word); RecipeError when all are.
-    Nothing where TRL does not truncate."""
+    """A notice when some training or eval records are longer than max_length (TRL truncates them, and silently drops
+    those left without an answer token); RecipeError when all are; nothing where TRL does not truncate."""
     args, max_length, train = data.args, data.max_length, " + ".join(paths(recipe.data.path))
     evaluation = " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{train} (eval split)"
     for which, origin in (("train", train), ("eval", evaluation)):
