@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeError
-from .turns import multi_turn, render_template, tokenize_conversations
+from .turns import multi_turn, tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,11 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
                                   LENGTH: int32, PROMPT: int32, LOSS: int32, DRIFT: datasets.Value("bool"),
                                   **{c: dataset.features[c] for c in kept}})
     warned: list[bool] = []
-    template: list[str | None] = []  # looked up at the first conversation: TRL's template module imports for seconds
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], LENGTH: [], PROMPT: [], LOSS: [], DRIFT: []}
-        if not template and any(len(c) > 1 for c in batch["completion"]):
-            template.append(render_template(tokenizer))
         for ids, spans, drift in tokenize_conversations(tokenizer, batch["prompt"], batch["completion"],
-                                                        template[0] if template else None, template_kwargs):
+                                                        template_kwargs or {}):
             if drift and not warned:
                 warned.append(True)
                 logger.warning("the chat template renders the prompt differently once the answer follows; the "

@@ -89,8 +89,7 @@ def render_template(tokenizer) -> str | None:
         return None
 
 
-def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
-                           template: str | None = None, kwargs: dict | None = None
+def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]], kwargs: dict
                            ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
     """(input_ids, loss spans, drift: the rendered prompt is no prefix of the whole) per row, untruncated, as TRL does:
     a one-turn completion starts where the tokens of the prompt (with the generation prompt) and of the whole
@@ -101,26 +100,26 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
     out: list[Any] = [None] * len(prompts)
     if single:
         heads = [prompts[n] for n in single]
-        rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True, **kwargs or {})
-        full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False,
-                                             **kwargs or {})
+        rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True, **kwargs)
+        full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False, **kwargs)
         encoded = tokenizer(rendered + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
         for k, n in enumerate(single):
             prompt_ids, ids = encoded[k], encoded[len(single) + k]
             out[n] = (ids, [(common_prefix_length(prompt_ids, ids), len(ids))], not full[k].startswith(rendered[k]))
     if multi:
         conversations = [prompts[n] + completions[n] for n in multi]
-        for n, row in zip(multi, tokenize_turns(tokenizer, conversations, template, kwargs or {}), strict=True):
+        for n, row in zip(multi, tokenize_turns(tokenizer, conversations, kwargs), strict=True):
             out[n] = row
     return out
 
 
-def tokenize_turns(tokenizer, conversations: list[list[dict]], template: str | None, kwargs: dict
+def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
                    ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
     """(input_ids, [(start, end) token span of each assistant turn], drift) per conversation, untruncated: with
     `{% generation %}` markers made `OPEN`/`CLOSE` characters, one plain render gives every span (transformers'
     generation tracking is ~2.5x slower); a token overlapping one is in it (transformers' assistant-mask rule)."""
     from trl.chat_template_utils import has_generation_markers
+    template = render_template(tokenizer)  # only here, at a conversation: TRL's template module imports for seconds
     given = template or tokenizer.chat_template
     if not given or not has_generation_markers(given) or \
             any(OPEN in t["content"] or CLOSE in t["content"] for c in conversations for t in c):
