@@ -46,9 +46,8 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
         item = {"path": item} if isinstance(item, str) else item
         if not isinstance(item, dict):
             raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight}}, got {item!r}")
-        for name in item:
-            if name not in KEYS:
-                raise ValueError(f"{where}: unknown key '{name}' (path, source, weight){suggest(str(name), KEYS)}")
+        if unknown := [str(name) for name in item if name not in KEYS]:
+            raise ValueError(f"{where}: unknown key '{unknown[0]}' (path, source, weight){suggest(unknown[0], KEYS)}")
         path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
@@ -225,9 +224,8 @@ def load_datasets(args: DataArgs, seed: int = 42):
             if len(records) - math.ceil(len(records) * args.eval_split) < 1:  # datasets' rounding
                 raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no training record of "
                                   f"{len(records)}; lower it or set data.eval_path")
-            split = records.train_test_split(test_size=args.eval_split, seed=seed)
-            records = split["train"]
-            held_out.append(split["test"])
+            records, test = records.train_test_split(test_size=args.eval_split, seed=seed).values()  # train, test
+            held_out.append(test)
         train.append(weighted(records, entry, seed + n))
     if args.eval_path:
         evaluation = entries(args.eval_path, "data.eval_path")

@@ -60,9 +60,8 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
 def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """section → {key: value} with `${VAR}` expanded; unknown sections and keys another section owns rejected."""
     known = [*OWN_SECTIONS, *UPSTREAM, "use_qlora", "accelerate_config"]
-    for key in raw:
-        if key not in known:
-            raise KeyProblem(key, f"unknown section '{key}'{suggest(key, known)}")
+    if unknown := [key for key in raw if key not in known]:
+        raise KeyProblem(unknown[0], f"unknown section '{unknown[0]}'{suggest(unknown[0], known)}")
     sections = {}
     for name in [*OWN_SECTIONS, *UPSTREAM]:
         value = raw.get(name)

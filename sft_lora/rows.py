@@ -142,9 +142,7 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
     `pack_dataset` packs a column of the lengths alone (null values: no token copied); padded batches are padded to
     their longest row, in a seeded random order like the trainer's sampler."""
     strategy, batch = args.packing_strategy, int(args.per_device_train_batch_size)
-    packed_rows, efficiency = 0, 0.0
-    if max_length and len(lengths):
-        packed_rows, efficiency = _pack(lengths, max_length, strategy)
+    packed_rows, efficiency = _pack(lengths, max_length, strategy) if max_length and len(lengths) else (0, 0.0)
     if args.packing:
         return (f"on ({strategy}): {packed_rows} rows of {max_length} tokens, {efficiency:.1%} filled with data",
                 efficiency, None, packed_rows)
