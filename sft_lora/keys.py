@@ -126,10 +126,9 @@ def check_combinations(recipe) -> None:
         key = "model.name" if model.name else "model.name_or_path"
         raise KeyProblem(key, f"{key} gives the run directory name '{name}', which would leave output.dir; set "
                          "model.name to a plain name (no '/' or '..')")
-    for name in recipe.check.ignore:
-        if name not in CHECK_NAMES:
-            raise KeyProblem("check.ignore", f"check.ignore: unknown check '{name}' (one of "
-                             f"{', '.join(CHECK_NAMES)}){suggest(str(name), CHECK_NAMES)}")
+    if unknown := [name for name in recipe.check.ignore if name not in CHECK_NAMES]:
+        raise KeyProblem("check.ignore", f"check.ignore: unknown check '{unknown[0]}' (one of "
+                         f"{', '.join(CHECK_NAMES)}){suggest(str(unknown[0]), CHECK_NAMES)}")
     if recipe.report.smoke_prompts < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got "
                          f"{recipe.report.smoke_prompts}")

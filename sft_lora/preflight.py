@@ -173,8 +173,7 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
         if report.eval_rows and not report.eval_records_by_source.get(source):
             report.warnings.append(f"source '{source}' has no eval record, so it gets no eval loss of its own")
     if report.rows and 0 < report.rows_with_stop < report.rows:
-        report.warnings.append(f"{report.rows - report.rows_with_stop} rows lose their end-of-turn token to "
-                               "truncation")
+        report.warnings.append(f"{report.rows - report.rows_with_stop} rows lose their end-of-turn token to truncation")
 
 
 def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
