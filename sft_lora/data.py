@@ -1,6 +1,5 @@
 """Records → chat examples: read json/jsonl/dir/hub records, validate them, weight and mix several files, split eval.
-A record is `{input, output, source?}` or a conversation (`turns.py`), told apart by its keys; each becomes TRL's
-conversational prompt/completion form (`turns.chat`)."""
+A record, `{input, output, source?}` or a conversation, becomes TRL's prompt/completion form (`turns.chat`)."""
 
 import json
 import math

@@ -1,6 +1,5 @@
-"""The library's own choices, each taken only where the recipe leaves its key unset, set on the resolved objects and
-listed by `--print-config`: precision, padding-free batches attending per document (`sdpa_documents`, below), and
-activation checkpointing only where memory needs it (once the data is prepared)."""
+"""The library's own choices where the recipe leaves a key unset (`--print-config` lists them): precision, padding-free
+batches attending per document (`sdpa_documents`, below), activation checkpointing only where memory needs it."""
 
 import dataclasses
 import logging
