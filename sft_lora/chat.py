@@ -24,9 +24,8 @@ def load(model_dir: str | Path):
     model_dir = Path(model_dir)
     recipe = read_saved_recipe(model_dir)
     model_args = saved_section(recipe, "model")
-    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code}
-    if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
+    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code,
+              "device_map": "auto" if torch.cuda.is_available() else None}  # None: from_pretrained's default
     adapter = model_dir / "adapter_config.json"
     if not adapter.is_file() and not (model_dir / "config.json").is_file():
         raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
@@ -72,10 +71,8 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
 def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:
     """Answer each prompt (greedy) with the saved model; report how many answers ended on EOS within the limit."""
     model, tokenizer, _, kwargs = load(model_dir)
-    samples = []
-    for messages in prompts:
-        answer = generate(model, tokenizer, messages, max_new_tokens, template_kwargs=kwargs)
-        samples.append({"question": messages[-1]["content"], **answer})
+    samples = [{"question": messages[-1]["content"], **generate(model, tokenizer, messages, max_new_tokens,
+                                                                template_kwargs=kwargs)} for messages in prompts]
     stopped = sum(s["stopped"] for s in samples)
     verdict = (f"{stopped} of {len(samples)} answers ended with the end-of-turn token within {max_new_tokens} "
                "tokens" + ("" if stopped == len(samples) else
@@ -84,8 +81,7 @@ def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_
             "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
 
 
-def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float,
-                kwargs: dict) -> None:
+def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float, kwargs: dict) -> None:
     from transformers import TextStreamer
 
     print("type a message; /reset clears the conversation, /exit or Ctrl-D quits", flush=True)

@@ -4,6 +4,7 @@ again inside the launched processes against what accelerate actually set up."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -146,8 +147,6 @@ def _check_deepspeed_batch(config: dict[str, Any], training, processes: int, whe
     accelerate or DeepSpeed config must agree with the recipe's, or DeepSpeed stops at start-up."""
     ds = dict(config.get("deepspeed_config") or {})
     if ds.get("deepspeed_config_file"):
-        import json
-
         ds.update(json.loads(Path(ds["deepspeed_config_file"]).read_text(encoding="utf-8")))
     micro, accumulation = training.per_device_train_batch_size, training.gradient_accumulation_steps
     fixed = {"gradient_accumulation_steps": accumulation, "train_micro_batch_size_per_gpu": micro,

@@ -25,13 +25,18 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
 
     from .model import stop_token_ids
     from .outputs import atomic_dir, check_not_inputs, check_target, redact
-    from .report import model_card
+    from .report import PLOT_FILE, SUMMARY_FILE, model_card
+    from .resume import file_sha256
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)
     output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
     check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
-    inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base, "merge_into": merge_into}
+    # what a merge is made from: the adapter files but the report files, which training rewrites after merging
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
+                                                                                        "README.md"))
+    sha256 = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
+    inputs = {"adapter_sha256": sha256, "base_model": base, "merge_into": merge_into}
     if (earlier := _earlier_merge(adapter_dir, output_dir, inputs)) == "up to date":
         return output_dir
     overwrite = overwrite or earlier == "stale"  # the old merge of these same adapters: replacing it was asked
@@ -70,16 +75,6 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")
     return recipe, base, merge_into
-
-
-def adapter_sha256(adapter_dir: Path) -> str:
-    """sha256 of the adapter files a merge is made from: not the report files training rewrites after merging."""
-    from .report import PLOT_FILE, SUMMARY_FILE
-    from .resume import file_sha256
-
-    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
-                                                                                        "README.md"))
-    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
 
 
 def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | None:

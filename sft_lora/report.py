@@ -42,11 +42,9 @@ def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[st
     runtime = result.metrics["train_runtime"]
     evals = eval_history(history, sources)  # the eval before training is in it at step 0 (`eval_on_start`)
     best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
-    by_source = {}
-    for source in (s for s in sources if evals.get(s)):
-        key = source_metric(source) + "_loss"
-        by_source[source] = {"before": before.get(key), "after": after.get(key),
-                             "best": min(p[1] for p in evals[source])}
+    key = {s: source_metric(s) + "_loss" for s in sources}
+    by_source = {s: {"before": before.get(key[s]), "after": after.get(key[s]), "best": min(p[1] for p in evals[s])}
+                 for s in sources if evals.get(s)}
     return {
         "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
         "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,

@@ -51,8 +51,7 @@ class SourceEvalSFTTrainer(SFTTrainer):
                 self.callback_handler.remove_callback(callback)
                 self.callback_handler.add_callback(type(f"Compact{type(callback).__name__}",
                                                         (_NoEvalDicts, type(callback)), {})())
-        score_labelled_positions_only(self.model.get_base_model() if hasattr(self.model, "get_base_model")
-                                      else self.model)
+        score_labelled_positions_only(getattr(self.model, "get_base_model", lambda: self.model)())  # under PEFT
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
