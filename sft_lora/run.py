@@ -112,6 +112,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         check(recipe)  # each in one line, before anything heavy is imported or loaded
     from accelerate import PartialState
 
+    from .preflight import run_check
     from .resume import nothing_left, select_checkpoint
     from .rows import check_lengths, records_by_source
 
@@ -120,11 +121,8 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         return done
     tokenizer, data = _inputs(recipe)
     check_lengths(recipe, tokenizer, data)
-    preflight = None
-    if recipe.check.enabled:
-        from .preflight import run_check
-
-        preflight = run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
+    preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
+                 if recipe.check.enabled else None)
     from .trainer import build_trainer, configure_wandb
 
     configure_wandb(recipe)
