@@ -31,8 +31,8 @@ def _default(recipe, key: str, value, rule: str) -> bool:
 def decide(recipe) -> None:
     """The choices that read the built SFTConfig: padding-free batches (the same examples per step as padded ones,
     so losses match plain TRL step by step; README, Performance), attention, end-of-turn token."""
-    from .prepare import unsupported_settings
-    reason = unsupported_settings(recipe.training)
+    from .prepare import unsupported
+    reason = unsupported(recipe.training)
     rule = "where sft_lora's data preparation applies" + (f"; it does not here: {reason}" if reason else "")
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
         recipe.training = dataclasses.replace(recipe.training, padding_free=True)

@@ -95,8 +95,7 @@ class Report:
 
     def enforce(self, ignore: list[str] = ()) -> None:
         """Raise one RecipeError line for the failures not in `ignore`."""
-        failed = [(name, message) for name, message in self.failures if name not in ignore]
-        if failed:
+        if failed := [(name, message) for name, message in self.failures if name not in ignore]:
             name, message = failed[0]
             more = f" (+{len(failed) - 1} more failed check(s) above)" if len(failed) > 1 else ""
             raise RecipeError(f"pre-flight check failed [{name}]: {message}{more}; "

@@ -20,21 +20,17 @@ VERSION = "4"  # bump when the output of `prepare_rows` changes, so old cache fi
 LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncated_loss", "template_drift"
 
 
-def unsupported(args, dataset) -> str | None:
-    """Why this preparation cannot stand in for TRL's on `dataset` with the SFTConfig `args`, or None when it can."""
-    from datasets import Dataset
-    if not isinstance(dataset, Dataset):
-        return "not a map-style datasets.Dataset"
-    columns = set(dataset.column_names)
-    if "input_ids" in columns:
-        return "already tokenized"
-    if not {"prompt", "completion"} <= columns or columns & {"tools", "chat_template_kwargs", "images"}:
-        return "not a plain conversational prompt/completion dataset"
-    return unsupported_settings(args)
-
-
-def unsupported_settings(args) -> str | None:
-    """Why the SFTConfig `args` asks for something this preparation does not do, or None."""
+def unsupported(args, dataset=None) -> str | None:
+    """Why this preparation cannot stand in for TRL's under the SFTConfig `args` (on `dataset`, if given), or None."""
+    if dataset is not None:
+        from datasets import Dataset
+        if not isinstance(dataset, Dataset):
+            return "not a map-style datasets.Dataset"
+        columns = set(dataset.column_names)
+        if "input_ids" in columns:
+            return "already tokenized"
+        if not {"prompt", "completion"} <= columns or columns & {"tools", "chat_template_kwargs", "images"}:
+            return "not a plain conversational prompt/completion dataset"
     if args.completion_only_loss is False or args.assistant_only_loss:
         return "completion_only_loss=False or assistant_only_loss=True"
     if args.truncation_mode != "keep_start":
