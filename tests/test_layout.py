@@ -14,7 +14,7 @@ MODULES = sorted((ROOT / "sft_lora").glob("*.py"))
 def test_readme_layout_lists_every_module_and_no_other():
     layout = re.search(r"^## Layout\n(.*?)(?=^## |\Z)", (ROOT / "README.md").read_text(encoding="utf-8"),
                        flags=re.M | re.S).group(1)
-    listed = set(re.findall(r"^sft_lora/(\w+\.py)\s", layout, flags=re.M))
+    listed = set(re.findall(r"^  (\w+\.py)\s", layout, flags=re.M))
     assert listed == {m.name for m in MODULES} - {"__init__.py"}
 
 
@@ -30,3 +30,11 @@ def test_no_module_over_250_lines_and_no_function_over_50():
                 if node.end_lineno - start + 1 > 50:
                     too_long.append(f"{module.name}:{node.lineno} {node.name}: {node.end_lineno - start + 1} lines")
     assert not too_long, too_long
+
+
+def test_every_module_the_docs_name_exists():
+    names = {m.stem for m in MODULES}
+    for doc in [ROOT / "README.md", ROOT / "README.ko.md", ROOT / "Makefile", *(ROOT / "docs").glob("*.md")]:
+        text = doc.read_text(encoding="utf-8")
+        named = set(re.findall(r"sft_lora/(\w+)\.py", text)) | set(re.findall(r"sft_lora\.(\w+)", text))
+        assert named <= names, f"{doc.name} names {sorted(named - names)}, which sft_lora/ no longer has"
