@@ -81,7 +81,7 @@ def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_
             "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
 
 
-def interactive(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float, kwargs: dict) -> None:
+def interactive(model, tokenizer, opening: list[dict], max_new_tokens: int, temperature: float, kwargs: dict) -> None:
     from transformers import TextStreamer
 
     print("type a message; /reset clears the conversation, /exit or Ctrl-D quits", flush=True)
@@ -100,10 +100,9 @@ def interactive(model, tokenizer, system: str | None, max_new_tokens: int, tempe
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer, kwargs)
+        answer = generate(model, tokenizer, opening + history, max_new_tokens, temperature, streamer, kwargs)
         if not answer["stopped"]:
             print(f"[cut at {max_new_tokens} tokens]")
         history.append({"role": "assistant", "content": answer["text"]})
@@ -123,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     system = args.system if args.system is not None else system
+    opening = [{"role": "system", "content": system}] if system else []  # what each conversation starts with
     if args.prompt is None:
-        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
+        interactive(model, tokenizer, opening, args.max_new_tokens, args.temperature, kwargs)
         return 0
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": args.prompt}]
-    answer = generate(model, tokenizer, messages, args.max_new_tokens, args.temperature, template_kwargs=kwargs)
+    answer = generate(model, tokenizer, opening + [{"role": "user", "content": args.prompt}], args.max_new_tokens,
+                      args.temperature, template_kwargs=kwargs)
     print(answer["text"])
     if not answer["stopped"]:
         print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)

@@ -178,26 +178,22 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
                   f"{_num(evals.get(source, {}).get('after'))} |" for source, n in counts["train"].items()]
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
                      f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
-    lines += _usage(adapters)
+    load = ("from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(path)") \
+        if adapters else ("from transformers import AutoModelForCausalLM",
+                          'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")')
+    lines += ["", "## Use", "", "```python", load[0], "from transformers import AutoTokenizer", "",
+              'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)", load[1],
+              'messages = [{"role": "user", "content": "..."}]',
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True)",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
+              "skip_special_tokens=True))", "```", "",
+              "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
+              "The chat template it was trained with is `chat_template.jinja`."]
     if recipe:
         text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True)
         lines += ["", "## Recipe", "", "```yaml", text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
-
-
-def _usage(adapters: bool) -> list[str]:
-    load = ("from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(path)") \
-        if adapters else ("from transformers import AutoModelForCausalLM",
-                          'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")')
-    return ["", "## Use", "", "```python", load[0], "from transformers import AutoTokenizer", "",
-            'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)", load[1],
-            'messages = [{"role": "user", "content": "..."}]',
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-            "return_dict=True)",
-            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
-            "skip_special_tokens=True))", "```", "",
-            "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
-            "The chat template it was trained with is `chat_template.jinja`."]
 
 
 def base_license(base_model: str) -> str | None:
