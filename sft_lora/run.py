@@ -135,7 +135,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
                "records_by_source": {"train": records_by_source(data.records),
                                      "eval": records_by_source(data.eval_records)}}
     try:
-        _fit(trainer, recipe, tokenizer, resume_from, summary, evaluate)
+        _fit(trainer, recipe, tokenizer, summary, evaluate)
         main_process = trainer.accelerator.is_main_process
         del trainer
         if main_process:
@@ -146,7 +146,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     return summary
 
 
-def _fit(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: dict, evaluate: bool) -> None:
+def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
     from .callbacks import interruptible, save_failure
@@ -154,7 +154,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, resume_from: str | None, summary: d
 
     try:
         with interruptible(trainer):
-            result = trainer.train(resume_from_checkpoint=resume_from)
+            result = trainer.train(resume_from_checkpoint=summary["resumed_from"])
     except Exception as exc:
         if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
             raise failure from None

@@ -109,11 +109,15 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     decide_activation_checkpointing(recipe, data.train)
     # data.args: the trainer's copy of recipe.training, adapted to the prepared data; the decision goes on it too
     args = dataclasses.replace(data.args, activation_checkpointing=recipe.training.activation_checkpointing)
+    # the eval set, or with report.eval_per_source and several sources {OVERALL: all, "eval/<source>": …}
+    column = data.eval["source"] if data.eval is not None and recipe.report.eval_per_source else []
+    sources = sorted(set(column))  # one source: its loss is the overall loss
+    eval_sets = {OVERALL: data.eval, **{f"{OVERALL}/{s}": data.eval.select([i for i, v in enumerate(column) if v == s])
+                                        for s in sources}} if len(sources) > 1 else data.eval
     try:
         trainer = SourceEvalSFTTrainer(
-            model=recipe.model.name_or_path, args=args, train_dataset=data.train,
-            eval_dataset=_eval_sets(recipe, data.eval), processing_class=tokenizer, peft_config=recipe.lora,
-            quantization_config=recipe.quantization,
+            model=recipe.model.name_or_path, args=args, train_dataset=data.train, eval_dataset=eval_sets,
+            processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
                        CheckpointRecord(recipe, {"train": records_by_source(data.records),
                                                  "eval": records_by_source(data.eval_records)})],
@@ -129,16 +133,6 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(recipe.checkpoint_dir / "runs")
     return trainer
-
-
-def _eval_sets(recipe: Recipe, eval_dataset):
-    """The eval set, or with `report.eval_per_source` and several sources {OVERALL: all, "eval/<source>": …}."""
-    sources = sorted(set(eval_dataset["source"])) if eval_dataset is not None and recipe.report.eval_per_source else []
-    if len(sources) < 2:  # one source: its loss is the overall loss
-        return eval_dataset
-    column = eval_dataset["source"]
-    return {OVERALL: eval_dataset, **{f"{OVERALL}/{s}": eval_dataset.select([i for i, v in enumerate(column)
-                                                                             if v == s]) for s in sources}}
 
 
 def score_labelled_positions_only(model) -> None:
