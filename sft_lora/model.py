@@ -145,10 +145,9 @@ def _offline() -> bool:
 
 def check_reachable(recipe: Recipe) -> None:
     """A hub id the hub does not answer for within 5 s: one line now, not a minute of the hub client's retries."""
-    names = [(key, value) for key, value in (("model.name_or_path", recipe.model.name_or_path),
-                                             ("data.path", recipe.data.path))
-             if isinstance(value, str) and looks_like_hub_id(value)
-             and not (key == "model.name_or_path" and recipe.model.build_tiny)]
+    model = None if recipe.model.build_tiny else recipe.model.name_or_path  # a tiny model is built, not fetched
+    names = [(key, value) for key, value in (("model.name_or_path", model), ("data.path", recipe.data.path))
+             if isinstance(value, str) and looks_like_hub_id(value)]
     if _offline() or not names:
         return
     import httpx

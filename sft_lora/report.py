@@ -33,11 +33,9 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
     return history
 
 
-def run_numbers(trainer, result, before: dict[str, float] | None, after: dict[str, float] | None,
-                sources: list[str]) -> dict[str, Any]:
+def run_numbers(trainer, result, before: dict[str, float], after: dict[str, float], sources: list[str]) -> dict:
     """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args
-    before, after = before or {}, after or {}
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
     runtime = result.metrics["train_runtime"]
     evals = eval_history(history, sources)  # the eval before training is in it at step 0 (`eval_on_start`)
@@ -71,7 +69,7 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-        colours = iter([c for c in plt.get_cmap("tab10").colors if c != plt.get_cmap("tab10").colors[3]] * 10)
+        colours = iter([c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3] * 10)  # 3: the eval's red
         if train:
             ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
         for name, points in evals.items():
@@ -127,8 +125,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows += [("checkpoints", summary["checkpoints"]), ("adapters", summary["adapters"])]
     if summary.get("merged"):
         rows.append(("merged", summary["merged"]))
-    if summary.get("summary_file"):
-        rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary.get("plot") else "")))
+    rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary["plot"] else "")))
     width = max(len(name) for name, _ in rows) + 2
     return "\n".join(lines + [f"{name + ':':<{width}}{value}" for name, value in rows])
 

@@ -164,8 +164,8 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
         raise
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0
-              for k, v in log.items() if k.startswith("eval_")} or None
-    after = trainer.evaluate() if evaluate else None
+              for k, v in log.items() if k.startswith("eval_")}
+    after = trainer.evaluate() if evaluate else {}
     summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
                    peak_memory_gib=peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)
