@@ -121,7 +121,21 @@ def check_outputs(recipe: Recipe) -> None:
             inputs[f"data.{key}[{n}]" if n else f"data.{key}"] = path
     for path, key in outputs.items():
         check_not_inputs(path, inputs, f"set {key} elsewhere")
-        check_writable(path, key)
+        # a probe written and removed in the deepest existing ancestor, creating nothing else (as root, permission
+        # bits allow everything: only a real write tells)
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"{existing}: is a file, so {path} cannot be created; set {key} to a directory")
+        probe = existing / f".sft_lora_probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"probe")
+            fsync(probe)
+            probe.unlink()
+        except OSError as exc:
+            raise RecipeError(f"{existing}: cannot write here ({exc.strerror}), needed for {path}; set {key} to a "
+                              "writable directory") from None
 
 
 def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: str) -> None:
@@ -132,29 +146,20 @@ def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: st
             raise RecipeError(f"{target}: is or holds {name} ({value}), which writing there would delete; {fix}")
 
 
-def check_writable(path: Path, key: str) -> None:
-    """Write and remove a probe in the deepest existing ancestor, creating nothing else (as root, permission bits
-    allow everything: only a real write tells)."""
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RecipeError(f"{existing}: is a file, so {path} cannot be created; set {key} to a directory")
-    probe = existing / f".sft_lora_probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"probe")
-        fsync(probe)
-        probe.unlink()
-    except OSError as exc:
-        raise RecipeError(f"{existing}: cannot write here ({exc.strerror}), needed for {path}; set {key} to a "
-                          "writable directory") from None
-
-
 def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
     """What produced the adapters, to trace and reproduce them; never the environment (secrets), host or user."""
     import psutil  # accelerate's dependency
     import torch
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:  # {commit, dirty} of the git checkout holding the project, None outside one (a pip install)
+        checkout = {"commit": git("rev-parse", "HEAD"),
+                    "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        checkout = None
     cuda = torch.cuda.is_available()
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -165,7 +170,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "seed": recipe.training.seed, "base_model": recipe.model.name_or_path,
         "packages": {name: _version(name) for name in ("sft_lora", "torch", "transformers", "trl", "peft", "datasets",
                                                        "accelerate", "bitsandbytes", "tokenizers", "safetensors")},
-        "python": platform.python_version(), "git": git_state(Path(__file__).resolve().parents[1]),
+        "python": platform.python_version(), "git": checkout,
         "hardware": {"system": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),
                      "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                      "cuda": torch.version.cuda if cuda else None, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -197,18 +202,6 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, key) for v in value]
     return "<redacted>" if isinstance(value, str) and value and is_secret_name(key) else value
-
-
-def git_state(root: Path) -> dict[str, Any] | None:
-    """{commit, dirty} of the git checkout holding the project, or None outside one (a pip install)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _version(name: str) -> str | None:
