@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .config import Recipe, RecipeError
-from .outputs import fsync, readable, write_atomic, write_error
+from .config import Recipe
+from .outputs import fsync, readable, write_atomic
 from .resume import RECORD, fingerprint
 
 
@@ -56,16 +56,6 @@ class CheckpointRecord(TrainerCallback):
         write_atomic(checkpoint / RECORD, json.dumps(record, indent=1, default=str) + "\n")
         fsync(checkpoint)
         self.saving = None
-
-
-def save_failure(trainer, exc: BaseException) -> RecipeError | None:
-    """A one-line error when `exc` escaped `trainer.train()` because a checkpoint could not be written (disk full,
-    read-only); None for any other error. The checkpoint it leaves has no record, so resume skips it."""
-    saving = next((cb.saving for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointRecord)), None)
-    if saving is None or (reason := write_error(exc)) is None:
-        return None
-    return RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
-                       "then run again with --resume (this incomplete checkpoint is skipped)")
 
 
 class TrainingInterrupted(Exception):

@@ -149,15 +149,18 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
-    from .callbacks import interruptible, save_failure
-    from .outputs import peak_memory_gib, replicas_agree, save_adapters
+    from .callbacks import CheckpointRecord, interruptible
+    from .outputs import peak_memory_gib, replicas_agree, save_adapters, write_error
 
     try:
         with interruptible(trainer):
             result = trainer.train(resume_from_checkpoint=summary["resumed_from"])
     except Exception as exc:
-        if failure := save_failure(trainer, exc):  # disk full or read-only while checkpointing: one line
-            raise failure from None
+        # disk full or read-only while checkpointing: one line; the checkpoint has no record, so resume skips it
+        saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
+        if saving is not None and (reason := write_error(exc)) is not None:
+            raise RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
+                              "then run again with --resume (this incomplete checkpoint is skipped)") from None
         if type(exc).__module__.startswith("wandb"):  # wandb.init at the first step: a key the server refuses
             raise RecipeError(f"wandb: {printable(str(exc)).splitlines()[0]}; check WANDB_API_KEY (or `wandb login`) "
                               "or set wandb.mode: offline") from None
