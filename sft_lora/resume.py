@@ -6,8 +6,6 @@ import functools
 import hashlib
 import json
 import re
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +215,3 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)  # up to date: writes nothing
     return summary
 
-
-def continue_command(args) -> str:
-    """The command that continues a stopped run: this one, with `--resume` (the last complete checkpoint)."""
-    from .config import SEED_FLAGS
-
-    flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
-    return shlex.join([sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stopped(exc: BaseException, args: argparse.Namespace, code: int) -> int:
     """After a stop once training had started (`train` marks the exception): the command that continues the run."""
-    if getattr(exc, "training_started", False):
-        from .resume import continue_command
-
-        print(f"to continue: {continue_command(args)}", file=sys.stderr)
+    if getattr(exc, "training_started", False):  # this command with --resume (the last complete checkpoint)
+        flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
+        command = [sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume"]
+        print(f"to continue: {shlex.join(command)}", file=sys.stderr)
     return code
 
 
