@@ -32,7 +32,7 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
     except OSError as exc:
-        raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({str(exc).splitlines()[0]}); "
+        raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); "
                           "check model.name_or_path, the network or HF_TOKEN") from None
     if data.chat_template:
         template = Path(data.chat_template)

@@ -123,7 +123,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
                                                  "eval": records_by_source(data.eval_records)})],
         )
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
-        raise RecipeError(f"{recipe.source}: lora.target_modules: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"{recipe.source}: lora.target_modules: {first_line(exc)}") from None
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
         raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first_line(exc)}); check "
                           "model.name_or_path, the network or HF_TOKEN") from None
