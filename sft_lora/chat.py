@@ -1,7 +1,6 @@
 """Talk to a trained model: `python -m sft_lora.chat DIR [--prompt "…"]`, DIR = the adapters or the merged model.
 
-With the chat template, tokenizer and system prompt saved with it (what it was trained on). `smoke_check` is the
-same generation on held-out questions after training: does the model stop by itself?"""
+Uses the chat template, tokenizer and system prompt it was trained with; `smoke_check`: do held-out answers stop?"""
 
 from __future__ import annotations
 

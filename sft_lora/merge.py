@@ -1,7 +1,6 @@
 """Merge a LoRA/QLoRA adapter into its base model and save a normal Hugging Face model directory.
 
-`python -m sft_lora.merge --adapter_model DIR [--base_model X] [--output_dir Y]` (the seed's flags); the base model
-and, for QLoRA, the 4-bit settings are read from what training saved beside the adapter."""
+`python -m sft_lora.merge --adapter_model DIR` (the seed's flags); base model and 4-bit settings: as saved with it."""
 
 from __future__ import annotations
 
