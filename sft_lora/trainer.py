@@ -59,13 +59,12 @@ class SourceEvalSFTTrainer(SFTTrainer):
         else:
             metrics = super().evaluate(OVERALL, ignore_keys, metric_key_prefix)
             sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL]
-            for source in sources:
-                if len(self.eval_dataset[f"{OVERALL}/{source}"]):
-                    self.source_prefix = source_metric(source)
-                    try:
-                        metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
-                    finally:
-                        self.source_prefix = None
+            for source in sources:  # none is empty: build_trainer splits the eval set by the sources it holds
+                self.source_prefix = source_metric(source)
+                try:
+                    metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
+                finally:
+                    self.source_prefix = None
         if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
             from tqdm.auto import tqdm
 
