@@ -39,9 +39,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                readable(path)
+        for path in filter(Path.is_file, tmp.rglob("*")):
+            readable(path)
         if final.exists():
             final.rename(old := final.with_name(f"{final.name}.old-{os.getpid()}"))
             tmp.rename(final)
