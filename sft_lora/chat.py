@@ -23,7 +23,7 @@ def load(model_dir: str | Path):
     model_dir = Path(model_dir)
     recipe = read_saved_recipe(model_dir)
     model_args = saved_section(recipe, "model")
-    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code,
+    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code, "use_safetensors": True,
               "device_map": "auto" if torch.cuda.is_available() else None}  # None: from_pretrained's default
     adapter = model_dir / "adapter_config.json"
     if not adapter.is_file() and not (model_dir / "config.json").is_file():

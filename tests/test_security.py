@@ -127,3 +127,20 @@ def test_upstream_resume_unpickles_only_with_weights_only():
     assert calls and all("weights_only=True" in call.split("\n\n")[0] for call in calls), calls
     assert not re.search(r"torch\.load\([^)]*TRAINING_ARGS_NAME", source)
     assert "weights_only=True" in inspect.getsource(peft.utils.save_and_load.torch_load)
+
+
+def test_chat_never_unpickles_model_weights(tiny_model, tmp_path):
+    """`python -m sft_lora.chat DIR` on a model whose weights are only a pickle refuses it, as training does."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from sft_lora.chat import load
+
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(RecipeError, match="cannot load the model"):
+        load(pickled)
