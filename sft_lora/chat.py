@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError, first_line, read_saved_recipe, saved_section
+from .config import RecipeError, first_line, printable, read_saved_recipe, saved_section
 from .model import stop_token_ids
 from .turns import template_kwargs
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer, system, kwargs = load(args.model_dir)
     except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
     system = args.system if args.system is not None else system
     opening = [{"role": "system", "content": system}] if system else []  # what each conversation starts with

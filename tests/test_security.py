@@ -144,3 +144,15 @@ def test_chat_never_unpickles_model_weights(tiny_model, tmp_path):
     (pickled / "model.safetensors").unlink()
     with pytest.raises(RecipeError, match="cannot load the model"):
         load(pickled)
+
+
+def test_chat_error_line_escapes_control_characters(tmp_path, capsys):
+    """chat's error line is one printable line, like run's and merge's: a path with a newline or an escape sequence
+    cannot forge a second line or move the terminal's cursor."""
+    from sft_lora.chat import main as chat_main
+
+    odd = tmp_path / "a\nerror: forged\x1b[2J"
+    odd.mkdir()
+    assert chat_main([str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "\x1b" not in err and "\\x1b" in err
