@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                 relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
             check_this_launch(recipe)
             train(recipe, resume=args.resume, force_resume=args.force_resume)
-    except (RecipeError, OSError) as exc:  # OSError: a path the system refuses (name too long, I/O error …)
-        line = str(exc) if isinstance(exc, RecipeError) else f"{exc.strerror or first_line(exc)}; check the paths"
-        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
-        print(f"error: {printable(where + line)}", file=sys.stderr)
+    except RecipeError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return _stopped(exc, args, 2)
+    except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths", file=sys.stderr)
         return _stopped(exc, args, 2)
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
         print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
