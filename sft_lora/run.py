@@ -165,8 +165,8 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
             raise RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
                               "then run again with --resume (this incomplete checkpoint is skipped)") from None
         if type(exc).__module__.startswith("wandb"):  # wandb.init at the first step: a key the server refuses
-            raise RecipeError(f"wandb: {printable(str(exc)).splitlines()[0]}; check WANDB_API_KEY (or `wandb login`) "
-                              "or set wandb.mode: offline") from None
+            raise RecipeError(f"wandb: {first_line(exc)}; check WANDB_API_KEY (or `wandb login`) or set wandb.mode: "
+                              "offline") from None  # main prints it through printable
         raise
     # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
     before = {k: v for log in trainer.state.log_history if log.get("step") == 0

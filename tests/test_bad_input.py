@@ -796,3 +796,23 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_keeps_the_answers_eos_lab
         assert batch["labels"][row, n - 1] == eos, "the answer's own EOS keeps its label"
         assert (batch["labels"][row, n:] == -100).all(), "padding (also EOS) carries no loss"
         assert (batch["input_ids"][row, n:] == eos).all()
+
+
+def test_a_wandb_error_at_the_first_step_is_one_line(monkeypatch):
+    """wandb.init runs at the first step: a key the server refuses fails in the message's first line."""
+    from contextlib import nullcontext
+
+    from sft_lora import callbacks
+    from sft_lora.config import RecipeError
+
+    refused = type("CommError", (Exception,), {"__module__": "wandb.errors"})
+
+    def train(**_):
+        raise refused("permission denied: invalid API key\nresponse body: {...}")
+
+    trainer = SimpleNamespace(train=train, callback_handler=SimpleNamespace(callbacks=[]))
+    monkeypatch.setattr(callbacks, "interruptible", lambda trainer: nullcontext())
+    with pytest.raises(RecipeError) as info:
+        run._fit(trainer, None, None, {"resumed_from": None}, False)
+    assert str(info.value) == ("wandb: permission denied: invalid API key; check WANDB_API_KEY (or `wandb login`) "
+                               "or set wandb.mode: offline")
