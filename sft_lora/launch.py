@@ -43,13 +43,10 @@ def config_from_environment() -> dict[str, Any]:
     env = os.environ
     config: dict[str, Any] = {"distributed_type": "NO", "num_processes": int(env.get("WORLD_SIZE", "1")),
                               "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no")}
-    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        ds = {"zero_stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
-              "zero3_save_16bit_model": env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
-              "offload_optimizer_device": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")}
-        if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
-            ds["gradient_accumulation_steps"] = env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
-        config.update(distributed_type="DEEPSPEED", deepspeed_config=ds)
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":  # what check_launch reads (None: not fixed)
+        config.update(distributed_type="DEEPSPEED", deepspeed_config={
+            "zero_stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+            "gradient_accumulation_steps": env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")})
     elif env.get("ACCELERATE_USE_FSDP") == "true":
         config.update(distributed_type="FSDP", fsdp_config={
             "fsdp_version": int(env.get("FSDP_VERSION", "1")),
@@ -65,12 +62,11 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     kind = str(config.get("distributed_type", "NO")).upper()
     stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
     name = f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else kind
-    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and stage == 3)
     training, quant = recipe.training, recipe.quantization
     processes = int(config.get("num_processes") or 1)
     # QLoRA with sharded weights needs the 4-bit storage dtype to equal the float dtype that ZeRO-3/FSDP flatten
     # (PEFT docs "Use PEFT QLoRA and DeepSpeed with ZeRO3"; huggingface/peft#2016, transformers#29266).
-    if sharded and quant is not None:
+    if quant is not None and name in ("FSDP", "DeepSpeed ZeRO-3"):
         compute = str(quant.bnb_4bit_compute_dtype).removeprefix("torch.")
         if str(quant.bnb_4bit_quant_storage).removeprefix("torch.") != compute:
             raise RecipeError(f"{where}: QLoRA under {name} needs quantization.bnb_4bit_quant_storage: "
@@ -122,10 +118,9 @@ def check_this_launch(recipe: Recipe) -> None:
     """Check what accelerate actually set up for this process (also when launched by hand)."""
     from accelerate import PartialState
 
-    env = os.environ
     # accelerate's one-process launcher exports MASTER_ADDR only when more processes were asked (`--num_processes
     # 2` without a GPU, or with --cpu): it started one, which would train alone while the user waits for two.
-    if "MASTER_ADDR" in env and "ACCELERATE_MIXED_PRECISION" in env and "WORLD_SIZE" not in env:
+    if {"MASTER_ADDR", "ACCELERATE_MIXED_PRECISION"} <= os.environ.keys() and "WORLD_SIZE" not in os.environ:
         raise RecipeError("accelerate launch was asked for several processes but started 1 (its one-process launcher "
                           "runs where there is no GPU or with --cpu); use accelerate_config=cpu_ddp or accelerate "
                           "launch --multi_gpu --num_processes N")
