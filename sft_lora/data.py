@@ -99,17 +99,9 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
 def _json_records(p: Path) -> list[tuple[str, Any]]:
     """(where, record) pairs of a .json array; a file that is not valid is an error as a whole."""
     data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{p}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or use .jsonl") from None
-    except RecursionError:
-        raise RecipeError(f"{p}: not valid JSON (nested too deeply); fix the file") from None
+    records, line = _parse(data, "fix the file or use .jsonl")
+    if isinstance(records, BadRecord):
+        raise RecipeError(f"{p}:{line}: {records}" if line else f"{p}: {records}")
     if not isinstance(records, list):
         raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
     return _numbered(p, [_surrogate_free(r) for r in records] if SURROGATE.search(data) else records)
@@ -128,19 +120,20 @@ def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
         for n, line in enumerate(handle, 1):
             line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data
             if line.strip():
-                yield f"{p}:{n}", _parse_json_line(line)
+                record = _parse(line, "each line must be one JSON record")[0]
+                yield f"{p}:{n}", _surrogate_free(record) if SURROGATE.search(line) else record
 
 
-def _parse_json_line(line: bytes) -> Any:
+def _parse(data: bytes, fix: str) -> tuple[Any, int | None]:
+    """(the JSON value of `data`, or a BadRecord saying why there is none, ending in `fix`; the line it names)."""
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return BadRecord("not valid UTF-8; re-encode the file as UTF-8")
+        return json.loads(data.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return BadRecord("not valid UTF-8; re-encode the file as UTF-8"), data[: exc.start].count(b"\n") + 1
     except json.JSONDecodeError as exc:
-        return BadRecord(f"not valid JSON ({exc.msg}); each line must be one JSON record")
+        return BadRecord(f"not valid JSON ({exc.msg}); {fix}"), exc.lineno
     except RecursionError:
-        return BadRecord("not valid JSON (nested too deeply); each line must be one JSON record")
-    return _surrogate_free(record) if SURROGATE.search(line) else record
+        return BadRecord(f"not valid JSON (nested too deeply); {fix}"), None
 
 
 def _surrogate_free(record: Any) -> Any:
@@ -217,12 +210,11 @@ def load_datasets(args: DataArgs, seed: int = 42):
     for n, entry in enumerate(entries(args.path)):
         records = _dataset(entry, args)
         if args.eval_split and not args.eval_path:
-            if round(len(records) * args.eval_split) < 1:
-                raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no eval record of "
-                                  f"{len(records)}; raise it or set data.eval_path")
-            if len(records) - math.ceil(len(records) * args.eval_split) < 1:  # datasets' rounding
-                raise RecipeError(f"{entry.path}: data.eval_split={args.eval_split} leaves no training record of "
-                                  f"{len(records)}; lower it or set data.eval_path")
+            size, split = len(records), args.eval_split
+            if round(size * split) < 1 or size - math.ceil(size * split) < 1:  # the training side: datasets' rounding
+                none, fix = ("eval", "raise") if round(size * split) < 1 else ("training", "lower")
+                raise RecipeError(f"{entry.path}: data.eval_split={split} leaves no {none} record of {size}; {fix} it "
+                                  "or set data.eval_path")
             records, test = records.train_test_split(test_size=args.eval_split, seed=seed).values()  # train, test
             held_out.append(test)
         train.append(weighted(records, entry, seed + n))

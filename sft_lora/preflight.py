@@ -1,6 +1,7 @@
 """Pre-flight checks before the model is loaded: the data report (what the trainer will learn from: answers with no
 loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
+import itertools
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -51,10 +52,9 @@ class Report:
         return self.loss_tokens / self.tokens if self.tokens else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("example_source", "failures")}
-        out["loss_share"] = self.loss_share
-        out["failures"] = [{"check": name, "message": message} for name, message in self.failures]
-        return out
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("example_source", "failures")},
+                "loss_share": self.loss_share,
+                "failures": [{"check": name, "message": message} for name, message in self.failures]}
 
     def text(self, ignore: list[str] = ()) -> str:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
@@ -63,8 +63,7 @@ class Report:
                  f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
                  f"{'tokens':>11}{'loss tokens':>13}{'share':>7}{'truncated':>11}"]
         for source, stats in self.by_source.items():
-            prompt = f"{stats['prompt_p50']}/{stats['prompt_max']}"
-            answer = f"{stats['answer_p50']}/{stats['answer_max']}"
+            prompt, answer = (f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer"))
             lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
                          f"{prompt:>16}{answer:>16}{stats['tokens']:>11,}{stats['loss_tokens']:>13,}"
                          f"{stats['loss_share']:>7.1%}{stats['truncated']:>11}")
@@ -126,7 +125,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         packing_efficiency=efficiency, padding_efficiency=padding, packed_rows=packed_rows,
         example=render(tokenizer, *figures.trained_row(rows, example, cut)),
         example_source=stats["names"][stats["code"][example]],
-        by_source=figures.by_source(stats, recipe.check.sources),
+        by_source=figures.mix_table(stats, "code", "names", recipe.check.sources),
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share)
     return report
@@ -177,13 +176,9 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
 
 def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """A row's text as trained, with the loss-carrying spans in brackets."""
-    parts, start = [], 0
-    for end in range(1, len(input_ids) + 1):
-        if end == len(input_ids) or (labels[end] != figures.IGNORE) != (labels[start] != figures.IGNORE):
-            text = tokenizer.decode(input_ids[start:end], skip_special_tokens=False)
-            parts.append(f"{MARK[0]}{text}{MARK[1]}" if labels[start] != figures.IGNORE else text)
-            start = end
-    return "".join(parts)
+    runs = itertools.groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != figures.IGNORE)
+    texts = ((loss, tokenizer.decode([token for token, _ in run], skip_special_tokens=False)) for loss, run in runs)
+    return "".join(f"{MARK[0]}{text}{MARK[1]}" if loss else text for loss, text in texts)
 
 
 def _cut(text: str, width: int) -> str:
@@ -222,9 +217,7 @@ def check_target_modules(recipe: Recipe) -> None:
     only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
     the native Llama modules trains attention only)."""
     targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
-    if targets is None or targets == "all-linear":
-        return
-    if not (modules := model_modules(recipe)):
+    if targets is None or targets == "all-linear" or not (modules := model_modules(recipe)):
         return
     if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
         what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,7 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
         if cache is True else Path(cache)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        tempfile.TemporaryFile(dir=directory).close()  # can a file be written there?
     except OSError as exc:
         print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
               "(set SFT_LORA_CACHE to a writable directory to cache it)")

@@ -27,8 +27,6 @@ class Cut:
 def trainer_cut(args, max_length: int | None) -> Cut:
     """How TRL cuts rows under the SFTConfig `args`: `truncation_mode` at max_length; with packing, bfd cuts the end
     and the other strategies move the overflow into other rows (nothing lost)."""
-    if max_length is None:
-        return Cut(None)
     if args.packing:
         return Cut(max_length if args.packing_strategy == "bfd" else None)
     return Cut(max_length, args.truncation_mode == "keep_end")
@@ -101,31 +99,23 @@ def percentiles(values) -> dict[str, int]:
     return dict(zip(("p50", "p90", "p99", "max"), map(int, points), strict=True))
 
 
-def mix_table(stats: dict[str, Any], codes: str, names: str) -> dict[str, dict[str, Any]]:
-    """Per name (entry or source): records, tokens and loss tokens as trained, and the share of all loss tokens."""
-    total = int(stats["loss"].sum()) or 1
-    out = {}
-    for k, name in enumerate(stats[names]):
-        mine = stats[codes] == k
+def mix_table(stats: dict[str, Any], codes: str, names: str, sources: list[str] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Per name (entry, or source: in the data or `sources`): records (a source's `rows`), tokens and loss tokens as
+    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max."""
+    total, out = int(stats["loss"].sum()) or 1, {}
+    for name in sorted(set(stats[names]) | set(sources or ())):
+        mine = stats[codes] == (stats[names].index(name) if name in stats[names] else -1)
         loss = int(stats["loss"][mine].sum())
-        out[name] = {"records": int(np.count_nonzero(mine)), "tokens": int(stats["tokens"][mine].sum()),
-                     "loss_tokens": loss, "loss_share": loss / total}
-    return out
-
-
-def by_source(stats: dict[str, Any], sources: list[str]) -> dict[str, dict[str, Any]]:
-    """Per source in the data or `check.sources`: its `mix_table` figures, trainable and truncated rows, prompt and
-    answer p50/max."""
-    table = mix_table(stats, "code", "names")
-    out = {}
-    for source in sorted(set(table) | set(sources)):
-        mine = stats["code"] == (stats["names"].index(source) if source in table else -1)
+        mix = {"tokens": int(stats["tokens"][mine].sum()), "loss_tokens": loss, "loss_share": loss / total}
+        if sources is None:
+            out[name] = {"records": int(np.count_nonzero(mine)), **mix}
+            continue
         prompt, answer = percentiles(stats["prompt"][mine]), percentiles((stats["length"] - stats["prompt"])[mine])
-        mix = table.get(source, {"records": 0, "tokens": 0, "loss_tokens": 0, "loss_share": 0.0})
-        out[source] = {"rows": mix.pop("records"), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
-                       "prompt_p50": prompt["p50"], "prompt_max": prompt["max"], "answer_p50": answer["p50"],
-                       "answer_max": answer["max"], **mix,
-                       "truncated": int((stats["tokens"][mine] < stats["length"][mine]).sum())}
+        out[name] = {"rows": int(np.count_nonzero(mine)), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
+                     "prompt_p50": prompt["p50"], "prompt_max": prompt["max"], "answer_p50": answer["p50"],
+                     "answer_max": answer["max"], **mix,
+                     "truncated": int((stats["tokens"][mine] < stats["length"][mine]).sum())}
     return out
 
 
@@ -151,9 +141,8 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
         return f"off: padding-free batches of {batch} (one row each, no padding){hint}", efficiency, 1.0, packed_rows
     multiple = args.pad_to_multiple_of or 1
     shuffled = np.random.default_rng(args.seed).permutation(lengths)
-    rows = np.zeros(-(-len(shuffled) // batch) * batch, dtype=np.int64)
-    rows[:len(shuffled)] = shuffled
-    longest = -(-rows.reshape(-1, batch).max(axis=1) // multiple) * multiple
+    batches = np.pad(shuffled, (0, -len(shuffled) % batch)).reshape(-1, batch)  # the last one filled up with 0s
+    longest = -(-batches.max(axis=1) // multiple) * multiple
     sizes = np.minimum(batch, len(shuffled) - np.arange(0, len(shuffled), batch))
     padded = int((longest * sizes).sum())
     padding = int(lengths.sum()) / padded if padded else 0.0

@@ -2,6 +2,7 @@
 and their tokenization with loss on every assistant turn (its content and end-of-turn token) and nothing else."""
 
 import bisect
+import contextlib
 import os
 import re
 from typing import Any
@@ -50,8 +51,7 @@ def _conversation(record: dict) -> list[dict[str, str]] | str:
         return f"'{key}' must be a non-empty list of turns"
     out: list[dict[str, str]] = []
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or \
-                not isinstance(turn.get(text_key), str):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in (role_key, text_key)):
             return f"{key}[{n}] must be {{\"{role_key}\": …, \"{text_key}\": \"text\"}}"
         role = ROLES.get(turn[role_key]) if key == "conversations" else turn[role_key]
         if role not in ("system", "user", "assistant"):
@@ -75,18 +75,6 @@ def template_kwargs(tokenizer, given: dict | None = None) -> dict:
     takes it (Qwen3) unless given: its empty think block is then part of the prompt, as Qwen3 answers."""
     thinking = "enable_thinking" in str(tokenizer.chat_template)
     return {**({"enable_thinking": False} if thinking else {}), **(given or {})}
-
-
-def render_template(tokenizer) -> str | None:
-    """None (the tokenizer's own), or TRL's training version of the template where TRL has one and the tokenizer's
-    lacks `{% generation %}` markers: what TRL's assistant_only_loss renders conversations with."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-    if has_generation_markers(tokenizer.chat_template):
-        return None
-    try:
-        return get_training_chat_template(tokenizer)
-    except ValueError:  # TRL has no training version of this template
-        return None
 
 
 def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: list[list[dict]], kwargs: dict
@@ -118,8 +106,12 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
     """(input_ids, [(start, end) token span of each assistant turn], drift) per conversation, untruncated: with
     `{% generation %}` markers made `OPEN`/`CLOSE` characters, one plain render gives every span (transformers'
     generation tracking is ~2.5x slower); a token overlapping one is in it (transformers' assistant-mask rule)."""
-    from trl.chat_template_utils import has_generation_markers
-    template = render_template(tokenizer)  # only here, at a conversation: TRL's template module imports for seconds
+    # Only here, at a conversation: TRL's template module imports for seconds.
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    template = None  # the tokenizer's own, or TRL's training version (as its assistant_only_loss renders) if it has one
+    if not has_generation_markers(tokenizer.chat_template):
+        with contextlib.suppress(ValueError):  # TRL has no training version of this template
+            template = get_training_chat_template(tokenizer)
     given = template or tokenizer.chat_template
     if not given or not has_generation_markers(given) or \
             any(OPEN in t["content"] or CLOSE in t["content"] for c in conversations for t in c):
@@ -160,12 +152,9 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
     up to it, rendered with the generation prompt, ends, to where the conversation up to and including it ends
     (three batched renders); `drift` where such a prompt is not a prefix of the whole."""
     import numpy as np
-    heads, ends, owner = [], [], []
-    for n, turns in enumerate(conversations):
-        for a in (i for i, t in enumerate(turns) if t["role"] == "assistant"):
-            heads.append(turns[:a])
-            ends.append(turns[:a + 1])
-            owner.append(n)
+    answers = [(n, a) for n, turns in enumerate(conversations) for a, t in enumerate(turns) if t["role"] == "assistant"]
+    heads, ends = [conversations[n][:a] for n, a in answers], [conversations[n][:a + 1] for n, a in answers]
+
     def render(conversations: list, generation: bool = False) -> list[str]:
         return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation,
                                              chat_template=template, **kwargs)
@@ -174,7 +163,7 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # as apply_chat_template does
     out = [(ids, [], False) for ids in encoded["input_ids"]]
     offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in encoded["offset_mapping"]]
-    for n, head, end in zip(owner, head_texts, end_texts, strict=True):
+    for (n, _), head, end in zip(answers, head_texts, end_texts, strict=True):
         text, starts_ends = full[n], offsets[n]
         start = len(head) if end.startswith(head) else len(os.path.commonprefix([head, end]))
         first = int(np.searchsorted(starts_ends[:, 1], start, side="right"))  # first token ending after `start`
