@@ -18,6 +18,11 @@ from .outputs import fsync, readable, write_atomic
 from .resume import RECORD, fingerprint
 
 
+def checkpoint_path(args, step: int) -> Path:
+    """Where Trainer saves the checkpoint of `step` (its `_save_checkpoint`)."""
+    return Path(args.output_dir) / f"checkpoint-{step}"
+
+
 class CheckpointRecord(TrainerCallback):
     """Writes `sft_lora_checkpoint.json` into each checkpoint once all its files are on disk (Trainer marks no end):
     each file's size and the run's fingerprint. Resume trusts only checkpoints whose files match their record."""
@@ -31,7 +36,7 @@ class CheckpointRecord(TrainerCallback):
         # A save is about to rewrite this directory (a fresh run over an old one): an old record must not vouch
         # for files that are being replaced. Trainer has no "before save" event; on_step_end is the last one.
         if control.should_save:
-            self.saving = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.saving = checkpoint_path(args, state.global_step)
             if state.is_world_process_zero:
                 (self.saving / RECORD).unlink(missing_ok=True)
 
@@ -44,7 +49,7 @@ class CheckpointRecord(TrainerCallback):
             return
         from .report import checkpoint_card
 
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_path(args, state.global_step)
         write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,
                                                                state.global_step))  # not PEFT's blank template
         files = {}
@@ -61,7 +66,7 @@ class CheckpointRecord(TrainerCallback):
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving `checkpoint` at `step`."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
 
@@ -117,4 +122,4 @@ def interruptible(trainer) -> Iterator[None]:
         stop.restore()
     if stop.signum is not None:
         step = trainer.state.global_step
-        raise TrainingInterrupted(stop.signum, step, os.path.join(trainer.args.output_dir, f"checkpoint-{step}"))
+        raise TrainingInterrupted(stop.signum, step, checkpoint_path(trainer.args, step))

@@ -80,6 +80,11 @@ class Recipe:
         return self.run_dir / f"{self.method}_merged"
 
     @property
+    def final_dir(self) -> Path:
+        """What a run ends with: the merged model with output.merge, else the adapters."""
+        return self.merged_dir if self.output.merge else self.adapters_dir
+
+    @property
     def checkpoint_dir(self) -> Path:
         return Path(self.output.checkpoint_dir) / self.model_name / self.run_dir.name / self.method
 

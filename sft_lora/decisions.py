@@ -78,10 +78,10 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
     """(estimated bytes of weights + activations without checkpointing, device memory); None if unknown."""
     import numpy as np
     import torch
-    from transformers import AutoConfig
+
+    from .model import base_config
     try:
-        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+        config = base_config(recipe).get_text_config()
         hidden, layers = config.hidden_size, config.num_hidden_layers
         intermediate = getattr(config, "intermediate_size", 4 * hidden)
         params = layers * (4 * hidden * hidden + 3 * hidden * intermediate) + 2 * config.vocab_size * hidden

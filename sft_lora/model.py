@@ -52,6 +52,14 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
     return tokenizer
 
 
+def base_config(recipe: Recipe):
+    """The base model's transformers config (raises what `AutoConfig.from_pretrained` raises)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+                                      trust_remote_code=recipe.model.trust_remote_code)
+
+
 def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = None) -> list[int]:
     """The tokens that end an answer: the EOS (training.eos_token, else the tokenizer's) first, then the generation
     config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
@@ -177,7 +185,7 @@ def push_outputs(recipe: Recipe) -> str:
     from huggingface_hub import HfApi
 
     repo = recipe.output.push_to_hub
-    directory = Path(recipe.merged_dir if recipe.output.merge else recipe.adapters_dir)
+    directory = recipe.final_dir
     api = HfApi(endpoint=_endpoint(), token=os.environ.get("HF_TOKEN") or False)  # False: no stored login
     try:
         api.create_repo(repo, private=True, exist_ok=True)

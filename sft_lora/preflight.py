@@ -200,13 +200,13 @@ def model_modules(recipe: Recipe) -> dict[str, str] | None:
     """Dotted name → class name of every module of the recipe's model, built on the meta device (no weights); None
     when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    model = recipe.model
+    from transformers import AutoModelForCausalLM
+
+    from .model import base_config
     try:
-        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
+        config = base_config(recipe)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except Exception:  # any failure here is reported, better worded, by the real load that follows
         return None
     return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}

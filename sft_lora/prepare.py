@@ -130,6 +130,12 @@ class Prepared:
     max_length: int | None  # where rows are cut (the recipe's; padding-free clears it on the SFTConfig afterwards)
     unsupported: str | None = None  # why TRL prepares the data itself (`unsupported`), or None
 
+    @property
+    def records_by_source(self) -> dict[str, dict[str, int]]:
+        """{"train": {source: records}, "eval": …}: for the run's summary and each checkpoint's model card."""
+        from .rows import records_by_source
+        return {"train": records_by_source(self.records), "eval": records_by_source(self.eval_records)}
+
 
 def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template_kwargs: dict | None = None
                      ) -> Prepared:

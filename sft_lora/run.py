@@ -117,7 +117,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     from .preflight import run_check
     from .resume import nothing_left, select_checkpoint
-    from .rows import check_lengths, records_by_source
+    from .rows import check_lengths
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
@@ -135,8 +135,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,
-               "records_by_source": {"train": records_by_source(data.records),
-                                     "eval": records_by_source(data.eval_records)}}
+               "records_by_source": data.records_by_source}
     try:
         _fit(trainer, recipe, tokenizer, summary, evaluate)
         main_process = trainer.accelerator.is_main_process
@@ -200,8 +199,7 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         from .chat import smoke_check
 
         try:
-            summary["smoke"] = smoke_check(recipe.merged_dir if recipe.output.merge else recipe.adapters_dir,
-                                           [row["prompt"] for row in held_out.select(range(n))],
+            summary["smoke"] = smoke_check(recipe.final_dir, [row["prompt"] for row in held_out.select(range(n))],
                                            recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
         except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
             summary["smoke"] = {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {first_line(exc)}"}

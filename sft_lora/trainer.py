@@ -99,7 +99,6 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     from .model import name_the_cpu_to_deepspeed
     from .preflight import check_target_modules
     from .prepare import Prepared, prepare_datasets
-    from .rows import records_by_source
 
     check_target_modules(recipe)  # a wrong target name fails before any weight is downloaded or loaded
     name_the_cpu_to_deepspeed()
@@ -118,8 +117,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
             model=recipe.model.name_or_path, args=args, train_dataset=data.train, eval_dataset=eval_sets,
             processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
-                       CheckpointRecord(recipe, {"train": records_by_source(data.records),
-                                                 "eval": records_by_source(data.eval_records)})],
+                       CheckpointRecord(recipe, data.records_by_source)],
         )
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {first_line(exc)}") from None
