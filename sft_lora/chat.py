@@ -52,16 +52,12 @@ def load(model_dir: str | Path):
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, streamer=None, template_kwargs: dict | None = None) -> dict[str, Any]:
     """One answer to `messages`, its prompt rendered as in training: {text, stopped (on EOS by itself), tokens}."""
-    import torch
-
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", **template_kwargs or {}).to(model.device)
     stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-                                streamer=streamer, **sampling)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops, streamer=streamer, **sampling,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
     new = output[0, inputs["input_ids"].shape[1]:].tolist()
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(),
             "stopped": any(token in stops for token in new), "tokens": len(new)}
@@ -95,8 +91,7 @@ def interactive(model, tokenizer, opening: list[dict], max_new_tokens: int, temp
             return
         if line == "/reset":
             history = []
-            continue
-        if not line:
+        if line in ("", "/reset"):
             continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)

@@ -19,8 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
 def resolve_config(name: str, where: str = "accelerate_config") -> Path:
     """An accelerate config by short name (`zero3` → accelerate_configs/zero3.yaml) or by path."""
-    path = Path(name)
-    for candidate in (path, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -147,8 +146,7 @@ def _check_deepspeed_batch(config: dict[str, Any], training, processes: int, whe
     fixed = {"gradient_accumulation_steps": accumulation, "train_micro_batch_size_per_gpu": micro,
              "train_batch_size": micro * accumulation * processes}
     for key, expected in fixed.items():
-        value = ds.get(key)
-        if value not in (None, "auto", "none") and int(value) != expected:
+        if (value := ds.get(key)) not in (None, "auto", "none") and int(value) != expected:
             raise RecipeError(f"{where}: DeepSpeed {key}={value} but the recipe gives {expected} "
                               f"(per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} "
                               f"× {processes} processes); set it to \"auto\"")

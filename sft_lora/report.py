@@ -68,7 +68,7 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
         matplotlib.use("Agg")  # files only; never open a window
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=100, layout="tight")
         colours = iter([c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3] * 10)  # 3: the eval's red
         if train:
             ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
@@ -80,7 +80,6 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
         ax.set(xlabel="step", ylabel="loss", title=summary.get("title", "loss"))
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
         with atomic_file(directory / PLOT_FILE) as tmp:
             fig.savefig(tmp)
         plt.close(fig)
@@ -175,14 +174,12 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
                   f"{_num(evals.get(source, {}).get('after'))} |" for source, n in counts["train"].items()]
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
                      f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
-    load = ("from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(path)") \
-        if adapters else ("from transformers import AutoModelForCausalLM",
-                          'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")')
-    lines += ["", "## Use", "", "```python", load[0], "from transformers import AutoTokenizer", "",
-              'path = "<this directory>"', "tokenizer = AutoTokenizer.from_pretrained(path)", load[1],
-              'messages = [{"role": "user", "content": "..."}]',
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-              "return_dict=True)",
+    auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
+    lines += ["", "## Use", "", "```python", f"from {'peft' if adapters else 'transformers'} import {auto}",
+              "from transformers import AutoTokenizer", "", 'path = "<this directory>"',
+              "tokenizer = AutoTokenizer.from_pretrained(path)", f"model = {auto}.from_pretrained(path{dtype})",
+              'messages = [{"role": "user", "content": "..."}]', "inputs = tokenizer.apply_chat_template(messages, "
+              "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
               "skip_special_tokens=True))", "```", "",
               "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
