@@ -67,11 +67,9 @@ def paths(value: Any) -> list[str]:
 def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id."""
     p = Path(path)
-    if p.suffix in (".json", ".jsonl"):
-        if not p.is_file():
-            raise RecipeError(f"{p}: data file not found; check data.path")
+    if p.suffix in (".json", ".jsonl") and p.is_file():
         return _jsonl_records(p) if p.suffix == ".jsonl" else _json_records(p)
-    if p.is_dir():
+    if p.is_dir() and p.suffix not in (".json", ".jsonl"):  # a directory named .json is a data file not found
         from datasets import DatasetDict, load_from_disk
         try:
             dataset = load_from_disk(str(p))
@@ -86,7 +84,7 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
-    if not looks_like_hub_id(path):
+    if not looks_like_hub_id(path):  # nor is a .json or .jsonl name
         raise RecipeError(f"{p}: data file not found; check data.path")
     from datasets import load_dataset
     try:

@@ -143,8 +143,7 @@ def packing_line(lengths, args, max_length: int | None) -> tuple[str, float, flo
     shuffled = np.random.default_rng(args.seed).permutation(lengths)
     batches = np.pad(shuffled, (0, -len(shuffled) % batch)).reshape(-1, batch)  # the last one filled up with 0s
     longest = -(-batches.max(axis=1) // multiple) * multiple
-    sizes = np.minimum(batch, len(shuffled) - np.arange(0, len(shuffled), batch))
-    padded = int((longest * sizes).sum())
+    padded = int(np.repeat(longest, batch)[:len(shuffled)].sum())  # each row padded to its batch's longest
     padding = int(lengths.sum()) / padded if padded else 0.0
     return f"off: padded batches of {batch} are {padding:.1%} real tokens{hint}", efficiency, padding, packed_rows
 
@@ -171,8 +170,7 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
         rows = report_rows(data, tokenizer, which)
         if rows is None or max_length is None or args.packing:  # packing splits sequences instead
             continue
-        table = rows.with_format("arrow")[:]
-        length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
+        length, prompt = (rows.with_format("arrow")[:].column(name).to_numpy() for name in (LENGTH, PROMPT))
         cut = length > max_length
         n, truncated, longest = len(length), int(cut.sum()), int(length.max(initial=0))
         dropped = int((cut & (prompt >= max_length)).sum()) if args.truncation_mode == "keep_start" else 0
