@@ -3,7 +3,6 @@ BitsAndBytesConfig, trl.SFTConfig) plus the own sections, every key checked firs
 file:line; and the library's choices (`decisions.py`)."""
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,10 @@ from . import decisions, keys, recipe_yaml
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
-# The seed's command-line flags (README.ko) and the recipe key each one sets.
-SEED_FLAGS = {
+SEED_FLAGS = {  # the seed's command-line flags (README.ko) and the recipe key each one sets
     "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
     "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
-    "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate",
-}
+    "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate"}
 
 
 class RecipeError(ValueError):
@@ -27,8 +24,7 @@ class RecipeError(ValueError):
 
 def first_line(exc: BaseException) -> str:
     """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def printable(text: str) -> str:
@@ -36,7 +32,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in keys.scrub(text))
 
 
-@dataclass
+@dataclasses.dataclass
 class Recipe:
     """A loaded recipe, resolved once. `training`, `lora`, `quantization`: the upstream objects (None without QLoRA);
     `given`: the keys they were built from (the saved recipe); `decisions`: the library's choices and rules."""
@@ -51,11 +47,11 @@ class Recipe:
     check: CheckArgs
     report: ReportArgs
     given: dict[str, dict[str, Any] | None]
-    raw: dict[str, Any] = field(repr=False)
+    raw: dict[str, Any] = dataclasses.field(repr=False)
     training: Any = None
     lora: Any = None
     quantization: Any = None
-    decisions: dict[str, str] = field(default_factory=dict)
+    decisions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -122,14 +118,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
             _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}") if isinstance(value, str)
                  else value)
             where[SEED_FLAGS[flag]] = f"command line --{flag}"
-
-    def loc(key: str) -> str:
-        return where.get(key) or where.get(key.split(".")[0]) or str(path)
-
     try:
-        return _resolve(raw, str(path), loc)
+        return _resolve(raw, str(path))
     except keys.KeyProblem as problem:
-        raise RecipeError(f"{loc(problem.dotted)}: {problem}") from None
+        at = where.get(problem.dotted) or where.get(problem.dotted.split(".")[0]) or path
+        raise RecipeError(f"{at}: {problem}") from None
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -144,7 +137,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     raw[section][key] = value
 
 
-def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
+def _resolve(raw: dict[str, Any], source: str) -> Recipe:
     """Check every key and value, then build the upstream objects and take the library's decisions."""
     sections = keys.sections_of(raw)
     own = {name: cls(**keys.checked(sections[name], cls, name)) for name, cls in OWN_SECTIONS.items()}
@@ -162,9 +155,6 @@ def _resolve(raw: dict[str, Any], source: str, loc) -> Recipe:
              "training": training}
     values = {**{k: v or {} for k, v in given.items()}, **{n: dataclasses.asdict(a) for n, a in own.items()}}
     keys.check_values(values)
-    if found := keys.find_secret({**values, "use_qlora": use_qlora}):  # the recipe is saved beside the adapters
-        raise RecipeError(f"{loc(found[0])}: {found[0]} looks like a secret ({found[1]}); keep tokens in the "
-                          "environment (HF_TOKEN, WANDB_API_KEY), never in a recipe")
     recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, given=given, raw=raw,
                     **own)
     decisions.decide_hardware(recipe)  # bf16 / use_cpu, unless the recipe sets them

@@ -14,8 +14,7 @@ def decide_hardware(recipe) -> None:
     `use_cpu` without a GPU, else processes started by `accelerate launch` never form a process group on CPU."""
     import torch
     gpu = torch.cuda.is_available()
-    bf16 = bool(gpu and torch.cuda.is_bf16_supported())
-    _default(recipe, "bf16", bf16, "bf16 where the GPU supports it, fp32 on CPU")
+    _default(recipe, "bf16", gpu and torch.cuda.is_bf16_supported(), "bf16 where the GPU supports it, fp32 on CPU")
     _default(recipe, "use_cpu", not gpu, "on where no GPU is visible, so launched processes form one group")
 
 
@@ -91,8 +90,7 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
     weight_bytes = 0.56 if recipe.use_qlora else (2 if bf16 else 4)
     act_bytes = 2 if bf16 or recipe.use_qlora else 4
     rows = args.per_device_train_batch_size
-    if args.packing or not args.padding_free or train_dataset is None or "input_ids" not in getattr(
-            train_dataset, "column_names", ()):
+    if args.packing or not args.padding_free or "input_ids" not in getattr(train_dataset, "column_names", ()):
         tokens = rows * (args.max_length or 1024)
     else:  # padding-free: the longest rows of the data, not max_length, bound a micro-batch
         import pyarrow.compute as pc
@@ -100,24 +98,20 @@ def _memory_estimate(recipe, args, train_dataset) -> tuple[float | None, float]:
         tokens = int(np.sort(lengths)[-rows:].sum())
     # Saved activations per token and layer for LoRA on a Llama-style block: 10·hidden + 4·intermediate elements
     # (inputs of every projection, norms, rotary q/k, SiLU); a deliberate over-estimate.
-    per_token = layers * (10 * hidden + 4 * intermediate) * act_bytes
-    need = params * weight_bytes + tokens * per_token
+    need = params * weight_bytes + tokens * layers * (10 * hidden + 4 * intermediate) * act_bytes
     if torch.cuda.is_available() and not args.use_cpu:
-        have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return need, float(have)
+        return need, float(torch.cuda.get_device_properties().total_memory)  # the current device's
+    return need, float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 # `sdpa_documents`: padding-free training (TRL's `padding_free`) flattens a batch into one row, marking where each
 # document starts by resetting `position_ids`. For sdpa and eager, transformers 5.24 then attends over a dense T×T
 # block-diagonal mask of the whole row (cost ∝ T²); only flash-attention kernels read the document boundaries, and
-# none runs on CPU. This attends within each document with causal SDPA (cost ∝ Σnᵢ²), keeping a sliding-window
-# layer's window, and otherwise is `sdpa`. Hand-written because no upstream CPU varlen attention exists.
+# none runs on CPU. Hand-written because no upstream CPU varlen attention exists.
 def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
-    """`sdpa`, except that a batch without padding attends causally within each document only (one padding-free
-    row: the documents its positions mark; several rows: each row), within the layer's sliding window if any."""
+    """`sdpa`, except that a batch without padding attends causally within each document only (cost ∝ Σnᵢ²; one
+    padding-free row: the documents its positions mark; several rows: each row), within the layer's sliding window."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if attention_mask is not None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):

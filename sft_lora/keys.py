@@ -75,6 +75,8 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_values(values: dict[str, dict[str, Any]]) -> None:
+    """Ranges and choices; then secrets (the recipe is saved beside the adapters): a string, at any depth, in a known
+    token format or holding a secret environment variable's value (`${VAR}` expands to it)."""
     for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES) | set(MAXIMUM)):
         section, key = dotted.split(".")
         value = values[section].get(key)
@@ -87,6 +89,15 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
             raise KeyProblem(dotted, f"{dotted} must be in [0, 1), got {value}")
         if dotted in CHOICES and value is not None and value not in CHOICES[dotted]:
             raise KeyProblem(dotted, f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    env = secret_env_values()
+    for dotted, value in leaves(values):
+        if not isinstance(value, str) or dotted == "model.revision":  # a commit sha is 40 hex digits too
+            continue
+        kinds = [f"the value of ${name}" for name, secret in env.items() if secret in value]
+        kinds += [kind for kind, pattern in TOKEN_FORMATS.items() if pattern.search(value)]
+        if kinds:
+            raise KeyProblem(dotted, f"{dotted} looks like a secret ({kinds[0]}); keep tokens in the environment "
+                             "(HF_TOKEN, WANDB_API_KEY), never in a recipe")
 
 
 def expand_env(value: Any, dotted: str) -> Any:
@@ -181,9 +192,7 @@ def _type_ok(value: Any, hint: Any, default: Any) -> bool:
         return value in typing.get_args(hint)
     if origin is not None:
         return isinstance(value, origin) if isinstance(origin, type) else True
-    if hint is type(None):
-        return value is None
-    if hint in (bool, str, list, dict, tuple):
+    if hint in (bool, str, list, dict, tuple, type(None)):
         return isinstance(value, hint)
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
@@ -224,18 +233,3 @@ def scrub(text: str) -> str:
         text = pattern.sub("<redacted>", text)
     return text
 
-
-def find_secret(values: dict[str, Any]) -> tuple[str, str] | None:
-    """(dotted key, what it looks like) of the first string (section → {key: value}, any depth) that looks like a
-    secret: a known token format or a secret environment variable's value (`${VAR}` expands to it); else None."""
-    env = secret_env_values()
-    for dotted, value in leaves(values):
-        if not isinstance(value, str) or dotted == "model.revision":  # a commit sha is 40 hex digits too
-            continue
-        for name, secret in env.items():
-            if secret in value:
-                return dotted, f"the value of ${name}"
-        for kind, pattern in TOKEN_FORMATS.items():
-            if pattern.search(value):
-                return dotted, kind
-    return None

@@ -1,11 +1,10 @@
 """The recipe's schema: its own sections (`model`, `data`, `output`, `wandb`, `check`, `report`), one dataclass each,
 every knob documented once as an attribute docstring that `--help` prints, and the rules on upstream sections' keys."""
 
-import dataclasses
 import functools
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -82,8 +81,7 @@ class WandbArgs:
     """auto (online with an API key, else offline), online, offline or disabled."""
 
 
-# The pre-flight failures `check.ignore` can name.
-CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source", "template")
+CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source", "template")  # the failures check.ignore can name
 
 
 @dataclass
@@ -111,32 +109,26 @@ class ReportArgs:
 OWN_SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "output": OutputArgs, "wandb": WandbArgs,
                                  "check": CheckArgs, "report": ReportArgs}
 # Values that must be > 0 (upstream classes accept some of these silently and fail hours later).
-POSITIVE = {
-    "training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
-    "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
-    "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
-    "report.smoke_max_new_tokens",
-}
+POSITIVE = {"training.learning_rate", "training.num_train_epochs", "training.per_device_train_batch_size",
+            "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
+            "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
+            "report.smoke_max_new_tokens"}
 # Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
-CHOICES = {
-    "model.dtype": ("auto", "bfloat16", "float16", "float32"), "data.on_bad_record": ("fail", "skip"),
-    "output.merge_into": ("dequantized", "original"), "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
-    "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
-    "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32"),
-}
+CHOICES = {"model.dtype": ("auto", "bfloat16", "float16", "float32"), "data.on_bad_record": ("fail", "skip"),
+           "output.merge_into": ("dequantized", "original"), "wandb.mode": ("auto", "online", "offline", "disabled"),
+           "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+           "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+           "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32")}
 # Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
 # LoRA rank past any model's hidden size only adds zeros).
 MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
 FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
 UPSTREAM = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "BitsAndBytesConfig"),
             "training": ("trl", "SFTConfig")}  # sections handed whole to an upstream class
-# `training` keys that other sections own, and where to set them instead.
-OWNED_ELSEWHERE = {
+OWNED_ELSEWHERE = {  # `training` keys that other sections own, and where to set them instead
     "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
     "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
-    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
-}
+    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable"}
 
 
 @functools.cache  # the --help epilog, built on every command line: reading the classes' sources takes ~40 ms
@@ -147,9 +139,7 @@ def recipe_keys() -> str:
     for name, cls in OWN_SECTIONS.items():
         lines.append(f"{name}:")  # the attribute docstrings written under each field above (litgpt style):
         docs = dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", inspect.getsource(cls), flags=re.M))
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            lines.append(f"  {f.name} = {default!r}  {docs.get(f.name, '')}")
+        lines += [f"  {key} = {default!r}  {docs.get(key, '')}" for key, default in asdict(cls()).items()]
     lines += ["lora:          any peft.LoraConfig field (defaults: r 16, lora_alpha 32, all-linear)",
               "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",
               "training:      any trl.SFTConfig field (defaults: 3 epochs, lr 1e-4 QLoRA / 5e-6 LoRA)"]
