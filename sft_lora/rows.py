@@ -33,8 +33,7 @@ def trainer_cut(args, max_length: int | None) -> Cut:
 
 
 def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
-    """Tokens that end generation: the tokenizer's EOS (or training.eos_token, which TRL makes the EOS) and the
-    base model's generation_config EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>)."""
+    """`model.stop_token_ids` of the base model's generation config and training.eos_token (TRL makes it the EOS)."""
     from transformers import GenerationConfig
 
     from .model import stop_token_ids as stop_ids

@@ -127,16 +127,9 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
 
 def _unmark(text: str) -> tuple[str, list[tuple[int, int]]]:
     """`text` without the marker characters, and the (start, end) character span each OPEN/CLOSE pair enclosed."""
-    out, spans, position, start = [], [], 0, 0
-    for piece in re.split(f"([{OPEN}{CLOSE}])", text):
-        if piece == OPEN:
-            start = position
-        elif piece == CLOSE:
-            spans.append((start, position))
-        else:
-            out.append(piece)
-            position += len(piece)
-    return "".join(out), spans
+    # Where each marker falls in the text without them; they alternate OPEN, CLOSE (a Jinja block always closes).
+    marks = [found.start() - n for n, found in enumerate(re.finditer(f"[{OPEN}{CLOSE}]", text))]
+    return text.replace(OPEN, "").replace(CLOSE, ""), list(zip(marks[::2], marks[1::2], strict=False))
 
 
 def _token_span(encoding, start: int, stop: int) -> tuple[int, int]:
