@@ -165,7 +165,7 @@ def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -
 
 def _dataset(entry: Entry, args: DataArgs):
     """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
-    from datasets import Dataset
+    from datasets import Dataset, concatenate_datasets
     records = iter(read_records(entry.path, args))
     parts, total, skipped, first_skipped = [], 0, 0, ""
     while chunk := list(islice(records, CHUNK)):
@@ -180,7 +180,7 @@ def _dataset(entry: Entry, args: DataArgs):
     if skipped:
         print(f"notice: {entry.path}: skipped {skipped} bad of {total} records (data.on_bad_record: skip); "
               f"first: {first_skipped}")
-    return concatenated(parts)
+    return concatenate_datasets(parts)
 
 
 def weighted(dataset, entry: Entry, seed: int):
@@ -196,14 +196,10 @@ def weighted(dataset, entry: Entry, seed: int):
     return dataset.select(np.concatenate([np.tile(np.arange(n), whole), extra]))
 
 
-def concatenated(parts: list):
-    from datasets import concatenate_datasets
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-
-
 def load_datasets(args: DataArgs, seed: int = 42):
     """(train, eval or None) Datasets of prompt/completion/source/entry: every entry of `data.path` weighted and,
     with `data.eval_split`, split on its own before weighting."""
+    from datasets import concatenate_datasets
     train, held_out = [], []
     for n, entry in enumerate(entries(args.path)):
         records = _dataset(entry, args)
@@ -219,4 +215,4 @@ def load_datasets(args: DataArgs, seed: int = 42):
     if args.eval_path:
         evaluation = entries(args.eval_path, "data.eval_path")
         held_out = [weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
-    return concatenated(train), concatenated(held_out) if held_out else None
+    return concatenate_datasets(train), concatenate_datasets(held_out) if held_out else None
