@@ -57,29 +57,27 @@ def main(argv: list[str] | None = None) -> int:
             check_this_launch(recipe)
             train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return _stopped(exc, args, 2)
+        return _stopped(exc, args, 2, f"error: {printable(str(exc))}")
     except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths", file=sys.stderr)
-        return _stopped(exc, args, 2)
+        return _stopped(exc, args, 2, f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths")
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
-        print("interrupted: SIGINT outside the training loop; finished outputs are kept, unfinished ones removed",
-              file=sys.stderr)
-        return _stopped(exc, args, 128 + signal.SIGINT)
+        return _stopped(exc, args, 128 + signal.SIGINT, "interrupted: SIGINT outside the training loop; finished "
+                        "outputs are kept, unfinished ones removed")
     except Exception as exc:
         from .callbacks import TrainingInterrupted  # here, not at the top: it imports transformers
 
         if not isinstance(exc, TrainingInterrupted):
-            _stopped(exc, args, 1)
+            _stopped(exc, args, 1)  # before the traceback
             raise
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return _stopped(exc, args, 128 + exc.signum)
+        return _stopped(exc, args, 128 + exc.signum, f"interrupted: {exc}")
     return 0
 
 
-def _stopped(exc: BaseException, args: argparse.Namespace, code: int) -> int:
-    """After a stop once training had started (`train` marks the exception): the command that continues the run."""
+def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str | None = None) -> int:
+    """Print `line` and, after a stop once training had started (`train` marks it), the command that continues."""
+    if line:
+        print(line, file=sys.stderr)
     if getattr(exc, "training_started", False):  # this command with --resume (the last complete checkpoint)
         flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
         command = [sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume"]
