@@ -57,9 +57,8 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
     stats: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int) for k in keys}
     for prefix, columns in labels.items():
         column = pa.chunked_array([c for s in columns for c in s.chunks], type=pa.string())
-        stats[prefix + "names"] = sorted(pc.unique(column).to_pylist())
-        stats[prefix + "code"] = pc.index_in(column, value_set=pa.array(stats[prefix + "names"], pa.string())
-                                             ).to_numpy()
+        names = stats[prefix + "names"] = sorted(pc.unique(column).to_pylist())
+        stats[prefix + "code"] = pc.index_in(column, value_set=pa.array(names, pa.string())).to_numpy()
     return stats
 
 
