@@ -1,6 +1,5 @@
-"""Recipe → one resolved configuration, built once: the upstream objects themselves (peft.LoraConfig,
-BitsAndBytesConfig, trl.SFTConfig) plus the own sections, every key checked first (`keys.py`) so a typo fails at
-file:line; and the library's choices (`decisions.py`)."""
+"""Recipe → one resolved configuration, built once: the upstream objects (LoraConfig, BitsAndBytesConfig, SFTConfig)
+and own sections, every key checked first (`keys.py`: a typo fails at file:line), plus `decisions.py`'s choices."""
 
 import dataclasses
 from pathlib import Path
@@ -83,10 +82,6 @@ class Recipe:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.output.checkpoint_dir) / self.model_name / self.run_dir.name / self.method
-
-    @property
-    def run_name(self) -> str:
-        return self.wandb.run_name or f"{self.model_name}_{self.method}"
 
     def to_yaml(self) -> str:
         """The resolved recipe as a recipe file that reproduces this run."""
@@ -176,8 +171,8 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
     if not {"activation_checkpointing", "gradient_checkpointing"} & set(training):
         # TRL's default, under the current name: TRL sets the old, deprecated one (a FutureWarning on every run)
         training["activation_checkpointing"] = True  # decisions.py settles it once the data is prepared
-    return dict(training, output_dir=str(recipe.checkpoint_dir), run_name=recipe.run_name,
-                trust_remote_code=model.trust_remote_code,
+    return dict(training, output_dir=str(recipe.checkpoint_dir), trust_remote_code=model.trust_remote_code,
+                run_name=recipe.wandb.run_name or f"{recipe.model_name}_{recipe.method}",
                 model_init_kwargs={k: v for k, v in init.items() if v is not None})
 
 

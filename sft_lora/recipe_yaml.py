@@ -21,13 +21,22 @@ class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: 6
         _walk(node, {}, set())
         return super().construct_document(node)
 
+    def construct_mapping(self, node, deep=False):
+        first: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in first:
+                    raise ConstructorError(None, None, f"duplicate key '{key.value}', first at line "
+                                           f"{first[key.value]}; keep one", key.start_mark)
+                first[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
 
 RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
 def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
-    """How many values `node` expands to (an alias counts each time); raise past MAX_VALUES, on a cycle, a tag or a
-    duplicate key."""
+    """How many values `node` expands to (an alias counts each time); raise past MAX_VALUES, on a cycle or a tag."""
     if id(node) in sizes:
         return sizes[id(node)]
     if id(node) in open_:
@@ -35,13 +44,6 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
     if node.tag not in PLAIN_TAGS:
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         raise ConstructorError(None, None, f"the tag {tag} is not allowed in a recipe; remove it", node.start_mark)
-    first: dict[str, int] = {}
-    for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-            if key.value in first:
-                raise ConstructorError(None, None, f"duplicate key '{key.value}', first at line {first[key.value]}; "
-                                       "keep one", key.start_mark)
-            first[key.value] = key.start_mark.line + 1
     open_.add(id(node))
     children = node.value if isinstance(node, yaml.SequenceNode) else (
         [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ())

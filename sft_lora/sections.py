@@ -113,12 +113,11 @@ POSITIVE = {"training.learning_rate", "training.num_train_epochs", "training.per
             "training.per_device_eval_batch_size", "training.gradient_accumulation_steps", "training.max_length",
             "training.save_steps", "training.logging_steps", "training.eval_steps", "lora.r", "lora.lora_alpha",
             "report.smoke_max_new_tokens"}
-# Values with a fixed set of choices; upstream accepts some of these and fails only while loading the model.
-CHOICES = {"model.dtype": ("auto", "bfloat16", "float16", "float32"), "data.on_bad_record": ("fail", "skip"),
-           "output.merge_into": ("dequantized", "original"), "wandb.mode": ("auto", "online", "offline", "disabled"),
-           "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
-           "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
-           "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32")}
+CHOICES = {  # values with a fixed set of choices; upstream accepts some of these and fails only while loading the model
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"), "output.merge_into": ("dequantized", "original"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"), "quantization.bnb_4bit_quant_type": ("nf4", "fp4"),
+    "data.on_bad_record": ("fail", "skip"), "quantization.bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+    "quantization.bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32")}
 # Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
 # LoRA rank past any model's hidden size only adds zeros).
 MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
