@@ -114,12 +114,10 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
 
     texts = []
     for data_path in paths(data if isinstance(data, list) else str(data)):
-        for line in Path(data_path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                turns = record.get("messages") or record.get("conversations") or []
-                texts += [record.get("input", ""), record.get("output", ""),
-                          *(t.get("content") or t.get("value") or "" for t in turns)]
+        for record in map(json.loads, filter(str.strip, Path(data_path).read_text(encoding="utf-8").splitlines())):
+            turns = record.get("messages") or record.get("conversations") or []
+            texts += [record.get("input", ""), record.get("output", ""),
+                      *(t.get("content") or t.get("value") or "" for t in turns)]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -41,12 +41,10 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
         yield tmp
         for path in filter(Path.is_file, tmp.rglob("*")):
             readable(path)
-        if final.exists():
-            final.rename(old := final.with_name(f"{final.name}.old-{os.getpid()}"))
-            tmp.rename(final)
+        old = final.rename(final.with_name(f"{final.name}.old-{os.getpid()}")) if final.exists() else None
+        tmp.rename(final)
+        if old is not None:
             shutil.rmtree(old)
-        else:
-            tmp.rename(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception) or (reason := write_error(exc)) is None:
@@ -110,21 +108,17 @@ def write_error(exc: BaseException) -> str | None:
 def check_outputs(recipe: Recipe) -> None:
     """Before anything is loaded or written, every output directory can be created and written, none is or is
     under a file, and none is or holds an input (a run replaces its output directories whole)."""
-    outputs = {recipe.adapters_dir: "output.dir", recipe.checkpoint_dir: "output.checkpoint_dir"}
-    if recipe.output.merge:
-        outputs[recipe.merged_dir] = "output.dir"
+    outputs = {recipe.adapters_dir: "output.dir", recipe.checkpoint_dir: "output.checkpoint_dir",
+               recipe.final_dir: "output.dir"}  # final_dir: the merged model's, or the adapters' again
     inputs = {"the recipe": recipe.source, "model.name_or_path": recipe.model.name_or_path,
               "data.chat_template": recipe.data.chat_template}
-    for key in ("path", "eval_path"):
-        for n, path in enumerate(paths(getattr(recipe.data, key))):
-            inputs[f"data.{key}[{n}]" if n else f"data.{key}"] = path
+    inputs |= {f"data.{key}[{n}]" if n else f"data.{key}": path
+               for key in ("path", "eval_path") for n, path in enumerate(paths(getattr(recipe.data, key)))}
     for path, key in outputs.items():
         check_not_inputs(path, inputs, f"set {key} elsewhere")
         # a probe written and removed in the deepest existing ancestor, creating nothing else (as root, permission
-        # bits allow everything: only a real write tells)
-        existing = Path(path)
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        # bits allow everything: only a real write tells); "/" or "." ends the search
+        existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir():
             raise RecipeError(f"{existing}: is a file, so {path} cannot be created; set {key} to a directory")
         probe = existing / f".sft_lora_probe-{os.getpid()}"

@@ -78,12 +78,10 @@ def weights_view(recipe: Recipe) -> dict[str, Any]:
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What a checkpoint records about the run that made it: the weights' view, the sha256 of every file the recipe
     points at (a list of data entries: its entries' hashes joined, with any weight or source), and the length."""
-    files = {}
-    for key in ("path", "eval_path"):
-        if value := getattr(recipe.data, key):
-            files[f"data.{key}"] = "+".join(_named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None) else
-                                                                        f"*{e.weight:g}@{e.source}")
-                                            for e in entries(value))
+    files = {f"data.{key}": "+".join(_named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None)
+                                                                 else f"*{e.weight:g}@{e.source}")
+                                     for e in entries(getattr(recipe.data, key)))
+             for key in ("path", "eval_path") if getattr(recipe.data, key)}
     if recipe.data.chat_template:
         files["data.chat_template"] = _named_or_hashed(recipe.data.chat_template)
     view = weights_view(recipe)

@@ -54,17 +54,15 @@ class SourceEvalSFTTrainer(SFTTrainer):
         score_labelled_positions_only(getattr(self.model, "get_base_model", lambda: self.model)())  # under PEFT
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
-            metrics, sources = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix), []
-        else:
-            metrics = super().evaluate(OVERALL, ignore_keys, metric_key_prefix)
-            sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL]
-            for source in sources:  # none is empty: build_trainer splits the eval set by the sources it holds
-                self.source_prefix = source_metric(source)
-                try:
-                    metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
-                finally:
-                    self.source_prefix = None
+        per_source = eval_dataset is None and isinstance(self.eval_dataset, dict)
+        metrics = super().evaluate(OVERALL if per_source else eval_dataset, ignore_keys, metric_key_prefix)
+        sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL] if per_source else []
+        for source in sources:  # none is empty: build_trainer splits the eval set by the sources it holds
+            self.source_prefix = source_metric(source)
+            try:
+                metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
+            finally:
+                self.source_prefix = None
         if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
             from tqdm.auto import tqdm
 
