@@ -148,8 +148,7 @@ def _resolve(raw: dict[str, Any], source: str) -> Recipe:
              "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                               "bnb_4bit_compute_dtype": "bfloat16", **upstream["quantization"]} if use_qlora else None,
              "training": training}
-    values = {**{k: v or {} for k, v in given.items()}, **{n: dataclasses.asdict(a) for n, a in own.items()}}
-    keys.check_values(values)
+    keys.check_values({**{k: v or {} for k, v in given.items()}, **{n: dataclasses.asdict(a) for n, a in own.items()}})
     recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, given=given, raw=raw,
                     **own)
     decisions.decide_hardware(recipe)  # bf16 / use_cpu, unless the recipe sets them
