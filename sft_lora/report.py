@@ -33,18 +33,19 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
     return history
 
 
-def run_numbers(trainer, result, before: dict[str, float], after: dict[str, float], sources: list[str]) -> dict:
+def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) -> dict:
     """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
     runtime = result.metrics["train_runtime"]
-    evals = eval_history(history, sources)  # the eval before training is in it at step 0 (`eval_on_start`)
+    evals = eval_history(history, sources)
+    # the eval before training: at step 0, run inside train() by `eval_on_start` (ZeRO-2 refuses an evaluate() before)
+    before = {name: points[0][1] for name, points in evals.items() if points[0][0] == 0}
     best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
-    key = {s: source_metric(s) + "_loss" for s in sources}
-    by_source = {s: {"before": before.get(key[s]), "after": after.get(key[s]), "best": min(p[1] for p in evals[s])}
-                 for s in sources if evals.get(s)}
+    by_source = {s: {"before": before.get(s), "after": after.get(source_metric(s) + "_loss"),
+                     "best": min(p[1] for p in evals[s])} for s in sources if evals.get(s)}
     return {
-        "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss"),
+        "eval_loss_before": before.get("overall"), "eval_loss_after": after.get("eval_loss"),
         "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
         "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],

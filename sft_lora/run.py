@@ -165,14 +165,11 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
             raise RecipeError(f"wandb: {first_line(exc)}; check WANDB_API_KEY (or `wandb login`) or set wandb.mode: "
                               "offline") from None  # main prints it through printable
         raise
-    # The eval before any step ran inside train() (`eval_on_start`: ZeRO-2 refuses an evaluate() before it).
-    before = {k: v for log in trainer.state.log_history if log.get("step") == 0
-              for k, v in log.items() if k.startswith("eval_")}
     after = trainer.evaluate() if evaluate else {}
     summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
                    peak_memory_gib=peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)
-    summary.update(report.run_numbers(trainer, result, before, after, sorted(summary["records_by_source"]["eval"])))
+    summary.update(report.run_numbers(trainer, result, after, sorted(summary["records_by_source"]["eval"])))
 
 
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
