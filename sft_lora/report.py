@@ -110,8 +110,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         rows.append(("train loss", f"{losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} "
                                    f"(step {losses[-1][0]})"))
     if summary.get("eval_loss_after") is not None:
-        before = summary.get("eval_loss_before")
-        start = f"{before:.4f} (before) -> " if before is not None else ""
+        start = f"{summary['eval_loss_before']:.4f} (before) -> " if summary.get("eval_loss_before") is not None else ""
         rows.append(("eval loss", f"{start}{summary['eval_loss_after']:.4f} (after); best "
                                   f"{_num(summary.get('best_eval_loss'))} at step {summary.get('best_eval_step')}"))
         for source, loss in summary.get("eval_by_source", {}).items():

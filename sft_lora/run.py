@@ -173,8 +173,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
 
 
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
-    """On the main process: the summary (before the merge, so the model card has the eval losses), the merge, the
-    smoke check (a few held-out questions; it never fails a finished run), the summary again, the table, the push."""
+    """On the main process: the summary first (the merged card reads its losses), merge, smoke check, table, push."""
     from . import report
     from .outputs import write_atomic
 
