@@ -18,8 +18,7 @@ from .outputs import fsync, readable, write_atomic
 from .resume import RECORD, fingerprint
 
 
-def checkpoint_path(args, step: int) -> Path:
-    """Where Trainer saves the checkpoint of `step` (its `_save_checkpoint`)."""
+def checkpoint_path(args, step: int) -> Path:  # where Trainer's `_save_checkpoint` saves step's checkpoint
     return Path(args.output_dir) / f"checkpoint-{step}"
 
 

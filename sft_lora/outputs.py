@@ -20,7 +20,7 @@ import yaml
 from .config import RECIPE_FILE, Recipe, RecipeError, first_line
 from .data import paths
 from .keys import is_secret_name
-from .resume import data_sha256, recipe_sha256
+from .resume import named_or_hashed, recipe_sha256
 
 MANIFEST_FILE = "manifest.json"
 
@@ -158,7 +158,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recipe": redact(yaml.safe_load(recipe.to_yaml())),
         "recipe_sha256": recipe_sha256(recipe),
-        "data_sha256": data_sha256(recipe),
+        "data_sha256": {p: named_or_hashed(p) for p in paths(recipe.data.path) + paths(recipe.data.eval_path)},
         "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         "seed": recipe.training.seed, "base_model": recipe.model.name_or_path,
         "packages": {name: _version(name) for name in ("sft_lora", "torch", "transformers", "trl", "peft", "datasets",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError
-from .data import entries, paths
+from .data import entries
 
 RECORD = "sft_lora_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
@@ -48,13 +48,8 @@ def _sha256(root: str, stats: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def _named_or_hashed(path: str) -> str:
+def named_or_hashed(path: str) -> str:
     return file_sha256(path) if Path(path).exists() else f"hub:{path}"  # a hub id is named, not hashed
-
-
-def data_sha256(recipe: Recipe) -> dict[str, str]:
-    """{path: sha256} of the data files a recipe trains and evaluates on."""
-    return {p: _named_or_hashed(p) for p in paths(recipe.data.path) + paths(recipe.data.eval_path)}
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -78,12 +73,12 @@ def weights_view(recipe: Recipe) -> dict[str, Any]:
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
     """What a checkpoint records about the run that made it: the weights' view, the sha256 of every file the recipe
     points at (a list of data entries: its entries' hashes joined, with any weight or source), and the length."""
-    files = {f"data.{key}": "+".join(_named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None)
+    files = {f"data.{key}": "+".join(named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None)
                                                                  else f"*{e.weight:g}@{e.source}")
                                      for e in entries(getattr(recipe.data, key)))
              for key in ("path", "eval_path") if getattr(recipe.data, key)}
     if recipe.data.chat_template:
-        files["data.chat_template"] = _named_or_hashed(recipe.data.chat_template)
+        files["data.chat_template"] = named_or_hashed(recipe.data.chat_template)
     view = weights_view(recipe)
     return {"recipe_sha256": recipe_sha256(recipe),
             "weights_sha256": hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest(),
@@ -171,11 +166,10 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
         print(f"notice: skipping {path}: incomplete ({reason})")
     for earlier in _checkpoints(*(d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine)):
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
-            state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))
-            epochs = state.get("num_train_epochs")
-            epochs = int(epochs) if isinstance(epochs, (int, float)) and float(epochs).is_integer() else epochs
+            state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))  # Trainer's counts are ints
             print(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
-                  f"{epochs} epochs / {state.get('max_steps')} steps (this run has no checkpoint of its own)")
+                  f"{state.get('num_train_epochs')} epochs / {state.get('max_steps')} steps (this run has no "
+                  "checkpoint of its own)")
             return str(earlier)
     found = f"{len(own)} incomplete checkpoint(s)" if own else "no checkpoint"
     raise RecipeError(f"{mine}: {found} to resume from; train first or pass --resume CHECKPOINT_DIR "

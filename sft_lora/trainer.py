@@ -87,9 +87,8 @@ class SourceEvalSFTTrainer(SFTTrainer):
 
 
 def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
-    """An `SFTTrainer` that loads the base model itself (4-bit when QLoRA) and wraps it with the LoRA adapter; its
-    checkpoints carry a completion record and SIGTERM/SIGINT stop it at a step boundary after a checkpoint.
-    `data`: the run's `prepare.Prepared` datasets, or a chat-record train set (and `eval_dataset`), prepared here."""
+    """An `SFTTrainer` loading the base model itself (4-bit for QLoRA) under the LoRA adapter, with checkpoint
+    records and the SIGTERM/SIGINT stop. `data`: the run's `prepare.Prepared`, or chat records (and `eval_dataset`)."""
     from peft.utils.error import NoMatchingPeftModuleError
     from transformers.integrations import TensorBoardCallback
 
@@ -139,12 +138,8 @@ def score_labelled_positions_only(model) -> None:
     if fused is None or TRL_DEVICE_TEST not in fused.__code__.co_names or TRL_DEVICE_TEST not in fused.__globals__:
         return
     use_triton = fused.__globals__[TRL_DEVICE_TEST]
-
-    def compact(device) -> bool:
-        return device.type == "cpu" or use_triton(device)
-
-    rebound = types.FunctionType(fused.__code__, {**fused.__globals__, TRL_DEVICE_TEST: compact}, fused.__name__,
-                                 fused.__defaults__, fused.__closure__)
+    scope = {**fused.__globals__, TRL_DEVICE_TEST: lambda device: device.type == "cpu" or use_triton(device)}
+    rebound = types.FunctionType(fused.__code__, scope, fused.__name__, fused.__defaults__, fused.__closure__)
     rebound.__kwdefaults__ = fused.__kwdefaults__
     model.forward = types.MethodType(rebound, model)
 
