@@ -75,8 +75,7 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_values(values: dict[str, dict[str, Any]]) -> None:
-    """Ranges and choices; then secrets (the recipe is saved beside the adapters): a string, at any depth, in a known
-    token format or holding a secret environment variable's value (`${VAR}` expands to it)."""
+    """Ranges and choices, then secrets at any depth: a token format or a secret env variable's value (`${VAR}`)."""
     for dotted in sorted(POSITIVE | FRACTIONS | set(CHOICES) | set(MAXIMUM)):
         section, key = dotted.split(".")
         value = values[section].get(key)
