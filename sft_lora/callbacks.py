@@ -101,10 +101,9 @@ class GracefulStop(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Any process's signal stops every rank at the same step: the save is a collective under ZeRO.
-            flag = torch.tensor([0 if self.signum is None else self.signum], device=args.device)
+            flag = torch.tensor([self.signum or 0], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if self.signum is None and int(flag.item()):
-                self.signum = int(flag.item())
+            self.signum = self.signum or int(flag.item()) or None  # its own signal, else another rank's, else none
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True

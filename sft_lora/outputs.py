@@ -141,7 +141,6 @@ def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: st
 
 def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
     """What produced the adapters, to trace and reproduce them; never the environment (secrets), host or user."""
-    import psutil  # accelerate's dependency
     import torch
 
     def git(*args: str) -> str:
@@ -165,7 +164,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
                                                        "accelerate", "bitsandbytes", "tokenizers", "safetensors")},
         "python": platform.python_version(), "git": checkout,
         "hardware": {"system": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),
-                     "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                      "cuda": torch.version.cuda if cuda else None, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                      "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
     }

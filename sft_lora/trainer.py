@@ -114,8 +114,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
             model=recipe.model.name_or_path, args=args, train_dataset=data.train, eval_dataset=eval_sets,
             processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
-                       CheckpointRecord(recipe, data.records_by_source)],
-        )
+                       CheckpointRecord(recipe, data.records_by_source)])
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {first_line(exc)}") from None
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
