@@ -174,4 +174,5 @@ def multi_turn(dataset) -> bool:
     import pyarrow.compute as pc
     if "completion" not in getattr(dataset, "column_names", ()):
         return False
-    return (pc.max(pc.list_value_length(dataset.with_format("arrow")[:].column("completion"))).as_py() or 0) > 1
+    completions = dataset.select_columns(["completion"]).with_format("arrow")[:].column("completion")
+    return (pc.max(pc.list_value_length(completions)).as_py() or 0) > 1
