@@ -160,3 +160,19 @@ def test_a_bad_conversation_is_one_line_naming_file_and_line(tmp_path, record, m
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=f"^{re.escape(str(path))}:2: {re.escape(message)}"):
         load_datasets(DataArgs(path=str(path)))
+
+
+def test_multi_turn_and_source_counts_read_only_the_selected_records():
+    """Both read one column of a selection (a weighted file) without copying the others; figures per selected row."""
+    from datasets import Dataset
+
+    from sft_lora.rows import records_by_source
+    from sft_lora.turns import multi_turn
+
+    one = [{"role": "assistant", "content": "a"}]
+    two = one + [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]
+    records = Dataset.from_dict({"prompt": [[{"role": "user", "content": "q"}]] * 3, "completion": [one, two, one],
+                                 "source": ["x", "y", "x"]})
+    assert multi_turn(records) and not multi_turn(records.select([0, 2, 2]))
+    assert records_by_source(records.select([0, 2, 2, 1])) == {"x": 3, "y": 1}
+    assert records_by_source(records.select([1])) == {"y": 1}
