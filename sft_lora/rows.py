@@ -169,7 +169,8 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
         rows = report_rows(data, tokenizer, which)
         if rows is None or max_length is None or args.packing:  # packing splits sequences instead
             continue
-        length, prompt = (rows.with_format("arrow")[:].column(name).to_numpy() for name in (LENGTH, PROMPT))
+        table = rows.with_format("arrow")[:]  # once, not per column
+        length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
         cut = length > max_length
         n, truncated, longest = len(length), int(cut.sum()), int(length.max(initial=0))
         dropped = int((cut & (prompt >= max_length)).sum()) if args.truncation_mode == "keep_start" else 0
