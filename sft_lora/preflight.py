@@ -14,6 +14,9 @@ from .prepare import Prepared, report_rows
 from .sections import CHECK_NAMES
 
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
+SOURCE_COLUMNS = (("source", 16), ("train", 7), ("eval", 6), ("prompt p50/max", 16), ("answer p50/max", 16),
+                  ("tokens", 11), ("loss tokens", 13), ("share", 7), ("truncated", 11))  # (title, least width)
+ENTRY_COLUMNS = (("data entry", 36), ("records", 9), ("tokens", 11), ("loss tokens", 13), ("share", 8))
 
 
 @dataclass
@@ -59,18 +62,16 @@ class Report:
     def text(self, ignore: list[str] = ()) -> str:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
         truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
-        lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})",
-                 f"  {'source':<16}{'train':>7}{'eval':>6}{'prompt p50/max':>16}{'answer p50/max':>16}"
-                 f"{'tokens':>11}{'loss tokens':>13}{'share':>7}{'truncated':>11}"]
-        for source, stats in self.by_source.items():
-            prompt, answer = (f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer"))
-            lines.append(f"  {_cut(source, 15):<16}{stats['rows']:>7}{self.eval_records_by_source.get(source, 0):>6}"
-                         f"{prompt:>16}{answer:>16}{stats['tokens']:>11,}{stats['loss_tokens']:>13,}"
-                         f"{stats['loss_share']:>7.1%}{stats['truncated']:>11}")
+        lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})"]
+        lines += _table(SOURCE_COLUMNS, [
+            [_cut(source, 15), str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
+             *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
+             f"{stats['tokens']:,}", f"{stats['loss_tokens']:,}", f"{stats['loss_share']:.1%}", str(stats["truncated"])]
+            for source, stats in self.by_source.items()])
         if len(self.by_entry) > 1:  # the per-file mix
-            lines.append(f"  {'data entry':<36}{'records':>9}{'tokens':>11}{'loss tokens':>13}{'share':>8}")
-            lines += [f"  {name if len(name) <= 35 else '…' + name[-34:]:<36}{s['records']:>9}{s['tokens']:>11,}"
-                      f"{s['loss_tokens']:>13,}{s['loss_share']:>8.1%}" for name, s in self.by_entry.items()]
+            lines += _table(ENTRY_COLUMNS, [
+                [name if len(name) <= 35 else "…" + name[-34:], str(s["records"]), f"{s['tokens']:,}",
+                 f"{s['loss_tokens']:,}", f"{s['loss_share']:.1%}"] for name, s in self.by_entry.items()])
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
@@ -129,6 +130,14 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share)
     return report
+
+
+def _table(columns, rows: list[list[str]]) -> list[str]:
+    """The lines of a table under `columns` (title, least width): the first column left-aligned, the others right-
+    aligned and widened to keep two spaces before their longest value (a count of 100 M tokens or more)."""
+    widths = [max([least] + [len(row[n]) + 2 * (n > 0) for row in rows]) for n, (_, least) in enumerate(columns)]
+    return ["  " + "".join(cell.rjust(width) if n else cell.ljust(width) for n, (cell, width) in
+                           enumerate(zip(row, widths, strict=True))) for row in [[t for t, _ in columns], *rows]]
 
 
 def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -124,6 +125,15 @@ def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path
             assert s["loss_share"] == pytest.approx(s["loss_tokens"] / report.loss_tokens)
     text = report.text()
     assert any(line.split()[0].endswith("/second.jsonl") and line.split()[1] == "30" for line in text.splitlines())
+    # a million records: counts of 100 M tokens and more keep their columns apart (they ran together)
+    big = {"rows": 1_000_000, "prompt_p50": 102, "prompt_max": 578, "answer_p50": 92, "answer_max": 2190,
+           "tokens": 247_245_205, "loss_tokens": 1_118_533_808, "loss_share": 1.0, "truncated": 849}
+    entry = {"records": 12_345_678, "tokens": 9_876_543_210, "loss_tokens": 1_234_567_890, "loss_share": 0.5}
+    wide = dataclasses.replace(report, by_source={"extra": big}, by_entry={first: entry, second: entry}).text()
+    assert ["extra", "1000000", str(report.eval_records_by_source.get("extra", 0)), "102/578", "92/2190",
+            "247,245,205", "1,118,533,808", "100.0%", "849"] in [line.split() for line in wide.splitlines()]
+    assert ["…" + second[-34:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [line.split() for line in
+                                                                                  wide.splitlines()]
 
 
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
