@@ -18,6 +18,7 @@ KEYS = ("path", "source", "weight")  # of a data entry
 # Records turned into Arrow at a time. Converting all records' Python objects at once peaked at 6.1 GiB RSS for
 # 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
 CHUNK = 20_000
+READ_BAR_DELAY = 2.0  # seconds of reading before its progress bar shows (1 M records take ~30 s; small files none)
 SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
 
 
@@ -166,13 +167,16 @@ def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -
 def _dataset(entry: Entry, args: DataArgs):
     """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
     from datasets import Dataset, concatenate_datasets
+    from datasets.utils import tqdm  # datasets' bars: off where HF_DATASETS_DISABLE_PROGRESS_BARS says so
     records = iter(read_records(entry.path, args))
     parts, total, skipped, first_skipped = [], 0, 0, ""
-    while chunk := list(islice(records, CHUNK)):
-        columns, bad, first_bad = examples(chunk, args, entry)
-        total, skipped, first_skipped = total + len(chunk), skipped + bad, first_skipped or first_bad
-        if columns["prompt"]:
-            parts.append(Dataset.from_dict(columns))
+    with tqdm(desc=f"Reading {entry.path}", unit=" records", delay=READ_BAR_DELAY) as bar:
+        while chunk := list(islice(records, CHUNK)):
+            columns, bad, first_bad = examples(chunk, args, entry)
+            total, skipped, first_skipped = total + len(chunk), skipped + bad, first_skipped or first_bad
+            if columns["prompt"]:
+                parts.append(Dataset.from_dict(columns))
+            bar.update(len(chunk))
     if not total:
         raise RecipeError(f"{entry.path}: no records; the data file is empty")
     if skipped == total:

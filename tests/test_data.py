@@ -56,7 +56,7 @@ def test_field_names_are_configurable_and_eval_comes_from_a_fraction_or_a_file(t
     assert (len(train), len(evaluation)) == (20, 20)
 
 
-def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypatch):
+def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypatch, capsys):
     import sft_lora.data
 
     path = tmp_path / "d.jsonl"
@@ -67,6 +67,10 @@ def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypat
     chunked, again = (load_datasets(DataArgs(path=str(path)))[0] for _ in range(2))
     assert chunked.to_list() == whole.to_list()
     assert chunked._fingerprint == again._fingerprint  # the prepared-data cache key is stable
+    assert "Reading" not in capsys.readouterr().err  # a quick read shows no progress bar …
+    monkeypatch.setattr(sft_lora.data, "READ_BAR_DELAY", 0)
+    load_datasets(DataArgs(path=str(path)))
+    assert re.search(r"Reading \S*d\.jsonl: .*\b10 records", capsys.readouterr().err)  # … a long one counts records
     records[7] = {"input": "no answer"}
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="d.jsonl:8: missing 'output'"):  # numbered across chunks
