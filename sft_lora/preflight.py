@@ -113,8 +113,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
     report = Report(
         rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
-        max_length=data.max_length, records_by_source=figures.records_by_source(rows),
-        eval_records_by_source=figures.records_by_source(data.eval_records),
+        max_length=data.max_length, records_by_source=data.records_by_source["train"],
+        eval_records_by_source=data.records_by_source["eval"],
         prompt_tokens=figures.percentiles(stats["prompt"]),
         answer_tokens=figures.percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),

@@ -2,6 +2,7 @@
 batched render + tokenizer call per batch, labels and truncation in the same pass; README, Performance), cached."""
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -130,7 +131,7 @@ class Prepared:
     max_length: int | None  # where rows are cut (the recipe's; padding-free clears it on the SFTConfig afterwards)
     unsupported: str | None = None  # why TRL prepares the data itself (`unsupported`), or None
 
-    @property
+    @functools.cached_property  # read by the run's summary and by each checkpoint's card
     def records_by_source(self) -> dict[str, dict[str, int]]:
         """{"train": {source: records}, "eval": …}: for the run's summary and each checkpoint's model card."""
         from .rows import records_by_source
@@ -167,6 +168,10 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
         if eval_dataset is not None:
             prepared.eval_rows = prepare_rows(eval_dataset, tokenizer, None if eval_packing else args.max_length,
                                               num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
+    # From here the rows stand for the records: of these only the prompts (the smoke check, the report's examples)
+    # and sources are read again, so their answers need no memory (README, Performance, Scale).
+    prepared.records, prepared.eval_records = (None if d is None else d.select_columns(["prompt", "source"])
+                                               for d in (train_dataset, eval_dataset))
     prepared.train = trainable(prepared.rows)
     prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
     if not args.packing:

@@ -87,6 +87,8 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
 
 def _inputs(recipe: Recipe):
     """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first if asked."""
+    import pyarrow
+
     from .data import load_datasets
     from .model import build_tiny_model, check_reachable, load_tokenizer, name_the_cpu_to_deepspeed
     from .prepare import prepare_datasets
@@ -100,7 +102,10 @@ def _inputs(recipe: Recipe):
         build_tiny_model(recipe.model.name_or_path, recipe.data.path)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
-    return tokenizer, prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
+    data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
+    del train_set, eval_set  # what `data` no longer holds (the records' answers) …
+    pyarrow.default_memory_pool().release_unused()  # … goes back to the system now, not at Arrow's next allocation
+    return tokenizer, data
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
