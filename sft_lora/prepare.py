@@ -124,7 +124,7 @@ class Prepared:
     args: Any  # the trainer's SFTConfig, adapted to the data prepared here (TRL's preparation skipped)
     train: Any  # what the trainer trains on: `trainable(rows)`, or the chat records where TRL prepares them itself
     eval: Any  # likewise for evaluation (None without an eval set)
-    records: Any  # the training chat records (prompt/completion/source); row i of `rows` is record i
+    records: Any  # the training chat records (prompt and source once `rows` holds them); row i of `rows` is record i
     eval_records: Any
     rows: Any  # every training record as `prepare_rows` tokenized it (rows TRL drops included); None where TRL prepares
     eval_rows: Any
