@@ -15,6 +15,10 @@ process with a fresh (cold) prepared-data cache:
   bar appears (the training loop starts; the first step follows), its peak RSS (VmHWM) and CPU time are read from
   /proc and it is killed. Nothing in the library is patched.
 
+Both commands may tokenize in worker processes (`prepare.processes`): their CPU time is counted (the reaped children's
+too), and a watcher samples the memory of the whole process tree every 0.2 s (PSS summed: pages the workers share
+with the parent after fork are counted once), reported beside the main process's own peak RSS.
+
 Wall time is from the command's start (process spawn) in both. CPU time (user + system, all threads) is printed
 beside it, and the load average, since the machine may be shared.
 """
@@ -28,6 +32,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,9 +90,43 @@ def prepare_only(recipe_path: str) -> dict[str, Any]:
     args = recipe.training  # the resolved SFTConfig
     train_set, eval_set = load_datasets(recipe.data, seed=args.seed)
     data = prepare_datasets(args, load_tokenizer(recipe.model, recipe.data), train_set, eval_set)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    usage, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"rows": len(data.rows), "tokens": pc.sum(data.rows.data.column(LENGTH)).as_py(),
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
+            "cpu_s": usage.ru_utime + usage.ru_stime + workers.ru_utime + workers.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 2**20}
+
+
+class TreeMemory(threading.Thread):
+    """Samples the PSS summed over a process and its descendants until stopped; `peak_gib` is the largest sum."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_gib, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak_gib = max(self.peak_gib, sum(map(_pss_kib, _tree(self.pid))) / 2**20)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak_gib
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except OSError:  # the process ended between two reads
+        return []
+    return [pid, *(p for c in children for p in _tree(c))]
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        return int(re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)[1])
+    except (OSError, TypeError):
+        return 0
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -98,9 +137,13 @@ def _env(cache: Path) -> dict[str, str]:
 def measure_prepare(recipe: Path, cache: Path) -> dict[str, Any]:
     result = cache.with_suffix(".json")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench.scale", "_prepare", str(recipe), str(result)], cwd=ROOT,
-                   env=_env(cache), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"wall_s": time.perf_counter() - start, **json.loads(result.read_text())}
+    child = subprocess.Popen([sys.executable, "-m", "bench.scale", "_prepare", str(recipe), str(result)], cwd=ROOT,
+                             env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watch = TreeMemory(child.pid)
+    watch.start()
+    if child.wait():
+        raise RuntimeError(f"the preparation alone failed (exit {child.returncode}): {recipe}")
+    return {"wall_s": time.perf_counter() - start, "tree_pss_gib": watch.stop(), **json.loads(result.read_text())}
 
 
 def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
@@ -110,7 +153,8 @@ def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
     with log.open("wb") as sink:
         child = subprocess.Popen([sys.executable, "-m", "sft_lora.run", str(recipe)], cwd=ROOT, env=_env(cache),
                                  stdout=sink, stderr=subprocess.PIPE)
-        seen = b""
+        seen, watch = b"", TreeMemory(child.pid)
+        watch.start()
         while chunk := os.read(child.stderr.fileno(), 65536):
             sink.write(chunk)
             seen = seen[-200:] + chunk
@@ -118,11 +162,13 @@ def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
                 wall = time.perf_counter() - start
                 status = Path(f"/proc/{child.pid}/status").read_text()
                 stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                tree = watch.stop()
                 child.send_signal(signal.SIGKILL)  # not SIGTERM: that would save a checkpoint first
                 child.wait()
                 kib = {k: int(v) / 2**20 for k, v in re.findall(r"(VmHWM|RssAnon|RssFile):\s+(\d+) kB", status)}
-                return {"wall_s": wall, "cpu_s": (int(stat[11]) + int(stat[12])) / TICKS,
-                        "peak_rss_gib": kib["VmHWM"], "anon_gib": kib["RssAnon"], "file_gib": kib["RssFile"]}
+                return {"wall_s": wall, "cpu_s": sum(map(int, stat[11:15])) / TICKS,  # its own, reaped children's
+                        "peak_rss_gib": kib["VmHWM"], "anon_gib": kib["RssAnon"], "file_gib": kib["RssFile"],
+                        "tree_pss_gib": tree}
     raise RuntimeError(f"the training command ended (exit {child.wait()}) before its first step; see {log}")
 
 
@@ -163,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     print(f"device: {cpu_model_name()}, {memory:.0f} GiB", flush=True)
-    print("| records | tokens/record | preparation alone: wall s (CPU s), peak RSS GiB | make train to the first "
-          "step: wall s (CPU s), peak RSS GiB | ratio | load average |")
+    print("| records | tokens/record | preparation alone: wall s (CPU s), peak RSS GiB (process tree PSS) | make "
+          "train to the first step: wall s (CPU s), peak RSS GiB (process tree PSS) | ratio | load average |")
     print("|---|---|---|---|---|---|")
     results = []
     for n in args.records:
@@ -172,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         p, t = r["prepare"], r["train"]
         print(f"| {n:,} | {p['tokens'] / p['rows']:.0f} | {p['wall_s']:.1f} ({p['cpu_s']:.1f}), "
-              f"{p['peak_rss_gib']:.2f} | {t['wall_s']:.1f} ({t['cpu_s']:.1f}), {t['peak_rss_gib']:.2f} | "
+              f"{p['peak_rss_gib']:.2f} ({p['tree_pss_gib']:.2f}) | {t['wall_s']:.1f} ({t['cpu_s']:.1f}), "
+              f"{t['peak_rss_gib']:.2f} ({t['tree_pss_gib']:.2f}) | "
               f"{r['ratio']:.2f}x | {r['load_before']:.1f} → {r['load_after']:.1f} |", flush=True)
     write_json(results, args.json)
     return 0
