@@ -30,7 +30,7 @@ def _default(recipe, key: str, value, rule: str) -> bool:
 def decide(recipe) -> None:
     """The choices that read the built SFTConfig: padding-free batches (the same examples per step as padded ones,
     so losses match plain TRL step by step; README, Performance), attention, end-of-turn token."""
-    from .prepare import MAX_PROCESSES, PARALLEL_FROM, unsupported
+    from .prepare import unsupported
     reason = unsupported(recipe.training)
     rule = "where sft_lora's data preparation applies" + (f"; it does not here: {reason}" if reason else "")
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
@@ -43,9 +43,6 @@ def decide(recipe) -> None:
     eos = recipe.training.eos_token
     recipe.decisions["eos_token"] = (f"{eos} (training.eos_token; TRL makes it the tokenizer's EOS)" if eos else
                                      "the tokenizer's EOS (training.eos_token names another)")
-    if recipe.training.dataset_num_proc is None:
-        recipe.decisions["dataset_num_proc"] = (f"sft_lora's tokenization of {PARALLEL_FROM:,}+ records: up to "
-                                                f"{MAX_PROCESSES} CPU cores (the same rows); else one process, as TRL")
     if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.given["training"]):
         recipe.decisions["activation_checkpointing"] = (
             "once the data is prepared: on for QLoRA, else only when weights + activations of the largest "

@@ -20,8 +20,6 @@ VERSION = "4"  # bump when the output of `prepare_rows` changes, so old cache fi
 # The report's columns (Trainer drops them before collating): untruncated length, where the first answer starts,
 # untruncated loss tokens, and whether the template renders a prompt differently once its answer follows.
 LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncated_loss", "template_drift"
-PARALLEL_FROM = 50_000  # records; fewer tokenize in seconds, so a worker pool's start-up would eat what it saves
-MAX_PROCESSES = 8  # each worker holds a tokenizer and its share of the records
 
 
 def unsupported(args, dataset=None) -> str | None:
@@ -42,16 +40,6 @@ def unsupported(args, dataset=None) -> str | None:
     if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
         return "dataset_kwargs.skip_prepare_dataset"
     return None
-
-
-def processes(args, dataset) -> int | None:
-    """How many processes tokenize `dataset`: `training.dataset_num_proc`, else this machine's cores (up to
-    `MAX_PROCESSES`) from `PARALLEL_FROM` records on. Each row is tokenized on its own, so the rows are the same however
-    many processes share them (tests/test_perf.py; timings: README, Performance)."""
-    if args.dataset_num_proc is not None or len(dataset) < PARALLEL_FROM:
-        return args.dataset_num_proc
-    cores = min(len(os.sched_getaffinity(0)), MAX_PROCESSES)
-    return cores if cores > 1 else None  # datasets starts a pool for num_proc=1 too
 
 
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
@@ -176,10 +164,10 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
     with PartialState().local_main_process_first():
         prepared.rows = prepare_rows(train_dataset, tokenizer, None if args.packing else args.max_length,
-                                     num_proc=processes(args, train_dataset), template_kwargs=template_kwargs)
+                                     num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
         if eval_dataset is not None:
             prepared.eval_rows = prepare_rows(eval_dataset, tokenizer, None if eval_packing else args.max_length,
-                                              num_proc=processes(args, eval_dataset), template_kwargs=template_kwargs)
+                                              num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
     # From here the rows stand for the records: of these only the prompts (the smoke check, the report's examples)
     # and sources are read again, so their answers need no memory (README, Performance, Scale).
     prepared.records, prepared.eval_records = (None if d is None else d.select_columns(["prompt", "source"])

@@ -171,26 +171,20 @@ def test_the_prepared_dataset_is_cached_and_a_second_run_reuses_it(tiny_model, t
         prepare(load_datasets(data)[0], tokenizer, 128, cache=tmp_path)
 
 
-def test_many_records_are_tokenized_by_several_processes_into_the_same_rows(make_recipe, tmp_path, monkeypatch):
-    import sft_lora.prepare as prepare_module
+def test_training_dataset_num_proc_tokenizes_in_that_many_processes_into_the_same_rows(make_recipe, tmp_path,
+                                                                                      monkeypatch):
     from sft_lora.prepare import LENGTH, LOSS, PROMPT, prepare_datasets
 
     recipe = load_recipe(make_recipe())
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     records = load_datasets(recipe.data)[0]
     monkeypatch.setenv("SFT_LORA_CACHE", str(tmp_path / "one"))
-    one = prepare_datasets(recipe.training, tokenizer, records).rows  # the shipped data: under PARALLEL_FROM
-    monkeypatch.setattr(prepare_module, "PARALLEL_FROM", 10)
-    monkeypatch.setattr(prepare_module.os, "sched_getaffinity", lambda pid: {0, 1, 2})  # 3 cores, whatever runs this
+    one = prepare_datasets(recipe.training, tokenizer, records).rows  # TRL's default: one process
     monkeypatch.setenv("SFT_LORA_CACHE", str(tmp_path / "three"))
-    three = prepare_datasets(recipe.training, tokenizer, records).rows
+    three = prepare_datasets(dataclasses.replace(recipe.training, dataset_num_proc=3), tokenizer, records).rows
     assert len(one.cache_files) == 1 and len(three.cache_files) == 3  # one shard per process
     for column in ("input_ids", "labels", "source", LENGTH, PROMPT, LOSS):
         assert three[column] == one[column], column
-    assert prepare_module.processes(recipe.training, records) == 3
-    assert prepare_module.processes(dataclasses.replace(recipe.training, dataset_num_proc=2), records) == 2
-    monkeypatch.setattr(prepare_module.os, "sched_getaffinity", lambda pid: {0})
-    assert prepare_module.processes(recipe.training, records) is None  # one core: no pool at all
 
 
 def test_a_cache_directory_that_cannot_be_written_prepares_in_memory(tiny_model, tmp_path, capsys):
