@@ -56,7 +56,7 @@ fuzz: install
 	FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: install
-	$(BIN)/ruff check sft_lora tests bench
+	$(BIN)/ruff check sft_lora tests bench data
 
 # Plain TRL vs this project's recipe path on the same model and data, side by side, plus data preparation
 # (README, Performance). Both paths run with jemalloc preloaded when libjemalloc2 is installed; BENCH_ARGS adds

@@ -10,12 +10,15 @@ import random
 import sys
 
 CAPITALS = [
-    ("France", "Paris", "프랑스", "파리"), ("Japan", "Tokyo", "일본", "도쿄"), ("Korea", "Seoul", "한국", "서울"),
-    ("Germany", "Berlin", "독일", "베를린"), ("Italy", "Rome", "이탈리아", "로마"), ("Spain", "Madrid", "스페인", "마드리드"),
-    ("China", "Beijing", "중국", "베이징"), ("Egypt", "Cairo", "이집트", "카이로"), ("Canada", "Ottawa", "캐나다", "오타와"),
-    ("Russia", "Moscow", "러시아", "모스크바"), ("Thailand", "Bangkok", "태국", "방콕"), ("Greece", "Athens", "그리스", "아테네"),
-    ("Vietnam", "Hanoi", "베트남", "하노이"), ("Peru", "Lima", "페루", "리마"), ("Kenya", "Nairobi", "케냐", "나이로비"),
-    ("Norway", "Oslo", "노르웨이", "오슬로"), ("Austria", "Vienna", "오스트리아", "빈"), ("Poland", "Warsaw", "폴란드", "바르샤바"),
+    ("France", "Paris", "프랑스", "파리"), ("Japan", "Tokyo", "일본", "도쿄"),
+    ("Korea", "Seoul", "한국", "서울"), ("Germany", "Berlin", "독일", "베를린"),
+    ("Italy", "Rome", "이탈리아", "로마"), ("Spain", "Madrid", "스페인", "마드리드"),
+    ("China", "Beijing", "중국", "베이징"), ("Egypt", "Cairo", "이집트", "카이로"),
+    ("Canada", "Ottawa", "캐나다", "오타와"), ("Russia", "Moscow", "러시아", "모스크바"),
+    ("Thailand", "Bangkok", "태국", "방콕"), ("Greece", "Athens", "그리스", "아테네"),
+    ("Vietnam", "Hanoi", "베트남", "하노이"), ("Peru", "Lima", "페루", "리마"),
+    ("Kenya", "Nairobi", "케냐", "나이로비"), ("Norway", "Oslo", "노르웨이", "오슬로"),
+    ("Austria", "Vienna", "오스트리아", "빈"), ("Poland", "Warsaw", "폴란드", "바르샤바"),
 ]
 WORDS = [
     ("apple", "사과"), ("water", "물"), ("book", "책"), ("school", "학교"), ("friend", "친구"), ("house", "집"),
@@ -36,13 +39,14 @@ def main() -> None:
         rows.append({"input": f"{a} 더하기 {b}는 얼마인가요?", "output": f"{a} 더하기 {b}는 {a + b}입니다.",
                      "source": "arith_ko"})
     for country, capital, country_ko, capital_ko in CAPITALS:
-        rows.append({"input": f"What is the capital of {country}?", "output": f"The capital of {country} is {capital}.",
-                     "source": "capital_en"})
-        rows.append({"input": f"{country_ko}의 수도는 어디인가요?", "output": f"{country_ko}의 수도는 {capital_ko}입니다.",
-                     "source": "capital_ko"})
+        rows.append({"input": f"What is the capital of {country}?",
+                     "output": f"The capital of {country} is {capital}.", "source": "capital_en"})
+        rows.append({"input": f"{country_ko}의 수도는 어디인가요?",
+                     "output": f"{country_ko}의 수도는 {capital_ko}입니다.", "source": "capital_ko"})
     for en, ko in WORDS:
         rows.append({"input": f"Translate to Korean: {en}", "output": ko, "source": "translate"})
-        rows.append({"input": f"'{ko}'를 영어로 하면?", "output": f"'{ko}'는 영어로 {en}입니다.", "source": "translate"})
+        rows.append({"input": f"'{ko}'를 영어로 하면?", "output": f"'{ko}'는 영어로 {en}입니다.",
+                     "source": "translate"})
     rng.shuffle(rows)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
