@@ -164,6 +164,10 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
     """A notice when some training or eval records are longer than max_length (TRL truncates them, and silently drops
     those left without an answer token); RecipeError when all are; nothing where TRL does not truncate."""
     args, max_length, train = data.args, data.max_length, " + ".join(paths(recipe.data.path))
+    if max_length and max_length > tokenizer.model_max_length:  # transformers' "unknown" is 10³⁰
+        print(f"notice: training.max_length={max_length} is above the tokenizer's model_max_length="
+              f"{tokenizer.model_max_length} (the longest input the model is made for); lower it unless the model "
+              "takes longer inputs")
     evaluation = " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{train} (eval split)"
     for which, origin in (("train", train), ("eval", evaluation)):
         rows = report_rows(data, tokenizer, which)

@@ -9,6 +9,10 @@ from typing import Any
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% generation %} / {% endgeneration %}
+# How rendered text is encoded: as apply_chat_template does, without transformers' warning that a text longer than
+# the tokenizer's model_max_length "will result in indexing errors": rows are cut at training.max_length, and
+# rows.check_lengths says when that is above model_max_length.
+ENCODE = {"add_special_tokens": False, "verbose": False}
 
 
 def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
@@ -90,7 +94,7 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
         heads = [prompts[n] for n in single]
         rendered = tokenizer.apply_chat_template(heads, tokenize=False, add_generation_prompt=True, **kwargs)
         full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False, **kwargs)
-        encoded = tokenizer(rendered + full, add_special_tokens=False)["input_ids"]  # as apply_chat_template does
+        encoded = tokenizer(rendered + full, **ENCODE)["input_ids"]
         for k, n in enumerate(single):
             prompt_ids, ids = encoded[k], encoded[len(single) + k]
             out[n] = (ids, [(common_prefix_length(prompt_ids, ids), len(ids))], not full[k].startswith(rendered[k]))
@@ -120,7 +124,7 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
                     lambda m: f"{{{{{m[1]} '{CLOSE if m[2] else OPEN}' {m[3]}}}}}", given)
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False, chat_template=marked, **kwargs)
     texts, spans = zip(*map(_unmark, rendered), strict=True)
-    encoded = tokenizer(list(texts), add_special_tokens=False)
+    encoded = tokenizer(list(texts), **ENCODE)
     return [(ids, [_token_span(encoded.encodings[n], start, stop) for start, stop in spans[n]], False)
             for n, ids in enumerate(encoded["input_ids"])]
 
@@ -153,7 +157,7 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
                                              chat_template=template, **kwargs)
 
     full, head_texts, end_texts = render(conversations), render(heads, True), render(ends)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # as apply_chat_template does
+    encoded = tokenizer(full, return_offsets_mapping=True, **ENCODE)
     out = [(ids, [], False) for ids in encoded["input_ids"]]
     offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in encoded["offset_mapping"]]
     for (n, _), head, end in zip(answers, head_texts, end_texts, strict=True):

@@ -769,6 +769,41 @@ def test_records_longer_than_max_length_are_counted_and_match_what_trl_drops(tmp
     assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) == 48
 
 
+def test_a_record_longer_than_the_model_is_cut_quietly_and_a_max_length_above_it_noticed(tmp_path, tiny_model,
+                                                                                       capsys, monkeypatch):
+    import logging
+
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.prepare import prepare_datasets
+    from sft_lora.rows import check_lengths
+
+    records = [dict(GOOD, output=f"short answer {i}.") for i in range(4)]
+    records[1]["input"] = " ".join(["a long question"] * 600)  # longer than the tiny tokenizer's model_max_length
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setenv("SFT_LORA_CACHE", str(tmp_path / "cache"))  # tokenized here, not read from a cache
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for max_length, limit_noticed in ((48, False), (4096, True)):
+            recipe = load_recipe(write_recipe(tmp_path, tiny_model, data={"path": str(path), "eval_split": None},
+                                              training={"max_length": max_length}))
+            tokenizer = load_tokenizer(recipe.model, recipe.data)
+            data = prepare_datasets(recipe.training, tokenizer, load_datasets(recipe.data)[0])
+            check_lengths(recipe, tokenizer, data)
+            out = capsys.readouterr().out
+            assert ("notice: training.max_length=4096 is above the tokenizer's model_max_length=1024" in out) \
+                is limit_noticed
+            assert max(data.rows["untruncated_length"]) > tokenizer.model_max_length == 1024 and warnings == []
+            tokenizer(records[1]["input"])  # the same tokenizer, called as usual: it does warn (the capture works)
+            assert len(warnings) == 1 and "indexing errors" in warnings.pop()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
 def test_tokenizer_without_pad_token_pads_with_eos_and_keeps_the_answers_eos_label(tmp_path, tiny_model, capsys):
     from transformers import AutoTokenizer
 
