@@ -15,9 +15,10 @@ process with a fresh (cold) prepared-data cache:
   bar appears (the training loop starts; the first step follows), its peak RSS (VmHWM) and CPU time are read from
   /proc and it is killed. Nothing in the library is patched.
 
-Both commands may tokenize in worker processes (`prepare.processes`): their CPU time is counted (the reaped children's
-too), and a watcher samples the memory of the whole process tree every 0.2 s (PSS summed: pages the workers share
-with the parent after fork are counted once), reported beside the main process's own peak RSS.
+Both commands tokenize in worker processes when the recipe sets `training.dataset_num_proc`: their CPU time is
+counted (the reaped children's too), and a watcher samples the memory of the whole process tree every 0.2 s (PSS
+summed: pages the workers share with the parent after fork are counted once), reported beside the main process's own
+peak RSS.
 
 Wall time is from the command's start (process spawn) in both. CPU time (user + system, all threads) is printed
 beside it, and the load average, since the machine may be shared.
