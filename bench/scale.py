@@ -63,13 +63,13 @@ def records_file(n: int, out: Path, median_records: float) -> Path:
     return path
 
 
-def write_recipe(out: Path, records: Path | list, model: Path) -> Path:
+def write_recipe(out: Path, records: Path | list, model: Path, num_proc: int | None = None) -> Path:
     """The default job (recipes/tiny.yaml) on `records` (a file or a `data.path` list): max_length 1024, no eval
     split, outputs under `out`."""
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text(encoding="utf-8"))
     recipe["model"].update(name_or_path=str(model), build_tiny=False)
     recipe["data"].update(path=records if isinstance(records, list) else str(records), eval_split=0)
-    recipe["training"].update(max_length=MAX_LENGTH, max_steps=STEPS, save_steps=1000)
+    recipe["training"].update(max_length=MAX_LENGTH, max_steps=STEPS, save_steps=1000, dataset_num_proc=num_proc)
     recipe["output"].update(dir=str(out / "final_model"), checkpoint_dir=str(out / "checkpoints"))
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
@@ -173,7 +173,7 @@ def measure_train(recipe: Path, cache: Path, log: Path) -> dict[str, Any]:
     raise RuntimeError(f"the training command ended (exit {child.wait()}) before its first step; see {log}")
 
 
-def run(n: int, out: Path, median_records: float, mix: bool = False) -> dict[str, Any]:
+def run(n: int, out: Path, median_records: float, mix: bool = False, num_proc: int | None = None) -> dict[str, Any]:
     from bench.turns import conversations_file
     from sft_lora.model import build_tiny_model
 
@@ -186,7 +186,7 @@ def run(n: int, out: Path, median_records: float, mix: bool = False) -> dict[str
         records = [{"path": str(records), "weight": 0.5}, str(conversations_file(n // 2, out, MAX_QUESTION))]
     work = out / f"run-{n}{'-mix' if mix else ''}"
     work.mkdir(exist_ok=True)
-    recipe = write_recipe(work, records, model)
+    recipe = write_recipe(work, records, model, num_proc)
     stamp = time.time_ns()
     load = os.getloadavg()[0]
     prepare = measure_prepare(recipe, work / f"cache-prepare-{stamp}")
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--median-records", type=float, default=15,
                         help="sample records joined per prompt and per answer (15: ~250 tokens a record)")
     parser.add_argument("--mix", action="store_true", help="half the records as 3-exchange conversations")
+    parser.add_argument("--num-proc", type=int, default=None, help="training.dataset_num_proc (default: one process)")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "scale")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     results = []
     for n in args.records:
-        r = run(n, args.out, args.median_records, args.mix)
+        r = run(n, args.out, args.median_records, args.mix, args.num_proc)
         results.append(r)
         p, t = r["prepare"], r["train"]
         print(f"| {n:,} | {p['tokens'] / p['rows']:.0f} | {p['wall_s']:.1f} ({p['cpu_s']:.1f}), "
