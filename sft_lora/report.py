@@ -33,14 +33,19 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
     return history
 
 
+def _before(points: list[list[float]]) -> float | None:
+    """The eval loss before training: at step 0, run inside train() by `eval_on_start` (ZeRO-2 refuses an evaluate()
+    before); None without one (`eval_on_start: false`), not the first eval of the run."""
+    return points[0][1] if points and points[0][0] == 0 else None
+
+
 def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) -> dict:
     """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
     runtime = result.metrics["train_runtime"]
     evals = eval_history(history, sources)
-    # the eval before training: at step 0, run inside train() by `eval_on_start` (ZeRO-2 refuses an evaluate() before)
-    before = {name: points[0][1] for name, points in evals.items() if points[0][0] == 0}
+    before = {name: _before(points) for name, points in evals.items()}
     best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
     by_source = {s: {"before": before.get(s), "after": after.get(source_metric(s) + "_loss"),
                      "best": min(p[1] for p in evals[s])} for s in sources if evals.get(s)}
@@ -139,7 +144,7 @@ def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None
 def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> str:
     """README.md of `checkpoint-<step>`: the run's card with the eval losses logged so far."""
     evals = eval_history(log_history, sorted(counts.get("eval") or {}))
-    ends = {name: {"before": points[0][1], "after": points[-1][1]} for name, points in evals.items()}
+    ends = {name: {"before": _before(points), "after": points[-1][1]} for name, points in evals.items()}
     overall = ends.pop("overall", {})
     summary = {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
                "eval_loss_after": overall.get("after"), "eval_by_source": ends}

@@ -232,3 +232,17 @@ def test_smoke_check_flags_a_model_that_never_stops(tiny_model):
     result = smoke_check(tiny_model, prompts, max_new_tokens=16)
     assert result["ok"] is False and result["stopped"] == 0
     assert all(s["tokens"] == 16 for s in result["samples"]) and "ran to the limit" in result["verdict"]
+
+
+def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_recipe):
+    from sft_lora.report import checkpoint_card
+
+    # `eval_on_start: false`: the first eval is at step 4, after training began; it is not "eval loss before"
+    recipe = load_recipe(make_recipe(data={"eval_split": 0.25}, training={"eval_on_start": False}))
+    history = [{"step": 2, "loss": 5.0}, {"step": 4, "eval_loss": 4.5, "eval_a_loss": 4.25},
+               {"step": 8, "eval_loss": 3.5, "eval_a_loss": 3.25}]
+    card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, history, 8)
+    assert "| a | 6 | 2 | — | 3.2500 |" in card and "| **all** | 6 | 2 | — | 3.5000 |" in card
+    card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
+                                                                           "eval_a_loss": 6.5}, *history], 8)
+    assert "| a | 6 | 2 | 6.5000 | 3.2500 |" in card and "| **all** | 6 | 2 | 6.0000 | 3.5000 |" in card
