@@ -2,8 +2,6 @@
 
 Uses the chat template, tokenizer and system prompt it was trained with; `smoke_check`: do held-out answers stop?"""
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

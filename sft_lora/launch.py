@@ -2,16 +2,13 @@
 with its fix, the issue threads cited inline): checked against the config file a recipe names before launching, and
 again inside the launched processes against what accelerate actually set up."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import recipe_yaml
 from .config import Recipe, RecipeError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
@@ -28,10 +25,7 @@ def resolve_config(name: str, where: str = "accelerate_config") -> Path:
 
 def read_config(path: Path) -> dict[str, Any]:
     """An accelerate config file as a dict (the shape `accelerate config` writes)."""
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    config = recipe_yaml.parse(path.read_text(encoding="utf-8"), str(path))[0] or {}  # file:line, as a recipe
     if not isinstance(config, dict):
         raise RecipeError(f"{path}: an accelerate config must be a mapping")
     return config

@@ -2,8 +2,6 @@
 
 `python -m sft_lora.merge --adapter_model DIR` (the seed's flags); base model and 4-bit settings: as saved with it."""
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import json

@@ -2,8 +2,6 @@
 (TRL's SFTTrainer loads the model itself, from `SFTConfig.model_init_kwargs`), and the Hugging Face Hub: endpoint
 `HF_ENDPOINT`, token `HF_TOKEN` from the environment, never a recipe value or a stored login."""
 
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path

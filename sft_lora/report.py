@@ -1,8 +1,6 @@
 """What a run leaves to read: `summary.json`, a loss-curve PNG and the console table, from the Trainer's
 `state.log_history`; and the model card (README.md) of the adapters, the merged model and each checkpoint."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Any

@@ -2,8 +2,6 @@
 and check the data once, train (or resume), save the adapters (with the recipe and manifest), merge when asked,
 smoke-test generation, write the summary and push when asked."""
 
-from __future__ import annotations
-
 import argparse
 import os
 import shlex

@@ -1,8 +1,6 @@
 """The recipe's SFTConfig, LoraConfig and BitsAndBytesConfig put into an SFTTrainer, and the subclass that evaluates
 each data source on its own and, on CPU too, scores only labelled positions."""
 
-from __future__ import annotations
-
 import dataclasses
 import os
 import re

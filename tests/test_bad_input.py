@@ -504,6 +504,15 @@ def _(env):
     return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: cpu_ddp, fsdp, multi_gpu"]
 
 
+@case("accelerate config not valid YAML")
+def _(env):
+    config = env.tmp / "accel.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nnum_processes: 4\n")
+    path = env.recipe(accelerate_config=str(config))
+    env.monkeypatch.setattr("os.execv", lambda *a: pytest.fail("launched with a config read leniently"))
+    return *env.cli(path), [f"{config}:3: not valid YAML (duplicate key 'num_processes', first at line 2; keep one)"]
+
+
 @case("wandb key in the environment malformed")
 def _(env):
     env.monkeypatch.delenv("WANDB_MODE", raising=False)
