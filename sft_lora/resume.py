@@ -148,10 +148,10 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
         checkpoint = Path(resume)
         if not checkpoint.is_dir():
             raise RecipeError(f"{checkpoint}: checkpoint directory not found; check --resume")
-        if (reason := incomplete_reason(checkpoint)) and not force:
-            raise RecipeError(f"{checkpoint}: incomplete checkpoint ({reason}); pick another or pass --force-resume")
-        if reason and not (checkpoint / TRAINER_STATE).is_file():
+        if (reason := incomplete_reason(checkpoint)) and not (checkpoint / TRAINER_STATE).is_file():
             raise RecipeError(f"{checkpoint}: not a checkpoint directory (no {TRAINER_STATE}); check --resume")
+        if reason and not force:
+            raise RecipeError(f"{checkpoint}: incomplete checkpoint ({reason}); pick another or pass --force-resume")
         if reason:
             print(f"notice: {checkpoint}: {reason}; used anyway (--force-resume)")
         check_fingerprint(checkpoint, recipe, force)

@@ -123,6 +123,9 @@ def test_resume_skips_incomplete_checkpoints_and_continues_from_the_last_complet
         assert incomplete_reason(checkpoints[step]) is not None
     with pytest.raises(RecipeError, match="incomplete checkpoint .*pass --force-resume"):
         select_checkpoint(load_recipe(recipe), str(checkpoints[10]))
+    for not_one in (checkpoints[10].parent, tmp_path):  # the checkpoint root, or any directory: said as such first
+        with pytest.raises(RecipeError, match=r"not a checkpoint directory \(no trainer_state.json\); check --resume"):
+            select_checkpoint(load_recipe(recipe), str(not_one))
 
     code, child = run([str(recipe), "--resume"], tmp_path / "log")
     assert code == 0, child.err()[-3000:]
