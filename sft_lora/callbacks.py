@@ -62,6 +62,20 @@ class CheckpointRecord(TrainerCallback):
         self.saving = None
 
 
+class RecipeWinsOnResume(TrainerCallback):
+    """On resume, the recipe's logging/eval/save cadence and schedule length apply (README, Reliability): Trainer
+    restores the cadence from the checkpoint's trainer_state.json, and the optimizer's learning rate as the old
+    schedule left it (0 at the end of a finished run), which the first step of an extended run would train at."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if not state.global_step:
+            return
+        state.compute_steps(args, state.max_steps)  # what Trainer computes from args on a fresh start
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # each schedule transformers builds by name
+            lr_scheduler.last_epoch -= 1  # this step's rate again, from the schedule's rule under the new length
+            lr_scheduler.step()
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving `checkpoint` at `step`."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from .callbacks import CheckpointRecord, GracefulStop
+from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume
 from .config import Recipe, RecipeError, first_line
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
@@ -112,7 +112,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
             model=recipe.model.name_or_path, args=args, train_dataset=data.train, eval_dataset=eval_sets,
             processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
-                       CheckpointRecord(recipe, data.records_by_source)])
+                       CheckpointRecord(recipe, data.records_by_source), RecipeWinsOnResume()])
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.source}: lora.target_modules: {first_line(exc)}") from None
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id

@@ -190,10 +190,19 @@ def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_s
     assert "nothing left to train" in out and "checkpoint-4" in out and "trained to step" not in out
     assert _files(tmp_path) == before
     # longer: the 1-epoch run's last checkpoint lives under .../1/lora; the 2-epoch run finds it and continues
-    assert main([str(path), "--resume", "training.num_train_epochs=2"]) == 0
+    assert main([str(path), "--resume", "training.num_train_epochs=2", "training.logging_steps=1",
+                 "training.save_steps=1"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {tmp_path / 'checkpoints/tiny-llama/1/lora/checkpoint-4'}: the last complete " in out
     assert "trained to step 8" in out and (tmp_path / "final_model/tiny-llama/2/lora_adapters").is_dir()
+    # the recipe's cadence and the new length's schedule, not the checkpoint's: Trainer restores its cadence, and the
+    # learning rate the 4-step schedule ended at (0), which step 5 would have trained at
+    longer = tmp_path / "checkpoints/tiny-llama/2/lora"
+    assert sorted(p.name for p in longer.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (5, 6, 7, 8)]
+    history = json.loads((longer / "checkpoint-8/trainer_state.json").read_text())["log_history"]
+    rates = {log["step"]: log["learning_rate"] for log in history if "loss" in log and log["step"] > 4}
+    assert sorted(rates) == [5, 6, 7, 8]  # linear decay over 8 steps: step s trains at lr * (8 - (s - 1)) / 8
+    assert rates[5] == pytest.approx(rates[6] * 4 / 3) == pytest.approx(rates[8] * 4) and rates[5] > 0
 
 
 def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
