@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError, first_line, printable, read_saved_recipe, saved_section
+from .config import RecipeError, first_line, local_model_missing, printable, read_saved_recipe, saved_section
 from .model import stop_token_ids
 from .turns import template_kwargs
 
@@ -34,6 +34,9 @@ def load(model_dir: str | Path):
             if recipe.get("quantization"):
                 kwargs["quantization_config"] = BitsAndBytesConfig(**recipe["quantization"])
             base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            if local_model_missing(base):
+                raise RecipeError(f"{base}: the adapter's base model directory is not found; merge it with "
+                                  "`python -m sft_lora.merge --base_model DIR` instead")
             model = PeftModel.from_pretrained(
                 AutoModelForCausalLM.from_pretrained(base, revision=model_args.revision, **kwargs), str(model_dir))
         else:
@@ -100,12 +103,18 @@ def interactive(model, tokenizer, opening: list[dict], max_new_tokens: int, temp
         history.append({"role": "assistant", "content": answer["text"]})
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_lora.chat", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a *_adapters or *_merged directory written by sft_lora")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system prompt (default: the one the model was trained with, if any)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     args = parser.parse_args(argv)
     try:

@@ -21,9 +21,11 @@ class RecipeError(ValueError):
     """A mistake the user can fix in the recipe or on the command line; printed as one line."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def first_line(exc: BaseException, whole: bool = False) -> str:
+    """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError; `whole`:
+    all its lines joined (an upstream config check may end its first line mid-sentence: "…, but found")."""
+    lines = str(exc).split() if whole else str(exc).strip().splitlines()[:1]
+    return " ".join(lines) or type(exc).__name__
 
 
 def printable(text: str) -> str:
@@ -108,6 +110,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
             raise RecipeError(f"command line: '{item}' is not an override; write section.key=value")
         _set(raw, key, recipe_yaml.value(value, item) if value else None)
         where[key] = "command line"
+        where.setdefault(key.partition(".")[0], "command line")  # a section the file lacks
     for flag, value in (flags or {}).items():
         if value is not None:
             _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}") if isinstance(value, str)
@@ -180,7 +183,7 @@ def _construct(section: str, kwargs: dict[str, Any], source: str):
     try:
         return keys.upstream_class(section)(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{source}: {section}: {first_line(exc)}") from None
+        raise RecipeError(f"{source}: {section}: {first_line(exc, whole=True)}") from None
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -188,6 +191,11 @@ def looks_like_hub_id(name: str) -> bool:
     `a/b/c`, `x.jsonl`)."""
     return (not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
             and Path(name).suffix.lower() not in (".json", ".jsonl", ".yaml", ".yml", ".txt", ".csv", ".parquet"))
+
+
+def local_model_missing(name: str) -> bool:
+    """Whether a model name reads as a local directory (not a hub id) that is not there."""
+    return not looks_like_hub_id(name) and not Path(name).is_dir()
 
 
 def read_saved_recipe(directory: str | Path) -> dict[str, Any]:

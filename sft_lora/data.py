@@ -65,17 +65,18 @@ def paths(value: Any) -> list[str]:
     return [e.path for e in entries(value)] if value else []
 
 
-def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
-    """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id."""
+def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[tuple[str, Any]]:
+    """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id;
+    errors name `key`, the recipe key the path came from."""
     p = Path(path)
     if p.suffix in (".json", ".jsonl") and p.is_file():
-        return _jsonl_records(p) if p.suffix == ".jsonl" else _json_records(p)
+        return _jsonl_records(p, key) if p.suffix == ".jsonl" else _json_records(p)
     if p.is_dir() and p.suffix not in (".json", ".jsonl"):  # a directory named .json is a data file not found
         from datasets import DatasetDict, load_from_disk
         try:
             dataset = load_from_disk(str(p))
         except Exception as exc:  # FileNotFoundError, ValueError, pyarrow's: all mean "not a saved dataset"
-            raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); data.path takes .json, .jsonl, a "
+            raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); {key} takes .json, .jsonl, a "
                               "save_to_disk directory or a hub dataset id") from None
         if isinstance(dataset, DatasetDict):
             if args.split not in dataset:
@@ -86,12 +87,12 @@ def read_records(path: str, args: DataArgs) -> Iterable[tuple[str, Any]]:
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
     if not looks_like_hub_id(path):  # nor is a .json or .jsonl name
-        raise RecipeError(f"{p}: data file not found; check data.path")
+        raise RecipeError(f"{p}: data file not found; check {key}")
     from datasets import load_dataset
     try:
         return _numbered(path, load_dataset(path, split=args.split).to_list())
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
-        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check data.path and "
+        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check {key} and "
                           "network") from None
 
 
@@ -110,11 +111,11 @@ def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:
     return [(f"{origin}: record {n}", record) for n, record in enumerate(records, 1)]
 
 
-def _jsonl_records(p: Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(p: Path, key: str) -> Iterator[tuple[str, Any]]:
     try:
         handle = p.open("rb")
     except OSError as exc:
-        raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check data.path") from None
+        raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check {key}") from None
     with handle:
         for n, line in enumerate(handle, 1):
             line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data
@@ -164,11 +165,11 @@ def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -
     return columns, skipped, first_skipped
 
 
-def _dataset(entry: Entry, args: DataArgs):
+def _dataset(entry: Entry, args: DataArgs, key: str = "data.path"):
     """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
     from datasets import Dataset, concatenate_datasets
     from datasets.utils import tqdm  # datasets' bars: off where HF_DATASETS_DISABLE_PROGRESS_BARS says so
-    records = iter(read_records(entry.path, args))
+    records = iter(read_records(entry.path, args, key))
     parts, total, skipped, first_skipped = [], 0, 0, ""
     with tqdm(desc=f"Reading {entry.path}", unit=" records", delay=READ_BAR_DELAY) as bar:
         while chunk := list(islice(records, CHUNK)):
@@ -218,5 +219,5 @@ def load_datasets(args: DataArgs, seed: int = 42):
         train.append(weighted(records, entry, seed + n))
     if args.eval_path:
         evaluation = entries(args.eval_path, "data.eval_path")
-        held_out = [weighted(_dataset(e, args), e, seed + n) for n, e in enumerate(evaluation)]
+        held_out = [weighted(_dataset(e, args, "data.eval_path"), e, seed + n) for n, e in enumerate(evaluation)]
     return concatenate_datasets(train), concatenate_datasets(held_out) if held_out else None

@@ -150,6 +150,11 @@ def check_combinations(recipe) -> None:
             entries(getattr(data, key), f"data.{key}")
         except ValueError as exc:
             raise KeyProblem(f"data.{key}", str(exc)) from None
+    from transformers.integrations import get_reporting_integration_callbacks
+    try:  # what Trainer checks when it is built, after the data is prepared
+        get_reporting_integration_callbacks(recipe.training.report_to)
+    except ValueError as exc:
+        raise KeyProblem("training.report_to", f"training.report_to: {exc}") from None
     strategy = recipe.training.eval_strategy  # an IntervalStrategy: a str enum
     if strategy != "no" and not (data.eval_split or data.eval_path):
         raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import RECIPE_FILE, RecipeError, printable, read_saved_recipe, saved_section
+from .config import RECIPE_FILE, RecipeError, local_model_missing, printable, read_saved_recipe, saved_section
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
@@ -68,6 +68,8 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
     base = base_model or adapter_config.get("base_model_name_or_path")
     if not base:
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
+    if local_model_missing(base):
+        raise RecipeError(f"{base}: base model directory not found; pass --base_model")
     merge_into = merge_into or saved_section(recipe, "output").merge_into
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import DataArgs, ModelArgs, Recipe, RecipeError, first_line, looks_like_hub_id
+from .config import DataArgs, ModelArgs, Recipe, RecipeError, first_line, local_model_missing, looks_like_hub_id
 
 # Used when a tokenizer has none (base models). Zephyr-style role markers, each turn ends with the tokenizer's
 # EOS, so the end of the answer is a token the model already stops on. Turns are joined by "\n" (not ended by
@@ -24,12 +24,15 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
     """The base model's tokenizer, with `data.chat_template` or the default template when it has none."""
     from transformers import AutoTokenizer
 
-    if not model.build_tiny and not looks_like_hub_id(model.name_or_path) and not Path(model.name_or_path).is_dir():
+    if not model.build_tiny and local_model_missing(model.name_or_path):
         raise RecipeError(f"{model.name_or_path}: model directory not found; check model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a directory holding no tokenizer
+        if Path(model.name_or_path).is_dir() and not (Path(model.name_or_path) / "config.json").is_file():
+            raise RecipeError(f"{model.name_or_path}: not a model directory (no config.json); check "
+                              "model.name_or_path") from None
         raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); "
                           "check model.name_or_path, the network or HF_TOKEN") from None
     if data.chat_template:
@@ -121,7 +124,8 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
     bpe.decoder = decoders.ByteLevel()
     special = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))  # its bar writes blank lines to stdout (and panics when stdout is a closed pipe)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", model_max_length=1024)
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
         return _stopped(exc, args, 2, f"error: {printable(str(exc))}")
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing is wrong with the run
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
         where = f"{exc.filename}: " if exc.filename else ""
         return _stopped(exc, args, 2, f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths")

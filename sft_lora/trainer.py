@@ -109,7 +109,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
                                         for s in sources}} if len(sources) > 1 else data.eval
     try:
         trainer = SourceEvalSFTTrainer(
-            model=recipe.model.name_or_path, args=args, train_dataset=data.train, eval_dataset=eval_sets,
+            model=_absolute(recipe.model.name_or_path), args=args, train_dataset=data.train, eval_dataset=eval_sets,
             processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
                        CheckpointRecord(recipe, data.records_by_source), RecipeWinsOnResume()])
@@ -124,6 +124,12 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(recipe.checkpoint_dir / "runs")
     return trainer
+
+
+def _absolute(name_or_path: str) -> str:
+    """A local model directory as an absolute path: PEFT writes it into adapter_config.json as the base model, which
+    merge and chat then load from whatever directory they run in."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
 
 
 def score_labelled_positions_only(model) -> None:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import time
@@ -197,7 +198,7 @@ def _(env):
 @case("data: eval file missing")
 def _(env):
     return (*env.cli(env.recipe(data={"eval_split": None, "eval_path": str(env.tmp / "eval.jsonl")})),
-            [f"{env.tmp / 'eval.jsonl'}: data file not found"])
+            [f"{env.tmp / 'eval.jsonl'}: data file not found; check data.eval_path"])
 
 
 @case("data: unsupported data format")
@@ -466,6 +467,12 @@ def _(env):
 def _(env):
     path = env.recipe(model={"name_or_path": ""})
     return *env.cli(path), [f"{path}:", "model.name_or_path is required"]
+
+
+@case("model: directory holds no model")
+def _(env):
+    return (*env.cli(env.recipe(model={"name_or_path": str(env.tmp)})),
+            [f"{env.tmp}: not a model directory (no config.json); check model.name_or_path"])
 
 
 @case("model: directory missing")
@@ -860,3 +867,28 @@ def test_a_wandb_error_at_the_first_step_is_one_line(monkeypatch):
         run._fit(trainer, None, None, {"resumed_from": None}, False)
     assert str(info.value) == ("wandb: permission denied: invalid API key; check WANDB_API_KEY (or `wandb login`) "
                                "or set wandb.mode: offline")
+
+
+def test_output_into_a_closed_pipe_ends_quietly_as_sigpipe():
+    """`--print-config | head -1` where the reader has gone: exit 128 + SIGPIPE, no 'error: Broken pipe' line."""
+    import signal
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "sft_lora.run", str(ROOT / "recipes/tiny.yaml"), "--print-config"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr[-2000:]
+
+
+def test_chat_refuses_a_length_limit_below_one(capsys):
+    from sft_lora.chat import main as chat_main
+
+    for value in ("0", "-5", "many"):
+        with pytest.raises(SystemExit) as info:
+            chat_main(["somewhere", "--prompt", "hi", "--max-new-tokens", value])
+        assert info.value.code == 2
+        assert f"--max-new-tokens: expects a whole number of at least 1, got '{value}'" in capsys.readouterr().err

@@ -60,6 +60,14 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     ("lora.lora_dropout=2", "lora.lora_dropout must be in [0, 1), got 2"),
     ("quantization.bnb_4bit_quant_type=nf5", "must be one of nf4, fp4, got 'nf5'"),
     ("training.eval_strategy=sometimes", "training: sometimes is not a valid IntervalStrategy"),  # upstream rejects it
+    # transformers' own check, which Trainer runs only once the data is prepared; `none` inside a list is no integration
+    ("training.report_to=foo", "command line: training.report_to: foo is not supported, only azure_ml,"),
+    ("training.report_to=[none, tensorboard]", "command line: training.report_to: none is not supported"),
+    # an override's section the recipe file lacks: the command line is blamed, not the file
+    ("trainig.max_steps=1", "command line: unknown section 'trainig'; did you mean 'training'?"),
+    # an upstream message ending its first line mid-sentence, given whole on one line
+    ("training.load_best_model_at_end=true", "to match, except when --save_strategy=\"best\", but found - Evaluation "
+     "strategy: IntervalStrategy.EPOCH - Save strategy: SaveStrategy.STEPS"),
 ])
 def test_wrong_values_fail_with_one_line(make_recipe, override, expected):  # more: test_bad_input.py
     assert expected in _error(make_recipe(use_qlora=True), [override])

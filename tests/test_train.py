@@ -243,3 +243,28 @@ def test_make_train_default_recipe_loads():
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
     assert recipe.model.build_tiny and recipe.data.path == "data/sample.jsonl"
     assert sum(1 for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()) >= 200
+
+
+def test_adapters_of_a_relative_base_path_merge_and_chat_from_any_directory(tmp_path, tiny_model, monkeypatch, capsys):
+    from sft_lora.chat import main as chat_main
+    from sft_lora.merge import main as merge_main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_model)
+    monkeypatch.chdir(tmp_path)  # the recipe names the base relative to here, as recipes/tiny.yaml does
+    path = write_recipe(tmp_path, Path("models/base"), data={"eval_split": 0.0}, report={"smoke_prompts": 0},
+                        training={"max_steps": 1, "save_steps": 1})
+    summary = train(load_recipe(path))
+    adapters = Path(summary["adapters"])
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model.resolve())  # absolute: it names the same base anywhere
+    monkeypatch.chdir(tmp_path.parent)
+    assert merge_main(["--adapter_model", str(adapters), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # adapters of an older run, naming a base relative to a directory not the current one: one line, the fix
+    (adapters / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "./models/base"}))
+    capsys.readouterr()
+    assert merge_main(["--adapter_model", str(adapters), "--output_dir", str(tmp_path / "merged2")]) == 2
+    assert capsys.readouterr().err.strip() == "error: ./models/base: base model directory not found; pass --base_model"
+    assert chat_main([str(adapters), "--prompt", "hi"]) == 2
+    assert "./models/base: the adapter's base model directory is not found" in capsys.readouterr().err
