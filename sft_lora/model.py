@@ -2,7 +2,6 @@
 (TRL's SFTTrainer loads the model itself, from `SFTConfig.model_init_kwargs`), and the Hugging Face Hub: endpoint
 `HF_ENDPOINT`, token `HF_TOKEN` from the environment, never a recipe value or a stored login."""
 
-import json
 import os
 from pathlib import Path
 
@@ -104,21 +103,24 @@ def check_qlora_backend(recipe: Recipe) -> None:
 
 
 def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,
-                     vocab_size: int = 2048, seed: int = 0) -> Path:
-    """The embedded tiny model (random Llama, BPE learnt from `data`), for runs with no GPU and no hub; atomic."""
+                     vocab_size: int = 2048, seed: int = 0, fields: DataArgs | None = None) -> Path:
+    """The embedded tiny model (random Llama, BPE learnt from `data`'s texts, any format `data.path` takes, under
+    `fields`' field names), for runs with no GPU and no hub; atomic."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from .data import paths
+    from .data import paths, read_records
     from .outputs import atomic_dir
 
-    texts = []
+    fields, texts = fields or DataArgs(), []
     for data_path in paths(data if isinstance(data, list) else str(data)):
-        for record in map(json.loads, filter(str.strip, Path(data_path).read_text(encoding="utf-8").splitlines())):
-            turns = record.get("messages") or record.get("conversations") or []
-            texts += [record.get("input", ""), record.get("output", ""),
-                      *(t.get("content") or t.get("value") or "" for t in turns)]
+        for record in (record for _, record in read_records(data_path, fields) if isinstance(record, dict)):
+            turns = record.get("messages") or record.get("conversations")
+            turns = [turn for turn in turns if isinstance(turn, dict)] if isinstance(turns, list) else []
+            values = [record.get(fields.input_field), record.get(fields.output_field),
+                      *(turn.get("content") or turn.get("value") for turn in turns)]
+            texts += [value if isinstance(value, str) else "" for value in values]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -100,7 +100,7 @@ def _inputs(recipe: Recipe):
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
         print(f"building the tiny model at {recipe.model.name_or_path}")
-        build_tiny_model(recipe.model.name_or_path, recipe.data.path)
+        build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
     tokenizer = load_tokenizer(recipe.model, recipe.data)
     kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
     data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)

@@ -10,6 +10,8 @@ import pytest
 from sft_lora.config import DataArgs, RecipeError
 from sft_lora.data import load_datasets
 
+from .conftest import SAMPLE
+
 RECORDS = [
     {"input": "What is 2 plus 2?", "output": "2 plus 2 is 4.", "source": "arith_en"},
     {"input": "한국의 수도는 어디인가요?", "output": "한국의 수도는 서울입니다.", "source": "capital_ko"},
@@ -180,3 +182,23 @@ def test_multi_turn_and_source_counts_read_only_the_selected_records():
     assert multi_turn(records) and not multi_turn(records.select([0, 2, 2]))
     assert records_by_source(records.select([0, 2, 2, 1])) == {"x": 3, "y": 1}
     assert records_by_source(records.select([1])) == {"y": 1}
+
+
+def test_the_tiny_model_learns_its_tokenizer_from_any_data_format_and_field_names(tmp_path):
+    """`model.build_tiny` with a .json array, a save_to_disk directory or other field names: the same texts as the
+    .jsonl (an AttributeError traceback on .json, 'Is a directory' on a directory before)."""
+    from datasets import Dataset
+
+    from sft_lora.model import build_tiny_model
+
+    records = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()][:60]
+    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
+    Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    renamed = tmp_path / "q.jsonl"
+    renamed.write_text("".join(json.dumps({"q": r["input"], "a": r["output"]}) + "\n" for r in records))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    built = {name: build_tiny_model(tmp_path / name, tmp_path / data, hidden_size=32, layers=1, **extra)
+             for name, data, extra in [("jsonl", "d.jsonl", {}), ("json", "d.json", {}), ("saved", "saved", {}),
+                                       ("q", "q.jsonl", {"fields": DataArgs(input_field="q", output_field="a")})]}
+    vocab = {name: json.loads((path / "tokenizer.json").read_text())["model"]["vocab"] for name, path in built.items()}
+    assert len(vocab["jsonl"]) > 500 and vocab["json"] == vocab["saved"] == vocab["q"] == vocab["jsonl"]
