@@ -197,7 +197,13 @@ def report_rows(data: Prepared, tokenizer, which: str = "train"):
     # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
     from trl.data_utils import common_prefix_length
-    template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
+    try:
+        template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
+    except ValueError:  # what SFTTrainer raises too, as a traceback, once the model is loaded
+        raise RecipeError("training.assistant_only_loss needs a chat template with {% generation %} markers, and TRL "
+                          "has no training version of this one; set data.chat_template to a template that marks "
+                          "the assistant turns, or drop assistant_only_loss (the answers alone carry loss anyway)"
+                          ) from None
 
     def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
         options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True}

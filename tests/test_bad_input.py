@@ -469,6 +469,12 @@ def _(env):
     return *env.cli(path), [f"{path}:", "model.name_or_path is required"]
 
 
+@case("data: assistant_only_loss on a template without generation markers")
+def _(env):
+    return (*env.cli(env.recipe(training={"assistant_only_loss": True})),
+            ["training.assistant_only_loss needs a chat template with {% generation %} markers", "data.chat_template"])
+
+
 @case("model: directory holds no model")
 def _(env):
     return (*env.cli(env.recipe(model={"name_or_path": str(env.tmp)})),
