@@ -121,6 +121,11 @@ class GracefulStop(TrainerCallback):
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # Trainer evaluates before it saves: a preemption's grace may not last
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.signum is not None:  # the stopped epoch's end: saved already, no evaluation on the way out
+            control.should_evaluate = False
 
 
 @contextlib.contextmanager

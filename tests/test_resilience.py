@@ -253,7 +253,9 @@ def _block_at_step_3(directory: str) -> None:
 def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tiny_model, tmp_path, then):
     import functools
 
-    recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000)
+    recipe = write_recipe(tmp_path, tiny_model, data={"eval_split": 0.15}, training={
+        "max_steps": 500, "save_steps": 1000, "logging_steps": 1, "disable_tqdm": True, "eval_strategy": "steps",
+        "eval_steps": 4})  # an evaluation due at the step that stops
     child = Child([str(recipe)], tmp_path / "log", setup=functools.partial(_block_at_step_3, str(tmp_path)))
     assert child.wait_for(lambda: (tmp_path / "blocked").exists()), child.err()[-3000:]
     os.kill(child.pid, signal.SIGINT)
@@ -270,4 +272,7 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tin
         # Step 3 was past its stop check when the signal came; the stop happened at the end of step 4.
         assert list(_checkpoints(tmp_path)) == [4] and incomplete_reason(_checkpoints(tmp_path)[4]) is None
         assert "interrupted: stopped by SIGINT at step 4" in child.err()
+        # no evaluation on the way out (Trainer runs it before the save; a preemption's grace period may not last)
+        history = json.loads((_checkpoints(tmp_path)[4] / "trainer_state.json").read_text())["log_history"]
+        assert [log["step"] for log in history if "eval_loss" in log] == [0]
     assert not (tmp_path / "final_model").exists()
