@@ -27,7 +27,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)
-    output_dir = Path(output_dir or adapter_dir.with_name(adapter_dir.name.replace("_adapters", "") + "_merged"))
+    name = adapter_dir.name  # a checkpoint's: not `checkpoint-N_merged`, which Trainer's rotation would delete
+    default = f"merged-{name}" if name.startswith("checkpoint-") else name.replace("_adapters", "") + "_merged"
+    output_dir = Path(output_dir or adapter_dir.with_name(default))
     check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
     # what a merge is made from: the adapter files but the report files, which training rewrites after merging
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_lora.merge", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter_model", required=True, help="the *_adapters directory training wrote")
     parser.add_argument("--base_model", help="base model; default: the one the adapter was trained on")
-    parser.add_argument("--output_dir", help="default: the sibling *_merged directory")
+    parser.add_argument("--output_dir", help="default: the sibling *_merged directory (merged-checkpoint-N for a "
+                        "checkpoint)")
     parser.add_argument("--merge_into", choices=["dequantized", "original"],
                         help="QLoRA only: merge into the dequantized 4-bit base (default) or the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -117,6 +117,20 @@ def _files(directory: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def test_a_merged_checkpoint_is_out_of_reach_of_checkpoint_rotation(lora_run, tmp_path):
+    import shutil
+
+    from transformers.trainer_utils import sort_checkpoints
+
+    recipe, _ = lora_run
+    root = tmp_path / "lora"  # a copy: the module's run stays as it was
+    shutil.copytree(recipe.checkpoint_dir, root)
+    merged = merge_adapter(root / "checkpoint-3")
+    assert merged == root / "merged-checkpoint-3" and (merged / "model.safetensors").is_file()
+    # what Trainer's save_total_limit rotation may delete (`checkpoint-3_merged` was among them)
+    assert sorted(Path(p).name for p in sort_checkpoints(str(root))) == ["checkpoint-3", "checkpoint-6"]
+
+
 def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_change(lora_run, tmp_path, capsys):
     import shutil
 
