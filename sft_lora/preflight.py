@@ -32,6 +32,7 @@ class Report:
     answer_tokens: dict[str, int]
     tokens: int
     loss_tokens: int
+    loss_on: str
     truncated_rows: int
     truncated_tokens: int
     truncated_loss_tokens: int
@@ -77,7 +78,7 @@ class Report:
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
             f"  answer tokens   p50 {a['p50']}  p90 {a['p90']}  p99 {a['p99']}  max {a['max']}",
             f"  loss tokens     {self.loss_tokens:,} of {self.tokens:,} trained tokens ({self.loss_share:.1%}): "
-            "the answers and their end-of-turn token",
+            f"{self.loss_on}",
             f"  truncated       {self.truncated_rows} of {self.rows} rows ({truncated}) "
             f"{self.truncation}, {self.truncated_tokens:,} tokens lost ({self.truncated_loss_tokens:,} of them "
             "loss-carrying)",
@@ -117,6 +118,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         eval_records_by_source=data.records_by_source["eval"],
         prompt_tokens=figures.percentiles(stats["prompt"]),
         answer_tokens=figures.percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
+        loss_on="every token (training.completion_only_loss: false)" if args.completion_only_loss is False
+        and not args.assistant_only_loss else "the answers and their end-of-turn token",
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),
         truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
         truncated_loss_tokens=int(stats["lost_loss"].sum()),

@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="resume from the last complete checkpoint, or from the given checkpoint directory")
     parser.add_argument("--force-resume", action="store_true",
-                        help="resume even from a checkpoint made from a different recipe or data, or incomplete")
+                        help="resume (implies --resume) even from a checkpoint made from a different recipe or "
+                        "data, or incomplete")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--check", action="store_true",
                         help="print the pre-flight data report and exit (exit code 2 when a check fails)")
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and "=" in args.resume and not Path(args.resume).exists():  # `--resume key=value`: an override
         args.overrides.append(args.resume)
         args.resume = "auto"
+    args.resume = args.resume or ("auto" if args.force_resume else None)  # --force-resume alone means resume
     try:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:

@@ -59,7 +59,8 @@ def _conversation(record: dict) -> list[dict[str, str]] | str:
             return f"{key}[{n}] must be {{\"{role_key}\": …, \"{text_key}\": \"text\"}}"
         role = ROLES.get(turn[role_key]) if key == "conversations" else turn[role_key]
         if role not in ("system", "user", "assistant"):
-            return f"{key}[{n}]: unknown role '{turn[role_key]}' (system, user, assistant)"
+            known = "system, user, assistant" if key == "messages" else ", ".join(ROLES)
+            return f"{key}[{n}]: unknown role '{turn[role_key]}' ({known})"
         position = n - (out[0]["role"] == "system" if out else 0)
         expected = "system" if n == 0 and role == "system" else ("user", "assistant")[position % 2]
         if role != expected:

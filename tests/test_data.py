@@ -156,7 +156,10 @@ def test_conversations_mix_with_single_turn_records_and_their_own_system_turn_wi
     ({"messages": [CHAT[0], CHAT[0]]}, "messages[1]: roles out of order (user where assistant belongs)"),
     ({"messages": [CHAT[0], {"role": "system", "content": "late"}]}, "messages[1]: roles out of order (system"),
     ({"messages": [CHAT[0], {"role": "assistant", "content": " "}]}, "messages[1]: the assistant turn is empty"),
-    ({"messages": [CHAT[0], {"role": "tool", "content": "x"}]}, "messages[1]: unknown role 'tool'"),
+    ({"messages": [CHAT[0], {"role": "tool", "content": "x"}]},
+     "messages[1]: unknown role 'tool' (system, user, assistant)"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]},  # ShareGPT's names
+     "conversations[1]: unknown role 'bot' (system, user, assistant, human, gpt)"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
      'conversations[1] must be {"from": …, "value": "text"}'),
     ({"messages": []}, "'messages' must be a non-empty list of turns"),

@@ -107,6 +107,12 @@ def test_good_data_passes_and_the_report_adds_up(make_recipe):
         assert any(line.split()[:2] == [source, str(n)] for line in text.splitlines())
 
 
+def test_the_report_says_every_token_carries_loss_without_completion_only_loss(make_recipe):
+    _, report = _report(make_recipe(training={"completion_only_loss": False}))
+    assert report.loss_tokens == report.tokens and report.failures == []
+    assert "(100.0%): every token (training.completion_only_loss: false)" in report.text()
+
+
 def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path):
     first, second = _data(tmp_path, SAMPLE_RECORDS[:40]), str(tmp_path / "second.jsonl")
     (tmp_path / "second.jsonl").write_text("\n".join(json.dumps({"input": r["input"], "output": r["output"]})

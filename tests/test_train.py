@@ -182,6 +182,8 @@ def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(mak
     path = make_recipe(training={"max_steps": 3})
     assert main([str(path), "--resume"]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert main([str(path), "--force-resume"]) == 2  # resumes too (it trained from scratch, silently)
+    assert "no checkpoint to resume from" in capsys.readouterr().err
     assert main([str(path)]) == 0
     assert main([str(path), "training.max_steps=4", "--resume"]) == 0
     out = capsys.readouterr().out
