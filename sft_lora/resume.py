@@ -176,6 +176,16 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
                       "(with --force-resume for an incomplete one)")
 
 
+def check_fresh_start(recipe: Recipe) -> None:
+    """Refuse a fresh run (no --resume) into a checkpoint directory holding another recipe's or data's checkpoints:
+    it would write over some and leave the rest for --resume to pick. The same recipe's are written over."""
+    for checkpoint in _checkpoints(recipe.checkpoint_dir):
+        if problems := fingerprint_problems(checkpoint, recipe):
+            raise RecipeError(f"{recipe.checkpoint_dir}: holds checkpoints of another run ({checkpoint.name}: made "
+                              f"from {' and '.join(problems)}), which this run would mix with its own; continue that "
+                              "run with --resume and its recipe, set output.checkpoint_dir, or remove them")
+
+
 def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
     found = [p for d in directories for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)

@@ -122,10 +122,12 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     from accelerate import PartialState
 
     from .preflight import run_check
-    from .resume import nothing_left, select_checkpoint
+    from .resume import check_fresh_start, nothing_left, select_checkpoint
     from .rows import check_lengths
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
+    if not resume:
+        check_fresh_start(recipe)  # no other run's checkpoints to mix with
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
     tokenizer, data = _inputs(recipe)

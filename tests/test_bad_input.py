@@ -628,6 +628,15 @@ def _(env):
             [f"{checkpoint}: made from a different recipe (lora.r: 4 -> 8)", "or pass --force-resume"])
 
 
+@case("fresh run over another recipe's checkpoints")
+def _(env):
+    path = env.recipe()
+    checkpoint = _checkpoint(env, path, step=6, **{"lora.r": 4})  # protected: it must come out unchanged
+    return (*env.cli(path), [f"{checkpoint.parent}: holds checkpoints of another run (checkpoint-6: made from a "
+                             "different recipe (lora.r: 4 -> 8)), which this run would mix with its own",
+                             "set output.checkpoint_dir"])
+
+
 @case("resume: checkpoint from other data")
 def _(env):
     data = env.data("d.jsonl", [GOOD] * 20)
