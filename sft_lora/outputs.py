@@ -116,6 +116,10 @@ def check_outputs(recipe: Recipe) -> None:
                for key in ("path", "eval_path") for n, path in enumerate(paths(getattr(recipe.data, key)))}
     for path, key in outputs.items():
         check_not_inputs(path, inputs, f"set {key} elsewhere")
+        if path != recipe.checkpoint_dir and path.is_dir() and any(path.iterdir()) and not any(
+                (path / mark).is_file() for mark in (RECIPE_FILE, "merge_info.json")):  # not what a run left there
+            raise RecipeError(f"{path}: exists and is no sft_lora output (no {RECIPE_FILE}), which this run would "
+                              f"replace; move it or set {key} elsewhere")
         # a probe written and removed in the deepest existing ancestor, creating nothing else (as root, permission
         # bits allow everything: only a real write tells); "/" or "." ends the search
         existing = next(p for p in (path, *path.parents) if p.exists())

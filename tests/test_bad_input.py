@@ -543,6 +543,17 @@ def _(env):
     return *env.cli(path), [f"{path}: training.report_to includes wandb, which is not installed"]
 
 
+@case("output dir holds something else")
+def _(env):
+    path = env.recipe()
+    adapters = load_recipe(path).adapters_dir
+    adapters.mkdir(parents=True)
+    (adapters / "notes.txt").write_text("mine")
+    env.protect(adapters)
+    return *env.cli(path), [f"{adapters}: exists and is no sft_lora output (no sft_lora_recipe.yaml), which this run "
+                            "would replace; move it or set output.dir elsewhere"]
+
+
 @case("output dir is a file")
 def _(env):
     (env.tmp / "out").write_text("not a directory")
