@@ -73,6 +73,13 @@ def test_wrong_values_fail_with_one_line(make_recipe, override, expected):  # mo
     assert expected in _error(make_recipe(use_qlora=True), [override])
 
 
+def test_build_tiny_refuses_a_hub_id_it_would_shadow_with_a_random_model(make_recipe, tmp_path):
+    path = make_recipe(model={"build_tiny": True})
+    assert "reads as a hub id, but model.build_tiny builds a tiny random model" in _error(
+        path, ["model.name_or_path=org/model"])
+    assert load_recipe(path, [f"model.name_or_path={tmp_path / 'tiny'}"]).model.build_tiny  # a path: built there
+
+
 def test_impossible_combinations(make_recipe):
     message = _error(make_recipe(use_qlora=False, quantization={"bnb_4bit_quant_type": "fp4"}))
     assert "quantization section needs QLoRA but use_qlora is false" in message
