@@ -514,7 +514,8 @@ def _(env):
 def _(env):
     missing = env.tmp / "accel.yaml"
     path = env.recipe(accelerate_config=str(missing))
-    return *env.cli(path), [f"{path}: accelerate_config: '{missing}' not found", "one of: cpu_ddp, fsdp, multi_gpu"]
+    assert env.cli(path, "--print-config")[0] == 2  # said on loading, by --print-config and --check too
+    return *env.cli(path), [f"{path}:1: accelerate_config: '{missing}' not found", "one of: cpu_ddp, fsdp, multi_gpu"]
 
 
 @case("accelerate config not valid YAML")
