@@ -102,11 +102,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     decide_activation_checkpointing(recipe, data.train)
     # data.args: the trainer's copy of recipe.training, adapted to the prepared data; the decision goes on it too
     args = dataclasses.replace(data.args, activation_checkpointing=recipe.training.activation_checkpointing)
-    # the eval set, or with report.eval_per_source and several sources {OVERALL: all, "eval/<source>": …}
-    column = data.eval["source"] if data.eval is not None and recipe.report.eval_per_source else []
-    sources = sorted(set(column))  # one source: its loss is the overall loss
-    eval_sets = {OVERALL: data.eval, **{f"{OVERALL}/{s}": data.eval.select([i for i, v in enumerate(column) if v == s])
-                                        for s in sources}} if len(sources) > 1 else data.eval
+    eval_sets = per_source_eval_sets(recipe, data.eval)
     try:
         trainer = SourceEvalSFTTrainer(
             model=_absolute(recipe.model.name_or_path), args=args, train_dataset=data.train, eval_dataset=eval_sets,
@@ -124,6 +120,21 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(recipe.checkpoint_dir / "runs")
     return trainer
+
+
+def per_source_eval_sets(recipe: Recipe, evaluation):
+    """The eval set, or with report.eval_per_source and several sources {OVERALL: all, "eval/<source>": …}."""
+    column = evaluation["source"] if evaluation is not None and recipe.report.eval_per_source else []
+    sources = sorted(set(column))  # one source: its loss is the overall loss
+    if len(sources) < 2:
+        return evaluation
+    named: dict[str, str] = {}
+    for source in sources:  # two sources under one metric name would log one loss for both
+        if (other := named.setdefault(source_metric(source), source)) != source:
+            raise RecipeError(f"sources '{other}' and '{source}' share the eval metric {source_metric(source)}_loss "
+                              "(whitespace becomes '_'); rename one, or set report.eval_per_source: false")
+    return {OVERALL: evaluation, **{f"{OVERALL}/{s}": evaluation.select([i for i, v in enumerate(column) if v == s])
+                                    for s in sources}}
 
 
 def _absolute(name_or_path: str) -> str:

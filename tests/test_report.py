@@ -246,3 +246,19 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
     card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
                                                                            "eval_a_loss": 6.5}, *history], 8)
     assert "| a | 6 | 2 | 6.5000 | 3.2500 |" in card and "| **all** | 6 | 2 | 6.0000 | 3.5000 |" in card
+
+
+def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe):
+    from datasets import Dataset
+
+    from sft_lora.config import RecipeError
+    from sft_lora.trainer import per_source_eval_sets
+
+    recipe = load_recipe(make_recipe())
+    evaluation = Dataset.from_dict({"source": ["x y", "x_y", "z", "x y"]})
+    with pytest.raises(RecipeError, match="sources 'x y' and 'x_y' share the eval metric eval_x_y_loss"):
+        per_source_eval_sets(recipe, evaluation)  # one loss logged for both, under one name (it was)
+    sets = per_source_eval_sets(recipe, evaluation.select([0, 2, 3]))
+    assert sorted(sets) == ["eval", "eval/x y", "eval/z"] and len(sets["eval/x y"]) == 2
+    recipe = load_recipe(make_recipe(report={"eval_per_source": False}))
+    assert per_source_eval_sets(recipe, evaluation) is evaluation
