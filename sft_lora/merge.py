@@ -35,12 +35,12 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
                                                                                         "README.md"))
     sha256 = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
-    inputs = {"adapter_sha256": sha256, "base_model": base, "merge_into": merge_into}
+    dequantize = bool(recipe.get("quantization")) and merge_into == "dequantized"  # plain LoRA: the original base
+    inputs = {"adapter_sha256": sha256, "base_model": base, "merge_into": "dequantized" if dequantize else "original"}
     if (earlier := _earlier_merge(adapter_dir, output_dir, inputs)) == "up to date":
         return output_dir
     overwrite = overwrite or earlier == "stale"  # the old merge of these same adapters: replacing it was asked
     check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
-    dequantize = bool(recipe.get("quantization")) and merge_into == "dequantized"
     model = _merged_model(adapter_dir, base, recipe, dequantize)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.eos_token_id is not None:  # add the trained end-of-turn token, keep the stop tokens it shipped with
@@ -80,7 +80,8 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
 
 def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | None:
     """"up to date" when `output_dir` holds a merge of exactly these inputs, "stale" when it holds a merge of this
-    adapters directory made before its files changed (each said in one line), else None."""
+    adapters directory into the same base made before its files changed (each said in one line), else None (a merge
+    into another base, or anything else there, is replaced only with --overwrite)."""
     try:
         previous = json.loads((output_dir / "merge_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or unreadable
@@ -90,7 +91,9 @@ def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | N
     if previous.get("inputs") == inputs and weights:
         print(f"{output_dir}: up to date (a merge of these adapters into {inputs['base_model']}); nothing to do")
         return "up to date"
-    if previous.get("adapter") and Path(previous["adapter"]).resolve() == adapter_dir.resolve():
+    earlier = previous.get("inputs") if isinstance(previous.get("inputs"), dict) else {}
+    same_base = {**earlier, "adapter_sha256": inputs["adapter_sha256"]} == inputs  # base and merge_into alike
+    if same_base and previous.get("adapter") and Path(previous["adapter"]).resolve() == adapter_dir.resolve():
         print(f"{output_dir}: {adapter_dir} changed since it was merged; merging again")
         return "stale"
     return None

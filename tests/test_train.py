@@ -156,6 +156,14 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
     assert again["model.safetensors"][1] != first["model.safetensors"][1]
     assert merge_main(["--adapter_model", str(copy)]) == 0 and "up to date" in capsys.readouterr().out
     assert _files(tmp_path / "x_merged") == again
+    # plain LoRA: --merge_into changes nothing, so the merge is up to date; another base is another merge, which
+    # replaces this one only with --overwrite (it was "changed since it was merged; merging again")
+    assert merge_main(["--adapter_model", str(copy), "--merge_into", "original"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    other_base = shutil.copytree(recipe.model.name_or_path, tmp_path / "other-base")
+    assert merge_main(["--adapter_model", str(copy), "--base_model", str(other_base)]) == 2
+    assert "x_merged: already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert _files(tmp_path / "x_merged") == again
 
 
 def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
