@@ -159,6 +159,12 @@ def _resolve(raw: dict[str, Any], source: str) -> Recipe:
     recipe.quantization = _construct("quantization", given["quantization"], source) if use_qlora else None
     recipe.training = _construct("training", sft_kwargs(recipe), source)
     keys.check_combinations(recipe)
+    if accelerate_config:  # on loading, not only when launching: --check and --print-config say it too
+        from .launch import resolve_config
+        try:
+            resolve_config(accelerate_config)
+        except RecipeError as exc:
+            raise keys.KeyProblem("accelerate_config", str(exc)) from None
     decisions.decide(recipe)  # padding-free batches, attention, end-of-turn token, activation checkpointing
     return recipe
 

@@ -147,12 +147,12 @@ def check_combinations(recipe) -> None:
     if recipe.report.smoke_prompts < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got "
                          f"{recipe.report.smoke_prompts}")
-    if recipe.accelerate_config:  # here, not only when launching: --check and --print-config say it too
-        from .launch import resolve_config
-        try:
-            resolve_config(recipe.accelerate_config)
-        except ValueError as exc:
-            raise KeyProblem("accelerate_config", str(exc)) from None
+    from transformers import PreTrainedTokenizerBase
+    taken = {*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages"}
+    taken -= {"self", "kwargs"}
+    if reserved := sorted(taken & set(data.chat_template_kwargs)):  # sft_lora passes these itself
+        raise KeyProblem("data.chat_template_kwargs", f"data.chat_template_kwargs: '{reserved[0]}' is set by sft_lora "
+                         "or apply_chat_template itself, not a template variable; remove it")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
     from .data import entries

@@ -35,10 +35,7 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); "
                           "check model.name_or_path, the network or HF_TOKEN") from None
     if data.chat_template:
-        template = Path(data.chat_template)
-        if not template.is_file():
-            raise RecipeError(f"{template}: chat template file not found; check data.chat_template")
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
+        tokenizer.chat_template = _chat_template(Path(data.chat_template), tokenizer)
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None:
@@ -50,6 +47,27 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         print(f"notice: {model.name_or_path}: the tokenizer has no pad token; padding with EOS "
               f"({tokenizer.eos_token}), which carries no loss")
     return tokenizer
+
+
+def _chat_template(template: Path, tokenizer) -> str:
+    """The text of `data.chat_template`, checked to render a question and its answer (one line, not jinja's
+    traceback, for a syntax error or a template that raises)."""
+    import jinja2
+
+    if not template.is_file():
+        raise RecipeError(f"{template}: chat template file not found; check data.chat_template")
+    try:
+        text = template.read_text(encoding="utf-8")
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}],
+                                      chat_template=text, tokenize=False)
+    except UnicodeDecodeError:
+        raise RecipeError(f"{template}: not valid UTF-8; save the chat template as UTF-8") from None
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        raise RecipeError(f"{template}: the chat template does not render a question and its answer "
+                          f"({first_line(exc)}); fix the template or data.chat_template") from None
+    if not text.strip():
+        raise RecipeError(f"{template}: the chat template is empty; fix the template or data.chat_template")
+    return text
 
 
 def base_config(recipe: Recipe):

@@ -63,6 +63,9 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     # transformers' own check, which Trainer runs only once the data is prepared; `none` inside a list is no integration
     ("training.report_to=foo", "command line: training.report_to: foo is not supported, only azure_ml,"),
     ("training.report_to=[none, tensorboard]", "command line: training.report_to: none is not supported"),
+    # names apply_chat_template takes itself: a TypeError deep in data preparation before
+    ("data.chat_template_kwargs={tokenize: true}", "data.chat_template_kwargs: 'tokenize' is set by sft_lora"),
+    ("data.chat_template_kwargs={messages: []}", "data.chat_template_kwargs: 'messages' is set by sft_lora"),
     # an override's section the recipe file lacks: the command line is blamed, not the file
     ("trainig.max_steps=1", "command line: unknown section 'trainig'; did you mean 'training'?"),
     # an upstream message ending its first line mid-sentence, given whole on one line

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from sft_lora.config import RECIPE_FILE, load_recipe
+from sft_lora.config import RECIPE_FILE, RecipeError, load_recipe
 from sft_lora.data import load_datasets
 from sft_lora.merge import merge_adapter
 from sft_lora.model import DEFAULT_CHAT_TEMPLATE, load_tokenizer
@@ -57,6 +58,13 @@ def test_tokenizer_without_template_gets_the_default_and_a_recipe_template_wins(
     custom.write_text("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
     recipe = load_recipe(write_recipe(tmp_path, tmp_path / "bare", data={"chat_template": str(custom)}))
     assert load_tokenizer(recipe.model, recipe.data).chat_template == custom.read_text()
+    # a template that cannot serve: one line naming the file (jinja's or Arrow's traceback before)
+    for text, says in [(b"{% for m in messages %}{{ m.content }", "does not render a question and its answer"),
+                       (b"{{ raise_exception('no system role') }}", "(no system role); fix the template"),
+                       (b"\xff\xfe{{ x }}", "not valid UTF-8"), (b"  \n", "the chat template is empty")]:
+        custom.write_bytes(text)
+        with pytest.raises(RecipeError, match=re.escape(f"{custom}: ") + ".*" + re.escape(says)):
+            load_tokenizer(recipe.model, recipe.data)
 
 
 @pytest.fixture(scope="module")
