@@ -46,8 +46,17 @@ def load(model_dir: str | Path):
         raise RecipeError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
-    data = saved_section(recipe, "data")
-    return model.eval(), tokenizer, data.system_prompt, template_kwargs(tokenizer, data.chat_template_kwargs)
+    data = saved_section(recipe, "data")  # its system prompt, fold_system_prompt and template variables
+    return model.eval(), tokenizer, data, template_kwargs(tokenizer, data.chat_template_kwargs)
+
+
+def opened(messages: list[dict[str, str]], system: str | None, fold: bool) -> list[dict[str, str]]:
+    """`messages` opened by the system prompt as in training (`data.fold_system_prompt`: atop the first user turn)."""
+    if not system:
+        return messages
+    if fold:
+        return [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
@@ -77,7 +86,8 @@ def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_
             "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
 
 
-def interactive(model, tokenizer, opening: list[dict], max_new_tokens: int, temperature: float, kwargs: dict) -> None:
+def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_tokens: int, temperature: float,
+                kwargs: dict) -> None:
     from transformers import TextStreamer
 
     print("type a message; /reset clears the conversation, /exit or Ctrl-D quits", flush=True)
@@ -97,7 +107,7 @@ def interactive(model, tokenizer, opening: list[dict], max_new_tokens: int, temp
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer = generate(model, tokenizer, opening + history, max_new_tokens, temperature, streamer, kwargs)
+        answer = generate(model, tokenizer, opened(history, *system), max_new_tokens, temperature, streamer, kwargs)
         if not answer["stopped"]:
             print(f"[cut at {max_new_tokens} tokens]")
         history.append({"role": "assistant", "content": answer["text"]})
@@ -118,17 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, system, kwargs = load(args.model_dir)
+        model, tokenizer, data, kwargs = load(args.model_dir)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
-    system = args.system if args.system is not None else system
-    opening = [{"role": "system", "content": system}] if system else []  # what each conversation starts with
+    system = (args.system if args.system is not None else data.system_prompt, data.fold_system_prompt)
     if args.prompt is None:
-        interactive(model, tokenizer, opening, args.max_new_tokens, args.temperature, kwargs)
+        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
         return 0
-    answer = generate(model, tokenizer, opening + [{"role": "user", "content": args.prompt}], args.max_new_tokens,
-                      args.temperature, template_kwargs=kwargs)
+    answer = generate(model, tokenizer, opened([{"role": "user", "content": args.prompt}], *system),
+                      args.max_new_tokens, args.temperature, template_kwargs=kwargs)
     print(answer["text"])
     if not answer["stopped"]:
         print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)

@@ -174,6 +174,30 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
     assert _files(tmp_path / "x_merged") == again
 
 
+def test_chat_opens_with_the_system_prompt_as_trained(lora_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from sft_lora.chat import main as chat_main
+
+    _, summary = lora_run
+    model = shutil.copytree(summary["merged"], tmp_path / "folded_merged")
+    saved = yaml.safe_load((model / RECIPE_FILE).read_text())
+    saved["data"].update(system_prompt="Be brief.", fold_system_prompt=True)  # a model trained on a template
+    (model / RECIPE_FILE).write_text(yaml.safe_dump(saved))  # without a system role (Mistral v0.3)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                                               "'System role not supported') }}{% endif %}" + template)
+    assert chat_main([str(model), "--prompt", "Hi?", "--max-new-tokens", "2"]) == 0  # a TemplateError before
+    from sft_lora.chat import opened
+
+    assert opened([{"role": "user", "content": "Hi?"}], "Be brief.", True) == [
+        {"role": "user", "content": "Be brief.\n\nHi?"}]  # as turns.chat folds it in training
+    assert opened([{"role": "user", "content": "Hi?"}], "Be brief.", False)[0] == {"role": "system",
+                                                                                  "content": "Be brief."}
+
+
 def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
     recipe, summary = lora_run
     checkpoint = recipe.checkpoint_dir / "checkpoint-3"
