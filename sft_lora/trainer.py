@@ -119,6 +119,12 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(recipe.checkpoint_dir / "runs")
+    # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel in the first eval forward and never
+    # back; training forwards after it run a kernel with no backward (LoRA gradients off by ~30 %, a warning
+    # that "may lead to silently incorrect behavior"). Off for this model's layers: evaluation uses the plain kernel.
+    for module in trainer.model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     return trainer
 
 

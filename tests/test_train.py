@@ -261,6 +261,29 @@ def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_s
     assert rates[5] == pytest.approx(rates[6] * 4 / 3) == pytest.approx(rates[8] * 4) and rates[5] > 0
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
+    """bitsandbytes repacked 4-bit weights for its AVX512-BF16 CPU kernel in an eval forward, and training forwards
+    after it had no backward: the LoRA gradients changed by ~30 % after eval_on_start. (On a CPU without
+    AVX512-BF16 there is no repacking, and this test cannot tell.)"""
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, use_qlora=True, lora={"init_lora_weights": False},
+                                      data={"eval_split": None}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    model = build_trainer(recipe, tokenizer, load_datasets(recipe.data)[0]).model
+    ids = torch.randint(5, 500, (1, 24))
+
+    def gradients() -> list[torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for name, p in model.named_parameters() if "lora_A" in name]
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(torch.equal(a, b) for a, b in zip(before, gradients(), strict=True))
+
+
 def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
