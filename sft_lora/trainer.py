@@ -7,6 +7,7 @@ import re
 import types
 from pathlib import Path
 
+import torch
 from trl import SFTTrainer
 
 from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume
@@ -55,12 +56,15 @@ class SourceEvalSFTTrainer(SFTTrainer):
         per_source = eval_dataset is None and isinstance(self.eval_dataset, dict)
         metrics = super().evaluate(OVERALL if per_source else eval_dataset, ignore_keys, metric_key_prefix)
         sources = [key.removeprefix(OVERALL + "/") for key in self.eval_dataset if key != OVERALL] if per_source else []
-        for source in sources:  # none is empty: build_trainer splits the eval set by the sources it holds
-            self.source_prefix = source_metric(source)
-            try:
-                metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
-            finally:
-                self.source_prefix = None
+        # each eval dataloader draws a seed from the global RNG: without the fork, reporting per source would change
+        # the dropout masks of every later step, and so the trained weights
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            for source in sources:  # none is empty: build_trainer splits the eval set by the sources it holds
+                self.source_prefix = source_metric(source)
+                try:
+                    metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
+                finally:
+                    self.source_prefix = None
         if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
             from tqdm.auto import tqdm
 

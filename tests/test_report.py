@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
@@ -262,3 +263,25 @@ def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe):
     assert sorted(sets) == ["eval", "eval/x y", "eval/z"] and len(sets["eval/x y"]) == 2
     recipe = load_recipe(make_recipe(report={"eval_per_source": False}))
     assert per_source_eval_sets(recipe, evaluation) is evaluation
+
+
+def test_evaluating_per_source_does_not_change_the_trained_weights(tmp_path, tiny_model):
+    """Each eval dataloader draws a seed from the global RNG; the extra per-source passes changed the dropout masks
+    of every later step, so a reporting switch changed the adapters (with lora_dropout > 0)."""
+    from safetensors.torch import load_file
+
+    from sft_lora.run import train
+
+    from .conftest import write_recipe
+
+    adapters = {}
+    for per_source in (True, False):
+        (tmp_path / str(per_source)).mkdir()
+        recipe = load_recipe(write_recipe(tmp_path / str(per_source), tiny_model, lora={"lora_dropout": 0.1},
+                                          training={"max_steps": 3, "eval_strategy": "steps", "eval_steps": 1},
+                                          report={"eval_per_source": per_source, "smoke_prompts": 0}))
+        summary = train(recipe)
+        assert bool(summary["eval_by_source"]) is per_source  # the switch did switch
+        adapters[per_source] = load_file(recipe.adapters_dir / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[True])
