@@ -68,7 +68,9 @@ class Report:
             [_cut(source, 15), str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
              *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
              f"{stats['tokens']:,}", f"{stats['loss_tokens']:,}", f"{stats['loss_share']:.1%}", str(stats["truncated"])]
-            for source, stats in self.by_source.items()])
+            for source, stats in self.by_source.items()] + [  # sources held out only: counted, never trained
+            [_cut(source, 15), "0", str(n), "—", "—", "—", "—", "—", "—"]
+            for source, n in self.eval_records_by_source.items() if source not in self.by_source])
         if len(self.by_entry) > 1:  # the per-file mix
             lines += _table(ENTRY_COLUMNS, [
                 [name if len(name) <= 35 else "…" + name[-34:], str(s["records"]), f"{s['tokens']:,}",

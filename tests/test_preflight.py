@@ -140,6 +140,9 @@ def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path
             "247,245,205", "1,118,533,808", "100.0%", "849"] in [line.split() for line in wide.splitlines()]
     assert ["…" + second[-34:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [line.split() for line in
                                                                                   wide.splitlines()]
+    # a source held out only (data.eval_path): in the table with its eval records, though never trained
+    held_out = dataclasses.replace(report, eval_records_by_source={"extra": 3, "exam": 5}).text().splitlines()
+    assert ["exam", "0", "5", "—", "—", "—", "—", "—", "—"] in [line.split() for line in held_out]
 
 
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
