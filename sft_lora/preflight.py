@@ -111,6 +111,9 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     cut = figures.trainer_cut(args, data.max_length)
     stop_ids = figures.stop_token_ids(recipe, args, tokenizer)
     stats = figures.row_stats(rows, cut, stop_ids)
+    # the answers' tokens (untruncated); length - prompt would count a conversation's later user turns too
+    stats["answer"] = (stats["loss"] + stats["lost_loss"] if args.completion_only_loss is not False
+                       else stats["length"] - stats["prompt"])
     packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"], args, data.max_length)
     example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
     how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
@@ -119,7 +122,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         max_length=data.max_length, records_by_source=data.records_by_source["train"],
         eval_records_by_source=data.records_by_source["eval"],
         prompt_tokens=figures.percentiles(stats["prompt"]),
-        answer_tokens=figures.percentiles(stats["length"] - stats["prompt"]), tokens=int(stats["tokens"].sum()),
+        answer_tokens=figures.percentiles(stats["answer"]), tokens=int(stats["tokens"].sum()),
         loss_on="every token (training.completion_only_loss: false)" if args.completion_only_loss is False
         and not args.assistant_only_loss else "the answers and their end-of-turn token",
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),

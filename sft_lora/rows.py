@@ -100,7 +100,8 @@ def percentiles(values) -> dict[str, int]:
 def mix_table(stats: dict[str, Any], codes: str, names: str, sources: list[str] | None = None
               ) -> dict[str, dict[str, Any]]:
     """Per name (entry, or source: in the data or `sources`): records (a source's `rows`), tokens and loss tokens as
-    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max."""
+    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max
+    (`stats["answer"]`: the answers' tokens, which the pre-flight report adds)."""
     total, out = int(stats["loss"].sum()) or 1, {}
     for name in sorted(set(stats[names]) | set(sources or ())):
         mine = stats[codes] == (stats[names].index(name) if name in stats[names] else -1)
@@ -109,7 +110,7 @@ def mix_table(stats: dict[str, Any], codes: str, names: str, sources: list[str] 
         if sources is None:
             out[name] = {"records": int(np.count_nonzero(mine)), **mix}
             continue
-        prompt, answer = percentiles(stats["prompt"][mine]), percentiles((stats["length"] - stats["prompt"])[mine])
+        prompt, answer = percentiles(stats["prompt"][mine]), percentiles(stats["answer"][mine])
         out[name] = {"rows": int(np.count_nonzero(mine)), "trainable_rows": int((stats["loss"][mine] > 0).sum()),
                      "prompt_p50": prompt["p50"], "prompt_max": prompt["max"], "answer_p50": answer["p50"],
                      "answer_max": answer["max"], **mix,

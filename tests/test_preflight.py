@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from sft_lora.config import RecipeError, load_recipe
@@ -111,6 +112,20 @@ def test_the_report_says_every_token_carries_loss_without_completion_only_loss(m
     _, report = _report(make_recipe(training={"completion_only_loss": False}))
     assert report.loss_tokens == report.tokens and report.failures == []
     assert "(100.0%): every token (training.completion_only_loss: false)" in report.text()
+
+
+def test_answer_tokens_of_conversations_count_the_answers_alone(make_recipe):
+    from .conftest import ROOT
+
+    recipe, report = _report(make_recipe(data={"path": str(ROOT / "data" / "chat.jsonl"), "eval_split": None}))
+    rows = report_rows(prepare_datasets(recipe.training, load_tokenizer(recipe.model, recipe.data),
+                                        load_datasets(recipe.data)[0]), None)
+    answers = sorted(sum(label != -100 for label in row["labels"]) for row in rows)  # no row is truncated here
+    assert report.truncated_rows == 0 and report.answer_tokens["max"] == answers[-1]
+    assert max(len(r["input_ids"]) - r["prompt_length"] for r in rows) > answers[-1]  # what it counted before
+    for source, stats in report.by_source.items():  # the table's answer column: p50/max of the answers alone
+        mine = sorted(sum(label != -100 for label in r["labels"]) for r in rows if r["source"] == source)
+        assert (stats["answer_p50"], stats["answer_max"]) == (int(np.percentile(mine, 50, method="nearest")), mine[-1])
 
 
 def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path):
