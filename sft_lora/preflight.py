@@ -110,10 +110,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     args, rows = data.args, report_rows(data, tokenizer)
     cut = figures.trainer_cut(args, data.max_length)
     stop_ids = figures.stop_token_ids(recipe, args, tokenizer)
-    stats = figures.row_stats(rows, cut, stop_ids)
-    # the answers' tokens (untruncated); length - prompt would count a conversation's later user turns too
-    stats["answer"] = (stats["loss"] + stats["lost_loss"] if args.completion_only_loss is not False
-                       else stats["length"] - stats["prompt"])
+    answers_carry_loss = args.completion_only_loss is not False or bool(args.assistant_only_loss)
+    stats = figures.row_stats(rows, cut, stop_ids, answers_carry_loss)
     packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"], args, data.max_length)
     example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
     how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
@@ -123,8 +121,8 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         eval_records_by_source=data.records_by_source["eval"],
         prompt_tokens=figures.percentiles(stats["prompt"]),
         answer_tokens=figures.percentiles(stats["answer"]), tokens=int(stats["tokens"].sum()),
-        loss_on="every token (training.completion_only_loss: false)" if args.completion_only_loss is False
-        and not args.assistant_only_loss else "the answers and their end-of-turn token",
+        loss_on="the answers and their end-of-turn token" if answers_carry_loss else
+        "every token (training.completion_only_loss: false)",
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),
         truncated_tokens=int((stats["length"] - stats["tokens"]).sum()),
         truncated_loss_tokens=int(stats["lost_loss"].sum()),

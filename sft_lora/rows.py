@@ -44,9 +44,10 @@ def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
     return stop_ids(tokenizer, config, args.eos_token)
 
 
-def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
+def row_stats(rows, cut: Cut, stop_ids: list[int], answers_carry_loss: bool = True) -> dict[str, Any]:
     """Numpy arrays, one entry per row: `prompt`, `length` (tokens before the answer, and in all, untruncated),
     `tokens`, `loss` (as trained), `stop` (a stop token carries loss), `lost_loss` (loss tokens truncation removes),
+    `answer` (the answers' tokens, untruncated: the loss tokens when `answers_carry_loss`, else all after the prompt),
     `drift` (`prepare.DRIFT`), `code`/`entry_code` (index of the row's source/file in `names`/`entry_names`)."""
     parts, labels = [], {"": [], "entry_": []}
     for batch in rows.with_format("arrow").iter(batch_size=CHUNK):
@@ -55,6 +56,8 @@ def row_stats(rows, cut: Cut, stop_ids: list[int]) -> dict[str, Any]:
         labels["entry_"].append(batch.column("entry") if "entry" in batch.column_names else batch.column("source"))
     keys = ("prompt", "length", "tokens", "loss", "stop", "lost_loss", "drift")
     stats: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int) for k in keys}
+    # length - prompt would count a conversation's later user turns too
+    stats["answer"] = stats["loss"] + stats["lost_loss"] if answers_carry_loss else stats["length"] - stats["prompt"]
     for prefix, columns in labels.items():
         column = pa.chunked_array([c for s in columns for c in s.chunks], type=pa.string())
         names = stats[prefix + "names"] = sorted(pc.unique(column).to_pylist())
@@ -100,8 +103,7 @@ def percentiles(values) -> dict[str, int]:
 def mix_table(stats: dict[str, Any], codes: str, names: str, sources: list[str] | None = None
               ) -> dict[str, dict[str, Any]]:
     """Per name (entry, or source: in the data or `sources`): records (a source's `rows`), tokens and loss tokens as
-    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max
-    (`stats["answer"]`: the answers' tokens, which the pre-flight report adds)."""
+    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max."""
     total, out = int(stats["loss"].sum()) or 1, {}
     for name in sorted(set(stats[names]) | set(sources or ())):
         mine = stats[codes] == (stats[names].index(name) if name in stats[names] else -1)
