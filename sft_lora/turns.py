@@ -23,8 +23,14 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
         return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
     if (source := record.get(args.source_field)) is not None and not isinstance(source, str):
         return f"'{args.source_field}' must be a string, got {type(source).__name__}"
-    if "messages" in record or "conversations" in record:
-        turns = _conversation(record)
+    # A null key is a missing one: a saved or hub dataset that mixes the forms has every column in every row
+    conversation, pair = ([key for key in keys if record.get(key) is not None]
+                          for keys in (("messages", "conversations"), (args.input_field, args.output_field)))
+    if conversation and (other := [*conversation[1:], *pair]):
+        return (f"has both '{conversation[0]}' and '{other[0]}'; a record is one conversation or one "
+                f"{{{args.input_field}, {args.output_field}}} pair, keep one")
+    if conversation:
+        turns = _conversation(record, conversation[0])
         if isinstance(turns, str):
             return turns
     else:
@@ -46,9 +52,9 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
     return turns[:cut], turns[cut:]
 
 
-def _conversation(record: dict) -> list[dict[str, str]] | str:
-    """The record's turns as {role, content} (ShareGPT's human/gpt named user/assistant), or what is wrong."""
-    key = "messages" if "messages" in record else "conversations"
+def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
+    """The record's turns under `key` as {role, content} (ShareGPT's human/gpt named user/assistant), or what is
+    wrong."""
     role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
     turns = record[key]
     if not isinstance(turns, list) or not turns:

@@ -149,8 +149,26 @@ def test_conversations_mix_with_single_turn_records_and_their_own_system_turn_wi
     assert last[0]["completion"] == [CHAT[3]]
 
 
+def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
+    """Arrow gives every row every column, null where a record had none: `messages: null` beside input/output is no
+    conversation (every record of such a directory was "'messages' must be a non-empty list of turns" before)."""
+    from datasets import load_dataset
+
+    records = [{"messages": CHAT, "source": "chat"}, {"input": "Q?", "output": "A."},
+               {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    saved = load_dataset("json", data_files=str(tmp_path / "mixed.jsonl"), split="train")
+    assert saved[1]["messages"] is None and saved[0]["input"] is None  # the nulls the reader meets
+    saved.save_to_disk(str(tmp_path / "saved"))
+    from_jsonl, from_saved = (load_datasets(DataArgs(path=str(tmp_path / n)))[0] for n in ("mixed.jsonl", "saved"))
+    assert from_saved.to_dict() | {"entry": None} == from_jsonl.to_dict() | {"entry": None}
+    assert from_saved["completion"][1] == [{"role": "assistant", "content": "A."}]
+
+
 @pytest.mark.parametrize("record, message", [
-    ({"messages": CHAT[:1]}, "messages: no assistant turn; there is nothing to learn from it"),
+    ({"messages": CHAT, "output": "A."}, "has both 'messages' and 'output'; a record is one conversation or one "
+     "{input, output} pair, keep one"),
+    ({"messages": CHAT, "conversations": [], "input": None}, "has both 'messages' and 'conversations'"),
     ({"messages": CHAT[:3]}, "messages: no assistant turn ends the conversation"),
     ({"messages": [CHAT[1], CHAT[0]]}, "messages[0]: roles out of order (assistant where user belongs)"),
     ({"messages": [CHAT[0], CHAT[0]]}, "messages[1]: roles out of order (user where assistant belongs)"),
