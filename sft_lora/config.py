@@ -2,6 +2,7 @@
 and own sections, every key checked first (`keys.py`: a typo fails at file:line), plus `decisions.py`'s choices."""
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +156,9 @@ def _resolve(raw: dict[str, Any], source: str) -> Recipe:
     recipe = Recipe(source=source, use_qlora=use_qlora, accelerate_config=accelerate_config, given=given, raw=raw,
                     **own)
     decisions.decide_hardware(recipe)  # bf16 / use_cpu, unless the recipe sets them
-    recipe.lora = _construct("lora", given["lora"], source)
-    recipe.quantization = _construct("quantization", given["quantization"], source) if use_qlora else None
-    recipe.training = _construct("training", sft_kwargs(recipe), source)
+    recipe.lora = _construct("lora", given["lora"], raw)
+    recipe.quantization = _construct("quantization", given["quantization"], raw) if use_qlora else None
+    recipe.training = _construct("training", sft_kwargs(recipe), raw)
     keys.check_combinations(recipe)
     if accelerate_config:  # on loading, not only when launching: --check and --print-config say it too
         from .launch import resolve_config
@@ -184,12 +185,17 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
                 model_init_kwargs={k: v for k, v in init.items() if v is not None})
 
 
-def _construct(section: str, kwargs: dict[str, Any], source: str):
-    """Build an upstream object; its own validation errors are reported under the recipe's section."""
+def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
+    """Build an upstream object; its own validation error blames the one given key it names (by name or by value),
+    else the section, at the file:line or command line that set it."""
     try:
         return keys.upstream_class(section)(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{source}: {section}: {first_line(exc, whole=True)}") from None
+        message = first_line(exc, whole=True)
+        named = [key for key, value in (raw.get(section) or {}).items() if re.search(rf"\b{re.escape(key)}\b", message)
+                 or isinstance(value, str) and value and re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w-])", message)]
+        dotted = f"{section}.{named[0]}" if len(named) == 1 else section
+        raise keys.KeyProblem(dotted, f"{dotted}: {message}") from None
 
 
 def looks_like_hub_id(name: str) -> bool:

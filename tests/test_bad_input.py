@@ -396,6 +396,20 @@ def _(env):
     return *env.cli(path), [f"{path}:", "model.dtype must be one of auto, bfloat16, float16, float32, got 'bf16'"]
 
 
+@case("recipe: a value the upstream class refuses")
+def _(env):
+    path = env.recipe(training={"lr_scheduler_type": "bogus"})
+    return *env.cli(path), [f"{path}:", "training.lr_scheduler_type: bogus is not a valid SchedulerType, please select"]
+
+
+@case("data: a record in both forms")
+def _(env):
+    path = env.tmp / "d.jsonl"
+    both = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "input": "a"}
+    return (*env.cli(env.with_data("d.jsonl", [GOOD, both])),
+            [f"{path}:2: has both 'messages' and 'input'; a record is one conversation or one {{input, output}} pair"])
+
+
 @case("recipe: key owned by another section")
 def _(env):
     path = env.recipe(training={"output_dir": "/tmp/x"})

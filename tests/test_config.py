@@ -59,7 +59,9 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     ("model.trust_remote_code=yes please", "model.trust_remote_code expects bool"),
     ("lora.lora_dropout=2", "lora.lora_dropout must be in [0, 1), got 2"),
     ("quantization.bnb_4bit_quant_type=nf5", "must be one of nf4, fp4, got 'nf5'"),
-    ("training.eval_strategy=sometimes", "training: sometimes is not a valid IntervalStrategy"),  # upstream rejects it
+    # upstream's own checks, blamed on the one key they name (the recipe file and section alone before)
+    ("training.eval_strategy=sometimes", "command line: training.eval_strategy: sometimes is not a valid IntervalStr"),
+    ("training.lr_scheduler_type=bogus", "command line: training.lr_scheduler_type: bogus is not a valid SchedulerT"),
     # transformers' own check, which Trainer runs only once the data is prepared; `none` inside a list is no integration
     ("training.report_to=foo", "command line: training.report_to: foo is not supported, only azure_ml,"),
     ("training.report_to=[none, tensorboard]", "command line: training.report_to: none is not supported"),
@@ -69,11 +71,22 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     # an override's section the recipe file lacks: the command line is blamed, not the file
     ("trainig.max_steps=1", "command line: unknown section 'trainig'; did you mean 'training'?"),
     # an upstream message ending its first line mid-sentence, given whole on one line
-    ("training.load_best_model_at_end=true", "to match, except when --save_strategy=\"best\", but found - Evaluation "
+    ("training.load_best_model_at_end=true", "command line: training.load_best_model_at_end: --load_best_model_at_end "
+     "requires the save and eval strategy to match, except when --save_strategy=\"best\", but found - Evaluation "
      "strategy: IntervalStrategy.EPOCH - Save strategy: SaveStrategy.STEPS"),
 ])
 def test_wrong_values_fail_with_one_line(make_recipe, override, expected):  # more: test_bad_input.py
     assert expected in _error(make_recipe(use_qlora=True), [override])
+
+
+def test_an_upstream_check_names_the_recipe_line_of_the_key_it_names(make_recipe):
+    path = make_recipe(use_qlora=True, training={"lr_scheduler_type": "bogus"})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "lr_scheduler_type" in text)
+    assert _error(path).startswith(f"{path}:{line}: training.lr_scheduler_type: bogus is not a valid SchedulerType")
+    # two given keys named: the section is blamed, at its own line
+    path = make_recipe(use_qlora=True, training={"load_best_model_at_end": True, "save_strategy": "steps"})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("training:"))
+    assert _error(path).startswith(f"{path}:{line}: training: --load_best_model_at_end requires")
 
 
 def test_build_tiny_refuses_a_hub_id_it_would_shadow_with_a_random_model(make_recipe, tmp_path):
