@@ -65,9 +65,9 @@ def paths(value: Any) -> list[str]:
     return [e.path for e in entries(value)] if value else []
 
 
-def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[tuple[str, Any]]:
-    """(where, record) pairs (`file:line` or `file: record N`) of a .json, a .jsonl (read lazily), a dir, a hub id;
-    errors name `key`, the recipe key the path came from."""
+def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[tuple[int, Any]]:
+    """(number, record) pairs (the line of a .jsonl, read lazily; the record's number in a .json, a dir, a hub
+    dataset: see `locate`); errors name `key`, the recipe key the path came from."""
     p = Path(path)
     if p.suffix in (".json", ".jsonl") and p.is_file():
         return _jsonl_records(p, key) if p.suffix == ".jsonl" else _json_records(p)
@@ -96,8 +96,8 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
                           "network") from None
 
 
-def _json_records(p: Path) -> list[tuple[str, Any]]:
-    """(where, record) pairs of a .json array; a file that is not valid is an error as a whole."""
+def _json_records(p: Path) -> list[tuple[int, Any]]:
+    """(number, record) pairs of a .json array; a file that is not valid is an error as a whole."""
     data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
     records, line = _parse(data, "fix the file or use .jsonl")
     if isinstance(records, BadRecord):
@@ -107,11 +107,16 @@ def _json_records(p: Path) -> list[tuple[str, Any]]:
     return _numbered(p, [_surrogate_free(r) for r in records] if SURROGATE.search(data) else records)
 
 
-def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[str, Any]]:
-    return [(f"{origin}: record {n}", record) for n, record in enumerate(records, 1)]
+def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[int, Any]]:
+    return list(enumerate(records, 1))
 
 
-def _jsonl_records(p: Path, key: str) -> Iterator[tuple[str, Any]]:
+def locate(path: str, number: int) -> str:
+    """Where record `number` of the data file `path` is: `file:line` (.jsonl) or `file: record N`."""
+    return f"{path}:{number}" if path.endswith(".jsonl") and Path(path).is_file() else f"{path}: record {number}"
+
+
+def _jsonl_records(p: Path, key: str) -> Iterator[tuple[int, Any]]:
     try:
         handle = p.open("rb")
     except OSError as exc:
@@ -121,7 +126,7 @@ def _jsonl_records(p: Path, key: str) -> Iterator[tuple[str, Any]]:
             line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data
             if line.strip():
                 record = _parse(line, "each line must be one JSON record")[0]
-                yield f"{p}:{n}", _surrogate_free(record) if SURROGATE.search(line) else record
+                yield n, _surrogate_free(record) if SURROGATE.search(line) else record
 
 
 def _parse(data: bytes, fix: str) -> tuple[Any, int | None]:
@@ -146,22 +151,24 @@ def _surrogate_free(record: Any) -> Any:
     return record
 
 
-def examples(records: Iterable[tuple[str, Any]], args: DataArgs, entry: Entry) -> tuple[dict[str, list], int, str]:
-    """(prompt/completion/source/entry columns, records skipped, the first skipped one's message) of (where, record)
-    pairs; a bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped (`skip`)."""
-    prompts, completions, sources, skipped, first_skipped = [], [], [], 0, ""
-    for where, record in records:
+def examples(records: Iterable[tuple[int, Any]], args: DataArgs, entry: Entry) -> tuple[dict[str, list], int, str]:
+    """(prompt/completion/source/entry/number columns, records skipped, the first skipped one's message) of (number,
+    record) pairs; a bad record fails the run (`data.on_bad_record: fail`, the default) or is skipped (`skip`)."""
+    prompts, completions, sources, numbers, skipped, first_skipped = [], [], [], [], 0, ""
+    for number, record in records:
         turns = record if isinstance(record, BadRecord) else chat(record, args)
         if isinstance(turns, str):
             if args.on_bad_record != "skip":
-                raise RecipeError(f"{where}: {turns}")
+                raise RecipeError(f"{locate(entry.path, number)}: {turns}")
             skipped += 1
-            first_skipped = first_skipped or f"{where}: {turns}"
+            first_skipped = first_skipped or f"{locate(entry.path, number)}: {turns}"
             continue
         prompts.append(turns[0])
         completions.append(turns[1])
         sources.append(record.get(args.source_field) or entry.source or "default")
-    columns = {"prompt": prompts, "completion": completions, "source": sources, "entry": [entry.path] * len(prompts)}
+        numbers.append(number)
+    columns = {"prompt": prompts, "completion": completions, "source": sources, "entry": [entry.path] * len(prompts),
+               "number": numbers}  # the report names a record by it (`locate`)
     return columns, skipped, first_skipped
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import rows as figures
 from .config import Recipe, RecipeError
+from .data import locate
 from .prepare import Prepared, report_rows
 from .sections import CHECK_NAMES
 
@@ -149,9 +150,10 @@ def _table(columns, rows: list[list[str]]) -> list[str]:
 def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
     """Fill `report.failures` (and warnings) from the numbers."""
     def record(index: int) -> str:
-        prompt = records[index]["prompt"]
-        question = prompt[-1]["content"] if prompt else ""
-        return f"record {index + 1}, source '{stats['names'][stats['code'][index]]}', question '{_cut(question, 40)}'"
+        row = records[index]
+        question = row["prompt"][-1]["content"] if row["prompt"] else ""
+        where = locate(row["entry"], row["number"]) if "number" in row else f"training record {index + 1}"
+        return f"{where}, source '{row['source']}', question '{_cut(question, 40)}'"
 
     drift = np.flatnonzero(stats["drift"])
     if len(drift):  # the model would train on a context it never sees at inference

@@ -168,10 +168,11 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
         if eval_dataset is not None:
             prepared.eval_rows = prepare_rows(eval_dataset, tokenizer, None if eval_packing else args.max_length,
                                               num_proc=args.dataset_num_proc, template_kwargs=template_kwargs)
-    # From here the rows stand for the records: of these only the prompts (the smoke check, the report's examples)
-    # and sources are read again, so their answers need no memory (README, Performance, Scale).
-    prepared.records, prepared.eval_records = (None if d is None else d.select_columns(["prompt", "source"])
-                                               for d in (train_dataset, eval_dataset))
+    # From here the rows stand for the records: of these only the prompts (the smoke check, the report's examples),
+    # sources and file positions are read again, so their answers need no memory (README, Performance, Scale).
+    kept = ("prompt", "source", "entry", "number")
+    prepared.records, prepared.eval_records = (None if d is None else d.select_columns(
+        [c for c in kept if c in d.column_names]) for d in (train_dataset, eval_dataset))
     prepared.train = trainable(prepared.rows)
     prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
     if not args.packing:

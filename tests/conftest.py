@@ -28,7 +28,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def to_examples(records: list, args, origin: str) -> dict[str, list]:
-    """(where, record) pairs as sft_lora.data turns them into prompt/completion/source/entry columns."""
+    """(number, record) pairs as sft_lora.data turns them into prompt/completion/source/entry/number columns."""
     from sft_lora.data import Entry, examples
 
     return examples(records, args, Entry(origin))[0]

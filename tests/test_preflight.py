@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,12 +177,21 @@ def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
 
 
 def test_a_record_with_no_loss_carrying_token_fails(make_recipe, tmp_path):
-    records = SAMPLE_RECORDS[:60] + [{"input": LONG_QUESTION, "output": "4.", "source": "arith_en"}]
-    data = {"path": _data(tmp_path, records), "eval_split": None}
+    records = SAMPLE_RECORDS[:30] + [{"input": LONG_QUESTION, "output": "4.", "source": "arith_en"}] + SAMPLE_RECORDS[
+        30:60]
+    path = _data(tmp_path, records)
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    Path(path).write_text("\n".join([*lines[:10], "", *lines[10:]]) + "\n", encoding="utf-8")  # a blank line
+    data = {"path": path, "eval_split": 0.1}  # shuffled: the failure names the record by its file line, not its row
     _, report = _report(make_recipe(data=data, training={"max_length": 64}))
     assert [name for name, _ in report.failures] == ["no_loss"]
     assert report.no_loss_rows == 1
     assert "1 of" in report.failures[0][1] and "prompt fills training.max_length" in report.failures[0][1]
+    assert f"(first: {path}:32, source 'arith_en', question '{LONG_QUESTION[:20]}" in report.failures[0][1]
+    Path(path).with_suffix(".json").write_text(json.dumps(records), encoding="utf-8")  # a .json: its record number
+    _, report = _report(make_recipe(data={**data, "path": str(Path(path).with_suffix(".json"))},
+                                    training={"max_length": 64}))
+    assert f"(first: {Path(path).with_suffix('.json')}: record 31, source 'arith_en'" in report.failures[0][1]
     with pytest.raises(RecipeError, match=r"pre-flight check failed \[no_loss\].*check.ignore=\[no_loss\]"):
         report.enforce()
 

@@ -176,7 +176,7 @@ def check_chat_template(recipe: Recipe) -> None:
     eos = recipe.training.eos_token or tokenizer.eos_token
     tokenizer.eos_token = eos  # what TRL does with training.eos_token
     record = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])
-    example = to_examples([("x: record 1", record)], data, "ci")
+    example = to_examples([(1, record)], data, "ci")
     prompt, completion = example["prompt"][0], example["completion"][0]
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -371,11 +371,11 @@ def test_fold_system_prompt_puts_it_atop_the_user_turn():
     from sft_lora.config import DataArgs
 
     record = {"input": "Q?", "output": "A."}
-    folded = to_examples([("x: record 1", record)], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
+    folded = to_examples([(1, record)], DataArgs(system_prompt="Be brief.", fold_system_prompt=True), "x")
     assert folded["prompt"][0] == [{"role": "user", "content": "Be brief.\n\nQ?"}]
-    plain = to_examples([("x: record 1", record)], DataArgs(system_prompt="Be brief."), "x")
+    plain = to_examples([(1, record)], DataArgs(system_prompt="Be brief."), "x")
     assert plain["prompt"][0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
-    assert to_examples([("x: record 1", record)], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
+    assert to_examples([(1, record)], DataArgs(fold_system_prompt=True), "x")["prompt"][0] == [
         {"role": "user", "content": "Q?"}]
 
 
@@ -459,9 +459,11 @@ def test_the_template_guard_fails_a_template_that_drops_the_system_prompt(tmp_pa
             continue
         with pytest.raises(RecipeError) as info:
             run_check(recipe, tokenizer, data)
-        message = str(info.value)
+        message, first = str(info.value), data.records[0]  # named by its line in the data file
         assert message.startswith("pre-flight check failed [template]: 8 of 8 training records render differently "
-                                  "once the answer follows (first: record 1, source ")
+                                  f"once the answer follows (first: {recipe.data.path}:{first['number']}, source ")
+        line = Path(recipe.data.path).read_text(encoding="utf-8").splitlines()[first["number"] - 1]
+        assert json.loads(line)["input"] == first["prompt"][-1]["content"]
         assert "set data.fold_system_prompt: true" in message and "data.chat_template" in message
 
 
