@@ -89,12 +89,14 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
 
 
 def _inputs(recipe: Recipe):
-    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first if asked."""
+    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first if asked; the
+    rows' length notice or error (`rows.check_lengths`) said, for --check as for training."""
     import pyarrow
 
     from .data import load_datasets
     from .model import build_tiny_model, check_reachable, load_tokenizer, name_the_cpu_to_deepspeed
     from .prepare import prepare_datasets
+    from .rows import check_lengths
     from .turns import template_kwargs
 
     check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
@@ -108,6 +110,7 @@ def _inputs(recipe: Recipe):
     data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
     del train_set, eval_set  # what `data` no longer holds (the records' answers) …
     pyarrow.default_memory_pool().release_unused()  # … goes back to the system now, not at Arrow's next allocation
+    check_lengths(recipe, tokenizer, data)
     return tokenizer, data
 
 
@@ -123,7 +126,6 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     from .preflight import run_check
     from .resume import check_fresh_start, nothing_left, select_checkpoint
-    from .rows import check_lengths
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
@@ -131,7 +133,6 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
     tokenizer, data = _inputs(recipe)
-    check_lengths(recipe, tokenizer, data)
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
                  if recipe.check.enabled else None)
     from .trainer import build_trainer, configure_wandb

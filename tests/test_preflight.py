@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,4 +252,9 @@ def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_p
     assert main([str(path), "check.ignore=[eos]", "--check"]) == 0
     assert main([str(path), "check.ignore=[eso]", "--check"]) == 2
     assert "unknown check 'eso'" in capsys.readouterr().err
+    # the length notice and error come as in a run (--check passed where the run then stopped before)
+    assert main([str(make_recipe()), "training.max_length=8", "check.ignore=[truncated]", "--check"]) == 2
+    assert "records are longer than training.max_length=8 tokens (longest" in capsys.readouterr().err
+    assert main([str(make_recipe()), "training.max_length=18", "check.ignore=[truncated, no_loss]", "--check"]) == 0
+    assert re.search(r"notice: .*: \d+ of 190 records are longer than training.max_length=18", capsys.readouterr().out)
 
