@@ -53,7 +53,8 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
         if not _type_ok(value, hint, default):
             kind = type(default).__name__ if hint is Any else (
                 getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
-            raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}")
+            quote = " (YAML reads unquoted yes/no/on/off as booleans; quote it)" * isinstance(value, bool)
+            raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}{quote}")
     return out
 
 
@@ -144,9 +145,8 @@ def check_combinations(recipe) -> None:
     if unknown := [name for name in recipe.check.ignore if name not in CHECK_NAMES]:
         raise KeyProblem("check.ignore", f"check.ignore: unknown check '{unknown[0]}' (one of "
                          f"{', '.join(CHECK_NAMES)}){suggest(str(unknown[0]), CHECK_NAMES)}")
-    if recipe.report.smoke_prompts < 0:
-        raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got "
-                         f"{recipe.report.smoke_prompts}")
+    if (smoke := recipe.report.smoke_prompts) < 0:
+        raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
     from transformers import PreTrainedTokenizerBase
     taken = {*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages"}
     taken -= {"self", "kwargs"}
@@ -178,16 +178,16 @@ def suggest(key: str, choices) -> str:
 
 
 def _coerce(value: Any, hint: Any, default: Any) -> Any:
-    """Undo two YAML 1.1 surprises where the field wants a float, or a str but no bool: `1e-4` read as a string
-    (it wants `1.0e-4`), `no`/`yes` as booleans (`eval_strategy: no`)."""
+    """Undo two YAML 1.1 surprises: `1e-4` read as a string where the field wants a float (it wants `1.0e-4`), `no`
+    read as false where "no" is one of the field's choices (`eval_strategy: no`); free text stays as YAML read it."""
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
         try:
             return float(value) if math.isfinite(float(value)) else value  # "nan", "inf": not a usable number
         except ValueError:
             return value
-    if isinstance(value, bool) and (_accepts(hint, str) or type(default) is str) and not _accepts(hint, bool):
-        return "yes" if value else "no"
-    return value
+    enums = [t for t in typing.get_args(hint) or [hint] if isinstance(t, type) and issubclass(t, enum.Enum)]
+    word = {True: "yes", False: "no"}.get(value) if isinstance(value, bool) and not _accepts(hint, bool) else None
+    return word if word in [m.value for t in enums for m in t] else value
 
 
 def _accepts(hint: Any, kind: type) -> bool:

@@ -410,6 +410,13 @@ def _(env):
             [f"{path}:2: has both 'messages' and 'input'; a record is one conversation or one {{input, output}} pair"])
 
 
+@case("recipe: an unquoted on/off/yes/no where text is expected")
+def _(env):
+    path = env.recipe(data={"system_prompt": True})  # as YAML reads `system_prompt: On`
+    return *env.cli(path), [f"{path}:", "data.system_prompt expects str | None, got True (YAML reads unquoted "
+                            "yes/no/on/off as booleans; quote it)"]
+
+
 @case("recipe: key owned by another section")
 def _(env):
     path = env.recipe(training={"output_dir": "/tmp/x"})

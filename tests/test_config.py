@@ -179,10 +179,14 @@ def test_run_errors_exit_nonzero_with_one_line(make_recipe, capsys, sections, ex
 
 
 def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe):
-    recipe = load_recipe(make_recipe(data={"eval_split": 0.0}), ["training.eval_strategy=no"])
-    assert recipe.training.eval_strategy == "no"
+    recipe = load_recipe(make_recipe(data={"eval_split": 0.0}), ["training.eval_strategy=no",
+                                                                 "training.save_strategy=no"])
+    assert recipe.training.eval_strategy == "no" and recipe.training.save_strategy == "no"
     assert load_recipe(make_recipe(), ["training.activation_checkpointing=no"]).training.activation_checkpointing \
         is False  # a real bool field keeps the bool
+    # free text is not rewritten: `system_prompt: On` was trained as the system prompt "yes"
+    for override in ("data.system_prompt=On", "data.path=no", "wandb.run_name=off"):
+        assert "expects str" in (message := _error(make_recipe(), [override])) and "quote it" in message, override
 
 
 def test_values_no_machine_can_allocate_fail_at_load_and_the_bound_itself_loads(make_recipe):
