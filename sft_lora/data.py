@@ -19,6 +19,7 @@ KEYS = ("path", "source", "weight")  # of a data entry
 # 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
 CHUNK = 20_000
 READ_BAR_DELAY = 2.0  # seconds of reading before its progress bar shows (1 M records take ~30 s; small files none)
+MAX_ROWS = 100_000_000  # rows an entry's weight may make: 0.8 GB of row index (1e8 × weight 1 took 142 GiB, a crash)
 SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
 
 
@@ -49,15 +50,23 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
         if unknown := [str(name) for name in item if name not in KEYS]:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' (path, source, weight){suggest(unknown[0], KEYS)}")
         path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
+        weight = _number(weight) if isinstance(weight, str) else weight  # YAML 1.1 reads `1e3` as a string
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
         if source is not None and not isinstance(source, str):
             raise ValueError(f"{where}.source must be a string, got {source!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"{where}.weight must be a number > 0 (0.5 = half the records, 2 = each twice), "
                              f"got {weight!r}")
         out.append(Entry(path, source, float(weight)))
     return out
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def paths(value: Any) -> list[str]:
@@ -202,6 +211,9 @@ def weighted(dataset, entry: Entry, seed: int):
     if entry.weight == 1:
         return dataset
     n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
+    if n * entry.weight > MAX_ROWS:  # the index alone would take 8 bytes a row
+        raise RecipeError(f"{entry.path}: weight {entry.weight:g} makes {n * entry.weight:,.0f} rows of its {n:,} "
+                          f"records, more than {MAX_ROWS:,}; lower the weight")
     extra = np.sort(np.random.default_rng(seed).permutation(n)[:round(part * n)])
     if not whole and not len(extra):
         raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")

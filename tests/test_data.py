@@ -110,12 +110,18 @@ def test_several_files_are_weighted_by_seed_and_split_per_entry(tmp_path):
                                                                           train["completion"][:16]}
     train, evaluation = load_datasets(DataArgs(path=a, eval_path=[b, {"path": a, "weight": 0.25}]))
     assert (len(train), len(evaluation)) == (20, 15)
+    # YAML 1.1 reads 1e1 as a string; a weight that would make more rows than memory holds (a 142 GiB numpy
+    # allocation traceback before) is refused in one line
+    assert len(load_datasets(DataArgs(path=[{"path": a, "weight": "1e1"}]))[0]) == 200
+    with pytest.raises(RecipeError, match=f"^{re.escape(a)}: weight 1e\\+07 makes 200,000,000 rows of its 20 records"):
+        load_datasets(DataArgs(path=[{"path": a, "weight": 1e7}]))
 
 
 @pytest.mark.parametrize("value, message", [
     ([], "data.path is required"),
     (["a.jsonl", {"file": "b.jsonl"}], "data.path[1]: unknown key 'file' (path, source, weight)"),
     ([{"path": "a.jsonl", "weight": 0}], "data.path[0].weight must be a number > 0"),
+    ([{"path": "a.jsonl", "weight": "nan"}], "data.path[0].weight must be a number > 0"),  # a traceback later before
     ([{"path": "a.jsonl", "source": 3}], "data.path[0].source must be a string"),
     ([3], "data.path[0]: an entry is a path or a mapping"),
 ])
