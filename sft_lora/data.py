@@ -96,7 +96,8 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
     if not looks_like_hub_id(path):  # nor is a .json or .jsonl name
-        raise RecipeError(f"{p}: data file not found; check {key}")
+        relative = "" if p.is_absolute() else f" (relative to the working directory, {Path.cwd()})"
+        raise RecipeError(f"{p}: data file not found{relative}; check {key}")
     from datasets import load_dataset
     try:
         return _numbered(path, load_dataset(path, split=args.split).to_list())
@@ -108,6 +109,8 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
 def _json_records(p: Path) -> list[tuple[int, Any]]:
     """(number, record) pairs of a .json array; a file that is not valid is an error as a whole."""
     data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
+    if not data.strip():
+        return []  # an empty file, said as such by the caller
     records, line = _parse(data, "fix the file or use .jsonl")
     if isinstance(records, BadRecord):
         raise RecipeError(f"{p}:{line}: {records}" if line else f"{p}: {records}")

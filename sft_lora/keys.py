@@ -129,14 +129,14 @@ def check_combinations(recipe) -> None:
     """Keys that are each fine but not together, and the required ones (on the built upstream objects)."""
     model, data = recipe.model, recipe.data
     if not model.name_or_path:
-        raise KeyProblem("model", "model.name_or_path is required (a hub id or a local directory)")
+        raise KeyProblem("model.name_or_path", "model.name_or_path is required (a hub id or a local directory)")
     from .config import looks_like_hub_id
     if model.build_tiny and looks_like_hub_id(model.name_or_path):  # it would build a random model there, not fetch
         raise KeyProblem("model.name_or_path", f"model.name_or_path '{model.name_or_path}' reads as a hub id, but "
                          "model.build_tiny builds a tiny random model at a local path; set model.build_tiny: false to "
                          "load the hub model, or name a path such as ./tiny")
     if not data.path:
-        raise KeyProblem("data", "data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
+        raise KeyProblem("data.path", "data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
     name = recipe.model_name  # a directory name in the output layout: it must stay inside output.dir
     if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         key = "model.name" if model.name else "model.name_or_path"

@@ -155,6 +155,23 @@ def test_conversations_mix_with_single_turn_records_and_their_own_system_turn_wi
     assert last[0]["completion"] == [CHAT[3]]
 
 
+def test_missing_or_empty_data_says_where_it_looked_and_what_is_wrong(tmp_path, monkeypatch):
+    from sft_lora.config import load_recipe
+
+    from .conftest import write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=f"^qa.jsonl: data file not found \\(relative to the working directory, "
+                       f"{re.escape(str(tmp_path))}\\); check data.path$"):
+        load_datasets(DataArgs(path="qa.jsonl"))
+    (tmp_path / "empty.json").write_bytes(b"")  # 0 bytes: as an empty .jsonl, not "not valid JSON (Expecting value)"
+    with pytest.raises(RecipeError, match="^empty.json: no records; the data file is empty$"):
+        load_datasets(DataArgs(path="empty.json"))
+    path = write_recipe(tmp_path, tmp_path / "model")  # the file sets data.path; the command line empties it
+    with pytest.raises(RecipeError, match=r"^command line: data.path is required"):
+        load_recipe(path, ["data.path=[]"])
+
+
 def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
     """Arrow gives every row every column, null where a record had none: `messages: null` beside input/output is no
     conversation (every record of such a directory was "'messages' must be a non-empty list of turns" before)."""
