@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from . import decisions, keys, recipe_yaml
+from .redaction import scrub
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
@@ -31,7 +32,7 @@ def first_line(exc: BaseException, whole: bool = False) -> str:
 
 def printable(text: str) -> str:
     """An error line made safe to print: control characters and lone surrogates escaped, credentials redacted."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in keys.scrub(text))
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from .recipe_yaml import leaves
+from .redaction import TOKEN_FORMATS, secret_env_values
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 
 
@@ -101,15 +102,28 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
 
 
 def expand_env(value: Any, dotted: str) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in a string value, so one recipe serves several machines."""
+    """Expand `${VAR}` and `${VAR:-default}` (the default also when VAR is empty, as in the shell) in a string value,
+    inside lists and mappings too, so one recipe serves several machines; a leading `~` in a path key's value."""
     def sub(match: re.Match) -> str:
         var, default = match.group(1), match.group(3)
-        if var in os.environ or default is not None:
-            return os.environ.get(var, default)
+        if default is not None or var in os.environ:
+            return os.environ[var] if default is None else os.environ.get(var) or default
         raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
                          f"${{{var}:-default}}")
 
-    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value) if isinstance(value, str) else value
+    if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
+        return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
+    if isinstance(value, dict):
+        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, str) else item for key, item in
+                value.items()}
+    if not isinstance(value, str):
+        return value
+    value = re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+    return os.path.expanduser(value) if {dotted, dotted.removesuffix(".path")} & PATH_KEYS else value
+
+
+PATH_KEYS = {"model.name_or_path", "data.path", "data.eval_path", "data.chat_template", "output.dir",
+             "output.checkpoint_dir"}  # a leading `~` in these is the home directory
 
 
 def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
@@ -214,37 +228,3 @@ def _type_ok(value: Any, hint: Any, default: Any) -> bool:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return isinstance(value, hint) or value in [m.value for m in hint]  # a list value is unhashable
     return True  # richer upstream types (torch.dtype, classes) are left to the upstream constructor
-
-
-# Tokens stay out of recipes (a recipe is saved beside the adapters, in checkpoints and logs); they belong in the
-# environment, which sft_lora never copies into an output.
-TOKEN_FORMATS = {
-    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
-    "an OpenAI/Anthropic-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
-    "a GitHub token": re.compile(r"\b(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
-    "an AWS access key id": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
-    "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
-    # 40 hex digits, as a wandb key is; not as a path part or `@revision` (a commit sha: a snapshot directory)
-    "a wandb API key (40 hex digits)": re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
-}
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether a name (environment variable or recipe key) says its value is a secret; vocabulary tokens do not."""
-    return name.lower() not in {"eos_token", "pad_token", "bos_token", "unk_token"} and bool(
-        re.search(r"token|key|secret|password|passwd|credential|auth", name, re.IGNORECASE))
-
-
-def secret_env_values() -> dict[str, str]:
-    """name → value of environment variables whose name says they hold a secret (8+ characters, not a path)."""
-    return {k: v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8 and not os.path.exists(v)}
-
-
-def scrub(text: str) -> str:
-    """`text` with each secret environment value and each token-shaped part replaced by `<redacted>`."""
-    for secret in secret_env_values().values():
-        text = text.replace(secret, "<redacted>")
-    for pattern in TOKEN_FORMATS.values():
-        text = pattern.sub("<redacted>", text)
-    return text
-

@@ -19,7 +19,7 @@ import yaml
 
 from .config import RECIPE_FILE, Recipe, RecipeError, first_line
 from .data import paths
-from .keys import is_secret_name
+from .redaction import is_secret_name
 from .resume import named_or_hashed, recipe_sha256
 
 MANIFEST_FILE = "manifest.json"

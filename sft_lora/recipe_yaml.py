@@ -108,10 +108,13 @@ def value(text: str, item: str) -> Any:
     """An override's or flag's value, typed like YAML; RecipeError naming the override."""
     from .config import RecipeError
     try:
-        data = parse(text, "command line")[0]
+        data, node = parse(text, "command line")
     except RecipeError as exc:
         reason = str(exc).removeprefix("command line: ")
         raise RecipeError(f"command line: '{item}': {reason}; quote the value if it is text") from None
+    if (node.end_mark.index if node else 0) < len(text.rstrip()):  # the rest after a ` #`: a YAML comment, dropped
+        raise RecipeError(f"command line: '{item}': YAML reads '#' there as the start of a comment; quote the value "
+                          "if it is text")
     for _, number in leaves(data):
         if problem := _out_of_range(number):
             raise RecipeError(f"command line: {item.partition('=')[0]} must be {problem}, got {number!r}")

@@ -133,6 +133,28 @@ def test_env_references_are_expanded(make_recipe, monkeypatch):
     assert recipe.data.path == "/mnt/data/qa.jsonl" and recipe.output.dir == "/tmp/out"
     monkeypatch.delenv("DATA_ROOT")
     assert "data.path uses ${DATA_ROOT} but DATA_ROOT is not set" in _error(path)
+    # as in the shell, an empty variable takes the default too (tiny.yaml's own ${SFT_LORA_TINY_DIR:-…} failed)
+    monkeypatch.setenv("OUT_ROOT", "")
+    monkeypatch.setenv("DATA_ROOT", "/mnt/data")
+    assert load_recipe(path).output.dir == "/tmp/out"
+    # inside a list of data files and their mappings too (left as '${DATA_ROOT}/a.jsonl' before); a leading ~ in a
+    # path key is the home directory (a literal ./~ directory before), not in free text
+    monkeypatch.setenv("HOME", "/home/me")
+    recipe = load_recipe(path, ['data.path=["${DATA_ROOT}/a.jsonl", {path: "~/b.jsonl", source: "~s"}]',
+                                "output.dir=~/runs", "data.system_prompt=~/x", "data.eval_path=${DATA_ROOT}/e.jsonl",
+                                "data.eval_split=0"])
+    assert recipe.data.path == ["/mnt/data/a.jsonl", {"path": "/home/me/b.jsonl", "source": "~s"}]
+    assert (recipe.output.dir, recipe.data.system_prompt) == ("/home/me/runs", "~/x")
+    assert recipe.data.eval_path == "/mnt/data/e.jsonl"
+
+
+@pytest.mark.parametrize("override", ["data.system_prompt=# be brief", "data.system_prompt=be # brief",
+                                      "lora.r=8 # rank"])
+def test_an_override_with_a_yaml_comment_is_refused_not_cut(make_recipe, override):
+    # YAML drops a comment: the run trained without the system prompt (or with "be") before
+    assert _error(make_recipe(), [override]) == (f"command line: '{override}': YAML reads '#' there as the start of "
+                                                 "a comment; quote the value if it is text")
+    assert load_recipe(make_recipe(), ["data.system_prompt='# be brief'"]).data.system_prompt == "# be brief"
 
 
 def test_upstream_objects_receive_the_sections(make_recipe):

@@ -26,7 +26,7 @@ import yaml
 from sft_lora import run
 from sft_lora.config import RecipeError, load_recipe, printable
 from sft_lora.data import load_datasets
-from sft_lora.keys import TOKEN_FORMATS
+from sft_lora.redaction import TOKEN_FORMATS
 
 from .conftest import FUZZ_SUMMARY, ROOT, write_recipe
 
