@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .config import Recipe
+from .config import Recipe, RecipeError
 from .outputs import fsync, readable, write_atomic
 from .resume import RECORD, fingerprint
 
@@ -70,10 +70,20 @@ class RecipeWinsOnResume(TrainerCallback):
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not state.global_step:
             return
+        if state.global_step > state.max_steps:  # Trainer would train nothing and save a longer run's weights as this
+            raise PastTheEnd(f"the checkpoint resumed from is at step {state.global_step}, past this run's last step "
+                             f"({state.max_steps}); pass --resume with an earlier checkpoint, or train from the start "
+                             "without --resume")
         state.compute_steps(args, state.max_steps)  # what Trainer computes from args on a fresh start
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # each schedule transformers builds by name
             lr_scheduler.last_epoch -= 1  # this step's rate again, from the schedule's rule under the new length
             lr_scheduler.step()
+
+
+class PastTheEnd(RecipeError):
+    """A resume from a checkpoint beyond the run's length; raised before any step, so no continue command."""
+
+    training_started = False
 
 
 class TrainingInterrupted(Exception):

@@ -142,7 +142,7 @@ def _short(value: Any) -> str:
 
 def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
     """The checkpoint to resume from: `resume` is a directory, or "auto" for the newest complete one of this run
-    (incomplete ones are skipped with a notice), else of the same model and method under another epoch count (a run
+    (incomplete ones are skipped with a notice), else of the same model and method under a smaller epoch count (a run
     made longer writes elsewhere). Refuses a checkpoint made from a different recipe or data unless `force`."""
     if resume != "auto":
         checkpoint = Path(resume)
@@ -164,7 +164,9 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
             print(f"resuming from {path}")
             return str(path)
         print(f"notice: skipping {path}: incomplete ({reason})")
-    for earlier in _checkpoints(*(d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine)):
+    epochs = _epochs(mine.parent.name)
+    shorter = [d for d in mine.parent.parent.glob(f"*/{mine.name}") if _epochs(d.parent.name) < epochs]
+    for earlier in _checkpoints(*shorter):  # a longer run's checkpoint is past this run's end
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
             state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))  # Trainer's counts are ints
             print(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
@@ -184,6 +186,13 @@ def check_fresh_start(recipe: Recipe) -> None:
             raise RecipeError(f"{recipe.checkpoint_dir}: holds checkpoints of another run ({checkpoint.name}: made "
                               f"from {' and '.join(problems)}), which this run would mix with its own; continue that "
                               "run with --resume and its recipe, set output.checkpoint_dir, or remove them")
+
+
+def _epochs(name: str) -> float:  # of a run directory's name (`recipe.run_dir`)
+    try:
+        return float(name)
+    except ValueError:
+        return float("inf")
 
 
 def _checkpoints(*directories: Path) -> list[Path]:  # highest step first

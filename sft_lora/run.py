@@ -152,7 +152,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         if main_process:
             _finish(recipe, summary, *((data.eval_records, "eval") if evaluate else (data.records, "train")))
     except BaseException as exc:
-        exc.training_started = True  # main prints the command that continues the run
+        exc.training_started = getattr(exc, "training_started", True)  # main prints the command that continues
         raise
     return summary
 

@@ -259,6 +259,16 @@ def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_s
     rates = {log["step"]: log["learning_rate"] for log in history if "loss" in log and log["step"] > 4}
     assert sorted(rates) == [5, 6, 7, 8]  # linear decay over 8 steps: step s trains at lr * (8 - (s - 1)) / 8
     assert rates[5] == pytest.approx(rates[6] * 4 / 3) == pytest.approx(rates[8] * 4) and rates[5] > 0
+    # shorter: refused, nothing written (the 8-step weights were saved as a 6-step run's before; an epoch count
+    # below every run's found the 2-epoch run's checkpoint-8)
+    before = _files(tmp_path)
+    assert main([str(path), "--resume", "training.num_train_epochs=2", "training.max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint resumed from is at step 8, past this run's last step (6); pass --resume with an earlier " \
+        "checkpoint" in err and "to continue" not in err
+    assert main([str(path), "--resume", "training.num_train_epochs=0.5"]) == 2
+    assert f"{tmp_path / 'checkpoints/tiny-llama/0.5/lora'}: no checkpoint to resume from" in capsys.readouterr().err
+    assert _files(tmp_path) == before
 
 
 def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
