@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .config import Recipe, RecipeError
+from .config import RECIPE_FILE, Recipe, RecipeError
 from .outputs import fsync, readable, write_atomic
 from .resume import RECORD, fingerprint
 
@@ -24,7 +24,8 @@ def checkpoint_path(args, step: int) -> Path:  # where Trainer's `_save_checkpoi
 
 class CheckpointRecord(TrainerCallback):
     """Writes `sft_lora_checkpoint.json` into each checkpoint once all its files are on disk (Trainer marks no end):
-    each file's size and the run's fingerprint. Resume trusts only checkpoints whose files match their record."""
+    each file's size and the run's fingerprint. Resume trusts only checkpoints whose files match their record. The
+    resolved recipe goes beside it, so a checkpoint merges and chats as the final adapters do."""
 
     def __init__(self, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None) -> None:
         self.recipe, self.counts = recipe, counts or {}  # records by source, for the checkpoint's model card
@@ -51,6 +52,7 @@ class CheckpointRecord(TrainerCallback):
         checkpoint = checkpoint_path(args, state.global_step)
         write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,
                                                                state.global_step))  # not PEFT's blank template
+        write_atomic(checkpoint / RECIPE_FILE, self.recipe.to_yaml())  # merge and chat read it, as of the adapters
         files = {}
         for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
             readable(path)  # Trainer's weights come 0600 from safetensors; as the umask says, like every file

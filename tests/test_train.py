@@ -196,6 +196,8 @@ def test_chat_opens_with_the_system_prompt_as_trained(lora_run, tmp_path, capsys
         {"role": "user", "content": "Be brief.\n\nHi?"}]  # as turns.chat folds it in training
     assert opened([{"role": "user", "content": "Hi?"}], "Be brief.", False)[0] == {"role": "system",
                                                                                   "content": "Be brief."}
+    recipe, _ = lora_run  # a checkpoint chats with the system prompt it was trained with (none before)
+    assert load_recipe(recipe.checkpoint_dir / "checkpoint-3" / RECIPE_FILE).to_yaml() == recipe.to_yaml()
 
 
 def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
@@ -312,6 +314,11 @@ def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, ti
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb ran offline"
     info = json.loads((Path(summary["merged"]) / "merge_info.json").read_text())
     assert info["merged_into"] == "dequantized 4-bit base"
+    # a checkpoint carries the recipe too: it merges as its adapters do (into the original weights, in float32 before)
+    checkpoint = merge_adapter(recipe.checkpoint_dir / "checkpoint-4")
+    assert json.loads((checkpoint / "merge_info.json").read_text())["merged_into"] == "dequantized 4-bit base"
+    weights = [(d / "model.safetensors").read_bytes() for d in (checkpoint, Path(summary["merged"]))]
+    assert weights[0] == weights[1]  # step 4 is the last: the same model
 
     tokenizer = AutoTokenizer.from_pretrained(adapters)
     quantized = AutoModelForCausalLM.from_pretrained(
