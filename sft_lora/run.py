@@ -199,6 +199,10 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
+    else:
+        from .outputs import remove_stale_merge
+
+        remove_stale_merge(recipe)
     summary["smoke"] = None
     if n := min(recipe.report.smoke_prompts, len(held_out)):
         from .chat import smoke_check

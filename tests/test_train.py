@@ -174,6 +174,20 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
     assert _files(tmp_path / "x_merged") == again
 
 
+def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys):
+    path = make_recipe(training={"max_steps": 2}, output={"merge": True}, report={"smoke_prompts": 0})
+    assert main([str(path)]) == 0
+    recipe = load_recipe(path)
+    other = merge_adapter(recipe.adapters_dir, output_dir=tmp_path / "handoff")  # a merge elsewhere: left alone
+    assert recipe.merged_dir.is_dir()
+    capsys.readouterr()
+    # new adapters (another seed), no merge: the old merged model beside them was kept, and chat loaded it
+    assert main([str(path), "training.seed=7", "output.merge=false", f"output.checkpoint_dir={tmp_path / 'c2'}"]) == 0
+    assert f"removed {recipe.merged_dir}: the merge of the adapters this run replaced" in capsys.readouterr().out
+    assert not recipe.merged_dir.exists() and (recipe.adapters_dir / "adapter_model.safetensors").is_file()
+    assert (other / "model.safetensors").is_file()
+
+
 def test_chat_opens_with_the_system_prompt_as_trained(lora_run, tmp_path, capsys):
     import shutil
 
