@@ -102,8 +102,9 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("replicas_agree") is not None:
         verdict = "identical" if summary["replicas_agree"] else "DIFFER — the processes did not stay in sync"
         rows.append(("replicas", f"{verdict} on all {processes} processes"))
-    if summary.get("tokens"):
-        rows.append(("tokens", f"{summary['tokens']:,} in {runtime:.1f} s "
+    if summary.get("tokens"):  # TRL counts this session's: since the step a resume started from
+        since = f" since step {summary['resumed_at_step']}" if summary.get("resumed_at_step") else ""
+        rows.append(("tokens", f"{summary['tokens']:,}{since} in {runtime:.1f} s "
                                f"({_num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
     if speed := summary.get("speed_settings"):
         batches = "packed" if speed["packing"] else "padding-free" if speed["padding_free"] else "padded"
@@ -166,8 +167,12 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
              f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),
              f"- data: `{(recipe.get('data') or {}).get('path', '?')}`"]
     if summary.get("global_step") is not None:
-        tokens = f", {summary['tokens']:,} tokens" if summary.get("tokens") else ""
-        lines.append(f"- trained: {summary['global_step']} steps{tokens}")
+        tokens, start = f"{summary['tokens']:,} tokens" if summary.get("tokens") else "", summary.get("resumed_at_step")
+        if start:  # TRL counts this session's tokens only
+            trained = f" (resumed at step {start}" + (f"; {tokens} since)" if tokens else ")")
+        else:
+            trained = f", {tokens}" if tokens else ""
+        lines.append(f"- trained: {summary['global_step']} steps{trained}")
     counts = summary.get("records_by_source") or {}
     if counts.get("train"):
         evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}

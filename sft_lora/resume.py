@@ -200,6 +200,14 @@ def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """The step a checkpoint was saved at (its trainer_state.json), None when unreadable."""
+    try:
+        return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     """When `checkpoint` ends the run `recipe` asks for (same recorded length) and the adapters were saved after it:
     say so, merge if asked and not yet done, return the run's summary; None when there is training left."""

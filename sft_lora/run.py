@@ -125,7 +125,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     from accelerate import PartialState
 
     from .preflight import run_check
-    from .resume import check_fresh_start, nothing_left, select_checkpoint
+    from .resume import check_fresh_start, checkpoint_step, nothing_left, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
@@ -140,7 +140,8 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
     configure_wandb(recipe)
     trainer = build_trainer(recipe, tokenizer, data)
     evaluate = data.eval_records is not None
-    summary = {"resumed_from": resume_from, "eval_loss_before": None, "eval_loss_after": None,
+    summary = {"resumed_from": resume_from, "resumed_at_step": checkpoint_step(resume_from) if resume_from else None,
+               "eval_loss_before": None, "eval_loss_after": None,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
                "title": f"{recipe.model_name} {recipe.method}", "preflight": preflight,

@@ -232,6 +232,15 @@ def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
     a = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
     b = load_file(Path(resumed["adapters"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # TRL counts the tokens of this session only: the card and table say since when (the card claimed all 6 steps
+    # had trained the 3 steps' tokens)
+    assert 0 < resumed["tokens"] < summary["tokens"] and resumed["resumed_at_step"] == 3
+    card = (Path(resumed["adapters"]) / "README.md").read_text()
+    assert f"- trained: 6 steps (resumed at step 3; {resumed['tokens']:,} tokens since)" in card
+    assert f"- trained: 6 steps, {summary['tokens']:,} tokens" in (Path(summary["adapters"]) / "README.md").read_text()
+    from sft_lora.report import summary_table
+
+    assert f"tokens: {resumed['tokens']:,} since step 3 in " in " ".join(summary_table(resumed).split())
 
 
 def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(make_recipe, capsys):
