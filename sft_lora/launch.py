@@ -1,10 +1,14 @@
 """Which accelerate launch a recipe runs under, and the recipe × launch combinations known to fail (each in one line
 with its fix, the issue threads cited inline): checked against the config file a recipe names before launching, and
-again inside the launched processes against what accelerate actually set up."""
+again inside the launched processes against what accelerate actually set up; one run at a time per checkpoint
+directory."""
 
+import contextlib
+import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +123,30 @@ def check_this_launch(recipe: Recipe) -> None:
                           "launch --multi_gpu --num_processes N")
     check_launch(recipe, config_from_environment(), "accelerate launch")
     check_process_group(PartialState().num_processes)
+
+
+@contextlib.contextmanager
+def exclusive(recipe: Recipe, main_process: bool = True) -> Iterator[None]:
+    """Hold the run's checkpoint directory while it trains: a second run into it on this machine stops in one line
+    (two at once wrote into the same checkpoints, each record vouching for the other's weights). A lock file in the
+    temp directory, named by the checkpoint directory, locked with flock (released by the system if killed)."""
+    import fcntl
+    import tempfile
+
+    key = hashlib.sha256(str(recipe.checkpoint_dir.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"sft_lora-{key}.lock", "a+", encoding="utf-8") as handle:
+        try:
+            if main_process:  # the other ranks of this launch run under it
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RecipeError(f"{recipe.checkpoint_dir}: another run is training into it (process {handle.read()}); "
+                              "wait for it to end, or set output.checkpoint_dir elsewhere") from None
+        if main_process:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+        yield
 
 
 def check_process_group(world_size: int) -> None:

@@ -124,6 +124,15 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         check(recipe)  # each in one line, before anything heavy is imported or loaded
     from accelerate import PartialState
 
+    from .launch import exclusive
+
+    with exclusive(recipe, PartialState().is_main_process):
+        return _train(recipe, resume, force_resume)
+
+
+def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
+    from accelerate import PartialState
+
     from .preflight import run_check
     from .resume import check_fresh_start, checkpoint_step, nothing_left, select_checkpoint
 

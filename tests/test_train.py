@@ -188,6 +188,22 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert (other / "model.safetensors").is_file()
 
 
+def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, capsys):
+    import os
+
+    from sft_lora.launch import exclusive
+
+    path = make_recipe(training={"max_steps": 1}, report={"smoke_prompts": 0})
+    recipe = load_recipe(path)
+    with exclusive(recipe):  # as a run training now holds it (two at once mixed their checkpoints before)
+        assert main([str(path), "training.seed=2"]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {recipe.checkpoint_dir}: another run is training into it "
+                                                   f"(process {os.getpid()}); wait for it to end, or set "
+                                                   "output.checkpoint_dir elsewhere")
+        assert not recipe.checkpoint_dir.exists()
+    assert main([str(path)]) == 0  # released when the run ends
+
+
 def test_chat_opens_with_the_system_prompt_as_trained(lora_run, tmp_path, capsys):
     import shutil
 
