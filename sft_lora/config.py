@@ -55,6 +55,11 @@ class Recipe:
     lora: Any = None
     quantization: Any = None
     decisions: dict[str, str] = dataclasses.field(default_factory=dict)
+    where: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # dotted key → file:line / command line
+
+    def at(self, dotted: str) -> str:
+        """Where a key was set (`recipe.yaml:14`, `command line`), for an error found after loading."""
+        return self.where.get(dotted) or self.where.get(dotted.partition(".")[0]) or self.source
 
     @property
     def method(self) -> str:
@@ -119,10 +124,12 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
                  else value)
             where[SEED_FLAGS[flag]] = f"command line --{flag}"
     try:
-        return _resolve(raw, str(path))
+        recipe = _resolve(raw, str(path))
     except keys.KeyProblem as problem:
         at = where.get(problem.dotted) or where.get(problem.dotted.split(".")[0]) or path
         raise RecipeError(f"{at}: {problem}") from None
+    recipe.where = where
+    return recipe
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -102,7 +102,7 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
 
 def relaunch(recipe: Recipe, argv: list[str]) -> None:
     """This command again under `accelerate launch`, the pair checked first: a bad one fails once, not per process."""
-    path = resolve_config(recipe.accelerate_config, f"{recipe.source}: accelerate_config")
+    path = resolve_config(recipe.accelerate_config, f"{recipe.at('accelerate_config')}: accelerate_config")
     check_launch(recipe, read_config(path), str(path))
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]

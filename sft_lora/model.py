@@ -116,8 +116,9 @@ def check_qlora_backend(recipe: Recipe) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
-        raise RecipeError(f"{recipe.source}: use_qlora is true but bitsandbytes cannot run here ({first_line(exc)}); "
-                          "install a bitsandbytes build for this machine or set use_qlora: false") from None
+        raise RecipeError(f"{recipe.at('use_qlora')}: use_qlora is true but bitsandbytes cannot run here "
+                          f"({first_line(exc)}); install a bitsandbytes build for this machine or set use_qlora: "
+                          "false") from None
 
 
 def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,

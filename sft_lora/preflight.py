@@ -243,5 +243,5 @@ def check_target_modules(recipe: Recipe) -> None:
         what = missing and f"{', '.join(map(repr, missing))} {'matches' if len(missing) == 1 else 'match'}"
     if what:
         linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind.endswith("Linear")})
-        raise RecipeError(f"{recipe.source}: lora.target_modules: {what} no module of {recipe.model.name_or_path}; "
-                          f"its linear layers are {', '.join(linear)} (or use all-linear)")
+        raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {what} no module of "
+                          f"{recipe.model.name_or_path}; its linear layers are {', '.join(linear)} (or use all-linear)")

@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(recipe.explain() + recipe.to_yaml(), end="")
         elif args.check:
-            from .preflight import run_check
+            from .preflight import check_target_modules, run_check
 
-            run_check(recipe, *_inputs(recipe))
+            tokenizer, data = _inputs(recipe)
+            check_target_modules(recipe)  # as a run does, once the model (a tiny one: built by _inputs) is there
+            run_check(recipe, tokenizer, data)
         else:
             from .launch import check_this_launch, relaunch
 

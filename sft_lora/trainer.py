@@ -114,7 +114,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None):
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
                        CheckpointRecord(recipe, data.records_by_source), RecipeWinsOnResume()])
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
-        raise RecipeError(f"{recipe.source}: lora.target_modules: {first_line(exc)}") from None
+        raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {first_line(exc)}") from None
     except OSError as exc:  # from_pretrained: missing files, no safetensors weights, no network for a hub id
         raise RecipeError(f"{recipe.model.name_or_path}: cannot load the model ({first_line(exc)}); check "
                           "model.name_or_path, the network or HF_TOKEN") from None
@@ -175,8 +175,8 @@ def configure_wandb(recipe: Recipe) -> None:
     if "wandb" not in recipe.training.report_to:
         return
     if importlib.util.find_spec("wandb") is None:
-        raise RecipeError(f"{recipe.source}: training.report_to includes wandb, which is not installed; pip install "
-                          "wandb or set training.report_to: none")
+        raise RecipeError(f"{recipe.at('training.report_to')}: training.report_to includes wandb, which is not "
+                          "installed; pip install wandb or set training.report_to: none")
     os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
     mode, key = recipe.wandb.mode, os.environ.get("WANDB_API_KEY")
     if mode == "auto":

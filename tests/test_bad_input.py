@@ -83,6 +83,11 @@ def _snapshot(path: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def _line(path: Path, text: str) -> int:
+    """The line of a recipe file that holds `text`."""
+    return next(n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if text in line)
+
+
 CASES: dict[str, Callable[[Env], tuple[int, str, list[str]]]] = {}
 
 
@@ -528,7 +533,8 @@ def _(env):
 def _(env):
     env.monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an import failure looks like
     path = env.recipe(use_qlora=True)
-    return *env.cli(path), [f"{path}: use_qlora is true but bitsandbytes cannot run here", "use_qlora: false"]
+    return *env.cli(path), [f"{path}:{_line(path, 'use_qlora:')}: use_qlora is true but bitsandbytes cannot run here",
+                            "use_qlora: false"]
 
 
 @case("accelerate config missing")
@@ -562,7 +568,8 @@ def _(env):
 def _(env):
     env.monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else _find(name))
     path = env.recipe(training={"report_to": "wandb"})
-    return *env.cli(path), [f"{path}: training.report_to includes wandb, which is not installed"]
+    return *env.cli(path), [f"{path}:{_line(path, 'report_to:')}: training.report_to includes wandb, which is not "
+                            "installed"]  # the line of the key, as every recipe error names it
 
 
 @case("output dir holds something else")

@@ -252,6 +252,9 @@ def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_p
     assert main([str(path), "check.ignore=[eos]", "--check"]) == 0
     assert main([str(path), "check.ignore=[eso]", "--check"]) == 2
     assert "unknown check 'eso'" in capsys.readouterr().err
+    # a LoRA target the model lacks, as a run refuses it, blamed where it was set (the recipe file before)
+    assert main([str(make_recipe()), "lora.target_modules=[nonexistent]", "--check"]) == 2
+    assert "error: command line: lora.target_modules: 'nonexistent' matches no module of " in capsys.readouterr().err
     # the length notice and error come as in a run (--check passed where the run then stopped before)
     assert main([str(make_recipe()), "training.max_length=8", "check.ignore=[truncated]", "--check"]) == 2
     assert "records are longer than training.max_length=8 tokens (longest" in capsys.readouterr().err
