@@ -2,7 +2,7 @@
 loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
 import itertools
-import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,6 +29,7 @@ class Report:
     max_length: int | None
     records_by_source: dict[str, int]
     eval_records_by_source: dict[str, int]
+    evaluated_by_source: dict[str, int]  # the eval rows evaluated: those truncation leaves with a label
     prompt_tokens: dict[str, int]
     answer_tokens: dict[str, int]
     tokens: int
@@ -66,15 +67,15 @@ class Report:
         truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})"]
         lines += _table(SOURCE_COLUMNS, [
-            [_cut(source, 15), str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
+            [_cut(source, 32, middle=True), str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
              *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
              f"{stats['tokens']:,}", f"{stats['loss_tokens']:,}", f"{stats['loss_share']:.1%}", str(stats["truncated"])]
             for source, stats in self.by_source.items()] + [  # sources held out only: counted, never trained
-            [_cut(source, 15), "0", str(n), "—", "—", "—", "—", "—", "—"]
+            [_cut(source, 32, middle=True), "0", str(n), "—", "—", "—", "—", "—", "—"]
             for source, n in self.eval_records_by_source.items() if source not in self.by_source])
         if len(self.by_entry) > 1:  # the per-file mix
             lines += _table(ENTRY_COLUMNS, [
-                [name if len(name) <= 35 else "…" + name[-34:], str(s["records"]), f"{s['tokens']:,}",
+                [_cut(name, 35, middle=True), str(s["records"]), f"{s['tokens']:,}",
                  f"{s['loss_tokens']:,}", f"{s['loss_share']:.1%}"] for name, s in self.by_entry.items()])
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
@@ -119,7 +120,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     report = Report(
         rows=len(rows), eval_rows=len(data.eval_records) if data.eval_records is not None else 0,
         max_length=data.max_length, records_by_source=data.records_by_source["train"],
-        eval_records_by_source=data.records_by_source["eval"],
+        eval_records_by_source=data.records_by_source["eval"], evaluated_by_source=figures.records_by_source(data.eval),
         prompt_tokens=figures.percentiles(stats["prompt"]),
         answer_tokens=figures.percentiles(stats["answer"]), tokens=int(stats["tokens"].sum()),
         loss_on="the answers and their end-of-turn token" if answers_carry_loss else
@@ -139,12 +140,17 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     return report
 
 
-def _table(columns, rows: list[list[str]]) -> list[str]:
-    """The lines of a table under `columns` (title, least width): the first column left-aligned, the others right-
-    aligned and widened to keep two spaces before their longest value (a count of 100 M tokens or more)."""
-    widths = [max([least] + [len(row[n]) + 2 * (n > 0) for row in rows]) for n, (_, least) in enumerate(columns)]
-    return ["  " + "".join(cell.rjust(width) if n else cell.ljust(width) for n, (cell, width) in
-                           enumerate(zip(row, widths, strict=True))) for row in [[t for t, _ in columns], *rows]]
+def _table(titles, rows: list[list[str]]) -> list[str]:
+    """The lines of a table under `titles` (title, least width): the first column left-aligned, the others right-
+    aligned and widened to keep two spaces before their longest value (a count of 100 M tokens or more); widths in
+    terminal columns (`columns`), so a Korean source name keeps the table aligned."""
+    widths = [max([least] + [columns(row[n]) + 2 * (n > 0) for row in rows]) for n, (_, least) in enumerate(titles)]
+
+    def cell(text: str, n: int) -> str:
+        space = " " * (widths[n] - columns(text))
+        return space + text if n else text + space
+
+    return ["  " + "".join(cell(text, n) for n, text in enumerate(row)) for row in [[t for t, _ in titles], *rows]]
 
 
 def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
@@ -187,6 +193,11 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
     for source in report.records_by_source:
         if report.eval_rows and not report.eval_records_by_source.get(source):
             report.warnings.append(f"source '{source}' has no eval record, so it gets no eval loss of its own")
+    for source, n in report.eval_records_by_source.items():  # as TRL drops training rows, Trainer skips these
+        if (lost := n - report.evaluated_by_source.get(source, 0)) > 0:
+            report.warnings.append(f"source '{source}': {lost} of {n} eval records lose their whole answer to "
+                                   f"training.max_length and are not evaluated" + (
+                                       ", so it gets no eval loss of its own" if lost == n else ""))
     if report.rows and 0 < report.rows_with_stop < report.rows:
         report.warnings.append(f"{report.rows - report.rows_with_stop} rows lose their end-of-turn token to truncation")
 
@@ -198,9 +209,30 @@ def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(f"{MARK[0]}{text}{MARK[1]}" if loss else text for loss, text in texts)
 
 
-def _cut(text: str, width: int) -> str:
+def _cut(text: str, width: int, middle: bool = False) -> str:
+    """`text` on one line in at most `width` columns (a CJK character takes two), cut at the end or the middle."""
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if columns(text) <= width:
+        return text
+    if not middle:
+        return _start(text, width - 1) + "…"
+    head = _start(text, (width - 1) // 2)
+    return head + "…" + _start(text[::-1], width - 1 - columns(head))[::-1]
+
+
+def _start(text: str, width: int) -> str:
+    """The longest start of `text` within `width` columns."""
+    used = 0
+    for n, char in enumerate(text):
+        used += columns(char)
+        if used > width:
+            return text[:n]
+    return text
+
+
+def columns(text: str) -> int:
+    """The terminal columns `text` takes: East Asian wide and full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:
@@ -211,37 +243,3 @@ def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool =
         print(report.text(recipe.check.ignore), flush=True)
     report.enforce(recipe.check.ignore)
     return report
-
-
-def model_modules(recipe: Recipe) -> dict[str, str] | None:
-    """Dotted name → class name of every module of the recipe's model, built on the meta device (no weights); None
-    when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .model import base_config
-    try:
-        config = base_config(recipe)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    except Exception:  # any failure here is reported, better worded, by the real load that follows
-        return None
-    return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}
-
-
-def check_target_modules(recipe: Recipe) -> None:
-    """RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model: PEFT fails
-    only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
-    the native Llama modules trains attention only)."""
-    targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
-    if targets is None or targets == "all-linear" or not (modules := model_modules(recipe)):
-        return
-    if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
-        what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"
-    else:  # PEFT: a list entry matches a module whose name is the entry or ends with "." + entry
-        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in modules)]
-        what = missing and f"{', '.join(map(repr, missing))} {'matches' if len(missing) == 1 else 'match'}"
-    if what:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind.endswith("Linear")})
-        raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {what} no module of "
-                          f"{recipe.model.name_or_path}; its linear layers are {', '.join(linear)} (or use all-linear)")

@@ -67,29 +67,59 @@ def write_summary(directory: str | Path, summary: dict[str, Any]) -> None:
     train, evals = summary.get("train_losses") or [], summary.get("eval_history") or {}
     summary["plot"] = None
     if train or evals:
-        import matplotlib
+        _plot(directory / PLOT_FILE, summary.get("title", "loss"), train, evals)
+        summary["plot"] = str(directory / PLOT_FILE)
+    summary["summary_file"] = str(directory / SUMMARY_FILE)
+    write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
 
-        matplotlib.use("Agg")  # files only; never open a window
-        import matplotlib.pyplot as plt
 
+def _plot(path: Path, title: str, train: list, evals: dict[str, list]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    labels = ["eval" if name == "overall" else f"eval {name}" for name in evals]
+    families, drawn = _legible([*labels, title])
+    with plt.rc_context({"font.family": families}):
         fig, ax = plt.subplots(figsize=(9, 5), dpi=100, layout="tight")
         colours = iter([c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3] * 10)  # 3: the eval's red
         if train:
             ax.plot([s for s, _ in train], [v for _, v in train], color="black", linewidth=1.8, label="train")
-        for name, points in evals.items():
+        for (name, points), label in zip(evals.items(), labels, strict=True):
             overall = name == "overall"
             ax.plot([s for s, _ in points], [v for _, v in points], marker="o", linewidth=2.2 if overall else 1.2,
                     linestyle="-" if overall else "--", color="tab:red" if overall else next(colours),
-                    label="eval" if overall else f"eval {name}")
-        ax.set(xlabel="step", ylabel="loss", title=summary.get("title", "loss"))
+                    label=drawn[label])
+        ax.set(xlabel="step", ylabel="loss", title=drawn[title])
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
-        with atomic_file(directory / PLOT_FILE) as tmp:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp)
         plt.close(fig)
-        summary["plot"] = str(directory / PLOT_FILE)
-    summary["summary_file"] = str(directory / SUMMARY_FILE)
-    write_atomic(directory / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _legible(texts: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(font families for the plot: DejaVu Sans, then installed fonts holding the texts' other characters (Hangul:
+    Noto Sans CJK, NanumGothic …), each text as drawn: a character no installed font holds as its \\u escape, which
+    names it, not as an empty box with a UserWarning)."""
+    from matplotlib import font_manager
+
+    needed, covered, families = {ord(c) for text in texts for c in text}, set(), []
+    fonts = [("DejaVu Sans", font_manager.findfont("DejaVu Sans")),
+             *((font.name, font.fname) for font in font_manager.fontManager.ttflist
+               if not font.name.startswith("Last Resort"))]  # its glyphs for every character are boxes
+    for family, path in fonts:
+        if not (missing := needed - covered):
+            break
+        try:
+            holds = missing & font_manager.get_font(path).get_charmap().keys()
+        except (OSError, RuntimeError):  # a font file FreeType cannot read
+            continue
+        if holds and family not in families:
+            families, covered = [*families, family], covered | holds
+    drawn = {text: "".join(c if ord(c) in covered else ascii(c)[1:-1] for c in text) for text in texts}
+    return families or ["DejaVu Sans"], drawn
 
 
 def summary_table(summary: dict[str, Any]) -> str:

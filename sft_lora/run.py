@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(recipe.explain() + recipe.to_yaml(), end="")
         elif args.check:
-            from .preflight import check_target_modules, run_check
+            from .preflight import run_check
+            from .trainer import check_target_modules
 
             tokenizer, data = _inputs(recipe)
             check_target_modules(recipe)  # as a run does, once the model (a tiny one: built by _inputs) is there

@@ -155,11 +155,36 @@ def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path
     wide = dataclasses.replace(report, by_source={"extra": big}, by_entry={first: entry, second: entry}).text()
     assert ["extra", "1000000", str(report.eval_records_by_source.get("extra", 0)), "102/578", "92/2190",
             "247,245,205", "1,118,533,808", "100.0%", "849"] in [line.split() for line in wide.splitlines()]
-    assert ["…" + second[-34:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [line.split() for line in
-                                                                                  wide.splitlines()]
+    assert [second[:17] + "…" + second[-17:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [
+        line.split() for line in wide.splitlines()]  # cut in the middle: the start and the file name stay
     # a source held out only (data.eval_path): in the table with its eval records, though never trained
     held_out = dataclasses.replace(report, eval_records_by_source={"extra": 3, "exam": 5}).text().splitlines()
     assert ["exam", "0", "5", "—", "—", "—", "—", "—", "—"] in [line.split() for line in held_out]
+
+
+def test_source_names_stay_whole_and_aligned_in_any_script(make_recipe):
+    from sft_lora.preflight import columns
+
+    _, report = _report(make_recipe())
+    stats = next(iter(report.by_source.values()))
+    names = ["한국어", "wikipedia_ko_2023", "wikipedia_ko_2024", "x" * 40 + "_a", "x" * 40 + "_b"]
+    lines = dataclasses.replace(report, by_source=dict.fromkeys(names, stats)).text().splitlines()
+    table = lines[1:2 + len(names)]
+    assert len({columns(line) for line in table}) == 1  # every row as wide as the header: the columns line up
+    cells = [line.split()[0] for line in table[1:]]  # names were cut to 15 characters: 'wikipedia_ko_2…' twice
+    assert cells[:3] == names[:3] and len(set(cells)) == len(names) and columns(cells[3]) == 32
+    assert columns("한국어") == 6
+
+
+def test_eval_records_truncation_leaves_without_an_answer_are_said_not_evaluated(make_recipe, tmp_path):
+    held_out = [{"input": LONG_QUESTION, "output": "4.", "source": "longsrc"}] * 3 + SAMPLE_RECORDS[:4]
+    eval_path = tmp_path / "held_out.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in held_out), encoding="utf-8")
+    data = {"path": _data(tmp_path, SAMPLE_RECORDS[:60]), "eval_split": None, "eval_path": str(eval_path)}
+    _, report = _report(make_recipe(data=data, training={"max_length": 64}))
+    assert report.eval_records_by_source["longsrc"] == 3 and "longsrc" not in report.evaluated_by_source
+    assert ("source 'longsrc': 3 of 3 eval records lose their whole answer to training.max_length and are not "
+            "evaluated, so it gets no eval loss of its own") in report.warnings
 
 
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):

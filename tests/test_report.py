@@ -91,6 +91,28 @@ def test_loss_plot_is_a_real_plot(default_job):
     assert sum(1 for p in pixels if abs(p[0] - 214) + abs(p[1] - 39) + abs(p[2] - 40) < 30) > 200
 
 
+def test_source_names_in_any_script_plot_legibly_and_quietly(tmp_path):
+    import warnings
+
+    from matplotlib import font_manager
+
+    from sft_lora.report import _legible, write_summary
+
+    names = ["한국어", "ελληνικά", "arith_en"]  # README's own record template has a Korean source
+    summary = {"train_losses": [(1, 3.0), (2, 2.5)], "title": "모델 lora",
+               "eval_history": {"overall": [(0, 3.1), (2, 2.6)], **{n: [(0, 3.0), (2, 2.4)] for n in names}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_summary(tmp_path, summary)
+    assert not [w for w in caught if "Glyph" in str(w.message)] and (tmp_path / "loss.png").is_file()  # 4 before
+    families, drawn = _legible(["eval 한국어", "eval ελληνικά"])
+    assert drawn["eval ελληνικά"] == "eval ελληνικά" and families[0] == "DejaVu Sans"  # DejaVu draws Greek
+    # Hangul: drawn by an installed font that holds it, else named by its escapes, never an empty box
+    fonts = {f.name: f.fname for f in font_manager.fontManager.ttflist}
+    held = any(0xD55C in font_manager.get_font(fonts[f]).get_charmap() for f in families if f in fonts)
+    assert drawn["eval 한국어"] == ("eval 한국어" if held else "eval \\ud55c\\uad6d\\uc5b4")
+
+
 def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
     recipe, summary, console, _ = default_job
     assert console.index("pre-flight data report") < console.index("trained to step")
