@@ -3,6 +3,7 @@ and own sections, every key checked first (`keys.py`: a typo fails at file:line)
 
 import dataclasses
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ def first_line(exc: BaseException, whole: bool = False) -> str:
 def printable(text: str) -> str:
     """An error line made safe to print: control characters and lone surrogates escaped, credentials redacted."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
+
+
+def columns(text: str) -> int:
+    """The terminal columns `text` takes: East Asian wide and full-width characters (Hangul) take two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 @dataclasses.dataclass

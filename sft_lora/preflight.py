@@ -2,14 +2,13 @@
 loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
 import itertools
-import unicodedata
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from . import rows as figures
-from .config import Recipe, RecipeError
+from .config import Recipe, RecipeError, columns
 from .data import locate
 from .prepare import Prepared, report_rows
 from .sections import CHECK_NAMES
@@ -230,9 +229,6 @@ def _start(text: str, width: int) -> str:
     return text
 
 
-def columns(text: str) -> int:
-    """The terminal columns `text` takes: East Asian wide and full-width characters take two."""
-    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:

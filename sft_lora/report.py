@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .config import looks_like_hub_id, read_saved_recipe
+from .config import columns, looks_like_hub_id, read_saved_recipe
 from .outputs import atomic_file, write_atomic
 from .trainer import source_metric
 
@@ -159,8 +159,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("merged"):
         rows.append(("merged", summary["merged"]))
     rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary["plot"] else "")))
-    width = max(len(name) for name, _ in rows) + 2
-    return "\n".join(lines + [f"{name + ':':<{width}}{value}" for name, value in rows])
+    width = max(columns(name) for name, _ in rows) + 2  # a Korean source name: two columns a character
+    return "\n".join(lines + [name + ":" + " " * (width - columns(name) - 1) + value for name, value in rows])
 
 
 def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:

@@ -111,6 +111,14 @@ def test_source_names_in_any_script_plot_legibly_and_quietly(tmp_path):
     fonts = {f.name: f.fname for f in font_manager.fontManager.ttflist}
     held = any(0xD55C in font_manager.get_font(fonts[f]).get_charmap() for f in families if f in fonts)
     assert drawn["eval 한국어"] == ("eval 한국어" if held else "eval \\ud55c\\uad6d\\uc5b4")
+    # the end-of-run table lines its values up in terminal columns (a Hangul character takes two)
+    from sft_lora.config import columns
+    from sft_lora.report import summary_table
+
+    summary |= {"runtime_s": 1.0, "global_step": 2, "checkpoints": "c", "adapters": "a", "eval_loss_before": 3.1,
+                "eval_loss_after": 2.6, "eval_by_source": {n: {"before": 3.0, "after": 2.4} for n in names}}
+    lines = [line for line in summary_table(summary).splitlines() if "3.0000 -> 2.4000" in line]
+    assert len(lines) == 3 and len({columns(line.split("3.0000")[0]) for line in lines}) == 1
 
 
 def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
