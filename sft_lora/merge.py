@@ -72,6 +72,9 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
     if local_model_missing(base):
         raise RecipeError(f"{base}: base model directory not found; pass --base_model")
+    if merge_into == "dequantized" and not recipe.get("quantization"):
+        print(f"notice: {adapter_dir} is a plain LoRA adapter (no 4-bit base to dequantize); merging into the "
+              "original weights")
     merge_into = merge_into or saved_section(recipe, "output").merge_into
     if merge_into not in ("dequantized", "original"):
         raise RecipeError(f"--merge_into must be 'dequantized' or 'original', got {merge_into!r}")

@@ -153,6 +153,11 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
         assert merge_main(["--adapter_model", summary["adapters"]]) == 0
         assert "up to date" in capsys.readouterr().out
     assert _files(merged) == before
+    # asking a plain LoRA adapter for the QLoRA merge target: said, and the same (original-weights) merge
+    assert merge_main(["--adapter_model", summary["adapters"], "--merge_into", "dequantized"]) == 0
+    out = capsys.readouterr().out
+    assert "is a plain LoRA adapter (no 4-bit base to dequantize); merging into the original weights" in out
+    assert "up to date" in out and _files(merged) == before
     copy = shutil.copytree(summary["adapters"], tmp_path / "x_adapters")
     assert merge_main(["--adapter_model", str(copy)]) == 0  # a fresh output: merged
     first = _files(tmp_path / "x_merged")
