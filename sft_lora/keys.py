@@ -14,7 +14,7 @@ import typing
 from typing import Any
 
 from .recipe_yaml import leaves
-from .redaction import TOKEN_FORMATS, secret_env_values
+from .redaction import TOKEN_FORMATS, WANDB_KEY, secret_env_values
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 
 
@@ -92,10 +92,11 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
             raise KeyProblem(dotted, f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
     env = secret_env_values()
     for dotted, value in leaves(values):
-        if not isinstance(value, str) or dotted == "model.revision":  # a commit sha is 40 hex digits too
+        if not isinstance(value, str):
             continue
         kinds = [f"the value of ${name}" for name, secret in env.items() if secret in value]
-        kinds += [kind for kind, pattern in TOKEN_FORMATS.items() if pattern.search(value)]
+        kinds += [kind for kind, pattern in TOKEN_FORMATS.items() if pattern.search(value)
+                  and not (dotted == "model.revision" and kind == WANDB_KEY)]  # a commit sha is 40 hex digits too
         if kinds:
             raise KeyProblem(dotted, f"{dotted} looks like a secret ({kinds[0]}); keep tokens in the environment "
                              "(HF_TOKEN, WANDB_API_KEY), never in a recipe")

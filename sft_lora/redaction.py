@@ -6,6 +6,7 @@ import re
 
 # Tokens stay out of recipes (a recipe is saved beside the adapters, in checkpoints and logs); they belong in the
 # environment, which sft_lora never copies into an output.
+WANDB_KEY = "a wandb API key (40 hex digits)"  # a commit sha has the same shape: `model.revision` may hold one
 TOKEN_FORMATS = {
     "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}"),
     "an OpenAI/Anthropic-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
@@ -13,7 +14,7 @@ TOKEN_FORMATS = {
     "an AWS access key id": re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
     "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
     # 40 hex digits, as a wandb key is; not as a path part or `@revision` (a commit sha: a snapshot directory)
-    "a wandb API key (40 hex digits)": re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
+    WANDB_KEY: re.compile(r"(?<![\w/@])[0-9a-f]{40}(?![\w/])"),
 }
 
 

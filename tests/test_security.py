@@ -67,6 +67,11 @@ def test_a_40_hex_wandb_key_is_refused_in_any_value_but_a_commit_sha_is_not(tmp_
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, model={"revision": key, "name": "tiny"},
                                       data={"chat_template": str(snapshot / "t.jinja")}))
     assert recipe.model.revision == key
+    # any other token, or a secret environment value, is refused in model.revision too (it went into every output)
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+    for revision, kind in ((SECRETS["HF_TOKEN"], "the value of $HF_TOKEN"), ("ghp_" + "a" * 36, "a GitHub token")):
+        with pytest.raises(RecipeError, match=re.escape(f"model.revision looks like a secret ({kind})")):
+            load_recipe(write_recipe(tmp_path, tiny_model, model={"revision": revision}))
 
 
 def test_no_secret_in_any_output_file(tmp_path, tiny_model):
