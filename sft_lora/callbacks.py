@@ -69,13 +69,17 @@ class RecipeWinsOnResume(TrainerCallback):
     restores the cadence from the checkpoint's trainer_state.json, and the optimizer's learning rate as the old
     schedule left it (0 at the end of a finished run), which the first step of an extended run would train at."""
 
+    checkpoint_max_steps: int | None = None  # the last step of the run the resumed checkpoint belongs to
+
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not state.global_step:
             return
-        if state.global_step > state.max_steps:  # Trainer would train nothing and save a longer run's weights as this
-            raise PastTheEnd(f"the checkpoint resumed from is at step {state.global_step}, past this run's last step "
-                             f"({state.max_steps}); pass --resume with an earlier checkpoint, or train from the start "
-                             "without --resume")
+        if state.global_step == state.max_steps == self.checkpoint_max_steps:  # this run's last checkpoint: Trainer
+            raise AtTheEnd  # would train one step more where the end is not at an epoch's end (step 51 of 50)
+        if state.global_step >= state.max_steps:  # a longer run's weights would be saved as this run's
+            raise PastTheEnd(f"the checkpoint resumed from is at step {state.global_step} of a "
+                             f"{self.checkpoint_max_steps}-step run, past this run's last step ({state.max_steps}); "
+                             "pass --resume with an earlier checkpoint, or train from the start without --resume")
         state.compute_steps(args, state.max_steps)  # what Trainer computes from args on a fresh start
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # each schedule transformers builds by name
             lr_scheduler.last_epoch -= 1  # this step's rate again, from the schedule's rule under the new length
@@ -86,6 +90,10 @@ class PastTheEnd(RecipeError):
     """A resume from a checkpoint beyond the run's length; raised before any step, so no continue command."""
 
     training_started = False
+
+
+class AtTheEnd(Exception):
+    """A resume from the run's own last checkpoint: nothing to train, its adapters still to save."""
 
 
 class TrainingInterrupted(Exception):

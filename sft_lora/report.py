@@ -41,7 +41,7 @@ def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) ->
     """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args
     tokens = getattr(trainer, "_total_train_tokens", None)  # TRL's count of non-padding tokens trained this session
-    runtime = result.metrics["train_runtime"]
+    runtime = result.metrics["train_runtime"] if result else 0.0  # None: resumed at the end, nothing trained
     evals = eval_history(history, sources)
     before = {name: _before(points) for name, points in evals.items()}
     best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
@@ -49,7 +49,7 @@ def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) ->
                      "best": min(p[1] for p in evals[s])} for s in sources if evals.get(s)}
     return {
         "eval_loss_before": before.get("overall"), "eval_loss_after": after.get("eval_loss"),
-        "global_step": result.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
+        "global_step": trainer.state.global_step, "runtime_s": runtime, "epochs": trainer.state.epoch,
         "tokens": tokens, "tokens_per_s": tokens / runtime if tokens and runtime else None,
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
         "best_eval_loss": best[1] if best else None, "best_eval_step": best[0] if best else None,

@@ -164,9 +164,8 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
             print(f"resuming from {path}")
             return str(path)
         print(f"notice: skipping {path}: incomplete ({reason})")
-    epochs = _epochs(mine.parent.name)
-    shorter = [d for d in mine.parent.parent.glob(f"*/{mine.name}") if _epochs(d.parent.name) < epochs]
-    for earlier in _checkpoints(*shorter):  # a longer run's checkpoint is past this run's end
+    epochs, others = _epochs(mine.parent.name), [d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine]
+    for earlier in _checkpoints(*(d for d in others if _epochs(d.parent.name) < epochs)):  # a longer run's: past it
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
             state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))  # Trainer's counts are ints
             print(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
@@ -174,6 +173,10 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
                   "checkpoint of its own)")
             return str(earlier)
     found = f"{len(own)} incomplete checkpoint(s)" if own else "no checkpoint"
+    if longer := [d for d in others if _epochs(d.parent.name) > epochs and _checkpoints(d)]:
+        raise RecipeError(f"{mine}: {found} to resume from; {longer[0]} holds a run of this model for "
+                          f"{longer[0].parent.name} epochs, whose checkpoints are past this run's end (resuming "
+                          "would save its weights as this run's); train from the start without --resume")
     raise RecipeError(f"{mine}: {found} to resume from; train first or pass --resume CHECKPOINT_DIR "
                       "(with --force-resume for an incomplete one)")
 
@@ -200,12 +203,13 @@ def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def checkpoint_step(checkpoint: str | Path) -> int | None:
-    """The step a checkpoint was saved at (its trainer_state.json), None when unreadable."""
+def checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (its step, its run's max_steps …); {} when unreadable."""
     try:
-        return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:

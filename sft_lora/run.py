@@ -137,7 +137,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
     from .preflight import run_check
-    from .resume import check_fresh_start, checkpoint_step, nothing_left, select_checkpoint
+    from .resume import check_fresh_start, checkpoint_state, nothing_left, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
@@ -152,7 +152,8 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     configure_wandb(recipe)
     trainer = build_trainer(recipe, tokenizer, data)
     evaluate = data.eval_records is not None
-    summary = {"resumed_from": resume_from, "resumed_at_step": checkpoint_step(resume_from) if resume_from else None,
+    summary = {"resumed_from": resume_from,
+               "resumed_at_step": checkpoint_state(resume_from).get("global_step") if resume_from else None,
                "eval_loss_before": None, "eval_loss_after": None,
                "adapters": str(recipe.adapters_dir), "checkpoints": str(recipe.checkpoint_dir),
                "merged": str(recipe.merged_dir) if recipe.output.merge else None,
@@ -173,12 +174,19 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
 def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
-    from .callbacks import CheckpointRecord, interruptible
+    from .callbacks import AtTheEnd, CheckpointRecord, RecipeWinsOnResume, interruptible
     from .outputs import peak_memory_gib, replicas_agree, save_adapters, write_error
+    from .resume import checkpoint_state
 
+    if resumed := summary["resumed_from"]:
+        on_resume = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RecipeWinsOnResume))
+        on_resume.checkpoint_max_steps = checkpoint_state(resumed).get("max_steps")
     try:
         with interruptible(trainer):
-            result = trainer.train(resume_from_checkpoint=summary["resumed_from"])
+            result = trainer.train(resume_from_checkpoint=resumed)
+    except AtTheEnd:
+        print(f"nothing left to train: {resumed} is this run's last step; saving its adapters")
+        result = None
     except Exception as exc:
         # disk full or read-only while checkpointing: one line; the checkpoint has no record, so resume skips it
         saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)

@@ -264,6 +264,26 @@ def test_resume_continues_from_the_saved_step(lora_run, tmp_path):
     assert f"tokens: {resumed['tokens']:,} since step 3 in " in " ".join(summary_table(resumed).split())
 
 
+def test_resume_at_the_last_checkpoint_with_no_adapters_saves_them_and_trains_no_step_more(make_recipe, tmp_path,
+                                                                                        capsys):
+    import shutil
+
+    small = tmp_path / "small.jsonl"  # 16 records, 4 steps an epoch: step 6 ends no epoch
+    small.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)[:16]), encoding="utf-8")
+    path = make_recipe(data={"path": str(small), "eval_split": 0.0}, report={"smoke_prompts": 0},
+                       training={"max_steps": 6, "save_steps": 3})
+    assert main([str(path)]) == 0
+    recipe = load_recipe(path)
+    trained = (recipe.adapters_dir / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(recipe.output.dir)  # as a crash after the last checkpoint, before the adapters were written
+    capsys.readouterr()
+    assert main([str(path), "--resume"]) == 0
+    out = capsys.readouterr().out  # Trainer alone trained a step 7 (and the next resume then refused it)
+    assert "checkpoint-6 is this run's last step; saving its adapters" in out and "trained to step 6 " in out
+    assert not (recipe.checkpoint_dir / "checkpoint-7").exists()
+    assert (recipe.adapters_dir / "adapter_model.safetensors").read_bytes() == trained
+
+
 def test_resume_auto_picks_the_last_checkpoint_and_errors_when_there_is_none(make_recipe, capsys):
     path = make_recipe(training={"max_steps": 3})
     assert main([str(path), "--resume"]) == 2
@@ -310,10 +330,12 @@ def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_s
     before = _files(tmp_path)
     assert main([str(path), "--resume", "training.num_train_epochs=2", "training.max_steps=6"]) == 2
     err = capsys.readouterr().err
-    assert "the checkpoint resumed from is at step 8, past this run's last step (6); pass --resume with an earlier " \
-        "checkpoint" in err and "to continue" not in err
+    assert "the checkpoint resumed from is at step 8 of a 8-step run, past this run's last step (6); pass --resume " \
+        "with an earlier checkpoint" in err and "to continue" not in err
     assert main([str(path), "--resume", "training.num_train_epochs=0.5"]) == 2
-    assert f"{tmp_path / 'checkpoints/tiny-llama/0.5/lora'}: no checkpoint to resume from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'checkpoints/tiny-llama/0.5/lora'}: no checkpoint to resume from; " in err
+    assert "epochs, whose checkpoints are past this run's end (resuming would save its weights as this run's)" in err
     assert _files(tmp_path) == before
 
 
