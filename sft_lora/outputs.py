@@ -136,16 +136,20 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 def remove_stale_merge(recipe: Recipe) -> None:
-    """With output.merge off, remove the merged model an earlier run made of these adapters (its merge_info.json
-    names them): the run replaced them, and chat would go on loading the old model beside them."""
+    """With output.merge off, remove the merge an earlier run made of the adapters this run replaced (chat loads it)."""
     try:
         info = json.loads((recipe.merged_dir / "merge_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # none, or not an sft_lora merge: left alone
-    if isinstance(info, dict) and Path(str(info.get("adapter"))).resolve() == recipe.adapters_dir.resolve():
-        shutil.rmtree(recipe.merged_dir)
-        print(f"removed {recipe.merged_dir}: the merge of the adapters this run replaced (output.merge: false; "
-              f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} makes it again)")
+    if not isinstance(info, dict) or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve():
+        return
+    again = f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} --overwrite makes it again"
+    if recipe.merged_dir.is_symlink():  # what it points at is the user's: said, not deleted
+        print(f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced, which no longer "
+              f"matches them; {again}")
+        return
+    shutil.rmtree(recipe.merged_dir)
+    print(f"removed {recipe.merged_dir}: the merge of the adapters this run replaced (output.merge: false; {again})")
 
 
 def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: str) -> None:

@@ -218,6 +218,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     from accelerate import PartialState
 
     from .merge import merge_adapter
+    from .outputs import remove_stale_merge
     from .report import SUMMARY_FILE
 
     checkpoint = Path(checkpoint)
@@ -236,5 +237,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
           "training.max_steps")
     if recipe.output.merge and PartialState().is_main_process:
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)  # up to date: writes nothing
+    elif PartialState().is_main_process:
+        remove_stale_merge(recipe)
     return summary
 

@@ -191,6 +191,13 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert f"removed {recipe.merged_dir}: the merge of the adapters this run replaced" in capsys.readouterr().out
     assert not recipe.merged_dir.exists() and (recipe.adapters_dir / "adapter_model.safetensors").is_file()
     assert (other / "model.safetensors").is_file()
+    # a merged directory that is a link to the user's copy: said, not deleted (an rmtree error after training before)
+    recipe.merged_dir.symlink_to(other, target_is_directory=True)
+    (other / "merge_info.json").write_text(json.dumps({"adapter": str(recipe.adapters_dir)}))
+    assert main([str(path), "training.seed=8", "output.merge=false", f"output.checkpoint_dir={tmp_path / 'c3'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced" in out
+    assert (other / "model.safetensors").is_file() and recipe.merged_dir.is_symlink()
 
 
 def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, capsys):
