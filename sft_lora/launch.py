@@ -126,27 +126,43 @@ def check_this_launch(recipe: Recipe) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(recipe: Recipe, main_process: bool = True) -> Iterator[None]:
-    """Hold the run's checkpoint directory while it trains: a second run into it on this machine stops in one line
-    (two at once wrote into the same checkpoints, each record vouching for the other's weights). A lock file in the
-    temp directory, named by the checkpoint directory, locked with flock (released by the system if killed)."""
+def exclusive(recipe: Recipe) -> Iterator[None]:
+    """Hold the run's checkpoint and output directories while it trains: a second run into either on this machine
+    stops in one line on every rank (two at once wrote into the same checkpoints, each record vouching for the
+    other's weights, and the last to finish replaced the other's adapters). Lock files in the temp directory, named by
+    the directories, held with flock by the main process (released by the system however it ends)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state, problem = PartialState(), None
+    with contextlib.ExitStack() as held:
+        if state.is_main_process:
+            for directory, key in ((recipe.checkpoint_dir, "output.checkpoint_dir"), (recipe.run_dir, "output.dir")):
+                problem = problem or _lock(held, directory, key)
+        if state.num_processes > 1:  # the other ranks stop with it, not at a barrier with a traceback
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise RecipeError(problem)
+        yield
+
+
+def _lock(held: contextlib.ExitStack, directory: Path, key: str) -> str | None:
+    """Lock `directory` for this process (until `held` closes); what stops the run when another holds it, else None."""
     import fcntl
     import tempfile
 
-    key = hashlib.sha256(str(recipe.checkpoint_dir.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"sft_lora-{key}.lock", "a+", encoding="utf-8") as handle:
-        try:
-            if main_process:  # the other ranks of this launch run under it
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise RecipeError(f"{recipe.checkpoint_dir}: another run is training into it (process {handle.read()}); "
-                              "wait for it to end, or set output.checkpoint_dir elsewhere") from None
-        if main_process:
-            handle.truncate(0)
-            handle.write(str(os.getpid()))
-            handle.flush()
-        yield
+    name = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    handle = held.enter_context(open(Path(tempfile.gettempdir()) / f"sft_lora-{name}.lock", "a+", encoding="utf-8"))
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        return (f"{directory}: another run is writing into it (process {handle.read()}); wait for it to end, or set "
+                f"{key} elsewhere")
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return None
 
 
 def check_process_group(world_size: int) -> None:

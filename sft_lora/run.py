@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             check_target_modules(recipe)  # as a run does, once the model (a tiny one: built by _inputs) is there
             run_check(recipe, tokenizer, data)
         else:
-            from .launch import check_this_launch, relaunch
+            from .launch import check_this_launch, exclusive, relaunch
 
             if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
+                with exclusive(recipe):  # another run there: one line now, not one per process under the launcher
+                    pass
                 relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
             check_this_launch(recipe)
             train(recipe, resume=args.resume, force_resume=args.force_resume)
@@ -125,11 +127,9 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
     for check in (check_outputs, check_qlora_backend, check_model_weights, check_push):
         check(recipe)  # each in one line, before anything heavy is imported or loaded
-    from accelerate import PartialState
-
     from .launch import exclusive
 
-    with exclusive(recipe, PartialState().is_main_process):
+    with exclusive(recipe):
         return _train(recipe, resume, force_resume)
 
 

@@ -200,19 +200,34 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert (other / "model.safetensors").is_file() and recipe.merged_dir.is_symlink()
 
 
-def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, capsys):
+def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, tmp_path,
+                                                                                          capsys):
     import os
+    import subprocess
+    import sys
 
     from sft_lora.launch import exclusive
+
+    from .conftest import ROOT
 
     path = make_recipe(training={"max_steps": 1}, report={"smoke_prompts": 0})
     recipe = load_recipe(path)
     with exclusive(recipe):  # as a run training now holds it (two at once mixed their checkpoints before)
         assert main([str(path), "training.seed=2"]) == 2
-        assert capsys.readouterr().err.strip() == (f"error: {recipe.checkpoint_dir}: another run is training into it "
+        assert capsys.readouterr().err.strip() == (f"error: {recipe.checkpoint_dir}: another run is writing into it "
                                                    f"(process {os.getpid()}); wait for it to end, or set "
                                                    "output.checkpoint_dir elsewhere")
         assert not recipe.checkpoint_dir.exists()
+        # its own checkpoints, the same outputs: the last to finish replaced the other's adapters before
+        assert main([str(path), f"output.checkpoint_dir={tmp_path / 'elsewhere'}"]) == 2
+        assert f"error: {recipe.run_dir}: another run is writing into it (process {os.getpid()}); wait for it to " \
+            "end, or set output.dir elsewhere" in capsys.readouterr().err
+        # under accelerate launch: one line before launching (each rank's line and the launcher's traceback before)
+        launched = subprocess.run([sys.executable, "-m", "sft_lora.run", str(path), "accelerate_config=cpu_ddp"],
+                                  capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert launched.returncode == 2 and launched.stderr.strip().splitlines() == [
+            f"error: {recipe.checkpoint_dir}: another run is writing into it (process {os.getpid()}); wait for it to "
+            "end, or set output.checkpoint_dir elsewhere"]
     assert main([str(path)]) == 0  # released when the run ends
 
 
