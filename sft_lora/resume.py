@@ -191,6 +191,11 @@ def check_fresh_start(recipe: Recipe) -> None:
                               "run with --resume and its recipe, set output.checkpoint_dir, or remove them")
 
 
+def resumable(recipe: Recipe) -> bool:
+    """Whether `--resume` finds a complete checkpoint of this run's own (else it fails: no continue command)."""
+    return any(incomplete_reason(path) is None for path in _checkpoints(recipe.checkpoint_dir))
+
+
 def _epochs(name: str) -> float:  # of a run directory's name (`recipe.run_dir`)
     try:
         return float(name)

@@ -137,7 +137,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
     from .preflight import run_check
-    from .resume import check_fresh_start, checkpoint_state, nothing_left, select_checkpoint
+    from .resume import check_fresh_start, checkpoint_state, nothing_left, resumable, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
@@ -165,8 +165,8 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
         del trainer
         if main_process:
             _finish(recipe, summary, *((data.eval_records, "eval") if evaluate else (data.records, "train")))
-    except BaseException as exc:
-        exc.training_started = getattr(exc, "training_started", True)  # main prints the command that continues
+    except BaseException as exc:  # main prints the command that continues, where there is something to continue
+        exc.training_started = getattr(exc, "training_started", resume_from is not None or resumable(recipe))
         raise
     return summary
 
@@ -176,7 +176,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
     from . import report
     from .callbacks import AtTheEnd, CheckpointRecord, RecipeWinsOnResume, interruptible
     from .outputs import peak_memory_gib, replicas_agree, save_adapters, write_error
-    from .resume import checkpoint_state
+    from .resume import checkpoint_state, resumable
 
     if resumed := summary["resumed_from"]:
         on_resume = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RecipeWinsOnResume))
@@ -191,8 +191,10 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
         # disk full or read-only while checkpointing: one line; the checkpoint has no record, so resume skips it
         saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
         if saving is not None and (reason := write_error(exc)) is not None:
+            again = ("with --resume (this incomplete checkpoint is skipped)" if resumed or resumable(recipe) else
+                     "(no checkpoint is complete yet)")
             raise RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
-                              "then run again with --resume (this incomplete checkpoint is skipped)") from None
+                              f"then run again {again}") from None
         if type(exc).__module__.startswith("wandb"):  # wandb.init at the first step: a key the server refuses
             raise RecipeError(f"wandb: {first_line(exc)}; check WANDB_API_KEY (or `wandb login`) or set wandb.mode: "
                               "offline") from None  # main prints it through printable
