@@ -175,11 +175,12 @@ def _resolve(raw: dict[str, Any], source: str) -> Recipe:
     recipe.training = _construct("training", sft_kwargs(recipe), raw)
     keys.check_combinations(recipe)
     if accelerate_config:  # on loading, not only when launching: --check and --print-config say it too
-        from .launch import resolve_config
+        from .launch import read_config, resolve_config
         try:
-            resolve_config(accelerate_config)
+            path = resolve_config(accelerate_config)
         except RecipeError as exc:
             raise keys.KeyProblem("accelerate_config", str(exc)) from None
+        read_config(path)  # a file that is no valid config: its own file:line
     decisions.decide(recipe)  # padding-free batches, attention, end-of-turn token, activation checkpointing
     return recipe
 

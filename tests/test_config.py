@@ -89,6 +89,15 @@ def test_an_upstream_check_names_the_recipe_line_of_the_key_it_names(make_recipe
     assert _error(path).startswith(f"{path}:{line}: training: --load_best_model_at_end requires")
 
 
+def test_an_accelerate_config_that_is_no_valid_yaml_fails_print_config_and_check_too(make_recipe, tmp_path, capsys):
+    config = tmp_path / "accel.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nnum_processes: 4\n")
+    for flag in ("--print-config", "--check"):  # both passed it before; only a run refused it
+        assert main([str(make_recipe()), f"accelerate_config={config}", flag]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {config}:3: not valid YAML (duplicate key 'num_processes', "
+                                                   "first at line 2; keep one)")
+
+
 def test_build_tiny_refuses_a_hub_id_it_would_shadow_with_a_random_model(make_recipe, tmp_path):
     path = make_recipe(model={"build_tiny": True})
     assert "reads as a hub id, but model.build_tiny builds a tiny random model" in _error(
