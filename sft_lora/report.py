@@ -126,7 +126,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run console table."""
     processes, runtime, step = summary.get("world_size", 1), summary["runtime_s"], summary["global_step"]
     lines = [f"\ntrained to step {step} in {runtime:.1f} s on {processes} process{'es' if processes > 1 else ''}"]
-    rows = [("steps", f"{step} ({_num(summary.get('epochs'), '.2g')} epochs)")]
+    epochs = _num(summary.get("epochs"), ".2g")
+    rows = [("steps", f"{step} ({epochs} epoch{'' if epochs == '1' else 's'})")]
     if summary.get("peak_memory_gib") is not None:
         rows.append(("peak memory", f"{summary['peak_memory_gib']:.2f} GiB"))
     if summary.get("replicas_agree") is not None:

@@ -423,6 +423,8 @@ def test_a_three_turn_conversation_trains_exactly_the_assistant_turns(family, ti
     rows = prepare_datasets(recipe.training, tokenizer, train).rows
     assert rows[0]["input_ids"] == rows[1]["input_ids"] and rows[0]["labels"] == rows[1]["labels"]  # both formats
     ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    assert family in TRAINED_TURN, (f"add a TRAINED_TURN entry for family '{family}' in tests/test_recipes.py: what "
+                                    "its template trains of one assistant turn ({} = its content)")
     expected = [TRAINED_TURN[family].format(a) for _, a in CONVERSATION]
     expected[-1] += LAST_TURN_EXTRA.get(family, "")
     assert [tokenizer.decode(ids[s:e]) for s, e in _runs(labels)] == expected
