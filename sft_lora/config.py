@@ -2,7 +2,9 @@
 and own sections, every key checked first (`keys.py`: a typo fails at file:line), plus `decisions.py`'s choices."""
 
 import dataclasses
+import enum
 import re
+import typing
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,7 @@ class Recipe:
 
     def at(self, dotted: str) -> str:
         """Where a key was set (`recipe.yaml:14`, `command line`), for an error found after loading."""
-        return self.where.get(dotted) or self.where.get(dotted.partition(".")[0]) or self.source
+        return _place(self.where, dotted) or self.source
 
     @property
     def method(self) -> str:
@@ -132,10 +134,18 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
     try:
         recipe = _resolve(raw, str(path))
     except keys.KeyProblem as problem:
-        at = where.get(problem.dotted) or where.get(problem.dotted.split(".")[0]) or path
+        places = {_place(where, key) for key in problem.candidates}  # the keys an upstream message may mean
+        at = places.pop() if len(places) == 1 and None not in places else _place(where, problem.dotted) or path
         raise RecipeError(f"{at}: {problem}") from None
     recipe.where = where
     return recipe
+
+
+def _place(where: dict[str, str], dotted: str) -> str | None:
+    """Where `dotted` or the nearest key above it (`data.path` for `data.path.source`) was set."""
+    while dotted and dotted not in where:
+        dotted = dotted.rpartition(".")[0]
+    return where.get(dotted)
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -201,16 +211,19 @@ def sft_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
-    """Build an upstream object; its own validation error blames the one given key it names (by name or by value),
-    else the section, at the file:line or command line that set it."""
+    """Build an upstream object; its own validation error blames the given key(s) it names, else the section."""
     try:
-        return keys.upstream_class(section)(**kwargs)
+        return (kind := keys.upstream_class(section))(**kwargs)
     except (ValueError, TypeError) as exc:
-        message = first_line(exc, whole=True)
-        named = [key for key, value in (raw.get(section) or {}).items() if re.search(rf"\b{re.escape(key)}\b", message)
-                 or isinstance(value, str) and value and re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w-])", message)]
+        message, given = first_line(exc, whole=True), raw.get(section) or {}
+        enums = {k: [t.__name__ for t in typing.get_args(keys.class_fields(kind)[k][0]) if isinstance(t, enum.EnumType)]
+                 for k in given if k in keys.class_fields(kind)}  # SchedulerType, OptimizerNames …
+        named = ([k for k in given if re.search(rf"\b{re.escape(k)}\b", message)]  # by name, its type's, its value
+                 or [k for k, names in enums.items() if any(name in message for name in names)]
+                 or [k for k, v in given.items() if isinstance(v, str) and v and
+                     re.search(rf"(?<![\w.-]){re.escape(v)}(?![\w-])", message)])
         dotted = f"{section}.{named[0]}" if len(named) == 1 else section
-        raise keys.KeyProblem(dotted, f"{dotted}: {message}") from None
+        raise keys.KeyProblem(dotted, f"{dotted}: {message}", [f"{section}.{k}" for k in named]) from None
 
 
 def looks_like_hub_id(name: str) -> bool:

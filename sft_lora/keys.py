@@ -21,8 +21,8 @@ from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OW
 class KeyProblem(ValueError):
     """A wrong key or value; `config` adds the file and line of `dotted` and raises it as a RecipeError."""
 
-    def __init__(self, dotted: str, message: str) -> None:
-        self.dotted = dotted
+    def __init__(self, dotted: str, message: str, candidates: list[str] = ()) -> None:
+        self.dotted, self.candidates = dotted, list(candidates)
         super().__init__(message)
 
 

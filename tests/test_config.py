@@ -87,6 +87,15 @@ def test_an_upstream_check_names_the_recipe_line_of_the_key_it_names(make_recipe
     path = make_recipe(use_qlora=True, training={"load_best_model_at_end": True, "save_strategy": "steps"})
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("training:"))
     assert _error(path).startswith(f"{path}:{line}: training: --load_best_model_at_end requires")
+    # ... unless both came from the command line; a value shared with a file key (report_to: none) is told apart by
+    # the field's type the message names; a key inside a data entry is placed by its entry (the file blamed before)
+    path = make_recipe()
+    assert _error(path, ["lora.use_dora=true", "lora.lora_bias=true"]).startswith(
+        "command line: lora: The argument lora_bias=True is not supported for DoRA")
+    assert _error(path, ["training.optim=none"]).startswith(
+        "command line: training.optim: none is not a valid OptimizerNames")
+    assert _error(path, ['data.path=[{path: a.jsonl, source: "${NOPE_NOT_SET}"}]']).startswith(
+        "command line: data.path.source uses ${NOPE_NOT_SET} but NOPE_NOT_SET is not set")
 
 
 def test_an_accelerate_config_that_is_no_valid_yaml_fails_print_config_and_check_too(make_recipe, tmp_path, capsys):
