@@ -39,8 +39,9 @@ def printable(text: str) -> str:
 
 
 def columns(text: str) -> int:
-    """The terminal columns `text` takes: East Asian wide and full-width characters (Hangul) take two."""
-    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+    """Terminal columns of `text`: a wide character (Hangul) takes two, a combining one (decomposed Hangul) none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") or 0x1160 <= ord(c) <= 0x11FF else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 @dataclasses.dataclass
@@ -227,8 +228,7 @@ def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """Whether a name that is not here reads as a hub id (`org/name`, `name`), not a local path (`./x`, `/x`, `~/x`,
-    `a/b/c`, `x.jsonl`)."""
+    """Whether a name that is not here reads as a hub id (`org/name`, `name`), not a path (`./x`, `~/x`, `x.jsonl`)."""
     return (not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
             and Path(name).suffix.lower() not in (".json", ".jsonl", ".yaml", ".yml", ".txt", ".csv", ".parquet"))
 

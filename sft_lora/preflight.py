@@ -65,17 +65,18 @@ class Report:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
         truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})"]
+        name = _names([*self.by_source, *self.eval_records_by_source, *self.by_entry])
         lines += _table(SOURCE_COLUMNS, [
-            [_cut(source, 32, middle=True), str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
+            [name[source], str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
              *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
              f"{stats['tokens']:,}", f"{stats['loss_tokens']:,}", f"{stats['loss_share']:.1%}", str(stats["truncated"])]
             for source, stats in self.by_source.items()] + [  # sources held out only: counted, never trained
-            [_cut(source, 32, middle=True), "0", str(n), "—", "—", "—", "—", "—", "—"]
+            [name[source], "0", str(n), "—", "—", "—", "—", "—", "—"]
             for source, n in self.eval_records_by_source.items() if source not in self.by_source])
         if len(self.by_entry) > 1:  # the per-file mix
             lines += _table(ENTRY_COLUMNS, [
-                [_cut(name, 35, middle=True), str(s["records"]), f"{s['tokens']:,}",
-                 f"{s['loss_tokens']:,}", f"{s['loss_share']:.1%}"] for name, s in self.by_entry.items()])
+                [name[entry], str(s["records"]), f"{s['tokens']:,}",
+                 f"{s['loss_tokens']:,}", f"{s['loss_share']:.1%}"] for entry, s in self.by_entry.items()])
         p, a = self.prompt_tokens, self.answer_tokens
         lines += [
             f"  prompt tokens   p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}",
@@ -217,6 +218,12 @@ def _cut(text: str, width: int, middle: bool = False) -> str:
         return _start(text, width - 1) + "…"
     head = _start(text, (width - 1) // 2)
     return head + "…" + _start(text[::-1], width - 1 - columns(head))[::-1]
+
+
+def _names(names: list[str], width: int = 34) -> dict[str, str]:
+    """Each source or file name as the tables show it: cut in the middle, or whole where cuts would look alike."""
+    cut = {name: _cut(name, width, middle=True) for name in names}
+    return cut if len(set(cut.values())) == len(cut) else {name: " ".join(name.split()) for name in names}
 
 
 def _start(text: str, width: int) -> str:

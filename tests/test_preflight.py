@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path
     wide = dataclasses.replace(report, by_source={"extra": big}, by_entry={first: entry, second: entry}).text()
     assert ["extra", "1000000", str(report.eval_records_by_source.get("extra", 0)), "102/578", "92/2190",
             "247,245,205", "1,118,533,808", "100.0%", "849"] in [line.split() for line in wide.splitlines()]
-    assert [second[:17] + "…" + second[-17:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [
+    assert [second[:16] + "…" + second[-17:], "12345678", "9,876,543,210", "1,234,567,890", "50.0%"] in [
         line.split() for line in wide.splitlines()]  # cut in the middle: the start and the file name stay
     # a source held out only (data.eval_path): in the table with its eval records, though never trained
     held_out = dataclasses.replace(report, eval_records_by_source={"extra": 3, "exam": 5}).text().splitlines()
@@ -167,13 +168,18 @@ def test_source_names_stay_whole_and_aligned_in_any_script(make_recipe):
 
     _, report = _report(make_recipe())
     stats = next(iter(report.by_source.values()))
-    names = ["한국어", "wikipedia_ko_2023", "wikipedia_ko_2024", "x" * 40 + "_a", "x" * 40 + "_b"]
+    names = ["한국어", "wikipedia_ko_2023", "wikipedia_ko_2024", "x" * 40 + "_a", "y" * 40 + "_b",
+             unicodedata.normalize("NFD", "나무위키")]  # decomposed Hangul: 2 columns a syllable, as composed
     lines = dataclasses.replace(report, by_source=dict.fromkeys(names, stats)).text().splitlines()
     table = lines[1:2 + len(names)]
     assert len({columns(line) for line in table}) == 1  # every row as wide as the header: the columns line up
     cells = [line.split()[0] for line in table[1:]]  # names were cut to 15 characters: 'wikipedia_ko_2…' twice
-    assert cells[:3] == names[:3] and len(set(cells)) == len(names) and columns(cells[3]) == 32
-    assert columns("한국어") == 6
+    assert cells[:3] == names[:3] and len(set(cells)) == len(names) and columns(cells[3]) == 34
+    assert columns("한국어") == 6 and columns(names[-1]) == 8
+    # names a middle cut would show alike are shown whole
+    alike = ["wikipedia_ko_2023_dump_articles_v2_train", "wikipedia_ko_2024_dump_articles_v2_train"]
+    lines = dataclasses.replace(report, by_source=dict.fromkeys(alike, stats)).text().splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == alike
 
 
 def test_eval_records_truncation_leaves_without_an_answer_are_said_not_evaluated(make_recipe, tmp_path):
