@@ -112,9 +112,9 @@ def value(text: str, item: str) -> Any:
     except RecipeError as exc:
         reason = str(exc).removeprefix("command line: ")
         raise RecipeError(f"command line: '{item}': {reason}; quote the value if it is text") from None
-    if (node.end_mark.index if node else 0) < len(text.rstrip()):  # the rest after a ` #`: a YAML comment, dropped
-        raise RecipeError(f"command line: '{item}': YAML reads '#' there as the start of a comment; quote the value "
-                          "if it is text")
+    if (end := node.end_mark.index if node else 0) < len(text.rstrip()):  # the rest: a ` #` comment, a `...` end
+        why = "'#' there as the start of a comment" if "#" in text[end:] else f"only {text[:end].strip()!r} of it"
+        raise RecipeError(f"command line: '{item}': YAML reads {why}; quote the value if it is text")
     for _, number in leaves(data):
         if problem := _out_of_range(number):
             raise RecipeError(f"command line: {item.partition('=')[0]} must be {problem}, got {number!r}")
