@@ -106,7 +106,8 @@ def parse(text: str, where: str) -> Any:
 
 def value(text: str, item: str) -> Any:
     """An override's or flag's value, typed like YAML; RecipeError naming the override."""
-    from .config import RecipeError
+    from .config import RecipeError, printable
+    item = printable(item)  # one line: a newline in it shown as \n
     try:
         data, node = parse(text, "command line")
     except RecipeError as exc:

@@ -174,8 +174,8 @@ def test_an_override_with_a_yaml_comment_is_refused_not_cut(make_recipe, overrid
                                                  "a comment; quote the value if it is text")
     assert load_recipe(make_recipe(), ["data.system_prompt='# be brief'"]).data.system_prompt == "# be brief"
     # any other part YAML leaves out is named as such (a document end: `...`), not as a comment
-    assert _error(make_recipe(), ["data.system_prompt=x\n..."]).endswith("YAML reads only 'x' of it; quote the value "
-                                                                         "if it is text")
+    assert _error(make_recipe(), ["data.system_prompt=x\n..."]) == (
+        "command line: 'data.system_prompt=x\\n...': YAML reads only 'x' of it; quote the value if it is text")
 
 
 def test_upstream_objects_receive_the_sections(make_recipe):
