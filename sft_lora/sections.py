@@ -16,7 +16,8 @@ class ModelArgs:
     dtype: str = "auto"
     """Weights dtype: auto, bfloat16, float16 or float32."""
     attn_implementation: str | None = None
-    """sdpa, eager, flash_attention_2 …; None: sdpa, attending per document on padding-free batches."""
+    """sdpa, eager, flash_attention_2 …; None: per document on padding-free batches (flex_attention on CUDA,
+    sdpa_documents on CPU), else sdpa."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load."""
     trust_remote_code: bool = False
@@ -137,7 +138,8 @@ def recipe_keys() -> str:
              "  accelerate_config  launch under this accelerate config (zero3, fsdp, … or a path)"]
     for name, cls in OWN_SECTIONS.items():
         lines.append(f"{name}:")  # the attribute docstrings written under each field above (litgpt style):
-        docs = dict(re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", inspect.getsource(cls), flags=re.M))
+        found = re.findall(r"^\s+(\w+):[^\n]*\n\s+\"\"\"(.*?)\"\"\"", inspect.getsource(cls), flags=re.M | re.S)
+        docs = {key: " ".join(doc.split()) for key, doc in found}  # a docstring of several lines on one
         lines += [f"  {key} = {default!r}  {docs.get(key, '')}" for key, default in asdict(cls()).items()]
     lines += ["lora:          any peft.LoraConfig field (defaults: r 16, lora_alpha 32, all-linear)",
               "quantization:  any transformers.BitsAndBytesConfig field (QLoRA defaults: nf4, double quant, bf16)",

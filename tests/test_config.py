@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -208,6 +209,10 @@ def test_help_lists_recipe_keys(capsys):
     out = capsys.readouterr().out
     for key in ("name_or_path", "eval_split", "checkpoint_dir", "merge_into", "--base_model", "--resume"):
         assert key in out
+    # every own key with its docstring, a docstring of two lines too (left empty before)
+    keys = [line.split()[0] for line in out.splitlines() if re.match(r"^  \w+ = ", line)]
+    assert len(keys) > 30 and not [line for line in out.splitlines() if re.match(r"^  \w+ = .*  $", line)]
+    assert "flex_attention on CUDA, sdpa_documents on CPU" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("sections, expected", [
