@@ -152,7 +152,13 @@ def _lock(held: contextlib.ExitStack, directory: Path, key: str) -> str | None:
     import tempfile
 
     name = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    handle = held.enter_context(open(Path(tempfile.gettempdir()) / f"sft_lora-{name}.lock", "a+", encoding="utf-8"))
+    path = Path(tempfile.gettempdir()) / f"sft_lora-{name}.lock"
+    try:
+        handle = held.enter_context(open(path, "a+", encoding="utf-8"))
+    except OSError as exc:  # no usable temp directory: train unguarded rather than not at all
+        print(f"notice: {path}: cannot create the run lock ({exc.strerror}); another run into {directory} would not be "
+              "stopped (set TMPDIR to a writable directory)")
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
