@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import RecipeError, first_line, local_model_missing, printable, read_saved_recipe, saved_section
 from .model import stop_token_ids
-from .turns import template_kwargs
+from .turns import opened, template_kwargs
 
 
 def load(model_dir: str | Path):
@@ -48,15 +48,6 @@ def load(model_dir: str | Path):
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
     data = saved_section(recipe, "data")  # its system prompt, fold_system_prompt and template variables
     return model.eval(), tokenizer, data, template_kwargs(tokenizer, data.chat_template_kwargs)
-
-
-def opened(messages: list[dict[str, str]], system: str | None, fold: bool) -> list[dict[str, str]]:
-    """`messages` opened by the system prompt as in training (`data.fold_system_prompt`: atop the first user turn)."""
-    if not system:
-        return messages
-    if fold:
-        return [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,

@@ -44,12 +44,19 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
         turns = [{"role": "user", "content": record[args.input_field]},
                  {"role": "assistant", "content": record[args.output_field]}]
     system, turns = (turns[0]["content"], turns[1:]) if turns[0]["role"] == "system" else (args.system_prompt, turns)
-    if system and args.fold_system_prompt:
-        turns = [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
-    elif system:
-        turns = [{"role": "system", "content": system}, *turns]
+    turns = opened(turns, system, args.fold_system_prompt)
     cut = len(turns) - 1 if args.mask_history else next(n for n, t in enumerate(turns) if t["role"] == "assistant")
     return turns[:cut], turns[cut:]
+
+
+def opened(messages: list[dict[str, str]], system: str | None, fold: bool) -> list[dict[str, str]]:
+    """`messages` opened by the system prompt: a system turn, or with `fold` (`data.fold_system_prompt`) atop the first
+    user turn; training and chat both open a conversation this way."""
+    if not system:
+        return messages
+    if fold:
+        return [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
 
 
 def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
