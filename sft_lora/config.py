@@ -216,9 +216,9 @@ def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
     try:
         return (kind := keys.upstream_class(section))(**kwargs)
     except (ValueError, TypeError) as exc:
-        message, given = first_line(exc, whole=True), raw.get(section) or {}
-        enums = {k: [t.__name__ for t in typing.get_args(keys.class_fields(kind)[k][0]) if isinstance(t, enum.EnumType)]
-                 for k in given if k in keys.class_fields(kind)}  # SchedulerType, OptimizerNames …
+        message, given, fields = first_line(exc, whole=True), raw.get(section) or {}, keys.class_fields(kind)
+        enums = {k: [t.__name__ for t in typing.get_args(fields[k][0]) if isinstance(t, enum.EnumType)]
+                 for k in given if k in fields}  # SchedulerType, OptimizerNames …
         named = ([k for k in given if re.search(rf"\b{re.escape(k)}\b", message)]  # by name, its type's, its value
                  or [k for k, names in enums.items() if any(name in message for name in names)]
                  or [k for k, v in given.items() if isinstance(v, str) and v and

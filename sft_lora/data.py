@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
-from .keys import suggest
+from .keys import coerce, suggest
 from .turns import chat
 
 KEYS = ("path", "source", "weight")  # of a data entry
@@ -50,7 +50,7 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
         if unknown := [str(name) for name in item if name not in KEYS]:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' (path, source, weight){suggest(unknown[0], KEYS)}")
         path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
-        weight = _number(weight) if isinstance(weight, str) else weight  # YAML 1.1 reads `1e3` as a string
+        weight = coerce(weight, float, 1.0)  # YAML 1.1 reads `1e3` as a string
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
         if source is not None and not isinstance(source, str):
@@ -60,13 +60,6 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
                              f"got {weight!r}")
         out.append(Entry(path, source, float(weight)))
     return out
-
-
-def _number(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def paths(value: Any) -> list[str]:
@@ -91,7 +84,7 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
             if args.split not in dataset:
                 raise RecipeError(f"{p}: no split '{args.split}' (has {', '.join(dataset)}); set data.split")
             dataset = dataset[args.split]
-        return _numbered(p, dataset.to_list())
+        return enumerate(dataset.to_list(), 1)
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
@@ -100,7 +93,7 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
         raise RecipeError(f"{p}: data file not found{relative}; check {key}")
     from datasets import load_dataset
     try:
-        return _numbered(path, load_dataset(path, split=args.split).to_list())
+        return enumerate(load_dataset(path, split=args.split).to_list(), 1)
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
         raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check {key} and "
                           "network") from None
@@ -116,11 +109,7 @@ def _json_records(p: Path) -> list[tuple[int, Any]]:
         raise RecipeError(f"{p}:{line}: {records}" if line else f"{p}: {records}")
     if not isinstance(records, list):
         raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
-    return _numbered(p, [_surrogate_free(r) for r in records] if SURROGATE.search(data) else records)
-
-
-def _numbered(origin: str | Path, records: list[Any]) -> list[tuple[int, Any]]:
-    return list(enumerate(records, 1))
+    return list(enumerate([_surrogate_free(r) for r in records] if SURROGATE.search(data) else records, 1))
 
 
 def locate(path: str, number: int) -> str:

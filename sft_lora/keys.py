@@ -50,7 +50,7 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
         if key not in fields:
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
-        out[key] = value = _coerce(value, hint, default)
+        out[key] = value = coerce(value, hint, default)
         if not _type_ok(value, hint, default):
             kind = type(default).__name__ if hint is Any else (
                 getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
@@ -192,7 +192,7 @@ def suggest(key: str, choices) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _coerce(value: Any, hint: Any, default: Any) -> Any:
+def coerce(value: Any, hint: Any, default: Any) -> Any:
     """Undo two YAML 1.1 surprises: `1e-4` read as a string where the field wants a float (it wants `1.0e-4`), `no`
     read as false where "no" is one of the field's choices (`eval_strategy: no`); free text stays as YAML read it."""
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):

@@ -167,7 +167,7 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
     epochs, others = _epochs(mine.parent.name), [d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine]
     for earlier in _checkpoints(*(d for d in others if _epochs(d.parent.name) < epochs)):  # a longer run's: past it
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
-            state = json.loads((earlier / TRAINER_STATE).read_text(encoding="utf-8"))  # Trainer's counts are ints
+            state = checkpoint_state(earlier)  # Trainer's counts are ints
             print(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
                   f"{state.get('num_train_epochs')} epochs / {state.get('max_steps')} steps (this run has no "
                   "checkpoint of its own)")
@@ -229,10 +229,10 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     checkpoint = Path(checkpoint)
     try:
         record = json.loads((checkpoint / RECORD).read_text(encoding="utf-8"))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
         summary = json.loads((recipe.adapters_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    state = checkpoint_state(checkpoint)
     done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
     if not (done and record.get("length") == fingerprint(recipe)["length"]
             and summary.get("global_step") == state["global_step"]):
