@@ -69,7 +69,8 @@ class RecipeWinsOnResume(TrainerCallback):
     restores the cadence from the checkpoint's trainer_state.json, and the optimizer's learning rate as the old
     schedule left it (0 at the end of a finished run), which the first step of an extended run would train at."""
 
-    checkpoint_max_steps: int | None = None  # the last step of the run the resumed checkpoint belongs to
+    def __init__(self, checkpoint_max_steps: int | None = None) -> None:
+        self.checkpoint_max_steps = checkpoint_max_steps  # the last step of the run the resumed checkpoint belongs to
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not state.global_step:

@@ -150,7 +150,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from .trainer import build_trainer, configure_wandb
 
     configure_wandb(recipe)
-    trainer = build_trainer(recipe, tokenizer, data)
+    trainer = build_trainer(recipe, tokenizer, data, resume_from=resume_from)
     evaluate = data.eval_records is not None
     summary = {"resumed_from": resume_from,
                "resumed_at_step": checkpoint_state(resume_from).get("global_step") if resume_from else None,
@@ -174,13 +174,11 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
 def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
     from . import report
-    from .callbacks import AtTheEnd, CheckpointRecord, RecipeWinsOnResume, interruptible
+    from .callbacks import AtTheEnd, CheckpointRecord, interruptible
     from .outputs import peak_memory_gib, replicas_agree, save_adapters, write_error
-    from .resume import checkpoint_state, resumable
+    from .resume import resumable
 
-    if resumed := summary["resumed_from"]:
-        on_resume = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RecipeWinsOnResume))
-        on_resume.checkpoint_max_steps = checkpoint_state(resumed).get("max_steps")
+    resumed = summary["resumed_from"]
     try:
         with interruptible(trainer):
             result = trainer.train(resume_from_checkpoint=resumed)
