@@ -54,7 +54,9 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
         if not _type_ok(value, hint, default):
             kind = type(default).__name__ if hint is Any else (
                 getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
-            quote = " (YAML reads unquoted yes/no/on/off as booleans; quote it)" * isinstance(value, bool)
+            quote = {bool: " (YAML reads unquoted yes/no/on/off as booleans; quote it)", type(None):
+                     " (YAML reads an empty value, null or a bare ~ as nothing; quote it, or write ~/ for home)"
+                     }.get(type(value), "")
             raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}{quote}")
     return out
 

@@ -235,6 +235,10 @@ def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe
     # free text is not rewritten: `system_prompt: On` was trained as the system prompt "yes"
     for override in ("data.system_prompt=On", "data.path=no", "wandb.run_name=off"):
         assert "expects str" in (message := _error(make_recipe(), [override])) and "quote it" in message, override
+    # YAML's null spellings, where a path or name is expected: `output.dir=~` meant the home directory
+    for override in ("output.dir=~", "output.dir=", "model.name_or_path=null"):
+        assert "expects str, got None (YAML reads an empty value, null or a bare ~ as nothing" in _error(
+            make_recipe(), [override]), override
 
 
 def test_values_no_machine_can_allocate_fail_at_load_and_the_bound_itself_loads(make_recipe):
