@@ -107,13 +107,6 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
 def expand_env(value: Any, dotted: str) -> Any:
     """Expand `${VAR}` and `${VAR:-default}` (the default also when VAR is empty, as in the shell) in a string value,
     inside lists and mappings too, so one recipe serves several machines; a leading `~` in a path key's value."""
-    def sub(match: re.Match) -> str:
-        var, default = match.group(1), match.group(3)
-        if default is not None or var in os.environ:
-            return os.environ[var] if default is None else os.environ.get(var) or default
-        raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
-                         f"${{{var}:-default}}")
-
     if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
         return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
     if isinstance(value, dict):
@@ -121,8 +114,30 @@ def expand_env(value: Any, dotted: str) -> Any:
                 value.items()}
     if not isinstance(value, str):
         return value
-    value = re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+    value = _substitute(value, dotted)
     return os.path.expanduser(value) if {dotted, dotted.removesuffix(".path")} & PATH_KEYS else value
+
+
+def _substitute(text: str, dotted: str) -> str:
+    """`text` with each `${VAR}` or `${VAR:-default}` replaced; a default may hold references (`${A:-${B}/x}`),
+    expanded only where it is used, as in the shell; a `${` not closed, or not naming a variable, stays as written."""
+    out, start = "", 0
+    while (opening := text.find("${", start)) >= 0:
+        depth, end = 0, opening
+        while end < len(text) and (depth := depth + text.startswith("${", end) - (text[end] == "}")):
+            end += 1
+        reference = re.fullmatch(r"\$\{(\w+)(?::-(.*))?\}", text[opening:end + 1], flags=re.S)
+        out, start = out + text[start:opening], end + 1
+        if reference is None:
+            out += text[opening:end + 1]
+        elif (var := reference[1]) in os.environ and (os.environ[var] or reference[2] is None):
+            out += os.environ[var]
+        elif reference[2] is not None:
+            out += _substitute(reference[2], dotted)
+        else:
+            raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
+                             f"${{{var}:-default}}")
+    return out + text[start:]
 
 
 PATH_KEYS = {"model.name_or_path", "data.path", "data.eval_path", "data.chat_template", "output.dir",

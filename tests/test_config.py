@@ -156,6 +156,13 @@ def test_env_references_are_expanded(make_recipe, monkeypatch):
     monkeypatch.setenv("OUT_ROOT", "")
     monkeypatch.setenv("DATA_ROOT", "/mnt/data")
     assert load_recipe(path).output.dir == "/tmp/out"
+    # a default may name another variable, used only where the default is (cut at the first `}` before: the set
+    # ${DATA_ROOT} gave '/mnt/data/x}/qa.jsonl', and ${OUT_ROOT:-${HOME}} left '${HOME}' unexpanded)
+    nested = ["data.path=${DATA_ROOT:-${NOPE_NOT_SET}/x}/qa.jsonl", "output.dir=${OUT_ROOT:-${DATA_ROOT:-/y}/out}"]
+    assert (load_recipe(path, nested).data.path, load_recipe(path, nested).output.dir) == ("/mnt/data/qa.jsonl",
+                                                                                           "/mnt/data/out")
+    assert "data.path uses ${NOPE_NOT_SET} but NOPE_NOT_SET is not set" in _error(path, [
+        "data.path=${OUT_ROOT:-${NOPE_NOT_SET}/x}"])
     # inside a list of data files and their mappings too (left as '${DATA_ROOT}/a.jsonl' before); a leading ~ in a
     # path key is the home directory (a literal ./~ directory before), not in free text
     monkeypatch.setenv("HOME", "/home/me")
