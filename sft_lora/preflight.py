@@ -103,8 +103,9 @@ class Report:
         if failed := [(name, message) for name, message in self.failures if name not in ignore]:
             name, message = failed[0]
             more = f" (+{len(failed) - 1} more failed check(s) above)" if len(failed) > 1 else ""
+            names = ", ".join(dict.fromkeys([*ignore, *(name for name, _ in failed)]))  # one setting that passes
             raise RecipeError(f"pre-flight check failed [{name}]: {message}{more}; "
-                              f"to train anyway set check.ignore=[{name}]")
+                              f"to train anyway set check.ignore=[{names}]")
 
 
 def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
@@ -187,8 +188,9 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                                 "or shorten the records"))
     for source, source_stats in report.by_source.items():
         if source_stats["trainable_rows"] == 0:
-            what = ("has no record" if not source_stats["rows"] else
-                    f"has {source_stats['rows']} records but none carries loss")
+            held_out = report.eval_records_by_source.get(source)
+            what = (f"has no training record{f' ({held_out} eval records)' if held_out else ''}"
+                    if not source_stats["rows"] else f"has {source_stats['rows']} records but none carries loss")
             report.failures.append(("empty_source", f"source '{source}' {what}; check the data or check.sources"))
     for source in report.records_by_source:
         if report.eval_rows and not report.eval_records_by_source.get(source):

@@ -262,7 +262,14 @@ def test_an_empty_source_fails(make_recipe, tmp_path):
         in report.failures
     # ... and a source the recipe expects that the data does not hold
     _, report = _report(make_recipe(check={"sources": ["arith_en", "capital_fr"]}))
-    assert report.failures == [("empty_source", "source 'capital_fr' has no record; check the data or check.sources")]
+    assert report.failures == [("empty_source", "source 'capital_fr' has no training record; check the data or "
+                                "check.sources")]
+    # one held out only: said, not "no record" beside a table row counting its eval records
+    eval_only = tmp_path / "eval.jsonl"
+    eval_only.write_text(json.dumps({"input": "Bonjour?", "output": "Bonjour.", "source": "fr"}) + "\n")
+    _, report = _report(make_recipe(data={"eval_split": 0, "eval_path": str(eval_only)}, check={"sources": ["fr"]}))
+    assert report.failures == [("empty_source", "source 'fr' has no training record (1 eval records); check the "
+                                "data or check.sources")]
 
 
 def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_path, capsys):
@@ -291,4 +298,10 @@ def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_p
     assert "records are longer than training.max_length=8 tokens (longest" in capsys.readouterr().err
     assert main([str(make_recipe()), "training.max_length=18", "check.ignore=[truncated, no_loss]", "--check"]) == 0
     assert re.search(r"notice: .*: \d+ of 190 records are longer than training.max_length=18", capsys.readouterr().out)
+    # several failed: the fix names them all (the first alone before: following it failed on the next), beside
+    # what check.ignore already held
+    assert main([str(make_recipe()), "training.max_length=18", "check.sources=[capital_fr]", "check.ignore=[eos]",
+                 "--check"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "(+1 more failed check(s) above); to train anyway set check.ignore=[eos, truncated, empty_source]")
 
