@@ -196,7 +196,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(base_model).name}: {kind} (sft_lora)", "",
              f"- base model: `{base_model}`" + (f", license {metadata.license}" if metadata.license else ""),
              f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),
-             f"- data: `{(recipe.get('data') or {}).get('path', '?')}`"]
+             f"- data: {_files((recipe.get('data') or {}).get('path'))}"]
     if summary.get("global_step") is not None:
         tokens, start = f"{summary['tokens']:,} tokens" if summary.get("tokens") else "", summary.get("resumed_at_step")
         if start:  # TRL counts this session's tokens only
@@ -209,8 +209,9 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
         evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
         lines += ["", "## Data and evaluation", "", "| source | train records | eval records | eval loss before | "
                   "eval loss after |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {source} | {n} | {eval_counts.get(source, 0)} | {_num(evals.get(source, {}).get('before'))} | "
-                  f"{_num(evals.get(source, {}).get('after'))} |" for source, n in counts["train"].items()]
+        lines += [f"| {source} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
+                  f"{_num(evals.get(source, {}).get('before'))} | {_num(evals.get(source, {}).get('after'))} |"
+                  for source in sorted({**counts["train"], **eval_counts})]  # a source held out only too
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
                      f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
     auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
@@ -227,6 +228,16 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
         text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True)
         lines += ["", "## Recipe", "", "```yaml", text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _files(path) -> str:
+    """`data.path` on a card: each file in backticks, with its weight and source where the recipe gives them."""
+    from .data import entries
+
+    if not path:
+        return "?"
+    return ", ".join(f"`{e.path}`" + f" × {e.weight:g}" * (e.weight != 1) + f" (source {e.source})" * bool(e.source)
+                     for e in entries(path))
 
 
 def base_license(base_model: str) -> str | None:

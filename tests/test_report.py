@@ -277,6 +277,14 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
     card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
                                                                            "eval_a_loss": 6.5}, *history], 8)
     assert "| a | 6 | 2 | 6.5000 | 3.2500 |" in card and "| **all** | 6 | 2 | 6.0000 | 3.5000 |" in card
+    # a source held out only has its row too (the rows left it out and did not add up to **all**), and the data
+    # files are listed as files, not as a Python list
+    recipe = load_recipe(make_recipe(), ['data.path=[{path: a.jsonl, source: x, weight: 0.5}, b.jsonl]',
+                                         "data.eval_split=0", "data.eval_path=c.jsonl"])
+    card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2, "b": 3}}, [
+        {"step": 8, "eval_loss": 3.5, "eval_a_loss": 3.25, "eval_b_loss": 3.75}], 8)
+    assert "| a | 6 | 2 | — | 3.2500 |\n| b | 0 | 3 | — | 3.7500 |\n| **all** | 6 | 5 | — | 3.5000 |" in card
+    assert "- data: `a.jsonl` × 0.5 (source x), `b.jsonl`\n" in card
 
 
 def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe):
