@@ -183,7 +183,7 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
         else:  # the template closes a last turn differently (Phi-4 adds its EOS): the tokens the two share
             last = int(np.searchsorted(starts_ends[:, 1], len(os.path.commonprefix([end, text])), side="right"))
         drift = not text.startswith(head) or last <= first
-        out[n] = (out[n][0], out[n][1] + [(first, last)], out[n][2] or drift)
+        out[n] = (out[n][0], out[n][1] + [(first, max(first, last))], out[n][2] or drift)  # drifted: maybe empty
     return out
 
 

@@ -90,6 +90,26 @@ def test_the_report_reads_the_rows_the_trainer_trains_on(make_recipe, tmp_path, 
         assert len(kept) == len(rows) - 2  # the two long prompts are dropped
 
 
+def test_a_template_that_moves_an_earlier_turn_gives_no_negative_figure(make_recipe, tmp_path):
+    # the system text moves into the last user turn once that turn is there: the first answer's span cannot be
+    # found in the whole (its end fell before its start, and the report showed answers of -11 tokens)
+    template = tmp_path / "moving.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if not loop.first %}\n{% endif %}{% if m.role == 'system' %}"
+        "{% elif m.role == 'user' and loop.index0 >= messages|length - 2 %}<|user|>\n{{ messages[0].content }}\n\n"
+        "{{ m.content }}{{ eos_token }}{% else %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}\n<|assistant|>\n{% endif %}", encoding="utf-8")
+    turns = [("system", "Keep a running total."), ("user", "What is 1 plus 1?"), ("assistant", "1 plus 1 is 2."),
+             ("user", "And plus 2?"), ("assistant", "2 plus 2 is 4.")]
+    records = [{"messages": [{"role": r, "content": c} for r, c in turns]}] * 4
+    _, report = _report(make_recipe(data={"path": _data(tmp_path, records), "chat_template": str(template),
+                                          "eval_split": None}, check={"ignore": ["template"]}))
+    assert [name for name, _ in report.failures] == ["template"]
+    figures = [report.truncated_loss_tokens, report.truncated_tokens, *report.answer_tokens.values(),
+               *(v for stats in report.by_source.values() for v in stats.values() if not isinstance(v, str))]
+    assert min(figures) >= 0 and report.loss_tokens > 0
+
+
 def test_good_data_passes_and_the_report_adds_up(make_recipe):
     recipe, report = _report(make_recipe())
     assert report.failures == []
