@@ -115,7 +115,9 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     stop_ids = figures.stop_token_ids(recipe, args, tokenizer)
     answers_carry_loss = args.completion_only_loss is not False or bool(args.assistant_only_loss)
     stats = figures.row_stats(rows, cut, stop_ids, answers_carry_loss)
-    packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"], args, data.max_length)
+    kept = stats["loss"] > 0 if not args.packing else np.ones(len(rows), bool)  # TRL drops rows left with no loss
+    stats["trained"] = np.where(kept, stats["tokens"], 0)
+    packing, efficiency, padding, packed_rows = figures.packing_line(stats["tokens"][kept], args, data.max_length)
     example = int(stats["loss"].argmax()) if stats["loss"].any() else 0
     how = f"packing {args.packing_strategy}" if args.packing else args.truncation_mode
     report = Report(
@@ -123,7 +125,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         max_length=data.max_length, records_by_source=data.records_by_source["train"],
         eval_records_by_source=data.records_by_source["eval"], evaluated_by_source=figures.records_by_source(data.eval),
         prompt_tokens=figures.percentiles(stats["prompt"]),
-        answer_tokens=figures.percentiles(stats["answer"]), tokens=int(stats["tokens"].sum()),
+        answer_tokens=figures.percentiles(stats["answer"]), tokens=int(stats["trained"].sum()),
         loss_on="the answers and their end-of-turn token" if answers_carry_loss else
         "every token (training.completion_only_loss: false)",
         loss_tokens=int(stats["loss"].sum()), truncated_rows=int((stats["tokens"] < stats["length"]).sum()),

@@ -102,13 +102,14 @@ def percentiles(values) -> dict[str, int]:
 
 def mix_table(stats: dict[str, Any], codes: str, names: str, sources: list[str] | None = None
               ) -> dict[str, dict[str, Any]]:
-    """Per name (entry, or source: in the data or `sources`): records (a source's `rows`), tokens and loss tokens as
-    trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and answer p50/max."""
+    """Per name (entry, or source: in the data or `sources`): records (a source's `rows`), tokens (`trained`) and loss
+    tokens as trained, their share of all loss tokens; per source also trainable and truncated rows, prompt and
+    answer p50/max."""
     total, out = int(stats["loss"].sum()) or 1, {}
     for name in sorted(set(stats[names]) | set(sources or ())):
         mine = stats[codes] == (stats[names].index(name) if name in stats[names] else -1)
         loss = int(stats["loss"][mine].sum())
-        mix = {"tokens": int(stats["tokens"][mine].sum()), "loss_tokens": loss, "loss_share": loss / total}
+        mix = {"tokens": int(stats["trained"][mine].sum()), "loss_tokens": loss, "loss_share": loss / total}
         if sources is None:
             out[name] = {"records": int(np.count_nonzero(mine)), **mix}
             continue
