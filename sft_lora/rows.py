@@ -179,9 +179,14 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
             continue
         table = rows.with_format("arrow")[:]  # once, not per column
         length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
-        cut = length > max_length
-        n, truncated, longest = len(length), int(cut.sum()), int(length.max(initial=0))
-        dropped = int((cut & (prompt >= max_length)).sum()) if args.truncation_mode == "keep_start" else 0
+        cut, longest = length > max_length, int(length.max(initial=0))
+        dropped = cut & (prompt >= max_length) & (args.truncation_mode == "keep_start")
+        if {"entry", "number"} <= set(table.column_names):  # a record that data.path's weight repeats: counted once
+            table = pa.table({"entry": table.column("entry"), "number": table.column("number"), "cut": cut,
+                              "dropped": dropped}).group_by(["entry", "number"]).aggregate([("cut", "max"),
+                                                                                            ("dropped", "max")])
+            cut, dropped = (table.column(name).to_numpy(zero_copy_only=False) for name in ("cut_max", "dropped_max"))
+        n, truncated, dropped = len(cut), int(cut.sum()), int(dropped.sum())
         if truncated == n:
             raise RecipeError(f"{origin}: all {n} records are longer than training.max_length={max_length} tokens "
                               f"(longest {longest}); raise training.max_length or shorten the records")

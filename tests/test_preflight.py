@@ -110,6 +110,15 @@ def test_a_template_that_moves_an_earlier_turn_gives_no_negative_figure(make_rec
     assert min(figures) >= 0 and report.loss_tokens > 0
 
 
+def test_the_length_notice_counts_records_once_however_often_a_weight_repeats_them(make_recipe, capsys):
+    notices = []
+    for weight in (1, 3):  # 224 records; weight 3: 672 rows, the notice said "… of 672 records"
+        path = make_recipe(data={"path": [{"path": str(SAMPLE), "weight": weight}], "eval_split": None})
+        assert main([str(path), "training.max_length=18", "check.ignore=[truncated, no_loss]", "--check"]) == 0
+        notices.append(re.search(r"notice: .*: (\d+ of \d+) records are longer", capsys.readouterr().out)[1])
+    assert notices[0] == notices[1] and notices[0].endswith(" of 224")
+
+
 def test_good_data_passes_and_the_report_adds_up(make_recipe):
     recipe, report = _report(make_recipe())
     assert report.failures == []
