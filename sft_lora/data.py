@@ -221,8 +221,9 @@ def load_datasets(args: DataArgs, seed: int = 42):
         records = _dataset(entry, args)
         if args.eval_split and not args.eval_path:
             size, split = len(records), args.eval_split
-            if round(size * split) < 1 or size - math.ceil(size * split) < 1:  # the training side: datasets' rounding
-                none, fix = ("eval", "raise") if round(size * split) < 1 else ("training", "lower")
+            # under half a record held out: refused (0.01 of 4 would hold out 25 %); datasets holds out ceil(share)
+            if size * split < 0.5 or size - math.ceil(size * split) < 1:
+                none, fix = ("eval", "raise") if size * split < 0.5 else ("training", "lower")
                 raise RecipeError(f"{entry.path}: data.eval_split={split} leaves no {none} record of {size}; {fix} it "
                                   "or set data.eval_path")
             records, test = records.train_test_split(test_size=args.eval_split, seed=seed).values()  # train, test

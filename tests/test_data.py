@@ -108,6 +108,11 @@ def test_several_files_are_weighted_by_seed_and_split_per_entry(tmp_path):
     assert len(train) == 16 + 4 + 40
     assert not {c[0]["content"] for c in evaluation["completion"][:4]} & {c[0]["content"] for c in
                                                                           train["completion"][:16]}
+    # half a record held out is one record, as datasets splits it (0.05 of 10 was refused as "no eval record"
+    # while 0.06 held out the same one); under half is refused
+    assert [len(d) for d in load_datasets(DataArgs(path=b, eval_split=0.05))] == [9, 1]
+    with pytest.raises(RecipeError, match=f"^{re.escape(b)}: data.eval_split=0.04 leaves no eval record of 10"):
+        load_datasets(DataArgs(path=b, eval_split=0.04))
     train, evaluation = load_datasets(DataArgs(path=a, eval_path=[b, {"path": a, "weight": 0.25}]))
     assert (len(train), len(evaluation)) == (20, 15)
     # YAML 1.1 reads 1e1 as a string; a weight that would make more rows than memory holds (a 142 GiB numpy
