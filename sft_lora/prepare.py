@@ -147,6 +147,9 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     from accelerate import PartialState
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
+        if tokenizer.convert_tokens_to_ids(args.eos_token) in (None, tokenizer.unk_token_id):  # would be <unk>
+            raise RecipeError(f"training.eos_token: '{args.eos_token}' is not a token of this tokenizer; name the "
+                              "chat template's end-of-turn token, or remove training.eos_token")
         tokenizer.eos_token = args.eos_token
     datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
     reason = next(filter(None, (unsupported(args, d) for d in datasets)), None)

@@ -501,6 +501,12 @@ def _(env):
             ["training.assistant_only_loss needs a chat template with {% generation %} markers", "data.chat_template"])
 
 
+@case("data: eos_token not in the vocabulary")
+def _(env):  # the pre-flight report blamed the tokenizer's own EOS (`<unk> or </s>`) for carrying no loss
+    return (*env.cli(env.recipe(training={"eos_token": "<|im_end|>"})),
+            ["training.eos_token: '<|im_end|>' is not a token of this tokenizer; name the chat template's end-of-turn"])
+
+
 @case("model: directory holds no model")
 def _(env):
     return (*env.cli(env.recipe(model={"name_or_path": str(env.tmp)})),
