@@ -185,6 +185,9 @@ def check_combinations(recipe) -> None:
     if reserved := sorted(taken & set(data.chat_template_kwargs)):  # sft_lora passes these itself
         raise KeyProblem("data.chat_template_kwargs", f"data.chat_template_kwargs: '{reserved[0]}' is set by sft_lora "
                          "or apply_chat_template itself, not a template variable; remove it")
+    if data.mask_history and recipe.training.completion_only_loss is False:  # loss on every token: nothing masked
+        raise KeyProblem("data.mask_history", "data.mask_history puts the loss on the last answer only, but "
+                         "training.completion_only_loss: false puts it on every token; remove one of them")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
     from .data import entries

@@ -501,6 +501,13 @@ def _(env):
             ["training.assistant_only_loss needs a chat template with {% generation %} markers", "data.chat_template"])
 
 
+@case("data: mask_history with the loss on every token")
+def _(env):  # training.assistant_only_loss kept both answers' loss, silently
+    path = env.recipe(data={"mask_history": True}, training={"completion_only_loss": False})
+    return *env.cli(path), [f"{path}:", "data.mask_history puts the loss on the last answer only, but "
+                            "training.completion_only_loss: false puts it on every token; remove one of them"]
+
+
 @case("data: eos_token not in the vocabulary")
 def _(env):  # the pre-flight report blamed the tokenizer's own EOS (`<unk> or </s>`) for carrying no loss
     return (*env.cli(env.recipe(training={"eos_token": "<|im_end|>"})),
