@@ -101,7 +101,7 @@ class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving `checkpoint` at `step`."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum = signum
+        self.signum, self.checkpoint = signum, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
 
 
@@ -109,7 +109,8 @@ class GracefulStop(TrainerCallback):
     """Installs the handlers for the length of `Trainer.train` (Python's defaults apply outside it)."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process received
+        self.stopped: int | None = None  # the signal training stops on: every rank's at the same step
         self._previous: dict[int, object] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -134,18 +135,22 @@ class GracefulStop(TrainerCallback):
         os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (again to exit now)\n".encode())
 
     def on_step_end(self, args, state, control, **kwargs):
+        stop = self.signum
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Any process's signal stops every rank at the same step: the save is a collective under ZeRO.
-            flag = torch.tensor([self.signum or 0], device=args.device)
+            # Any process's signal stops every rank at the same step: the save is a collective under ZeRO. The reduced
+            # flag alone decides: a signal handled just after the collective waits for the next step's (read from
+            # `signum` here, it stopped that rank alone, and the others hung in the next step's collective).
+            flag = torch.tensor([stop or 0], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = self.signum or int(flag.item()) or None  # its own signal, else another rank's, else none
-        if self.signum is not None:
+            stop = int(flag.item()) or None
+        if stop is not None:
+            self.stopped = stop
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False  # Trainer evaluates before it saves: a preemption's grace may not last
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.signum is not None:  # the stopped epoch's end: saved already, no evaluation on the way out
+        if self.stopped is not None:  # the stopped epoch's end: saved already, no evaluation on the way out
             control.should_evaluate = False
 
 
@@ -158,6 +163,6 @@ def interruptible(trainer) -> Iterator[None]:
         yield
     finally:
         stop.restore()
-    if stop.signum is not None:
+    if stop.stopped is not None:
         step = trainer.state.global_step
-        raise TrainingInterrupted(stop.signum, step, checkpoint_path(trainer.args, step))
+        raise TrainingInterrupted(stop.stopped, step, checkpoint_path(trainer.args, step))

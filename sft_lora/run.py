@@ -86,9 +86,11 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
     """Print `line` and, after a stop once training had started (`train` marks it), the command that continues."""
     if line:
         print(line, file=sys.stderr)
-    if getattr(exc, "training_started", False):  # this command with --resume (the last complete checkpoint)
+    # this command with --resume: the checkpoint a signal saved, else the last complete one; said by one rank
+    if getattr(exc, "training_started", False) and os.environ.get("RANK", "0") == "0":
         flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
-        command = [sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume"]
+        saved = [str(exc.checkpoint)] if getattr(exc, "checkpoint", None) else []
+        command = [sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume", *saved]
         print(f"to continue: {shlex.join(command)}", file=sys.stderr)
     return code
 

@@ -214,12 +214,40 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, t
     assert seen <= step < 500 and incomplete_reason(checkpoint) is None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
     assert f"interrupted: stopped by SIGTERM at step {step}; checkpoint saved to {checkpoint}" in stderr
-    assert f"to continue: {sys.executable} -m sft_lora.run {recipe} --resume\n" in stderr  # the exact command
+    # the exact command, naming the checkpoint just saved (a bare --resume took the newest complete one, which may
+    # be another, longer run's)
+    assert f"to continue: {sys.executable} -m sft_lora.run {recipe} --resume {checkpoint}\n" in stderr
     assert not (tmp_path / "final_model").exists(), "an unfinished run writes no final adapters"
     # The checkpoint resumes: two more steps.
     code, child = run([str(recipe), f"training.max_steps={step + 2}", "--resume"], tmp_path / "resume")
     assert code == 0, child.err()[-3000:]
     assert f"resuming from {checkpoint}" in child.out() and f"trained to step {step + 2}" in child.out()
+
+
+def test_every_rank_stops_at_the_step_the_reduced_stop_flag_names(monkeypatch):
+    """A signal handled just after a step's all-reduce waits for the next step's: read at once, it stopped that rank
+    alone while the others went on into the next step's collective (gloo: "collective mismatch", no checkpoint)."""
+    import types
+
+    from transformers import TrainerControl
+
+    import sft_lora.callbacks
+    from sft_lora.callbacks import GracefulStop
+
+    stop = GracefulStop()
+
+    def all_reduce(flag, op):  # the other rank had no signal; this one's handler runs right after the collective
+        stop.signum = signal.SIGTERM
+
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                 all_reduce=all_reduce, ReduceOp=types.SimpleNamespace(MAX="max"))
+    monkeypatch.setattr(sft_lora.callbacks, "dist", fake)
+    args, control = types.SimpleNamespace(device="cpu"), TrainerControl()
+    stop.on_step_end(args, None, control)
+    assert not control.should_training_stop and stop.stopped is None, "this step's reduced flag said: no signal"
+    fake.all_reduce = lambda flag, op: None  # the next step: this rank's flag, the maximum
+    stop.on_step_end(args, None, control)
+    assert control.should_training_stop and control.should_save and stop.stopped == signal.SIGTERM
 
 
 class _BlockAtStep3(TrainerCallback):
