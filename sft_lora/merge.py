@@ -22,8 +22,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
 
     from .model import stop_token_ids
     from .outputs import atomic_dir, check_not_inputs, check_target, redact
-    from .report import PLOT_FILE, SUMMARY_FILE, model_card
-    from .resume import file_sha256
+    from .report import model_card
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)
@@ -31,12 +30,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     default = f"merged-{name}" if name.startswith("checkpoint-") else name.replace("_adapters", "") + "_merged"
     output_dir = Path(output_dir or adapter_dir.with_name(default))
     check_not_inputs(output_dir, {"the adapter": adapter_dir, "the base model": base}, "choose another --output_dir")
-    # what a merge is made from: the adapter files but the report files, which training rewrites after merging
-    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
-                                                                                        "README.md"))
-    sha256 = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
     dequantize = bool(recipe.get("quantization")) and merge_into == "dequantized"  # plain LoRA: the original base
-    inputs = {"adapter_sha256": sha256, "base_model": base, "merge_into": "dequantized" if dequantize else "original"}
+    inputs = {"adapter_sha256": adapter_sha256(adapter_dir), "base_model": base,
+              "merge_into": "dequantized" if dequantize else "original"}
     if (earlier := _earlier_merge(adapter_dir, output_dir, inputs)) == "up to date":
         return output_dir
     overwrite = overwrite or earlier == "stale"  # the old merge of these same adapters: replacing it was asked
@@ -61,6 +57,16 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     return output_dir
 
 
+def adapter_sha256(adapter_dir: Path) -> str:
+    """What a merge is made from: the adapter files but the report files, which training rewrites after merging."""
+    from .report import PLOT_FILE, SUMMARY_FILE
+    from .resume import file_sha256
+
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
+                                                                                        "README.md"))
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
+
+
 def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | None) -> tuple[dict, str, str]:
     """(the saved recipe, the base model, merge_into) of an adapters directory, the arguments winning."""
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -72,6 +78,7 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
     if local_model_missing(base):
         raise RecipeError(f"{base}: base model directory not found; pass --base_model")
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base  # as the adapter names it: one base, one name
     if merge_into == "dequantized" and not recipe.get("quantization"):
         print(f"notice: {adapter_dir} is a plain LoRA adapter (no 4-bit base to dequantize); merging into the "
               "original weights")

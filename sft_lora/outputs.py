@@ -136,12 +136,16 @@ def check_outputs(recipe: Recipe) -> None:
 
 
 def remove_stale_merge(recipe: Recipe) -> None:
-    """With output.merge off, remove the merge an earlier run made of the adapters this run replaced (chat loads it)."""
+    """Remove the merge an earlier run made of this run's adapters directory once its adapters no longer match it:
+    chat would load it. With output.merge it is made again next, so a merge that fails leaves none, not a stale one."""
+    from .merge import adapter_sha256
+
     try:
         info = json.loads((recipe.merged_dir / "merge_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # none, or not an sft_lora merge: left alone
-    if not isinstance(info, dict) or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve():
+    if not isinstance(info, dict) or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve() or \
+            (info.get("inputs") or {}).get("adapter_sha256") == adapter_sha256(recipe.adapters_dir):  # up to date
         return
     again = f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} --overwrite makes it again"
     if recipe.merged_dir.is_symlink():  # what it points at is the user's: said, not deleted
@@ -149,7 +153,9 @@ def remove_stale_merge(recipe: Recipe) -> None:
               f"matches them; {again}")
         return
     shutil.rmtree(recipe.merged_dir)
-    print(f"removed {recipe.merged_dir}: the merge of the adapters this run replaced (output.merge: false; {again})")
+    if not recipe.output.merge:
+        print(f"removed {recipe.merged_dir}: the merge of the adapters this run replaced (output.merge: false; "
+              f"{again})")
 
 
 def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: str) -> None:

@@ -209,8 +209,9 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     """On the main process: the summary first (the merged card reads its losses), merge, smoke check, table, push."""
     from . import report
-    from .outputs import write_atomic
+    from .outputs import remove_stale_merge, write_atomic
 
+    remove_stale_merge(recipe)  # the merge of the adapters just replaced: none rather than a mismatched one
     report.write_summary(recipe.adapters_dir, summary)
     write_atomic(recipe.adapters_dir / "README.md", report.model_card(recipe.adapters_dir, recipe.model.name_or_path))
     if recipe.output.merge:
@@ -222,10 +223,6 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
-    else:
-        from .outputs import remove_stale_merge
-
-        remove_stale_merge(recipe)
     summary["smoke"] = None
     if n := min(recipe.report.smoke_prompts, len(held_out)):
         from .chat import smoke_check

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,11 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
     out = capsys.readouterr().out
     assert "is a plain LoRA adapter (no 4-bit base to dequantize); merging into the original weights" in out
     assert "up to date" in out and _files(merged) == before
+    # the same base named by a relative path is the same merge (refused as another base's before)
+    base = Path(recipe.model.name_or_path)
+    relative = os.path.relpath(base, Path.cwd())
+    assert merge_main(["--adapter_model", summary["adapters"], "--base_model", relative]) == 0
+    assert "up to date" in capsys.readouterr().out and _files(merged) == before
     copy = shutil.copytree(summary["adapters"], tmp_path / "x_adapters")
     assert merge_main(["--adapter_model", str(copy)]) == 0  # a fresh output: merged
     first = _files(tmp_path / "x_merged")
@@ -191,6 +198,13 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert f"removed {recipe.merged_dir}: the merge of the adapters this run replaced" in capsys.readouterr().out
     assert not recipe.merged_dir.exists() and (recipe.adapters_dir / "adapter_model.safetensors").is_file()
     assert (other / "model.safetensors").is_file()
+    # a merge the user then made of these adapters is up to date: a resume with nothing left keeps it (removed before)
+    merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir)
+    assert main([str(path), "training.seed=7", "output.merge=false", f"output.checkpoint_dir={tmp_path / 'c2'}",
+                 "--resume"]) == 0
+    assert "nothing left to train" in (out := capsys.readouterr().out) and "removed" not in out
+    assert (recipe.merged_dir / "model.safetensors").is_file()
+    shutil.rmtree(recipe.merged_dir)
     # a merged directory that is a link to the user's copy: said, not deleted (an rmtree error after training before)
     recipe.merged_dir.symlink_to(other, target_is_directory=True)
     (other / "merge_info.json").write_text(json.dumps({"adapter": str(recipe.adapters_dir)}))
@@ -198,6 +212,30 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     out = capsys.readouterr().out
     assert f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced" in out
     assert (other / "model.safetensors").is_file() and recipe.merged_dir.is_symlink()
+
+
+def test_a_run_whose_merge_fails_leaves_no_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys,
+                                                                              monkeypatch):
+    import sft_lora.merge
+    from sft_lora.merge import adapter_sha256
+
+    path = make_recipe(training={"max_steps": 2}, output={"merge": True}, report={"smoke_prompts": 0})
+    assert main([str(path)]) == 0
+    recipe = load_recipe(path)
+    assert recipe.merged_dir.is_dir()
+    merge = sft_lora.merge.merge_adapter
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while merging
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_lora.merge, "merge_adapter", interrupted)
+    assert main([str(path), "training.seed=7", f"output.checkpoint_dir={tmp_path / 'c2'}"]) == 130
+    assert not recipe.merged_dir.exists(), "the old merge stood beside the new adapters, and chat loaded it"
+    monkeypatch.setattr(sft_lora.merge, "merge_adapter", merge)
+    capsys.readouterr()
+    assert main([str(path), "training.seed=7", f"output.checkpoint_dir={tmp_path / 'c2'}", "--resume"]) == 0
+    info = json.loads((recipe.merged_dir / "merge_info.json").read_text())
+    assert info["inputs"]["adapter_sha256"] == adapter_sha256(recipe.adapters_dir)  # the continue command merged
 
 
 def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, tmp_path,
