@@ -245,6 +245,10 @@ def _start(text: str, width: int) -> str:
 def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:
     """The report, printed on the main process; RecipeError on a failed check not in `check.ignore`: every rank
     judges the same data itself, so all ranks stop together with no collective."""
+    from .trainer import check_source_metrics
+
+    if recipe.report.eval_per_source:  # as the trainer will: a run that --check passed stopped here
+        check_source_metrics(data.records_by_source["eval"])
     report = preflight(recipe, tokenizer, data)
     if main_process:
         print(report.text(recipe.check.ignore), flush=True)

@@ -141,13 +141,18 @@ def per_source_eval_sets(recipe: Recipe, evaluation):
     sources = sorted(set(column))  # one source: its loss is the overall loss
     if len(sources) < 2:
         return evaluation
+    check_source_metrics(sources)
+    return {OVERALL: evaluation, **{f"{OVERALL}/{s}": evaluation.select([i for i, v in enumerate(column) if v == s])
+                                    for s in sources}}
+
+
+def check_source_metrics(sources) -> None:
+    """RecipeError when two eval sources would log under one metric name (one loss for both); --check says it too."""
     named: dict[str, str] = {}
-    for source in sources:  # two sources under one metric name would log one loss for both
+    for source in sorted(sources):
         if (other := named.setdefault(source_metric(source), source)) != source:
             raise RecipeError(f"sources '{other}' and '{source}' share the eval metric {source_metric(source)}_loss "
                               "(whitespace becomes '_'); rename one, or set report.eval_per_source: false")
-    return {OVERALL: evaluation, **{f"{OVERALL}/{s}": evaluation.select([i for i, v in enumerate(column) if v == s])
-                                    for s in sources}}
 
 
 def _absolute(name_or_path: str) -> str:

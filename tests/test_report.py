@@ -21,6 +21,7 @@ from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.outputs import MANIFEST_FILE, build_manifest
 from sft_lora.report import model_card
 from sft_lora.resume import file_sha256
+from sft_lora.run import main
 
 from .conftest import ROOT, SAMPLE
 
@@ -287,7 +288,7 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
     assert "- data: `a.jsonl` × 0.5 (source x), `b.jsonl`\n" in card
 
 
-def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe):
+def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe, capsys):
     from datasets import Dataset
 
     from sft_lora.config import RecipeError
@@ -301,6 +302,13 @@ def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe):
     assert sorted(sets) == ["eval", "eval/x y", "eval/z"] and len(sets["eval/x y"]) == 2
     recipe = load_recipe(make_recipe(report={"eval_per_source": False}))
     assert per_source_eval_sets(recipe, evaluation) is evaluation
+    # --check says it as the run does (it passed, then the run stopped after the report)
+    records = make_recipe().parent / "clash.jsonl"
+    records.write_text("".join(json.dumps({"input": f"q{n}", "output": "a", "source": ("web qa", "web_qa")[n % 2]})
+                               + "\n" for n in range(8)))
+    for flags in (["--check"], []):
+        assert main([str(make_recipe(data={"path": str(records), "eval_split": 0.5})), *flags]) == 2
+        assert "sources 'web qa' and 'web_qa' share the eval metric eval_web_qa_loss" in capsys.readouterr().err
 
 
 def test_evaluating_per_source_does_not_change_the_trained_weights(tmp_path, tiny_model):
