@@ -108,12 +108,14 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
     return str(directory / f"{key.hexdigest()[:32]}.arrow")
 
 
-def trainable(rows):
-    """The rows TRL trains on: those truncation leaves with a label (TRL drops the others), in order."""
+def trainable(rows, cut: int | None = None):
+    """The rows TRL trains on: those truncation leaves with a label (TRL drops the others), in order; `cut`: where
+    rows prepared whole are cut later (packing's bfd), None where nothing is."""
     import numpy as np
     import pyarrow.compute as pc
     table = rows.with_format("arrow")[:]  # honours a selection (indices mapping); zero-copy otherwise
-    keep = pc.list_value_length(table.column("input_ids")).to_numpy() > table.column(PROMPT).to_numpy()
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
+    keep = (lengths if cut is None else np.minimum(lengths, cut)) > table.column(PROMPT).to_numpy()
     return rows if keep.all() else rows.select(np.flatnonzero(keep), keep_in_memory=True)
 
 
@@ -177,7 +179,10 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     prepared.records, prepared.eval_records = (None if d is None else d.select_columns(
         [c for c in kept if c in d.column_names]) for d in (train_dataset, eval_dataset))
     prepared.train = trainable(prepared.rows)
-    prepared.eval = trainable(prepared.eval_rows) if eval_dataset is not None else None
+    # evaluation drops an eval row that packing's cut leaves without a label, as it drops one truncation leaves so: it
+    # was kept, and a source of such rows alone evaluated to a loss of 0.0 (training packs them, as TRL does)
+    eval_cut = None if eval_packing and args.packing_strategy != "bfd" else args.max_length
+    prepared.eval = trainable(prepared.eval_rows, eval_cut) if eval_dataset is not None else None
     if not args.packing:
         if args.shuffle_dataset:  # what TRL's skipped preparation would have done
             prepared.train = prepared.train.shuffle(seed=args.seed)

@@ -174,13 +174,14 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
               "takes longer inputs")
     evaluation = " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{train} (eval split)"
     for which, origin in (("train", train), ("eval", evaluation)):
-        rows = report_rows(data, tokenizer, which)
-        if rows is None or max_length is None or args.packing:  # packing splits sequences instead
+        rows, packing = report_rows(data, tokenizer, which), args.packing
+        packing = args.eval_packing if which == "eval" and args.eval_packing is not None else packing
+        if rows is None or max_length is None or (packing and args.packing_strategy != "bfd"):  # others split rows
             continue
         table = rows.with_format("arrow")[:]  # once, not per column
         length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
         cut, longest = length > max_length, int(length.max(initial=0))
-        dropped = cut & (prompt >= max_length) & (args.truncation_mode == "keep_start")
+        dropped = cut & (prompt >= max_length) & (args.truncation_mode == "keep_start") & (not packing)
         if {"entry", "number"} <= set(table.column_names):  # a record that data.path's weight repeats: counted once
             table = pa.table({"entry": table.column("entry"), "number": table.column("number"), "cut": cut,
                               "dropped": dropped}).group_by(["entry", "number"]).aggregate([("cut", "max"),

@@ -119,6 +119,29 @@ def test_the_length_notice_counts_records_once_however_often_a_weight_repeats_th
     assert notices[0] == notices[1] and notices[0].endswith(" of 224")
 
 
+def test_packing_cuts_are_noticed_and_eval_rows_left_without_a_label_are_not_evaluated(make_recipe, tmp_path,
+                                                                                       capsys):
+    # TRL's bfd packing cuts each record at max_length: the length notice skipped packing, and an eval row whose
+    # answer the cut removes was kept (a source of such rows alone evaluated to a loss of 0.0)
+    long = [{"input": LONG_QUESTION, "output": "4.", "source": "long"}] * 2
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in SAMPLE_RECORDS[60:66] + long), encoding="utf-8")
+    path = make_recipe(data={"path": _data(tmp_path, SAMPLE_RECORDS[:60] + long), "eval_split": None,
+                             "eval_path": str(evaluation)}, training={"max_length": 64, "packing": True},
+                       check={"ignore": ["no_loss", "truncated", "empty_source"]})
+    assert main([str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 62 records are longer than training.max_length=64 tokens and are truncated" in out
+    assert "2 of 8 records are longer than training.max_length=64 tokens and are truncated" in out
+    assert "source 'long': 2 of 2 eval records lose their whole answer to training.max_length and are not " \
+           "evaluated" in out
+    recipe = load_recipe(path)
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    prepared = prepare_datasets(recipe.training, tokenizer, *load_datasets(recipe.data))
+    assert len(prepared.eval) == 6 and "long" not in prepared.eval["source"]
+    assert len(prepared.train) == 62  # training packs them all, as TRL does
+
+
 def test_good_data_passes_and_the_report_adds_up(make_recipe):
     recipe, report = _report(make_recipe())
     assert report.failures == []
