@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError, first_line, local_model_missing, printable, read_saved_recipe, saved_section
+from .config import RecipeError, local_model_missing, read_saved_recipe, saved_section
 from .model import stop_token_ids
+from .text import first_line, printable
 from .turns import opened, template_kwargs
 
 

@@ -5,15 +5,14 @@ import dataclasses
 import enum
 import re
 import typing
-import unicodedata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import decisions, keys, recipe_yaml
-from .redaction import scrub
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
+from .text import first_line
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
 SEED_FLAGS = {  # the seed's command-line flags (README.ko) and the recipe key each one sets
@@ -24,24 +23,6 @@ SEED_FLAGS = {  # the seed's command-line flags (README.ko) and the recipe key e
 
 class RecipeError(ValueError):
     """A mistake the user can fix in the recipe or on the command line; printed as one line."""
-
-
-def first_line(exc: BaseException, whole: bool = False) -> str:
-    """The first line of an upstream exception's message (its type when empty), for a one-line RecipeError; `whole`:
-    all its lines joined (an upstream config check may end its first line mid-sentence: "…, but found")."""
-    lines = str(exc).split() if whole else str(exc).strip().splitlines()[:1]
-    return " ".join(lines) or type(exc).__name__
-
-
-def printable(text: str) -> str:
-    """An error line made safe to print: control characters and lone surrogates escaped, credentials redacted."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in scrub(text))
-
-
-def columns(text: str) -> int:
-    """Terminal columns of `text`: a wide character (Hangul) takes two, a combining one (decomposed Hangul) none."""
-    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") or 0x1160 <= ord(c) <= 0x11FF else
-               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 @dataclasses.dataclass

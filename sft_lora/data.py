@@ -10,11 +10,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import DataArgs, RecipeError, first_line, looks_like_hub_id
+from .config import DataArgs, RecipeError, looks_like_hub_id
 from .keys import coerce, suggest
+from .text import first_line
 from .turns import chat
 
-KEYS = ("path", "source", "weight")  # of a data entry
+KEYS = ("path", "source", "weight", "split")  # of a data entry
 # Records turned into Arrow at a time. Converting all records' Python objects at once peaked at 6.1 GiB RSS for
 # 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
 CHUNK = 20_000
@@ -25,11 +26,13 @@ SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode t
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of `data.path`: `source` names its records that have no source of their own; `weight` samples it."""
+    """One file of `data.path`: `source` names its records that have no source of their own; `weight` samples it;
+    `split`: the split of a hub dataset or DatasetDict directory to read (else `data.split`)."""
 
     path: str
     source: str | None = None
     weight: float = 1.0
+    split: str | None = None
 
 
 class BadRecord(str):
@@ -37,7 +40,7 @@ class BadRecord(str):
 
 
 def entries(value: Any, key: str = "data.path") -> list[Entry]:
-    """`data.path` / `data.eval_path` (a path or a list of paths and {path, source, weight}) as entries."""
+    """`data.path` / `data.eval_path` (a path or a list of paths and {path, source, weight, split}) as entries."""
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ValueError(f"{key} is an empty list; give at least one data file")
@@ -46,19 +49,20 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
         where = f"{key}[{n}]" if isinstance(value, list) else key
         item = {"path": item} if isinstance(item, str) else item
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight}}, got {item!r}")
+            raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight, split}}, got {item!r}")
         if unknown := [str(name) for name in item if name not in KEYS]:
-            raise ValueError(f"{where}: unknown key '{unknown[0]}' (path, source, weight){suggest(unknown[0], KEYS)}")
+            raise ValueError(f"{where}: unknown key '{unknown[0]}' ({', '.join(KEYS)}){suggest(unknown[0], KEYS)}")
         path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
         weight = coerce(weight, float, 1.0)  # YAML 1.1 reads `1e3` as a string
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
-        if source is not None and not isinstance(source, str):
-            raise ValueError(f"{where}.source must be a string, got {source!r}")
+        for name in ("source", "split"):
+            if item.get(name) is not None and not isinstance(item[name], str):
+                raise ValueError(f"{where}.{name} must be a string, got {item[name]!r}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise ValueError(f"{where}.weight must be a number > 0 (0.5 = half the records, 2 = each twice), "
                              f"got {weight!r}")
-        out.append(Entry(path, source, float(weight)))
+        out.append(Entry(path, source, float(weight), item.get("split")))
     return out
 
 
@@ -67,10 +71,11 @@ def paths(value: Any) -> list[str]:
     return [e.path for e in entries(value)] if value else []
 
 
-def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[tuple[int, Any]]:
+def read_records(path: str, args: DataArgs, key: str = "data.path", split: str | None = None
+                 ) -> Iterable[tuple[int, Any]]:
     """(number, record) pairs (the line of a .jsonl, read lazily; the record's number in a .json, a dir, a hub
-    dataset: see `locate`); errors name `key`, the recipe key the path came from."""
-    p = Path(path)
+    dataset: see `locate`, its `split`, else `data.split`); errors name `key`, the recipe key the path came from."""
+    p, split = Path(path), split or args.split
     if p.suffix in (".json", ".jsonl") and p.is_file():
         return _jsonl_records(p, key) if p.suffix == ".jsonl" else _json_records(p)
     if p.is_dir() and p.suffix not in (".json", ".jsonl"):  # a directory named .json is a data file not found
@@ -81,9 +86,10 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
             raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); {key} takes .json, .jsonl, a "
                               "save_to_disk directory or a hub dataset id") from None
         if isinstance(dataset, DatasetDict):
-            if args.split not in dataset:
-                raise RecipeError(f"{p}: no split '{args.split}' (has {', '.join(dataset)}); set data.split")
-            dataset = dataset[args.split]
+            if split not in dataset:
+                raise RecipeError(f"{p}: no split '{split}' (has {', '.join(dataset)}); set data.split or the "
+                                  "entry's split")
+            dataset = dataset[split]
         return enumerate(dataset.to_list(), 1)
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
@@ -93,7 +99,7 @@ def read_records(path: str, args: DataArgs, key: str = "data.path") -> Iterable[
         raise RecipeError(f"{p}: data file not found{relative}; check {key}")
     from datasets import load_dataset
     try:
-        return enumerate(load_dataset(path, split=args.split).to_list(), 1)
+        return enumerate(load_dataset(path, split=split).to_list(), 1)
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
         raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check {key} and "
                           "network") from None
@@ -177,7 +183,7 @@ def _dataset(entry: Entry, args: DataArgs, key: str = "data.path"):
     """The records of one entry as a Dataset of prompt/completion/source/entry, converted `CHUNK` at a time."""
     from datasets import Dataset, concatenate_datasets
     from datasets.utils import tqdm  # datasets' bars: off where HF_DATASETS_DISABLE_PROGRESS_BARS says so
-    records = iter(read_records(entry.path, args, key))
+    records = iter(read_records(entry.path, args, key, entry.split))
     parts, total, skipped, first_skipped = [], 0, 0, ""
     with tqdm(desc=f"Reading {entry.path}", unit=" records", delay=READ_BAR_DELAY) as bar:
         while chunk := list(islice(records, CHUNK)):

@@ -8,14 +8,13 @@ import importlib
 import inspect
 import math
 import os
-import re
 import types
 import typing
 from typing import Any
 
-from .recipe_yaml import leaves
-from .redaction import TOKEN_FORMATS, WANDB_KEY, secret_env_values
+from .recipe_yaml import expand_env, leaves
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
+from .text import TOKEN_FORMATS, WANDB_KEY, secret_env_values
 
 
 class KeyProblem(ValueError):
@@ -104,46 +103,6 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
                              "(HF_TOKEN, WANDB_API_KEY), never in a recipe")
 
 
-def expand_env(value: Any, dotted: str) -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` (the default also when VAR is empty, as in the shell) in a string value,
-    inside lists and mappings too, so one recipe serves several machines; a leading `~` in a path key's value."""
-    if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
-        return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
-    if isinstance(value, dict):
-        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, str) else item for key, item in
-                value.items()}
-    if not isinstance(value, str):
-        return value
-    value = _substitute(value, dotted)
-    return os.path.expanduser(value) if {dotted, dotted.removesuffix(".path")} & PATH_KEYS else value
-
-
-def _substitute(text: str, dotted: str) -> str:
-    """`text` with each `${VAR}` or `${VAR:-default}` replaced; a default may hold references (`${A:-${B}/x}`),
-    expanded only where it is used, as in the shell; a `${` not closed, or not naming a variable, stays as written."""
-    out, start = "", 0
-    while (opening := text.find("${", start)) >= 0:
-        depth, end = 0, opening
-        while end < len(text) and (depth := depth + text.startswith("${", end) - (text[end] == "}")):
-            end += 1
-        reference = re.fullmatch(r"\$\{(\w+)(?::-(.*))?\}", text[opening:end + 1], flags=re.S)
-        out, start = out + text[start:opening], end + 1
-        if reference is None:
-            out += text[opening:end + 1]
-        elif (var := reference[1]) in os.environ and (os.environ[var] or reference[2] is None):
-            out += os.environ[var]
-        elif reference[2] is not None:
-            out += _substitute(reference[2], dotted)
-        else:
-            raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
-                             f"${{{var}:-default}}")
-    return out + text[start:]
-
-
-PATH_KEYS = {"model.name_or_path", "data.path", "data.eval_path", "data.chat_template", "output.dir",
-             "output.checkpoint_dir"}  # a leading `~` in these is the home directory
-
-
 def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
     """(use_qlora, accelerate_config): QLoRA unless use_qlora is false (the seed's default)."""
     use_qlora, accelerate_config = raw.get("use_qlora"), raw.get("accelerate_config")
@@ -179,6 +138,21 @@ def check_combinations(recipe) -> None:
                          f"{', '.join(CHECK_NAMES)}){suggest(str(unknown[0]), CHECK_NAMES)}")
     if (smoke := recipe.report.smoke_prompts) < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
+    _check_data(recipe)
+    from transformers.integrations import get_reporting_integration_callbacks
+    try:  # what Trainer checks when it is built, after the data is prepared
+        get_reporting_integration_callbacks(recipe.training.report_to)
+    except ValueError as exc:
+        raise KeyProblem("training.report_to", f"training.report_to: {exc}") from None
+    strategy = recipe.training.eval_strategy  # an IntervalStrategy: a str enum
+    if strategy != "no" and not (data.eval_split or data.eval_path):
+        raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "
+                         "set data.eval_split or data.eval_path")
+
+
+def _check_data(recipe) -> None:
+    """The data section's combinations: template variables sft_lora sets itself, the data entries, evaluation."""
+    data = recipe.data
     from transformers import PreTrainedTokenizerBase
     taken = {*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages"}
     taken -= {"self", "kwargs"}
@@ -191,20 +165,19 @@ def check_combinations(recipe) -> None:
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
     from .data import entries
+    read = {}
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
         try:
-            entries(getattr(data, key), f"data.{key}")
+            read[key] = [(os.path.realpath(e.path) if os.path.exists(e.path) else e.path,
+                          None if os.path.isfile(e.path) else e.split or data.split)  # a file has no splits
+                         for e in entries(getattr(data, key), f"data.{key}")]
         except ValueError as exc:
             raise KeyProblem(f"data.{key}", str(exc)) from None
-    from transformers.integrations import get_reporting_integration_callbacks
-    try:  # what Trainer checks when it is built, after the data is prepared
-        get_reporting_integration_callbacks(recipe.training.report_to)
-    except ValueError as exc:
-        raise KeyProblem("training.report_to", f"training.report_to: {exc}") from None
-    strategy = recipe.training.eval_strategy  # an IntervalStrategy: a str enum
-    if strategy != "no" and not (data.eval_split or data.eval_path):
-        raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "
-                         "set data.eval_split or data.eval_path")
+    if same := [what for what in read.get("eval_path", []) if what in read["path"]]:
+        split = f" (split '{same[0][1]}')" if same[0][1] else ""
+        raise KeyProblem("data.eval_path", f"data.eval_path: {same[0][0]}{split} is training data too, and an eval "
+                         "loss on it says nothing of held-out records; evaluate on another file, another split "
+                         "({path: …, split: test}) or set data.eval_split instead")
 
 
 def suggest(key: str, choices) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import RECIPE_FILE, RecipeError, local_model_missing, printable, read_saved_recipe, saved_section
+from .config import RECIPE_FILE, RecipeError, local_model_missing, read_saved_recipe, saved_section
+from .text import printable
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
@@ -21,8 +22,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from transformers import AutoTokenizer
 
     from .model import stop_token_ids
-    from .outputs import atomic_dir, check_not_inputs, check_target, redact
+    from .outputs import atomic_dir, check_not_inputs, check_target
     from .report import model_card
+    from .text import redact
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)

@@ -5,7 +5,8 @@
 import os
 from pathlib import Path
 
-from .config import DataArgs, ModelArgs, Recipe, RecipeError, first_line, local_model_missing, looks_like_hub_id
+from .config import DataArgs, ModelArgs, Recipe, RecipeError, local_model_missing, looks_like_hub_id
+from .text import first_line
 
 # Used when a tokenizer has none (base models). Zephyr-style role markers, each turn ends with the tokenizer's
 # EOS, so the end of the answer is a token the model already stops on. Turns are joined by "\n" (not ended by
@@ -217,3 +218,18 @@ def push_outputs(recipe: Recipe) -> str:
                           "outputs are saved; check the repo id and that HF_TOKEN may write to it") from None
     print(f"pushed {directory} to {commit.commit_url}")
     return commit.commit_url
+
+
+def base_license(base_model: str) -> str | None:
+    """The license the base model's own card names (local dir, or the hub cache; never the network), else None."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    readme = Path(base_model) / "README.md"
+    try:
+        if not readme.is_file():
+            if not looks_like_hub_id(base_model):
+                return None
+            readme = Path(hf_hub_download(base_model, "README.md", local_files_only=True))
+        return ModelCard.load(readme).data.license
+    except Exception:  # no card, not cached, unreadable metadata: the license is unknown
+        return None

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from .config import RECIPE_FILE, Recipe, RecipeError, first_line
+from .config import RECIPE_FILE, Recipe, RecipeError
 from .data import paths
-from .redaction import is_secret_name
 from .resume import named_or_hashed, recipe_sha256
+from .text import first_line, redact
 
 MANIFEST_FILE = "manifest.json"
 
@@ -212,15 +212,6 @@ def save_adapters(trainer, recipe: Recipe, tokenizer) -> None:
         (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(recipe, tokenizer), indent=2) + "\n",
                                          encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """`value` with every string under a secret-looking key (`training.hub_token: ${HF_TOKEN}`) replaced."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    return "<redacted>" if isinstance(value, str) and value and is_secret_name(key) else value
 
 
 def _version(name: str) -> str | None:

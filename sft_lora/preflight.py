@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 
 from . import rows as figures
-from .config import Recipe, RecipeError, columns
+from .config import Recipe, RecipeError
 from .data import locate
 from .prepare import Prepared, report_rows
 from .sections import CHECK_NAMES
+from .text import columns, shortened, table_names
 
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
 SOURCE_COLUMNS = (("source", 16), ("train", 7), ("eval", 6), ("prompt p50/max", 16), ("answer p50/max", 16),
@@ -65,7 +66,7 @@ class Report:
         limit = f"max_length {self.max_length}" if self.max_length else "no max_length"
         truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})"]
-        name = _names([*self.by_source, *self.eval_records_by_source, *self.by_entry])
+        name = table_names([*self.by_source, *self.eval_records_by_source, *self.by_entry])
         lines += _table(SOURCE_COLUMNS, [
             [name[source], str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
              *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
@@ -162,7 +163,7 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
         row = records[index]
         question = row["prompt"][-1]["content"] if row["prompt"] else ""
         where = locate(row["entry"], row["number"]) if "number" in row else f"training record {index + 1}"
-        return f"{where}, source '{row['source']}', question '{_cut(question, 40)}'"
+        return f"{where}, source '{row['source']}', question '{shortened(question, 40)}'"
 
     drift = np.flatnonzero(stats["drift"])
     if len(drift):  # the model would train on a context it never sees at inference
@@ -211,35 +212,6 @@ def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     runs = itertools.groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != figures.IGNORE)
     texts = ((loss, tokenizer.decode([token for token, _ in run], skip_special_tokens=False)) for loss, run in runs)
     return "".join(f"{MARK[0]}{text}{MARK[1]}" if loss else text for loss, text in texts)
-
-
-def _cut(text: str, width: int, middle: bool = False) -> str:
-    """`text` on one line in at most `width` columns (a CJK character takes two), cut at the end or the middle."""
-    text = " ".join(text.split())
-    if columns(text) <= width:
-        return text
-    if not middle:
-        return _start(text, width - 1) + "…"
-    head = _start(text, (width - 1) // 2)
-    return head + "…" + _start(text[::-1], width - 1 - columns(head))[::-1]
-
-
-def _names(names: list[str], width: int = 34) -> dict[str, str]:
-    """Each source or file name as the tables show it: cut in the middle, or whole where cuts would look alike."""
-    cut = {name: _cut(name, width, middle=True) for name in names}
-    return cut if len(set(cut.values())) == len(cut) else {name: " ".join(name.split()) for name in names}
-
-
-def _start(text: str, width: int) -> str:
-    """The longest start of `text` within `width` columns."""
-    used = 0
-    for n, char in enumerate(text):
-        used += columns(char)
-        if used > width:
-            return text[:n]
-    return text
-
-
 
 
 def run_check(recipe: Recipe, tokenizer, data: Prepared, *, main_process: bool = True) -> Report:

@@ -1,13 +1,18 @@
 """Recipe YAML read strictly, so every problem is one line naming file:line (or the override), never a hang: PyYAML's
 safe loader keeps the last of two equal keys, expands aliases without bound (a 450-byte "billion laughs" recipe walks
-10⁹ values) and builds dates, sets and bytes from tags; `RecipeLoader` refuses all three and keeps dates as text."""
+10⁹ values) and builds dates, sets and bytes from tags; `RecipeLoader` refuses all three and keeps dates as text.
+Values then take `${VAR}` from the environment (`expand_env`)."""
 
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
+
+from .text import first_line, printable
 
 MAX_VALUES = 100_000  # a recipe holds hundreds; a 64 KB file without aliases cannot reach this
 PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map",
@@ -87,7 +92,7 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
 
 def parse(text: str, where: str) -> Any:
     """(data, root node) of YAML `text`; RecipeError `where[:line]: not valid YAML (…)` for any problem."""
-    from .config import RecipeError, first_line
+    from .config import RecipeError
     try:
         loader = RecipeLoader(text)  # in the try: libyaml refuses a lone surrogate here; its dispose() is a no-op
         node = loader.get_single_node()
@@ -106,7 +111,7 @@ def parse(text: str, where: str) -> Any:
 
 def value(text: str, item: str) -> Any:
     """An override's or flag's value, typed like YAML; RecipeError naming the override."""
-    from .config import RecipeError, printable
+    from .config import RecipeError
     item = printable(item)  # one line: a newline in it shown as \n
     try:
         data, node = parse(text, "command line")
@@ -140,3 +145,45 @@ def _out_of_range(value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return "a finite number"
     return "a number within 64 bits" if isinstance(value, int) and not -(2**63) < value < 2**63 else None
+
+
+def expand_env(value: Any, dotted: str) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` (the default also when VAR is empty, as in the shell) in a string value,
+    inside lists and mappings too, so one recipe serves several machines; a leading `~` in a path key's value."""
+    if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
+        return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
+    if isinstance(value, dict):
+        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, str) else item for key, item in
+                value.items()}
+    if not isinstance(value, str):
+        return value
+    value = _substitute(value, dotted)
+    return os.path.expanduser(value) if {dotted, dotted.removesuffix(".path")} & PATH_KEYS else value
+
+
+def _substitute(text: str, dotted: str) -> str:
+    """`text` with each `${VAR}` or `${VAR:-default}` replaced; a default may hold references (`${A:-${B}/x}`),
+    expanded only where it is used, as in the shell; a `${` not closed, or not naming a variable, stays as written."""
+    out, start = "", 0
+    while (opening := text.find("${", start)) >= 0:
+        depth, end = 0, opening
+        while end < len(text) and (depth := depth + text.startswith("${", end) - (text[end] == "}")):
+            end += 1
+        reference = re.fullmatch(r"\$\{(\w+)(?::-(.*))?\}", text[opening:end + 1], flags=re.S)
+        out, start = out + text[start:opening], end + 1
+        if reference is None:
+            out += text[opening:end + 1]
+        elif (var := reference[1]) in os.environ and (os.environ[var] or reference[2] is None):
+            out += os.environ[var]
+        elif reference[2] is not None:
+            out += _substitute(reference[2], dotted)
+        else:
+            from .keys import KeyProblem  # keys imports this module
+
+            raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
+                             f"${{{var}:-default}}")
+    return out + text[start:]
+
+
+PATH_KEYS = {"model.name_or_path", "data.path", "data.eval_path", "data.chat_template", "output.dir",
+             "output.checkpoint_dir"}  # a leading `~` in these is the home directory

@@ -7,8 +7,9 @@ from typing import Any
 
 import yaml
 
-from .config import columns, looks_like_hub_id, read_saved_recipe
+from .config import looks_like_hub_id, read_saved_recipe
 from .outputs import atomic_file, write_atomic
+from .text import columns
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -185,7 +186,8 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     """The card: `ModelCardData` metadata, base model, method, data table, how to load it, recipe (secrets redacted)."""
     from huggingface_hub import ModelCardData
 
-    from .outputs import redact
+    from .model import base_license
+    from .text import redact
 
     method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
     adapters = merged_into is None
@@ -236,20 +238,5 @@ def _files(path) -> str:
 
     if not path:
         return "?"
-    return ", ".join(f"`{e.path}`" + f" × {e.weight:g}" * (e.weight != 1) + f" (source {e.source})" * bool(e.source)
-                     for e in entries(path))
-
-
-def base_license(base_model: str) -> str | None:
-    """The license the base model's own card names (local dir, or the hub cache; never the network), else None."""
-    from huggingface_hub import ModelCard, hf_hub_download
-
-    readme = Path(base_model) / "README.md"
-    try:
-        if not readme.is_file():
-            if not looks_like_hub_id(base_model):
-                return None
-            readme = Path(hf_hub_download(base_model, "README.md", local_files_only=True))
-        return ModelCard.load(readme).data.license
-    except Exception:  # no card, not cached, unreadable metadata: the license is unknown
-        return None
+    return ", ".join(f"`{e.path}`" + f" ({e.split})" * bool(e.split) + f" × {e.weight:g}" * (e.weight != 1)
+                     + f" (source {e.source})" * bool(e.source) for e in entries(path))

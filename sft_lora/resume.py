@@ -75,7 +75,7 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
     points at (a list of data entries: its entries' hashes joined, with any weight or source), and the length."""
     files = {f"data.{key}": "+".join(named_or_hashed(e.path) + ("" if (e.weight, e.source) == (1, None)
                                                                  else f"*{e.weight:g}@{e.source}")
-                                     for e in entries(getattr(recipe.data, key)))
+                                     + (f"/{e.split}" if e.split else "") for e in entries(getattr(recipe.data, key)))
              for key in ("path", "eval_path") if getattr(recipe.data, key)}
     if recipe.data.chat_template:
         files["data.chat_template"] = named_or_hashed(recipe.data.chat_template)

@@ -9,8 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import SEED_FLAGS, Recipe, RecipeError, first_line, load_recipe, printable
+from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe
 from .sections import recipe_keys
+from .text import first_line, printable
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,8 @@ import torch
 from trl import SFTTrainer
 
 from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume
-from .config import Recipe, RecipeError, first_line
+from .config import Recipe, RecipeError
+from .text import first_line
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 # The one private TRL name sft_lora relies on: the device test with which TRL's fused LM head

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from sft_lora.config import DataArgs, RecipeError
+from sft_lora.config import DataArgs, RecipeError, load_recipe
 from sft_lora.data import load_datasets
 
-from .conftest import SAMPLE
+from .conftest import SAMPLE, write_recipe
 
 RECORDS = [
     {"input": "What is 2 plus 2?", "output": "2 plus 2 is 4.", "source": "arith_en"},
@@ -124,7 +124,7 @@ def test_several_files_are_weighted_by_seed_and_split_per_entry(tmp_path):
 
 @pytest.mark.parametrize("value, message", [
     ([], "data.path is required"),
-    (["a.jsonl", {"file": "b.jsonl"}], "data.path[1]: unknown key 'file' (path, source, weight)"),
+    (["a.jsonl", {"file": "b.jsonl"}], "data.path[1]: unknown key 'file' (path, source, weight, split)"),
     ([{"path": "a.jsonl", "weight": 0}], "data.path[0].weight must be a number > 0"),
     ([{"path": "a.jsonl", "weight": "nan"}], "data.path[0].weight must be a number > 0"),  # a traceback later before
     ([{"path": "a.jsonl", "source": 3}], "data.path[0].source must be a string"),
@@ -191,6 +191,29 @@ def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
     from_jsonl, from_saved = (load_datasets(DataArgs(path=str(tmp_path / n)))[0] for n in ("mixed.jsonl", "saved"))
     assert from_saved.to_dict() | {"entry": None} == from_jsonl.to_dict() | {"entry": None}
     assert from_saved["completion"][1] == [{"role": "assistant", "content": "A."}]
+
+
+def test_an_entry_names_its_split_and_eval_data_that_is_training_data_is_refused(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    splits = {name: Dataset.from_list([{"input": f"{name} q{i}", "output": f"{name} a{i}"} for i in range(n)])
+              for name, n in (("train", 6), ("test", 3))}
+    DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    directory = str(tmp_path / "dd")
+    train, evaluation = load_datasets(DataArgs(path=directory, eval_path=[{"path": directory, "split": "test"}]))
+    assert (len(train), len(evaluation)) == (6, 3) and evaluation["completion"][0][0]["content"] == "test a0"
+    with pytest.raises(RecipeError, match="dd: no split 'dev' \\(has train, test\\); set data.split or the entry's"):
+        load_datasets(DataArgs(path=[{"path": directory, "split": "dev"}]))
+    # the same directory and split for training and evaluation: it evaluated on the training records, silently
+    recipe = write_recipe(tmp_path, tmp_path / "model", data={"path": directory, "eval_split": None,
+                                                             "eval_path": directory})
+    with pytest.raises(RecipeError, match=f"data.eval_path: {re.escape(directory)} \\(split 'train'\\) is "
+                                          "training data too, and an eval loss on it says nothing of held-out"):
+        load_recipe(recipe, ["model.build_tiny=true"])
+    for same in ("data.eval_path=[b.jsonl, a.jsonl]", "data.eval_path=org/ds"):  # a file; a hub id
+        with pytest.raises(RecipeError, match="is training data too"):
+            load_recipe(recipe, ["data.path=[a.jsonl, org/ds]", same])
+    load_recipe(recipe, ["model.build_tiny=true", f"data.eval_path=[{{path: {directory}, split: test}}]"])
 
 
 @pytest.mark.parametrize("record, message", [

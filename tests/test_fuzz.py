@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from sft_lora import run
-from sft_lora.config import RecipeError, load_recipe, printable
+from sft_lora.config import RecipeError, load_recipe
 from sft_lora.data import load_datasets
-from sft_lora.redaction import TOKEN_FORMATS
+from sft_lora.text import TOKEN_FORMATS, printable
 
 from .conftest import FUZZ_SUMMARY, ROOT, write_recipe
 

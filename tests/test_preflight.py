@@ -216,7 +216,7 @@ def test_the_report_shows_the_mix_per_entry_and_per_source(make_recipe, tmp_path
 
 
 def test_source_names_stay_whole_and_aligned_in_any_script(make_recipe):
-    from sft_lora.config import columns
+    from sft_lora.text import columns
 
     _, report = _report(make_recipe())
     stats = next(iter(report.by_source.values()))

@@ -113,8 +113,8 @@ def test_source_names_in_any_script_plot_legibly_and_quietly(tmp_path):
     held = any(0xD55C in font_manager.get_font(fonts[f]).get_charmap() for f in families if f in fonts)
     assert drawn["eval 한국어"] == ("eval 한국어" if held else "eval \\ud55c\\uad6d\\uc5b4")
     # the end-of-run table lines its values up in terminal columns (a Hangul character takes two)
-    from sft_lora.config import columns
     from sft_lora.report import summary_table
+    from sft_lora.text import columns
 
     summary |= {"runtime_s": 1.0, "global_step": 2, "checkpoints": "c", "adapters": "a", "eval_loss_before": 3.1,
                 "eval_loss_after": 2.6, "eval_by_source": {n: {"before": 3.0, "after": 2.4} for n in names}}
@@ -212,7 +212,8 @@ def test_merged_model_has_a_model_card(default_job):
 
 
 def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path):
-    from sft_lora.report import base_license, card_text
+    from sft_lora.model import base_license
+    from sft_lora.report import card_text
 
     recipe, summary, *_ = default_job
     root = Path(recipe.output.dir).parent
