@@ -27,8 +27,9 @@ MANIFEST_FILE = "manifest.json"
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`)."""
-    final = Path(final)
+    """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`), or what `final`
+    links to: a link (to a bigger disk) is written through and kept."""
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
     check_target(final, overwrite=overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +149,10 @@ def remove_stale_merge(recipe: Recipe) -> None:
             (info.get("inputs") or {}).get("adapter_sha256") == adapter_sha256(recipe.adapters_dir):  # up to date
         return
     again = f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} --overwrite makes it again"
-    if recipe.merged_dir.is_symlink():  # what it points at is the user's: said, not deleted
-        print(f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced, which no longer "
-              f"matches them; {again}")
+    if recipe.merged_dir.is_symlink():  # what it points at is the user's: said, not deleted (a merge rewrites it)
+        if not recipe.output.merge:
+            print(f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced, which no longer "
+                  f"matches them; {again}")
         return
     shutil.rmtree(recipe.merged_dir)
     if not recipe.output.merge:

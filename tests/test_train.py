@@ -238,6 +238,24 @@ def test_a_run_whose_merge_fails_leaves_no_merge_of_the_adapters_it_replaced(mak
     assert info["inputs"]["adapter_sha256"] == adapter_sha256(recipe.adapters_dir)  # the continue command merged
 
 
+def test_output_directories_that_are_links_are_written_through_and_kept(make_recipe, tmp_path):
+    # a link to a bigger disk: the run renamed the link aside, wrote a real directory in its place, then failed on
+    # rmtree of the link ("could not write (Cannot call rmtree on a symbolic link); check free space")
+    path = make_recipe(training={"max_steps": 2}, output={"merge": True}, report={"smoke_prompts": 0})
+    recipe = load_recipe(path)
+    for directory in (recipe.adapters_dir, recipe.merged_dir):
+        target = tmp_path / "big" / directory.name
+        target.mkdir(parents=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.symlink_to(target, target_is_directory=True)
+    for _ in range(2):  # into the links' empty targets, then over what the first run wrote there
+        assert main([str(path)]) == 0
+        for directory in (recipe.adapters_dir, recipe.merged_dir):
+            assert directory.is_symlink() and (directory / RECIPE_FILE).is_file()
+    assert (tmp_path / "big" / "lora_merged" / "model.safetensors").is_file()
+    assert sorted(p.name for p in recipe.run_dir.iterdir()) == ["lora_adapters", "lora_merged"]
+
+
 def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_first_trains(make_recipe, tmp_path,
                                                                                           capsys, monkeypatch):
     import os
