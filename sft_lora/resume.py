@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def weights_view(recipe: Recipe) -> dict[str, Any]:
     sections = {"model": dataclasses.asdict(recipe.model), "data": dataclasses.asdict(recipe.data),
                 "lora": recipe.lora.to_dict(), "training": recipe.training.to_dict(),
                 "quantization": recipe.quantization.to_dict() if recipe.quantization is not None else {}}
-    flat: dict[str, Any] = {"use_qlora": recipe.use_qlora}
+    # the processes: with the per-device batch they make the global batch, so a step's data and the steps an epoch
+    flat: dict[str, Any] = {"use_qlora": recipe.use_qlora, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     for section, values in sections.items():
         flat.update({f"{section}.{key}": value for key, value in values.items() if key not in
                      NOT_WEIGHTS.get(section, ()) and not (section in ("training", "lora") and NEUTRAL.fullmatch(key))})
@@ -120,9 +122,8 @@ def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
         return []  # only reachable with force: nothing recorded to compare
     saved, now = json.loads((checkpoint / RECORD).read_text(encoding="utf-8")), fingerprint(recipe)
     problems = []
-    if saved.get("weights_sha256") != now["weights_sha256"]:
-        old, new = saved.get("weights_view", {}), now["weights_view"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    old, new = {"world_size": 1, **saved.get("weights_view", {})}, now["weights_view"]  # records before world_size
+    if keys := sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")):
         shown = ", ".join(f"{k}: {_short(old.get(k, '<unset>'))} -> {_short(new.get(k, '<unset>'))}"
                           for k in keys[:3])
         problems.append(f"a different recipe ({shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})")

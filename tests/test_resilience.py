@@ -168,7 +168,8 @@ def test_resume_refuses_a_checkpoint_from_another_recipe_or_data_unless_forced(r
     assert "resuming anyway (--force-resume)" in capsys.readouterr().out
 
 
-def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_defaults(make_recipe, tmp_path):
+def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_defaults(make_recipe, tmp_path,
+                                                                                  monkeypatch):
     from sft_lora.resume import check_fingerprint, fingerprint, weights_view
 
     template = tmp_path / "t.jinja"
@@ -184,6 +185,17 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     checkpoint.mkdir()
     (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     check_fingerprint(checkpoint, load_recipe(path, ["training.logging_steps=7"]))  # neutral: accepted
+    # another number of processes: another global batch, so other steps and epochs (a 1-process run resumed under 2
+    # finished "48 steps (1 epoch)" of a 2-epoch run, exit 0); a record from before world_size was 1 process
+    recipe = load_recipe(path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it in each process
+    with pytest.raises(RecipeError, match=r"made from a different recipe \(world_size: 1 -> 2\)"):
+        check_fingerprint(checkpoint, recipe)
+    monkeypatch.delenv("WORLD_SIZE")
+    (checkpoint / RECORD).write_text(json.dumps({**saved, "weights_view": {
+        k: v for k, v in saved["weights_view"].items() if k != "world_size"}}), encoding="utf-8")
+    check_fingerprint(checkpoint, load_recipe(path))
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     template.write_text(template.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # same path, new content
     with pytest.raises(RecipeError, match="made from a different chat template"):
         check_fingerprint(checkpoint, load_recipe(path))
