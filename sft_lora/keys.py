@@ -1,6 +1,7 @@
 """Every recipe key checked against the class that receives it, before any upstream object is built or model touched:
 unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combinations, and tokens (never saved)."""
 
+import dataclasses
 import difflib
 import enum
 import functools
@@ -41,6 +42,22 @@ def class_fields(cls: type) -> dict[str, tuple[Any, Any]]:
     return {n: (hints.get(n, Any), p.default) for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
 
 
+@functools.cache
+def _choices(cls: type) -> dict[str, Any]:
+    """name → the values a dataclass field's metadata allows (`field(metadata={"choices": …})`)."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if "choices" in f.metadata} \
+        if dataclasses.is_dataclass(cls) else {}
+
+
+def _describe(hint: Any) -> str:
+    """A type hint as an error line says it: `str | None`, `bool | 'gaussian' | 'pissa'`."""
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(repr(value) for value in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_describe(part) for part in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
     """Reject unknown keys (with a suggestion) and values of the wrong type; return the values to use."""
     fields, out = class_fields(cls), {}
@@ -50,9 +67,12 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
         out[key] = value = coerce(value, hint, default)
+        choices = [str(c) for c in _choices(cls).get(key, ())]  # the upstream field's own (TRL: packing_strategy …)
+        if value is not None and choices and value not in choices:
+            raise KeyProblem(dotted, f"{dotted} must be one of {', '.join(choices)}, got {value!r}"
+                             f"{suggest(str(value), choices)}")
         if not _type_ok(value, hint, default):
-            kind = type(default).__name__ if hint is Any else (
-                getattr(hint, "__name__", None) or str(hint).replace("typing.", ""))
+            kind = type(default).__name__ if hint is Any else _describe(hint)
             quote = {bool: " (YAML reads unquoted yes/no/on/off as booleans; quote it)", type(None):
                      " (YAML reads an empty value, null or a bare ~ as nothing; quote it, or write ~/ for home)"
                      }.get(type(value), "")
@@ -211,8 +231,9 @@ def _type_ok(value: Any, hint: Any, default: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h, inspect.Parameter.empty) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
+    if origin is typing.Literal:  # PEFT's 'pissa_niter_[number of iters]' stands for pissa_niter_16 …
+        patterns = [v.partition("[")[0] for v in typing.get_args(hint) if isinstance(v, str) and "[" in v]
+        return value in typing.get_args(hint) or isinstance(value, str) and value.startswith(tuple(patterns) or "\0")
     if origin is not None:
         return isinstance(value, origin) if isinstance(origin, type) else True
     if hint in (bool, str, list, dict, tuple, type(None)):

@@ -60,6 +60,13 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     ("model.trust_remote_code=yes please", "model.trust_remote_code expects bool"),
     ("lora.lora_dropout=2", "lora.lora_dropout must be in [0, 1), got 2"),
     ("quantization.bnb_4bit_quant_type=nf5", "must be one of nf4, fp4, got 'nf5'"),
+    # the choices an upstream field's metadata declares (a traceback after data preparation, or deep in --check)
+    ("training.packing_strategy=bogus", "training.packing_strategy must be one of bfd, bfd_split, wrapped, got 'bog"),
+    ("training.truncation_mode=keep_ends", "must be one of keep_end, keep_start, got 'keep_ends'; did you mean 'ke"),
+    ("training.loss_type=bogus", "command line: training.loss_type must be one of nll, dft, chunked_nll, got 'bogus'"),
+    # a Literal's values, not "expects Literal"
+    ("lora.bias=bogus", "command line: lora.bias expects 'none' | 'all' | 'lora_only', got 'bogus'"),
+    ("lora.init_lora_weights=bogus", "lora.init_lora_weights expects bool | 'gaussian' | 'eva' | "),
     # upstream's own checks, blamed on the one key they name (the recipe file and section alone before)
     ("training.eval_strategy=sometimes", "command line: training.eval_strategy: sometimes is not a valid IntervalStr"),
     ("training.lr_scheduler_type=bogus", "command line: training.lr_scheduler_type: bogus is not a valid SchedulerT"),
