@@ -94,15 +94,21 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
-    if not looks_like_hub_id(path):  # nor is a .json or .jsonl name
-        relative = "" if p.is_absolute() else f" (relative to the working directory, {Path.cwd()})"
-        raise RecipeError(f"{p}: data file not found{relative}; check {key}")
+    found(path, key)  # else a hub id, never a .json or .jsonl name
     from datasets import load_dataset
     try:
         return enumerate(load_dataset(path, split=split).to_list(), 1)
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
         raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check {key} and "
                           "network") from None
+
+
+def found(path: str, key: str) -> None:
+    """RecipeError unless `path` (of recipe key `key`) exists or reads as a hub id; a run checks every data path so
+    before comparing a checkpoint's data (a mistyped path, read as a hub id, blamed the checkpoints)."""
+    if not Path(path).exists() and not looks_like_hub_id(path):
+        relative = "" if Path(path).is_absolute() else f" (relative to the working directory, {Path.cwd()})"
+        raise RecipeError(f"{Path(path)}: data file not found{relative}; check {key}")
 
 
 def _json_records(p: Path) -> list[tuple[int, Any]]:

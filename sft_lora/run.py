@@ -125,9 +125,13 @@ def _inputs(recipe: Recipe):
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
     """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run.
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
+    from .data import found, paths
     from .model import check_model_weights, check_push, check_qlora_backend
     from .outputs import check_outputs
 
+    for key in ("path", "eval_path"):  # a mistyped path: said as such, not blamed on the checkpoints
+        for path in paths(getattr(recipe.data, key)):
+            found(path, f"data.{key}")
     for check in (check_outputs, check_qlora_backend, check_model_weights, check_push):
         check(recipe)  # each in one line, before anything heavy is imported or loaded
     from .launch import exclusive

@@ -691,6 +691,14 @@ def _(env):
                              "set output.checkpoint_dir"])
 
 
+@case("data: a mistyped path beside a run's checkpoints")
+def _(env):  # read as a hub id, it was blamed on the checkpoints: "made from different data (… hub:…)"
+    path = env.recipe()
+    _checkpoint(env, path, step=6)
+    typo = str(env.tmp / "sampl.jsonl")
+    return *env.cli(path, f"data.path={typo}"), [f"{typo}: data file not found; check data.path"]
+
+
 @case("resume: checkpoint from other data")
 def _(env):
     data = env.data("d.jsonl", [GOOD] * 20)
