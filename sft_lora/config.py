@@ -4,6 +4,7 @@ and own sections, every key checked first (`keys.py`: a typo fails at file:line)
 import dataclasses
 import enum
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
         where[key] = "command line"
         where.setdefault(key.partition(".")[0], "command line")  # a section the file lacks
     for flag, value in (flags or {}).items():
+        if value is not None and where.get(SEED_FLAGS[flag]) == "command line":  # said: the override is not used
+            print(f"notice: --{flag} wins over the override of {SEED_FLAGS[flag]}", file=sys.stderr)
         if value is not None:
             _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}") if isinstance(value, str)
                  else value)

@@ -135,7 +135,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float(make_recipe):
     assert recipe.training.learning_rate == 1e-4
 
 
-def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe):
+def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe, capsys):
     path = make_recipe()
     recipe = load_recipe(path, ["lora.r=4", "training.max_steps=2", "data.system_prompt=Be brief."])
     assert recipe.lora.r == 4 and recipe.training.max_steps == 2
@@ -144,6 +144,7 @@ def test_overrides_and_seed_flags_change_the_resolved_recipe(make_recipe):
              "num_epochs": "5", "lora_r": "32", "lora_alpha": "64", "learning_rate": "2e-4",
              "checkpoint_path": "/ckpt"}
     recipe = load_recipe(path, ["lora.r=4"], flags)  # the seed flag wins over the dotted override
+    assert capsys.readouterr().err == "notice: --lora_r wins over the override of lora.r\n"  # said (silent before)
     assert recipe.model.name_or_path == "/models/x" and recipe.data.path == "d.jsonl"
     assert recipe.output.dir == "/out" and recipe.output.checkpoint_dir == "/ckpt"
     assert recipe.use_qlora is True and recipe.method == "qlora"
