@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .launch import check_this_launch, exclusive, relaunch
 
-            if recipe.accelerate_config and "SFT_LORA_LAUNCHED" not in os.environ:
+            # under a launcher already (relaunched, or `accelerate launch … -m sft_lora.run` by hand): train here
+            launched = {"SFT_LORA_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"} & os.environ.keys()
+            if recipe.accelerate_config and not launched:
                 with exclusive(recipe):  # another run there: one line now, not one per process under the launcher
                     pass
                 relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return

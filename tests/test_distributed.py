@@ -112,6 +112,17 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(reference,
     assert json.loads((adapters / "summary.json").read_text())["world_size"] == 2
 
 
+def test_a_recipe_naming_its_config_launched_by_hand_trains_once_under_that_launch(reference, tmp_path, tiny_model):
+    # each rank launched again ("launching:" twice, port in use, the lock held by the other, two tracebacks)
+    config = CONFIG_DIR / "cpu_ddp.yaml"
+    recipe = _recipe(tmp_path, tiny_model, per_device=2)
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config), "-m",
+               "sft_lora.run", str(recipe), f"accelerate_config={config}"]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "launching:" not in done.stdout, (done.stdout + done.stderr)[-3000:]
+    _assert_matches(reference, recipe)
+
+
 def test_more_processes_asked_than_accelerate_started_is_one_line_and_exit_2(tmp_path, tiny_model):
     # without a GPU, `accelerate launch --num_processes 2` (and `--cpu --num_processes 2`) starts one process
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2", "-m",
