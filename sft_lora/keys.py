@@ -9,6 +9,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -206,8 +207,12 @@ def suggest(key: str, choices) -> str:
 
 
 def coerce(value: Any, hint: Any, default: Any) -> Any:
-    """Undo two YAML 1.1 surprises: `1e-4` read as a string where the field wants a float (it wants `1.0e-4`), `no`
-    read as false where "no" is one of the field's choices (`eval_strategy: no`); free text stays as YAML read it."""
+    """Undo two YAML 1.1 surprises: `1e-4` read as a string where the field wants a float (it wants `1.0e-4`; in a
+    mapping of keyword arguments too, `lr_scheduler_kwargs: {min_lr: 1e-5}`), `no` read as false where "no" is one
+    of the field's choices (`eval_strategy: no`); free text stays as YAML read it."""
+    if isinstance(value, dict):  # upstream passes these on untyped (a str min_lr failed at the first step)
+        return {k: float(v) if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v) else v
+                for k, v in value.items()}
     if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
         try:
             return float(value) if math.isfinite(float(value)) else value  # "nan", "inf": not a usable number

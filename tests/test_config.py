@@ -241,6 +241,13 @@ def test_run_errors_exit_nonzero_with_one_line(make_recipe, capsys, sections, ex
     assert len(err) == 1 and expected in err[0]
 
 
+def test_exponent_numbers_in_a_mapping_of_keyword_arguments_are_numbers(make_recipe):
+    # YAML 1.1 reads 1e-5 as a string; passed on untyped, it failed at the first step ('str' / 'float')
+    recipe = load_recipe(make_recipe(), ["training.lr_scheduler_type=cosine_with_min_lr",
+                                         "training.lr_scheduler_kwargs={min_lr: 1e-5, name: 1e5x}"])
+    assert recipe.training.lr_scheduler_kwargs == {"min_lr": 1e-5, "name": "1e5x"}
+
+
 def test_yaml_no_is_read_as_the_string_no_where_a_string_is_expected(make_recipe):
     recipe = load_recipe(make_recipe(data={"eval_split": 0.0}), ["training.eval_strategy=no",
                                                                  "training.save_strategy=no"])
