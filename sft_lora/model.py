@@ -178,17 +178,21 @@ def check_reachable(recipe: Recipe) -> None:
     model = None if recipe.model.build_tiny else recipe.model.name_or_path  # a tiny model is built, not fetched
     names = [(key, value) for key, value in (("model.name_or_path", model), ("data.path", recipe.data.path))
              if isinstance(value, str) and looks_like_hub_id(value)]
-    if _offline() or not names:
-        return
+    if not _offline() and names and (problem := _unreachable()):
+        key, name = names[0]
+        raise RecipeError(f"{key}: '{name}' is a hub id but {_endpoint()} cannot be reached ({problem}); "
+                          f"set HF_HUB_OFFLINE=1 to use the copy in the local cache, or set {key} to a local path")
+
+
+def _unreachable() -> str | None:
+    """Why the hub does not answer within 5 s, or None: any answer will do."""
     import httpx
 
     try:
-        httpx.head(_endpoint(), timeout=5)  # any answer will do: the hub is reachable
+        httpx.head(_endpoint(), timeout=5)
     except httpx.HTTPError as exc:
-        key, name = names[0]
-        raise RecipeError(f"{key}: '{name}' is a hub id but {_endpoint()} cannot be reached ({first_line(exc)}); "
-                          f"set HF_HUB_OFFLINE=1 to use the copy in the local cache, or set {key} to a local path"
-                          ) from None
+        return first_line(exc)
+    return None
 
 
 def check_push(recipe: Recipe) -> None:
@@ -200,6 +204,16 @@ def check_push(recipe: Recipe) -> None:
     if repo and _offline():
         raise RecipeError(f"output.push_to_hub: HF_HUB_OFFLINE is set, so '{repo}' cannot be pushed to; unset it "
                           "or remove output.push_to_hub")
+    if repo:  # not only after hours of training (a bad id, no network)
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as exc:
+            raise RecipeError(f"output.push_to_hub: '{repo}' is not a repo id ({first_line(exc)})") from None
+        if problem := _unreachable():
+            raise RecipeError(f"output.push_to_hub: {_endpoint()} cannot be reached ({problem}), so '{repo}' "
+                              "cannot be pushed to; check the network or remove output.push_to_hub")
 
 
 def push_outputs(recipe: Recipe) -> str:
@@ -213,9 +227,12 @@ def push_outputs(recipe: Recipe) -> str:
         api.create_repo(repo, private=True, exist_ok=True)
         commit = api.upload_folder(repo_id=repo, folder_path=directory,
                                    commit_message=f"sft_lora: {recipe.model_name} {recipe.method}")
-    except Exception as exc:  # HTTP errors, bad repo ids, no network: the outputs on disk are kept
-        raise RecipeError(f"output.push_to_hub: could not push {directory} to '{repo}' ({first_line(exc)}); the "
-                          "outputs are saved; check the repo id and that HF_TOKEN may write to it") from None
+    except Exception as exc:  # HTTP errors, no network: the outputs on disk are kept, so nothing to continue
+        error = RecipeError(f"output.push_to_hub: could not push {directory} to '{repo}' ({first_line(exc)}); the "
+                            f"outputs are saved; check that HF_TOKEN may write to it, then: hf upload {repo} "
+                            f"{directory}")
+        error.training_started = False  # a --resume would not push: no continue command
+        raise error from None
     print(f"pushed {directory} to {commit.commit_url}")
     return commit.commit_url
 

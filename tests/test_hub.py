@@ -91,6 +91,18 @@ def test_push_needs_a_token_from_the_environment(make_recipe, monkeypatch):
         check_push(load_recipe(make_recipe(output={"push_to_hub": "team/x"})))
 
 
+def test_a_push_that_cannot_succeed_is_refused_before_training(make_recipe, hub, monkeypatch):
+    # a bad repo id or a hub out of reach failed only after training, and the printed --resume pushed nothing
+    with pytest.raises(RecipeError, match="output.push_to_hub: 'my org/tiny model' is not a repo id"):
+        check_push(load_recipe(make_recipe(output={"push_to_hub": "my org/tiny model"})))
+    check_push(load_recipe(make_recipe(output={"push_to_hub": "team/x"})))  # the stand-in hub answers
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{probe.getsockname()[1]}")
+    with pytest.raises(RecipeError, match="output.push_to_hub: http://127.0.0.1:\\d+ cannot be reached"):
+        check_push(load_recipe(make_recipe(output={"push_to_hub": "team/x"})))
+
+
 def test_a_hub_id_without_network_is_one_line_within_seconds(make_recipe, monkeypatch, capsys):
     with socket.socket() as probe:  # a port nobody listens on: connection refused, like a hub out of reach
         probe.bind(("127.0.0.1", 0))
