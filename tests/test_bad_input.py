@@ -745,6 +745,21 @@ def _(env):
             [f"{adapter}: cannot merge into base '{other}' (size mismatch for", "check --base_model"])
 
 
+@case("merge: a base that is no model")
+def _(env):  # blamed on the adapter before: "… the adapter was trained on another base"
+    adapter, base = env.protect(env.adapter), env.protect(env.tmp / "data")
+    base.mkdir()
+    return (*env.merge("--adapter_model", adapter, "--base_model", base, "--output_dir", env.tmp / "merged"),
+            [f"{base}: cannot load the base model (", "check --base_model, the network or HF_TOKEN"])
+
+
+@case("merge: output inside the adapter directory")
+def _(env):  # accepted, then deleted with the adapters by the next run, silently
+    adapter = env.protect(env.adapter)
+    return (*env.merge("--adapter_model", adapter, "--output_dir", adapter / "handoff"),
+            [f"{adapter / 'handoff'}: is inside the adapter directory {adapter}, which a run replaces whole"])
+
+
 @case("merge: output exists, no --overwrite")
 def _(env):
     existing = env.tmp / "merged"

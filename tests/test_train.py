@@ -214,6 +214,17 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert (other / "model.safetensors").is_file() and recipe.merged_dir.is_symlink()
 
 
+def test_ctrl_c_during_a_merge_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    import sft_lora.merge
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_lora.merge, "merge_adapter", interrupted)  # a full traceback before
+    assert sft_lora.merge.main(["--adapter_model", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted: SIGINT; nothing written (the unfinished merge is removed)\n"
+
+
 def test_a_run_whose_merge_fails_leaves_no_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys,
                                                                               monkeypatch):
     import sft_lora.merge
