@@ -43,7 +43,7 @@ def load(model_dir: str | Path):
         else:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:  # also a hand-edited saved recipe's
         raise RecipeError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
@@ -54,8 +54,13 @@ def load(model_dir: str | Path):
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
              temperature: float = 0.0, streamer=None, template_kwargs: dict | None = None) -> dict[str, Any]:
     """One answer to `messages`, its prompt rendered as in training: {text, stopped (on EOS by itself), tokens}."""
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", **template_kwargs or {}).to(model.device)
+    import jinja2
+
+    try:
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt", **template_kwargs or {}).to(model.device)
+    except jinja2.TemplateError as exc:  # e.g. "System role not supported" (Gemma) for --system
+        raise RecipeError(f"the chat template refuses this conversation ({first_line(exc)})") from None
     stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops, streamer=streamer, **sampling,
@@ -99,7 +104,12 @@ def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_token
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        answer = generate(model, tokenizer, opened(history, *system), max_new_tokens, temperature, streamer, kwargs)
+        try:
+            answer = generate(model, tokenizer, opened(history, *system), max_new_tokens, temperature, streamer, kwargs)
+        except RecipeError as exc:  # said; the conversation goes on without that message
+            print(f"\nerror: {printable(str(exc))}", file=sys.stderr)
+            history.pop()
+            continue
         if not answer["stopped"]:
             print(f"[cut at {max_new_tokens} tokens]")
         history.append({"role": "assistant", "content": answer["text"]})
@@ -111,13 +121,23 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # -1 and nan meant greedy, inf uniform noise
+        raise argparse.ArgumentTypeError(f"expects a finite number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_lora.chat", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a *_adapters or *_merged directory written by sft_lora")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system prompt (default: the one the model was trained with, if any)")
     parser.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
     args = parser.parse_args(argv)
     try:
         model, tokenizer, data, kwargs = load(args.model_dir)
@@ -128,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is None:
         interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
         return 0
-    answer = generate(model, tokenizer, opened([{"role": "user", "content": args.prompt}], *system),
-                      args.max_new_tokens, args.temperature, template_kwargs=kwargs)
+    try:
+        answer = generate(model, tokenizer, opened([{"role": "user", "content": args.prompt}], *system),
+                          args.max_new_tokens, args.temperature, template_kwargs=kwargs)
+    except RecipeError as exc:
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
+        return 2
     print(answer["text"])
     if not answer["stopped"]:
         print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)

@@ -225,7 +225,11 @@ def local_model_missing(name: str) -> bool:
 def read_saved_recipe(directory: str | Path) -> dict[str, Any]:
     """The resolved recipe training saved beside its outputs (`RECIPE_FILE`), as a dict; {} when there is none."""
     path = Path(directory) / RECIPE_FILE
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    saved = (recipe_yaml.parse(path.read_text(encoding="utf-8"), str(path))[0] or {}) if path.is_file() else {}
+    if not isinstance(saved, dict) or any(not isinstance(saved.get(name) or {}, dict) for name in
+                                          (*OWN_SECTIONS, "quantization")):  # edited by hand: one line, no traceback
+        raise RecipeError(f"{path}: not a recipe sft_lora saved (its sections must be mappings); restore it")
+    return saved
 
 
 def saved_section(saved: dict[str, Any], name: str):

@@ -132,7 +132,7 @@ def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):
             model = model.dequantize().to(bnb.bnb_4bit_compute_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as exc:  # not a model, no network: not the adapter's fault
+    except (OSError, ValueError, TypeError, AttributeError) as exc:  # not a model, no network, a hand-edited recipe
         raise RecipeError(f"{base}: cannot load the base model ({first_line(exc)}); check --base_model, the network "
                           "or HF_TOKEN (HF_HUB_OFFLINE=1 uses the local cache)") from None
     try:

@@ -259,6 +259,34 @@ def test_chat_prompt_answers_and_the_smoke_check_says_the_model_stops(default_jo
     assert "neither an adapters directory" in capsys.readouterr().err
 
 
+
+def test_chat_and_merge_refuse_bad_input_in_one_line(default_job, capsys, tmp_path):
+    import shutil
+
+    from sft_lora.merge import main as merge_main
+
+    recipe, *_ = default_job
+    merged = shutil.copytree(recipe.merged_dir, tmp_path / "merged")
+    # a template with no system role (Gemma's raises): a jinja2 traceback for --system before
+    (merged / "chat_template.jinja").write_text("{% for m in messages %}{% if m.role == 'system' %}"
+                                                "{{ raise_exception('System role not supported') }}{% endif %}"
+                                                "{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert chat_main([str(merged), "--prompt", "hi", "--system", "Be brief."]) == 2
+    assert capsys.readouterr().err.endswith("\nerror: the chat template refuses this conversation (System role not "
+                                            "supported)\n")
+    for bad in ("-1", "nan", "inf", "hot"):  # -1 and nan meant greedy, inf uniform noise, exit 0
+        with pytest.raises(SystemExit) as exit_:
+            chat_main([str(merged), "--prompt", "hi", "--temperature", bad])
+        assert exit_.value.code == 2 and "expects a finite number >= 0" in capsys.readouterr().err
+    # a saved recipe edited by hand: tracebacks (yaml's, AttributeError on a list) before
+    adapters = shutil.copytree(recipe.adapters_dir, tmp_path / "x_adapters")
+    for text, expected in (("model: [1, 2]\n", "not a recipe sft_lora saved (its sections must be mappings)"),
+                           ("model: {a: 1\n", "not valid YAML")):
+        (adapters / RECIPE_FILE).write_text(text, encoding="utf-8")
+        assert chat_main([str(adapters), "--prompt", "hi"]) == 2 and expected in capsys.readouterr().err
+        assert merge_main(["--adapter_model", str(adapters)]) == 2 and expected in capsys.readouterr().err
+
+
 def test_smoke_check_flags_a_model_that_never_stops(tiny_model):
     # the untrained base model has never seen an answer end: greedy decoding runs to the limit
     prompts = [[{"role": "user", "content": "What is 3 plus 4?"}], [{"role": "user", "content": "한국의 수도는?"}]]
