@@ -14,6 +14,7 @@ from typing import Any
 
 from . import recipe_yaml
 from .config import Recipe, RecipeError
+from .text import first_line
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
@@ -56,6 +57,16 @@ def config_from_environment() -> dict[str, Any]:
 
 def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     """Raise RecipeError for a recipe × accelerate-config combination known to fail or to train wrongly."""
+    try:
+        _check_pair(recipe, config, where)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:  # `num_processes: two`, a DeepSpeed file that is no JSON …
+        raise RecipeError(f"{where}: not a valid accelerate config ({first_line(exc)}); compare it with the "
+                          "shipped ones in accelerate_configs/") from None
+
+
+def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
     kind = str(config.get("distributed_type", "NO")).upper()
     stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
     name = f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else kind
@@ -80,7 +91,7 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
         fix = (f"set mixed_precision: \"{wanted}\" in the config, or use accelerate_config=cpu_ddp" if training.use_cpu
                else f"set training.{mixed}: true or mixed_precision: \"{wanted}\" in the config")  # no GPU: no bf16
         raise RecipeError(f"{where}: the accelerate config asks mixed_precision {mixed} but the recipe trains in "
-                          f"{wanted}{' on the CPU' if training.use_cpu else ''}; {fix}")
+                          f"{'fp32' if wanted == 'no' else wanted}{' on the CPU' if training.use_cpu else ''}; {fix}")
     if kind == "DEEPSPEED":
         _check_deepspeed_batch(config, training, processes, where)
     if kind == "FSDP":

@@ -59,13 +59,13 @@ def test_device_map_under_a_distributed_launch(make_recipe, name):
 
 def test_mixed_precision_must_agree_with_the_recipe(make_recipe):
     fp32 = load_recipe(make_recipe(training={"bf16": False}))
-    assert "asks mixed_precision bf16 but the recipe trains in no" in _error(fp32, shipped("zero2"))
+    assert "asks mixed_precision bf16 but the recipe trains in fp32" in _error(fp32, shipped("zero2"))  # "in no"
     bf16 = load_recipe(make_recipe(training={"bf16": True}))
     bf16.training.use_cpu = False  # as on a GPU machine
     assert "set training.fp16: true" in _error(bf16, shipped("zero2", mixed_precision="fp16"))
     # on a machine without a GPU the fix is the config's, never bf16 in the recipe
     cpu = _error(load_recipe(make_recipe(training={"bf16": False, "use_cpu": True})), shipped("multi_gpu"))
-    assert "trains in no on the CPU" in cpu and "training.bf16" not in cpu
+    assert "trains in fp32 on the CPU" in cpu and "training.bf16" not in cpu
     assert 'set mixed_precision: "no" in the config, or use accelerate_config=cpu_ddp' in cpu
 
 
@@ -80,6 +80,12 @@ def test_deepspeed_batch_arithmetic(make_recipe, tmp_path):
     assert "train_batch_size=32 but the recipe gives 64" in _error(recipe, config)  # 4 × 2 × 8 processes
     ds_json.write_text(json.dumps({"train_batch_size": 64}))
     check_launch(recipe, config, "ok")
+    # values that are no number, a DeepSpeed file that is no JSON: one line, not int()'s or json's traceback
+    ds_json.write_text("{not json")
+    assert _error(recipe, config).startswith("cfg.yaml: not a valid accelerate config (Expecting property name")
+    assert "not a valid accelerate config (invalid literal for int() with base 10: 'two')" in _error(
+        recipe, shipped("zero2", num_processes="two"))
+    assert "not a valid accelerate config" in _error(recipe, shipped("zero2", deepspeed_config__zero_stage="three"))
 
 
 def test_fsdp_checkpointing_twice_and_fsdp1_lora(make_recipe):
