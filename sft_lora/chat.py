@@ -83,6 +83,18 @@ def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_
             "ok": stopped == len(samples), "verdict": verdict, "samples": samples}
 
 
+def run_smoke_check(recipe, held_out, inputs: str) -> dict[str, Any] | None:
+    """A run's smoke check on the first `report.smoke_prompts` prompts of `held_out` (from the `inputs` set), None
+    with none; a failure (out of memory on a model that trained sharded) is reported, the results kept."""
+    if not (n := min(recipe.report.smoke_prompts, len(held_out))):
+        return None
+    try:
+        return smoke_check(recipe.final_dir, [row["prompt"] for row in held_out.select(range(n))],
+                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
+    except Exception as exc:
+        return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {first_line(exc)}"}
+
+
 def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_tokens: int, temperature: float,
                 kwargs: dict) -> None:
     from transformers import TextStreamer

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             # under a launcher already (relaunched, or `accelerate launch … -m sft_lora.run` by hand): train here
             launched = {"SFT_LORA_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"} & os.environ.keys()
             if recipe.accelerate_config and not launched:
-                with exclusive(recipe):  # another run there: one line now, not one per process under the launcher
+                _check_before_training(recipe)  # one line now, not one per process and the launcher's traceback
+                with exclusive(recipe):  # another run there: likewise
                     pass
                 relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
             check_this_launch(recipe)
@@ -127,6 +128,15 @@ def _inputs(recipe: Recipe):
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
     """Check the data, train, save the adapters, optionally merge; write, print and return a summary of the run.
     Raises TrainingInterrupted when a signal stopped training (a checkpoint is saved, nothing final written)."""
+    _check_before_training(recipe)
+    from .launch import exclusive
+
+    with exclusive(recipe):
+        return _train(recipe, resume, force_resume)
+
+
+def _check_before_training(recipe: Recipe) -> None:
+    """Each in one line, before anything heavy is loaded, and before launching (not once per launched process)."""
     from .data import found, paths
     from .model import check_model_weights, check_push, check_qlora_backend
     from .outputs import check_outputs
@@ -135,11 +145,7 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
         for path in paths(getattr(recipe.data, key)):
             found(path, f"data.{key}")
     for check in (check_outputs, check_qlora_backend, check_model_weights, check_push):
-        check(recipe)  # each in one line, before anything heavy is imported or loaded
-    from .launch import exclusive
-
-    with exclusive(recipe):
-        return _train(recipe, resume, force_resume)
+        check(recipe)
 
 
 def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
@@ -216,6 +222,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     """On the main process: the summary first (the merged card reads its losses), merge, smoke check, table, push."""
     from . import report
+    from .chat import run_smoke_check
     from .outputs import remove_stale_merge, write_atomic
 
     remove_stale_merge(recipe)  # the merge of the adapters just replaced: none rather than a mismatched one
@@ -230,15 +237,7 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
         merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
-    summary["smoke"] = None
-    if n := min(recipe.report.smoke_prompts, len(held_out)):
-        from .chat import smoke_check
-
-        try:
-            summary["smoke"] = smoke_check(recipe.final_dir, [row["prompt"] for row in held_out.select(range(n))],
-                                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
-        except Exception as exc:  # e.g. out of memory on a model that trained sharded: report it, keep the results
-            summary["smoke"] = {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {first_line(exc)}"}
+    summary["smoke"] = run_smoke_check(recipe, held_out, inputs)
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))
     if recipe.output.push_to_hub:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -124,3 +125,9 @@ def test_a_bad_combination_fails_before_launching(make_recipe, capsys):
     assert main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "zero3.yaml: QLoRA under DeepSpeed ZeRO-3 needs" in err[0]
+    # the run's own checks too, before launching: each rank said it, then the launcher's traceback, exit 1
+    path = make_recipe(accelerate_config="cpu_ddp", data={"path": "nope.jsonl"})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: nope.jsonl: data file not found (relative to the working directory, "
+                   f"{Path.cwd()}); check data.path"]
