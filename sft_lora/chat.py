@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeError, local_model_missing, read_saved_recipe, saved_section
-from .model import stop_token_ids
 from .text import first_line, printable
-from .turns import opened, template_kwargs
+from .turns import opened, stop_token_ids, template_kwargs
 
 
 def load(model_dir: str | Path):

@@ -21,10 +21,10 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     the original weights (README, Merge). The choice goes into merge_info.json."""
     from transformers import AutoTokenizer
 
-    from .model import stop_token_ids
     from .outputs import atomic_dir, check_not_inputs, check_target
     from .report import model_card
     from .text import redact
+    from .turns import stop_token_ids
 
     adapter_dir = Path(adapter_dir)
     recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)

@@ -79,15 +79,6 @@ def base_config(recipe: Recipe):
                                       trust_remote_code=recipe.model.trust_remote_code)
 
 
-def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = None) -> list[int]:
-    """The tokens that end an answer: the EOS (training.eos_token, else the tokenizer's) first, then the generation
-    config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
-    ids = [tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id]
-    extra = getattr(generation_config, "eos_token_id", None)
-    ids += [extra] if isinstance(extra, int) else list(extra or [])
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
 def name_the_cpu_to_deepspeed() -> None:
     """accelerate imports DeepSpeed whenever it is installed (to unwrap models, saving them too); on a machine with
     no accelerator DeepSpeed then logs "Setting accelerator to CPU" as a warning, unless told the device."""
@@ -196,24 +187,24 @@ def _unreachable() -> str | None:
 
 
 def check_push(recipe: Recipe) -> None:
-    """Before training: a push needs a token in the environment and the network."""
-    repo = recipe.output.push_to_hub
-    if repo and not os.environ.get("HF_TOKEN"):
+    """Before training, not only after it: a push needs a token in the environment, a repo id and the network."""
+    if not (repo := recipe.output.push_to_hub):
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not os.environ.get("HF_TOKEN"):
         raise RecipeError(f"output.push_to_hub: pushing to '{repo}' needs HF_TOKEN (a write token) in the "
                           "environment; export it or remove output.push_to_hub")
-    if repo and _offline():
+    if _offline():
         raise RecipeError(f"output.push_to_hub: HF_HUB_OFFLINE is set, so '{repo}' cannot be pushed to; unset it "
                           "or remove output.push_to_hub")
-    if repo:  # not only after hours of training (a bad id, no network)
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(repo)
-        except HFValidationError as exc:
-            raise RecipeError(f"output.push_to_hub: '{repo}' is not a repo id ({first_line(exc)})") from None
-        if problem := _unreachable():
-            raise RecipeError(f"output.push_to_hub: {_endpoint()} cannot be reached ({problem}), so '{repo}' "
-                              "cannot be pushed to; check the network or remove output.push_to_hub")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise RecipeError(f"output.push_to_hub: '{repo}' is not a repo id ({first_line(exc)})") from None
+    if problem := _unreachable():
+        raise RecipeError(f"output.push_to_hub: {_endpoint()} cannot be reached ({problem}), so '{repo}' cannot be "
+                          "pushed to; check the network or remove output.push_to_hub")
 
 
 def push_outputs(recipe: Recipe) -> str:

@@ -33,10 +33,10 @@ def trainer_cut(args, max_length: int | None) -> Cut:
 
 
 def stop_token_ids(recipe: Recipe, args, tokenizer) -> list[int]:
-    """`model.stop_token_ids` of the base model's generation config and training.eos_token (TRL makes it the EOS)."""
+    """`turns.stop_token_ids` of the base model's generation config and training.eos_token (TRL makes it the EOS)."""
     from transformers import GenerationConfig
 
-    from .model import stop_token_ids as stop_ids
+    from .turns import stop_token_ids as stop_ids
     try:
         config = GenerationConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
     except Exception:  # no generation_config.json (or no network): the tokenizer's EOS is what TRL trains

@@ -187,6 +187,15 @@ def _by_prefixes(tokenizer, conversations: list[list[dict]], template: str | Non
     return out
 
 
+def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = None) -> list[int]:
+    """The tokens that end an answer: the EOS (training.eos_token, else the tokenizer's) first, then the generation
+    config's EOS ids (end-of-turn tokens such as <|eot_id|> or <|im_end|>), no repeats."""
+    ids = [tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def multi_turn(dataset) -> bool:
     """Whether a prompt/completion dataset holds a completion of more than one turn (a conversation)."""
     import pyarrow.compute as pc
