@@ -167,19 +167,27 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:
     """README.md of the adapters or, with `merged_into` (into which weights), of the merged model; from the adapters."""
-    summary_file = Path(adapter_dir) / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
-    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into)
+    summary_file, state_file = Path(adapter_dir) / SUMMARY_FILE, Path(adapter_dir) / "trainer_state.json"
+    summary, what = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}, ""
+    if not summary and state_file.is_file():  # a checkpoint: its step and the eval losses logged so far
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        summary, what = _so_far({}, state["log_history"], state["global_step"]), f"checkpoint {state['global_step']}"
+    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into, what)
 
 
 def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> str:
     """README.md of `checkpoint-<step>`: the run's card with the eval losses logged so far."""
+    return card_text(recipe.model.name_or_path, yaml.safe_load(recipe.to_yaml()), _so_far(counts, log_history, step),
+                     None, f"checkpoint {step}")
+
+
+def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> dict[str, Any]:
+    """A card's numbers at `step`: records by source and the eval losses of the log history up to it."""
     evals = eval_history(log_history, sorted(counts.get("eval") or {}))
     ends = {name: {"before": _before(points), "after": points[-1][1]} for name, points in evals.items()}
     overall = ends.pop("overall", {})
-    summary = {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
-               "eval_loss_after": overall.get("after"), "eval_by_source": ends}
-    return card_text(recipe.model.name_or_path, yaml.safe_load(recipe.to_yaml()), summary, None, f"checkpoint {step}")
+    return {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
+            "eval_loss_after": overall.get("after"), "eval_by_source": ends}
 
 
 def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "") -> str:
@@ -194,7 +202,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     metadata = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None,
                              library_name="peft" if adapters else "transformers", license=base_license(base_model),
                              pipeline_tag="text-generation", tags=["sft", method.lower(), "trl", "sft_lora"])
-    kind = f"{method} adapters" + (f" ({what})" if what else "") if adapters else f"merged {method} model"
+    kind = (f"{method} adapters" if adapters else f"merged {method} model") + (f" ({what})" if what else "")
     lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(base_model).name}: {kind} (sft_lora)", "",
              f"- base model: `{base_model}`" + (f", license {metadata.license}" if metadata.license else ""),
              f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),

@@ -476,6 +476,8 @@ def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, ti
     # a checkpoint carries the recipe too: it merges as its adapters do (into the original weights, in float32 before)
     checkpoint = merge_adapter(recipe.checkpoint_dir / "checkpoint-4")
     assert json.loads((checkpoint / "merge_info.json").read_text())["merged_into"] == "dequantized 4-bit base"
+    card = (checkpoint / "README.md").read_text()  # it said neither which checkpoint nor how far it had trained
+    assert ": merged QLoRA model (checkpoint 4) (sft_lora)" in card and "- trained: 4 steps" in card
     weights = [(d / "model.safetensors").read_bytes() for d in (checkpoint, Path(summary["merged"]))]
     assert weights[0] == weights[1]  # step 4 is the last: the same model
 
