@@ -16,7 +16,7 @@ from .turns import multi_turn, tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
-VERSION = "5"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
+VERSION = "6"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
 # The report's columns (Trainer drops them before collating): untruncated length, where the first answer starts,
 # untruncated loss tokens, and whether the template renders a prompt differently once its answer follows.
 LENGTH, PROMPT, LOSS, DRIFT = "untruncated_length", "prompt_length", "untruncated_loss", "template_drift"

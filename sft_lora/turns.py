@@ -131,9 +131,24 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
         with contextlib.suppress(ValueError):  # TRL has no training version of this template
             template = get_training_chat_template(tokenizer)
     given = template or tokenizer.chat_template
-    if not given or not has_generation_markers(given) or \
-            any(OPEN in t["content"] or CLOSE in t["content"] for c in conversations for t in c):
+    if not given or not has_generation_markers(given):
         return _by_prefixes(tokenizer, conversations, template, kwargs)
+    # a conversation holding a marker character itself takes the other way, alone: its batch's rows are labelled
+    # as they would be without it (the whole batch went the other way, and its labels changed with it)
+    plain = {n for n, c in enumerate(conversations) if any(OPEN in t["content"] or CLOSE in t["content"] for t in c)}
+    out: list[Any] = [None] * len(conversations)
+    for rows, tokenize, given_template in (([n for n in range(len(out)) if n in plain], _by_prefixes, template),
+                                           ([n for n in range(len(out)) if n not in plain], _by_markers, given)):
+        if rows:
+            done = dict(zip(rows, tokenize(tokenizer, [conversations[n] for n in rows], given_template, kwargs),
+                            strict=True))
+            out = [done.get(n, row) for n, row in enumerate(out)]
+    return out
+
+
+def _by_markers(tokenizer, conversations: list[list[dict]], given: str, kwargs: dict
+                ) -> list[tuple[list[int], list[tuple[int, int]], bool]]:
+    """`tokenize_turns` with the template's `{% generation %}` blocks rendered as `OPEN`/`CLOSE` characters."""
     marked = re.sub(r"\{%(-?)\s*(end)?generation\s*(-?)%\}",
                     lambda m: f"{{{{{m[1]} '{CLOSE if m[2] else OPEN}' {m[3]}}}}}", given)
     rendered = tokenizer.apply_chat_template(conversations, tokenize=False, chat_template=marked, **kwargs)

@@ -274,3 +274,24 @@ def test_the_tiny_model_learns_its_tokenizer_from_any_data_format_and_field_name
                                        ("q", "q.jsonl", {"fields": DataArgs(input_field="q", output_field="a")})]}
     vocab = {name: json.loads((path / "tokenizer.json").read_text())["model"]["vocab"] for name, path in built.items()}
     assert len(vocab["jsonl"]) > 500 and vocab["json"] == vocab["saved"] == vocab["q"] == vocab["jsonl"]
+
+
+def test_a_conversation_is_labelled_the_same_whatever_its_batch_holds(tiny_model):
+    """A conversation holding a private-use character that stands for a `{% generation %}` marker sent its whole
+    batch the other way, whose labels differ where the generation prompt and the marked block do (Qwen3's think
+    block): the same conversation's labels changed with the other records of its 1,000-record batch."""
+    from transformers import AutoTokenizer
+
+    from sft_lora.turns import OPEN, tokenize_turns
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>\n{% if m.role == 'assistant' %}{% generation %}Answer: "
+        "{{ m.content }}{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}{{ eos_token }}{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\nAnswer: {% endif %}")
+    conversation = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye."}]
+    odd = [{"role": "user", "content": "Logo?"}, {"role": "assistant", "content": f"It is {OPEN}."}]
+    alone = tokenize_turns(tokenizer, [conversation], {})
+    assert tokenize_turns(tokenizer, [conversation, odd], {})[0] == alone[0]
+    assert tokenize_turns(tokenizer, [odd, conversation], {})[1] == alone[0]
