@@ -132,6 +132,7 @@ class Prepared:
     eval_rows: Any
     max_length: int | None  # where rows are cut (the recipe's; padding-free clears it on the SFTConfig afterwards)
     unsupported: str | None = None  # why TRL prepares the data itself (`unsupported`), or None
+    template_kwargs: dict = dataclasses.field(default_factory=dict)  # every render's template variables
 
     @functools.cached_property  # read by the run's summary and by each checkpoint's card
     def records_by_source(self) -> dict[str, dict[str, int]]:
@@ -147,7 +148,8 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     rule). With packing TRL still packs (bfd cuts each document, as TRL's own path does). `Prepared.args`: `args`
     rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
-    prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length)
+    prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length,
+                        template_kwargs=template_kwargs or {})
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         if tokenizer.convert_tokens_to_ids(args.eos_token) in (None, tokenizer.unk_token_id):  # would be <unk>
             raise RecipeError(f"training.eos_token: '{args.eos_token}' is not a token of this tokenizer; name the "
@@ -164,6 +166,9 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
                            "training on padded batches", reason)
             prepared.args = dataclasses.replace(args, padding_free=False)
         prepared.unsupported = reason
+        if template_kwargs:  # TRL renders a record with its `chat_template_kwargs` (they were left out: Qwen3 thought)
+            prepared.train, prepared.eval = (d if d is None else d.map(lambda batch: {"chat_template_kwargs": [
+                template_kwargs] * len(batch["prompt"])}, batched=True) for d in (train_dataset, eval_dataset))
         return prepared
     eval_packing = args.packing if args.eval_packing is None else args.eval_packing
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
@@ -201,7 +206,7 @@ def report_rows(data: Prepared, tokenizer, which: str = "train"):
         return getattr(data, name)
     if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
         setattr(data, name, prepare_rows(records, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
-                                         completion_only=completion_only))
+                                         completion_only=completion_only, template_kwargs=data.template_kwargs))
         return getattr(data, name)
     # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
@@ -215,7 +220,8 @@ def report_rows(data: Prepared, tokenizer, which: str = "train"):
                           ) from None
 
     def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
-        options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True}
+        options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True,
+                   **data.template_kwargs}
         prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **options)
         full = tokenizer.apply_chat_template(example["prompt"] + example["completion"],
                                              return_assistant_tokens_mask=True, **options)

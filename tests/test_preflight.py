@@ -142,6 +142,25 @@ def test_packing_cuts_are_noticed_and_eval_rows_left_without_a_label_are_not_eva
     assert len(prepared.train) == 62  # training packs them all, as TRL does
 
 
+@pytest.mark.parametrize("training", [{"truncation_mode": "keep_end"}, {"completion_only_loss": False}])
+def test_template_variables_reach_the_rows_where_trl_prepares_them(make_recipe, tmp_path, training):
+    # where TRL prepares the data (keep_end, loss on every token), data.chat_template_kwargs were left out: Qwen3's
+    # enable_thinking: false trained a prompt chat and the smoke check never render
+    template = tmp_path / "marked.jinja"
+    template.write_text("{% for m in messages %}<|{{ m.role }}|>{{ marker }}\n{{ m.content }}{{ eos_token }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{{ marker }}\n{% endif %}",
+                        encoding="utf-8")
+    recipe = load_recipe(make_recipe(data={"chat_template": str(template), "chat_template_kwargs": {"marker": "@@"}},
+                                     training=training))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    kwargs = {"marker": "@@"}
+    prepared = prepare_datasets(recipe.training, tokenizer, *load_datasets(recipe.data), template_kwargs=kwargs)
+    assert prepared.unsupported  # TRL prepares these
+    trained = build_trainer(recipe, tokenizer, prepared).train_dataset
+    assert all(tokenizer.decode(ids).count("@@") == 2 for ids in trained["input_ids"][:5])
+    assert "@@" in preflight(recipe, tokenizer, prepared).example
+
+
 def test_good_data_passes_and_the_report_adds_up(make_recipe):
     recipe, report = _report(make_recipe())
     assert report.failures == []
