@@ -161,15 +161,7 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
         raise RecipeError(f"multi-turn conversations need sft_lora's data preparation, which does not apply "
                           f"({reason}); drop that setting or set data.mask_history: true")
     if reason:
-        if args.padding_free and not args.packing:
-            logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "
-                           "training on padded batches", reason)
-            prepared.args = dataclasses.replace(args, padding_free=False)
-        prepared.unsupported = reason
-        if template_kwargs:  # TRL renders a record with its `chat_template_kwargs` (they were left out: Qwen3 thought)
-            prepared.train, prepared.eval = (d if d is None else d.map(lambda batch: {"chat_template_kwargs": [
-                template_kwargs] * len(batch["prompt"])}, batched=True) for d in (train_dataset, eval_dataset))
-        return prepared
+        return _left_to_trl(prepared, reason)
     eval_packing = args.packing if args.eval_packing is None else args.eval_packing
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
     with PartialState().local_main_process_first():
@@ -193,6 +185,20 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
             prepared.train = prepared.train.shuffle(seed=args.seed)
         skip = {"dataset_kwargs": {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}}
         prepared.args = dataclasses.replace(args, **skip, **({"max_length": None} if args.padding_free else {}))
+    return prepared
+
+
+def _left_to_trl(prepared: Prepared, reason: str) -> Prepared:
+    """`prepared` for TRL's own preparation (`reason`: why ours does not apply): padded batches, and each record with
+    its template variables in TRL's `chat_template_kwargs` column (left out, Qwen3 trained prompts chat never shows)."""
+    prepared.unsupported, args = reason, prepared.args
+    if args.padding_free and not args.packing:
+        logger.warning("padding-free batches need sft_lora's data preparation, which does not apply (%s); "
+                       "training on padded batches", reason)
+        prepared.args = dataclasses.replace(args, padding_free=False)
+    if kwargs := prepared.template_kwargs:
+        prepared.train, prepared.eval = (d if d is None else d.map(lambda batch: {"chat_template_kwargs": [
+            kwargs] * len(batch["prompt"])}, batched=True) for d in (prepared.train, prepared.eval))
     return prepared
 
 
