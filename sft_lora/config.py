@@ -223,7 +223,8 @@ def local_model_missing(name: str) -> bool:
 
 
 def read_saved_recipe(directory: str | Path) -> dict[str, Any]:
-    """The resolved recipe training saved beside its outputs (`RECIPE_FILE`), as a dict; {} when there is none."""
+    """The resolved recipe training saved beside its outputs (`RECIPE_FILE`), as a dict; {} when there is none,
+    RecipeError for one that is no longer a recipe (edited by hand)."""
     path = Path(directory) / RECIPE_FILE
     saved = (recipe_yaml.parse(path.read_text(encoding="utf-8"), str(path))[0] or {}) if path.is_file() else {}
     if not isinstance(saved, dict) or any(not isinstance(saved.get(name) or {}, dict) for name in

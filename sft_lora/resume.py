@@ -81,10 +81,7 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
              for key in ("path", "eval_path") if getattr(recipe.data, key)}
     if recipe.data.chat_template:
         files["data.chat_template"] = named_or_hashed(recipe.data.chat_template)
-    view = weights_view(recipe)
-    return {"recipe_sha256": recipe_sha256(recipe),
-            "weights_sha256": hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest(),
-            "files_sha256": files, "weights_view": view,
+    return {"recipe_sha256": recipe_sha256(recipe), "files_sha256": files, "weights_view": weights_view(recipe),
             "length": {"max_steps": recipe.training.max_steps, "num_train_epochs": recipe.training.num_train_epochs}}
 
 
