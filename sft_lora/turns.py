@@ -3,10 +3,13 @@ and their tokenization with loss on every assistant turn (its content and end-of
 
 import bisect
 import contextlib
+import functools
+import logging
 import os
 import re
 from typing import Any
 
+logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% generation %} / {% endgeneration %}
 # How rendered text is encoded: as apply_chat_template does, without transformers' warning that a text longer than
@@ -110,13 +113,23 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
         full = tokenizer.apply_chat_template([prompts[n] + completions[n] for n in single], tokenize=False, **kwargs)
         encoded = tokenizer(rendered + full, **ENCODE)["input_ids"]
         for k, n in enumerate(single):
-            prompt_ids, ids = encoded[k], encoded[len(single) + k]
-            out[n] = (ids, [(common_prefix_length(prompt_ids, ids), len(ids))], not full[k].startswith(rendered[k]))
+            prompt_ids, ids, drift = encoded[k], encoded[len(single) + k], not full[k].startswith(rendered[k])
+            start = common_prefix_length(prompt_ids, ids)
+            if start < len(prompt_ids) and not drift:  # TRL warns of it too; drift is the `template` check's
+                _merged_once(tokenizer.decode(prompt_ids[start:]))
+            out[n] = (ids, [(start, len(ids))], drift)
     if multi:
         conversations = [prompts[n] + completions[n] for n in multi]
         for n, row in zip(multi, tokenize_turns(tokenizer, conversations, kwargs), strict=True):
             out[n] = row
     return out
+
+
+@functools.cache  # once for each prompt end, as TRL warns once: a template that merges one row merges them all
+def _merged_once(tail: str) -> None:
+    logger.warning("the prompt's end %r merges with the answer's first token (e.g. an answer starting with a "
+                   "newline): as in TRL, the loss starts at the merged token, and training sees a prompt end that "
+                   "chat never shows; strip what the answers start with", tail)
 
 
 def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict

@@ -295,3 +295,26 @@ def test_a_conversation_is_labelled_the_same_whatever_its_batch_holds(tiny_model
     alone = tokenize_turns(tokenizer, [conversation], {})
     assert tokenize_turns(tokenizer, [conversation, odd], {})[0] == alone[0]
     assert tokenize_turns(tokenizer, [odd, conversation], {})[1] == alone[0]
+
+
+def test_a_prompt_end_that_merges_with_the_answer_is_said_as_trl_says_it(tiny_model, caplog):
+    """The generation prompt's last token merging with the answer's first (a `\\n\\n` token and an answer starting
+    with a newline) moves where the loss starts; TRL warns of it, and sft_lora's preparation said nothing."""
+    from transformers import AutoTokenizer
+
+    from sft_lora.turns import tokenize_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = (  # the generation prompt ends in "t": an answer "ake" renders "take"
+        "{% for m in messages %}<|{{ m.role }}|>\n{% if m.role == 'assistant' %}t{% endif %}{{ m.content }}"
+        "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\nt{% endif %}")
+    prompt = [[{"role": "user", "content": "Hi?"}]]
+    plain = tokenize_conversations(tokenizer, prompt, [[{"role": "assistant", "content": " ok."}]], {})
+    assert not [r for r in caplog.records if "merges" in r.getMessage()]
+    ids, spans, drift = tokenize_conversations(tokenizer, prompt, [[{"role": "assistant", "content": "ake."}]], {})[0]
+    assert not drift and not plain[0][2]
+    prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt[0], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+    assert spans[0][0] < len(prompt_ids) and ids[:spans[0][0]] == prompt_ids[:spans[0][0]]  # TRL's start
+    warned = [r.getMessage() for r in caplog.records if "merges" in r.getMessage()]
+    assert len(warned) == 1 and "'t'" in warned[0] and "as in TRL" in warned[0]
