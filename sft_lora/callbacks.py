@@ -14,8 +14,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .config import RECIPE_FILE, Recipe, RecipeError
+from .fingerprint import RECORD, fingerprint
 from .outputs import fsync, readable, write_atomic
-from .resume import RECORD, fingerprint
 
 
 def checkpoint_path(args, step: int) -> Path:  # where Trainer's `_save_checkpoint` saves step's checkpoint
@@ -27,9 +27,11 @@ class CheckpointRecord(TrainerCallback):
     each file's size and the run's fingerprint. Resume trusts only checkpoints whose files match their record. The
     resolved recipe goes beside it, so a checkpoint merges and chats as the final adapters do."""
 
-    def __init__(self, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None) -> None:
+    def __init__(self, recipe: Recipe, counts: dict[str, dict[str, int]] | None = None,
+                 taken: dict | None = None) -> None:
         self.recipe, self.counts = recipe, counts or {}  # records by source, for the checkpoint's model card
-        self.fingerprint = fingerprint(recipe)
+        # `taken`: the fingerprint taken before the data was read (an edit while preparing is not this run's data)
+        self.fingerprint = taken or fingerprint(recipe)
         self.saving: Path | None = None  # the checkpoint being written, between on_step_end and on_save
 
     def on_step_end(self, args, state, control, **kwargs):

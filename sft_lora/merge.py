@@ -64,8 +64,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
 
 def adapter_sha256(adapter_dir: Path) -> str:
     """What a merge is made from: the adapter files but the report files, which training rewrites after merging."""
+    from .fingerprint import file_sha256
     from .report import PLOT_FILE, SUMMARY_FILE
-    from .resume import file_sha256
 
     files = sorted(p for p in adapter_dir.iterdir() if p.is_file() and p.name not in (SUMMARY_FILE, PLOT_FILE,
                                                                                         "README.md"))

@@ -19,7 +19,7 @@ import yaml
 
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .data import paths
-from .resume import named_or_hashed, recipe_sha256
+from .fingerprint import named_or_hashed, recipe_sha256
 from .text import first_line, redact
 
 MANIFEST_FILE = "manifest.json"

@@ -10,7 +10,7 @@ import numpy as np
 from . import rows as figures
 from .config import Recipe, RecipeError
 from .data import locate
-from .prepare import Prepared, report_rows
+from .prepare import Prepared
 from .sections import CHECK_NAMES
 from .text import columns, shortened, table_names
 
@@ -111,7 +111,7 @@ class Report:
 
 def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
     """Measure the training rows as the trainer will train them, and list the failed checks."""
-    args, rows = data.args, report_rows(data, tokenizer)
+    args, rows = data.args, figures.report_rows(data, tokenizer)
     cut = figures.trainer_cut(args, data.max_length)
     stop_ids = figures.stop_token_ids(recipe, args, tokenizer)
     answers_carry_loss = args.completion_only_loss is not False or bool(args.assistant_only_loss)

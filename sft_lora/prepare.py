@@ -103,9 +103,16 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
     key = hashlib.sha256("\0".join([VERSION, dataset._fingerprint, type(tokenizer).__name__,
                                     backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
                                     repr(sorted(tokenizer.special_tokens_map.items())), str(tokenizer.chat_template),
-                                    version("trl"), repr(sorted((template_kwargs or {}).items())),
-                                    str(max_length)]).encode())
-    return str(directory / f"{key.hexdigest()[:32]}.arrow")
+                                    *map(version, ("trl", "transformers", "tokenizers")),
+                                    repr(sorted((template_kwargs or {}).items())), str(max_length)]).encode())
+    file = directory / f"{key.hexdigest()[:32]}.arrow"
+    try:
+        if file.is_file():  # one cut short or overwritten (a full disk, a crash): prepared again, not an Arrow error
+            datasets.Dataset.from_file(str(file))
+    except Exception as exc:  # pyarrow.ArrowInvalid, OSError …
+        print(f"notice: {file}: the prepared-data cache file is unreadable ({type(exc).__name__}); preparing it again")
+        file.unlink()
+    return str(file)
 
 
 def trainable(rows, cut: int | None = None):
@@ -200,45 +207,3 @@ def _left_to_trl(prepared: Prepared, reason: str) -> Prepared:
         prepared.train, prepared.eval = (d if d is None else d.map(lambda batch: {"chat_template_kwargs": [
             kwargs] * len(batch["prompt"])}, batched=True) for d in (prepared.train, prepared.eval))
     return prepared
-
-
-def report_rows(data: Prepared, tokenizer, which: str = "train"):
-    """The rows the report reads: the prepared rows or, where TRL prepares the data itself, the records tokenized
-    untruncated as `SFTTrainer._prepare_dataset` does, kept on `data` (the length notice and the report tokenize
-    once): loss on the completion (`completion_only_loss`, default on) and assistant mask (`assistant_only_loss`)."""
-    name, records = ("rows", data.records) if which == "train" else ("eval_rows", data.eval_records)
-    args, completion_only = data.args, data.args.completion_only_loss is not False  # TRL: None means on here
-    if getattr(data, name) is not None or records is None:
-        return getattr(data, name)
-    if not args.assistant_only_loss:  # the preparation's own batched tokenization, untruncated, in memory
-        setattr(data, name, prepare_rows(records, tokenizer, None, num_proc=args.dataset_num_proc, cache=False,
-                                         completion_only=completion_only, template_kwargs=data.template_kwargs))
-        return getattr(data, name)
-    # assistant_only_loss: the template's assistant mask, one row at a time (TRL's training template if needed)
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-    from trl.data_utils import common_prefix_length
-    try:
-        template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
-    except ValueError:  # what SFTTrainer raises too, as a traceback, once the model is loaded
-        raise RecipeError("training.assistant_only_loss needs a chat template with {% generation %} markers, and TRL "
-                          "has no training version of this one; set data.chat_template to a template that marks "
-                          "the assistant turns, or drop assistant_only_loss (the answers alone carry loss anyway)"
-                          ) from None
-
-    def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
-        options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True,
-                   **data.template_kwargs}
-        prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **options)
-        full = tokenizer.apply_chat_template(example["prompt"] + example["completion"],
-                                             return_assistant_tokens_mask=True, **options)
-        ids = list(full["input_ids"])
-        prompt_len = common_prefix_length(list(prompt_ids["input_ids"]), ids)
-        labels = [token if mask and (n >= prompt_len or not completion_only) else -100
-                  for n, (token, mask) in enumerate(zip(ids, full["assistant_masks"], strict=False))]
-        return {"input_ids": ids, "labels": labels, LENGTH: len(ids), PROMPT: prompt_len,
-                LOSS: sum(label != -100 for label in labels), DRIFT: False}
-
-    rows = records.map(tokenize_row, num_proc=args.dataset_num_proc, remove_columns=["prompt", "completion"],
-                       desc=f"Pre-flight: tokenizing {which} dataset")
-    setattr(data, name, rows)
-    return rows

@@ -152,20 +152,20 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
     from .preflight import run_check
-    from .resume import check_fresh_start, checkpoint_state, nothing_left, resumable, select_checkpoint
+    from .resume import check_fresh_start, checkpoint_state, fingerprint, nothing_left, resumable, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
         check_fresh_start(recipe)  # no other run's checkpoints to mix with
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
-    tokenizer, data = _inputs(recipe)
+    taken, (tokenizer, data) = fingerprint(recipe), _inputs(recipe)  # hashed as read, not edited while preparing
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
                  if recipe.check.enabled else None)
     from .trainer import build_trainer, configure_wandb
 
     configure_wandb(recipe)
-    trainer = build_trainer(recipe, tokenizer, data, resume_from=resume_from)
+    trainer = build_trainer(recipe, tokenizer, data, resume_from=resume_from, fingerprint=taken)
     evaluate = data.eval_records is not None
     summary = {"resumed_from": resume_from,
                "resumed_at_step": checkpoint_state(resume_from).get("global_step") if resume_from else None,

@@ -90,7 +90,8 @@ class SourceEvalSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_from: str | None = None):
+def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_from: str | None = None,
+                  fingerprint: dict | None = None):
     """An `SFTTrainer` loading the base model itself (4-bit for QLoRA) under the LoRA adapter, with checkpoint
     records and the SIGTERM/SIGINT stop. `data`: the run's `prepare.Prepared`, or chat records (and `eval_dataset`);
     `resume_from`: the checkpoint `train` will resume from (its run's length tells this run's end from a longer's)."""
@@ -115,7 +116,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_fro
             model=_absolute(recipe.model.name_or_path), args=args, train_dataset=data.train, eval_dataset=eval_sets,
             processing_class=tokenizer, peft_config=recipe.lora, quantization_config=recipe.quantization,
             callbacks=[GracefulStop(),  # before the record: a stop request triggers the save it then records
-                       CheckpointRecord(recipe, data.records_by_source),
+                       CheckpointRecord(recipe, data.records_by_source, fingerprint),
                        RecipeWinsOnResume(checkpoint_state(resume_from).get("max_steps") if resume_from else None)])
     except NoMatchingPeftModuleError as exc:  # when the architecture could not be checked beforehand
         raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {first_line(exc)}") from None

@@ -171,6 +171,24 @@ def test_the_prepared_dataset_is_cached_and_a_second_run_reuses_it(tiny_model, t
         prepare(load_datasets(data)[0], tokenizer, 128, cache=tmp_path)
 
 
+def test_a_cache_file_cut_short_or_overwritten_is_prepared_again(tiny_model, tmp_path, capsys):
+    """A cache file a full disk or a crash left unreadable stopped every later run with an Arrow error (a 0-byte one:
+    a traceback), naming no file; it is only a cache: said, and prepared again."""
+    from sft_lora.config import ModelArgs
+
+    data = DataArgs(path=str(SAMPLE))
+    tokenizer = load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data)
+    good = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path)
+    file, rows = Path(good.cache_files[0]["filename"]), good["input_ids"]
+    whole = file.read_bytes()
+    for broken in (whole[:3000], b"", bytes(range(256)) * 40):
+        file.unlink()  # a new file: the datasets above still map the old one
+        file.write_bytes(broken)
+        again = prepare(load_datasets(data)[0], tokenizer, 256, cache=tmp_path)
+        assert again["input_ids"] == rows and file.read_bytes() == whole
+        assert f"notice: {file}: the prepared-data cache file is unreadable" in capsys.readouterr().out
+
+
 def test_training_dataset_num_proc_tokenizes_in_that_many_processes_into_the_same_rows(make_recipe, tmp_path,
                                                                                       monkeypatch):
     from sft_lora.prepare import LENGTH, LOSS, PROMPT, prepare_datasets

@@ -15,8 +15,8 @@ from sft_lora.config import RecipeError, load_recipe
 from sft_lora.data import load_datasets
 from sft_lora.model import load_tokenizer
 from sft_lora.preflight import MARK, preflight
-from sft_lora.prepare import prepare_datasets, report_rows
-from sft_lora.rows import row_stats, stop_token_ids, trained_row, trainer_cut
+from sft_lora.prepare import prepare_datasets
+from sft_lora.rows import report_rows, row_stats, stop_token_ids, trained_row, trainer_cut
 from sft_lora.run import main
 from sft_lora.trainer import build_trainer
 

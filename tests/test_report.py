@@ -18,9 +18,9 @@ import torch
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
 from sft_lora.config import RECIPE_FILE, load_recipe
+from sft_lora.fingerprint import file_sha256
 from sft_lora.outputs import MANIFEST_FILE, build_manifest
 from sft_lora.report import model_card
-from sft_lora.resume import file_sha256
 from sft_lora.run import main
 
 from .conftest import ROOT, SAMPLE

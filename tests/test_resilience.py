@@ -170,14 +170,14 @@ def test_resume_refuses_a_checkpoint_from_another_recipe_or_data_unless_forced(r
 
 def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_defaults(make_recipe, tmp_path,
                                                                                   monkeypatch):
-    from sft_lora.resume import check_fingerprint, fingerprint, weights_view
+    from sft_lora.fingerprint import check_fingerprint, fingerprint, weights_view
 
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8")
     path = make_recipe(data={"chat_template": str(template)})
     recipe = load_recipe(path)
     saved = fingerprint(recipe)
-    assert set(saved["files_sha256"]) == {"data.path", "data.chat_template"}
+    assert set(saved["files_sha256"]) == {"data.path", "data.chat_template", "model.tokenizer"}
     view = weights_view(recipe)
     assert view["training.adam_beta2"] == 0.999  # an upstream default the recipe never names is compared too
     assert not [k for k in view if k.startswith(("training.logging", "training.save", "output.", "wandb."))]
@@ -316,3 +316,54 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tin
         history = json.loads((_checkpoints(tmp_path)[4] / "trainer_state.json").read_text())["log_history"]
         assert [log["step"] for log in history if "eval_loss" in log] == [0]
     assert not (tmp_path / "final_model").exists()
+
+
+def test_the_fingerprint_sees_eos_token_and_the_base_models_tokenizer(tiny_model, tmp_path):
+    """TrainingArguments.to_dict() hides every *_token field as "<EOS_TOKEN>", so a changed training.eos_token (other
+    labels) resumed silently; so did an edited tokenizer or chat template inside a local model.name_or_path."""
+    from sft_lora.fingerprint import check_fingerprint, fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    path = write_recipe(tmp_path, model)
+    saved = fingerprint(load_recipe(path))
+    assert saved["weights_view"]["training.eos_token"] is None and "hub_token" not in str(saved["weights_view"])
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"made from a different recipe \(training.eos_token: None -> '<pad>'\)"):
+        check_fingerprint(checkpoint, load_recipe(path, ["training.eos_token=<pad>"]))
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text(encoding="utf-8").replace("<|", "[["), encoding="utf-8")
+    with pytest.raises(RecipeError, match="made from a different tokenizer or chat template in model.name_or_path"):
+        check_fingerprint(checkpoint, load_recipe(path))
+    # records written before: the placeholder and no tokenizer hash; nothing to compare them with, so accepted
+    old = {**saved, "files_sha256": {k: v for k, v in saved["files_sha256"].items() if k != "model.tokenizer"},
+           "weights_view": {**saved["weights_view"], "training.eos_token": "<EOS_TOKEN>"}}
+    (checkpoint / RECORD).write_text(json.dumps(old), encoding="utf-8")
+    check_fingerprint(checkpoint, load_recipe(path, ["training.eos_token=<pad>"]))
+
+
+def test_checkpoints_vouch_for_the_data_as_read_not_as_edited_while_preparing(tiny_model, tmp_path, monkeypatch):
+    """The fingerprint was taken once the data was prepared (minutes at 1 M records): a data file edited meanwhile
+    was recorded as the checkpoints' data, so --resume accepted the edit and refused the data trained on."""
+    import sft_lora.run as run_module
+    from sft_lora.fingerprint import file_sha256
+
+    data = tmp_path / "d.jsonl"
+    shutil.copy(SAMPLE, data)
+    trained = file_sha256(data)
+    read = run_module._inputs
+
+    def read_then_edit(recipe):
+        inputs = read(recipe)
+        data.write_text(data.read_text(encoding="utf-8") + '{"input": "edited", "output": "meanwhile"}\n',
+                        encoding="utf-8")
+        return inputs
+
+    monkeypatch.setattr(run_module, "_inputs", read_then_edit)
+    path = write_recipe(tmp_path, tiny_model, data={"path": str(data), "eval_split": None},
+                        training={"max_steps": 2, "save_steps": 2}, report={"smoke_prompts": 0})
+    assert run_module.main([str(path)]) == 0
+    record = json.loads((_checkpoints(tmp_path)[2] / RECORD).read_text(encoding="utf-8"))
+    assert record["files_sha256"]["data.path"] == trained != file_sha256(data)
