@@ -1,5 +1,5 @@
-"""Trainer callbacks (README, Reliability): each checkpoint's completion record, written last; on SIGTERM/SIGINT a
-checkpoint at the next step boundary, then exit 128 + the signal (143, 130); a second signal exits at once."""
+"""Trainer callbacks (README, Reliability): each checkpoint's completion record, written last; on SIGTERM, SIGINT or
+SIGHUP a checkpoint at the next step boundary, then exit 128 + the signal (143, 130, 129); a second exits at once."""
 
 import contextlib
 import json
@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .atomic import fsync, readable, write_atomic
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .fingerprint import RECORD, fingerprint
-from .outputs import fsync, readable, write_atomic
 
 
 def checkpoint_path(args, step: int) -> Path:  # where Trainer's `_save_checkpoint` saves step's checkpoint
@@ -99,6 +99,10 @@ class AtTheEnd(Exception):
     """A resume from the run's own last checkpoint: nothing to train, its adapters still to save."""
 
 
+# SIGHUP too: a closed terminal or ssh session (training started without nohup) lost the run, with no checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving `checkpoint` at `step`."""
 
@@ -117,7 +121,7 @@ class GracefulStop(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()

@@ -21,7 +21,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     the original weights (README, Merge). The choice goes into merge_info.json."""
     from transformers import AutoTokenizer
 
-    from .outputs import atomic_dir, check_not_inputs, check_target
+    from .atomic import atomic_dir, check_target
+    from .outputs import check_not_inputs
     from .report import model_card
     from .text import redact
     from .turns import stop_token_ids
@@ -51,7 +52,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        info = {"base_model": base, "adapter": str(adapter_dir), "inputs": inputs,
+        info = {"base_model": base, "adapter": str(adapter_dir.resolve()), "inputs": inputs,
                 "merged_into": ("dequantized 4-bit base" if dequantize else "original base weights"),
                 "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

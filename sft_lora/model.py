@@ -121,8 +121,8 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from .atomic import atomic_dir
     from .data import paths, read_records
-    from .outputs import atomic_dir
 
     fields, texts = fields or DataArgs(), []
     for data_path in paths(data if isinstance(data, list) else str(data)):

@@ -1,15 +1,12 @@
-"""What a run writes: every file and directory all at once (built in a temporary sibling, then renamed, so a crash
-leaves only `<name>.tmp-*`), the adapters with their manifest, and the output directories checked before training."""
+"""What a run writes (through `atomic.py`): the adapters with their manifest; the output directories checked before
+training, and a merge its adapters no longer match removed."""
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -17,93 +14,13 @@ from typing import Any
 
 import yaml
 
+from .atomic import atomic_dir, fsync
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .data import paths
 from .fingerprint import named_or_hashed, recipe_sha256
-from .text import first_line, redact
+from .text import redact
 
 MANIFEST_FILE = "manifest.json"
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`), or what `final`
-    links to: a link (to a bigger disk) is written through and kept."""
-    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
-    check_target(final, overwrite=overwrite)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RecipeError(f"{final.parent}: cannot create the output directory ({exc.strerror})") from None
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-        for path in filter(Path.is_file, tmp.rglob("*")):
-            readable(path)
-        old = final.rename(final.with_name(f"{final.name}.old-{os.getpid()}")) if final.exists() else None
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception) or (reason := write_error(exc)) is None:
-            raise
-        raise RecipeError(f"{final}: could not write ({reason}); check free space and permissions") from None
-
-
-@contextlib.contextmanager
-def atomic_file(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success it is flushed to disk and replaces `final`."""
-    final = Path(final)
-    tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
-    try:
-        yield tmp
-        readable(tmp)
-        fsync(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(final: str | Path, text: str) -> None:
-    with atomic_file(final) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def readable(path: str | Path) -> None:
-    """The mode the user's umask asks for (0644 under 022): safetensors writes 0600, unreadable to teammates."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def fsync(path: str | Path) -> None:
-    """Flush a file (or a directory's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_target(final: str | Path, *, overwrite: bool) -> None:
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
-    if final.exists() and not overwrite:
-        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
-
-
-def write_error(exc: BaseException) -> str | None:
-    """The reason when `exc` is a failed write (disk full, read-only), else None. Python raises OSError, safetensors
-    SafetensorError("... os error 28"), torch.save a RuntimeError from its zip writer."""
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    if match := re.search(r"I/O error: (.*?) \(os error \d+\)", text := first_line(exc)):
-        return match.group(1)
-    return "torch.save could not write the file" if "inline_container" in text or "write failed" in text else None
 
 
 def check_outputs(recipe: Recipe) -> None:
@@ -115,6 +32,8 @@ def check_outputs(recipe: Recipe) -> None:
               "data.chat_template": recipe.data.chat_template}
     inputs |= {f"data.{key}[{n}]" if n else f"data.{key}": path
                for key in ("path", "eval_path") for n, path in enumerate(paths(getattr(recipe.data, key)))}
+    # the merge of the adapters a run replaces is removed (remove_stale_merge): never the base model, merge or not
+    check_not_inputs(recipe.merged_dir, inputs, "set output.dir elsewhere (or model.name)")
     for path, key in outputs.items():
         check_not_inputs(path, inputs, f"set {key} elsewhere")
         if path != recipe.checkpoint_dir and path.is_dir() and any(path.iterdir()) and not any(
@@ -123,7 +42,8 @@ def check_outputs(recipe: Recipe) -> None:
                               f"replace; move it or set {key} elsewhere")
         # a probe written and removed in the deepest existing ancestor, creating nothing else (as root, permission
         # bits allow everything: only a real write tells); "/" or "." ends the search
-        existing = next(p for p in (path, *path.parents) if p.exists())
+        start = path if path == recipe.checkpoint_dir else path.parent  # atomic_dir writes a sibling, then renames
+        existing = next(p for p in (start, *start.parents) if p.exists())
         if not existing.is_dir():
             raise RecipeError(f"{existing}: is a file, so {path} cannot be created; set {key} to a directory")
         probe = existing / f".sft_lora_probe-{os.getpid()}"
@@ -166,6 +86,10 @@ def check_not_inputs(target: Path, inputs: dict[str, str | Path | None], fix: st
     for name, value in inputs.items():
         if value and (path := Path(value).resolve()).exists() and (path == out or out in path.parents):
             raise RecipeError(f"{target}: is or holds {name} ({value}), which writing there would delete; {fix}")
+        # a dataset directory is hashed whole: outputs inside it change the run's data, and --resume refuses it
+        if value and name.startswith("data.") and path.is_dir() and path in out.parents:
+            raise RecipeError(f"{target}: is inside {name} ({value}), a dataset directory whose content writing "
+                              f"there would change; {fix}")
 
 
 def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
+from .atomic import atomic_file, write_atomic
 from .config import looks_like_hub_id, read_saved_recipe
-from .outputs import atomic_file, write_atomic
 from .text import columns
 from .trainer import source_metric
 

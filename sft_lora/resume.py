@@ -74,9 +74,15 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
 
 def check_fresh_start(recipe: Recipe) -> None:
     """Refuse a fresh run (no --resume) into a checkpoint directory holding another recipe's or data's checkpoints:
-    it would write over some and leave the rest for --resume to pick. The same recipe's are written over."""
+    it would write over some and leave the rest for --resume to pick. The same recipe's are written over, unless run
+    for another length (a longer run's later checkpoints, on another schedule, were resumed from after a kill)."""
+    length = fingerprint(recipe)["length"]
     for checkpoint in _checkpoints(recipe.checkpoint_dir):
-        if problems := fingerprint_problems(checkpoint, recipe):
+        problems = fingerprint_problems(checkpoint, recipe)
+        if (then := record_of(checkpoint).get("length") or length) != length:
+            changed = (f"training.{k}: {then.get(k)} -> {v}" for k, v in length.items() if then.get(k) != v)
+            problems.append(f"a run of another length ({', '.join(changed)})")
+        if problems:
             raise RecipeError(f"{recipe.checkpoint_dir}: holds checkpoints of another run ({checkpoint.name}: made "
                               f"from {' and '.join(problems)}), which this run would mix with its own; continue that "
                               "run with --resume and its recipe, set output.checkpoint_dir, or remove them")
@@ -97,6 +103,15 @@ def _epochs(name: str) -> float:  # of a run directory's name (`recipe.run_dir`)
 def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
     found = [p for d in directories for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def record_of(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's completion record (`RECORD`); {} when there is none or it is unreadable."""
+    try:
+        record = json.loads((Path(checkpoint) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -188,9 +188,9 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
 
 def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
-    from . import report
+    from . import atomic, report
     from .callbacks import AtTheEnd, CheckpointRecord, interruptible
-    from .outputs import peak_memory_gib, replicas_agree, save_adapters, write_error
+    from .outputs import peak_memory_gib, replicas_agree, save_adapters
     from .resume import resumable
 
     resumed = summary["resumed_from"]
@@ -203,7 +203,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
     except Exception as exc:
         # disk full or read-only while checkpointing: one line; the checkpoint has no record, so resume skips it
         saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
-        if saving is not None and (reason := write_error(exc)) is not None:
+        if saving is not None and (reason := atomic.write_error(exc)) is not None:
             again = ("with --resume (this incomplete checkpoint is skipped)" if resumed or resumable(recipe) else
                      "(no checkpoint is complete yet)")
             raise RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
@@ -221,13 +221,13 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
 
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     """On the main process: the summary first (the merged card reads its losses), merge, smoke check, table, push."""
-    from . import report
+    from . import atomic, outputs, report
     from .chat import run_smoke_check
-    from .outputs import remove_stale_merge, write_atomic
 
-    remove_stale_merge(recipe)  # the merge of the adapters just replaced: none rather than a mismatched one
+    outputs.remove_stale_merge(recipe)  # the merge of the adapters just replaced: none rather than a mismatched one
     report.write_summary(recipe.adapters_dir, summary)
-    write_atomic(recipe.adapters_dir / "README.md", report.model_card(recipe.adapters_dir, recipe.model.name_or_path))
+    card = report.model_card(recipe.adapters_dir, recipe.model.name_or_path)
+    atomic.write_atomic(recipe.adapters_dir / "README.md", card)
     if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

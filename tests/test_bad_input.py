@@ -489,6 +489,29 @@ def _(env):
         f"{adapters}: is or holds data.path ({data}), which writing there would delete; set output.dir elsewhere"]
 
 
+@case("paths: the base model is the run's own merged model")
+def _(env):  # training on from a merge with output.merge off deleted its own base as "stale" (rc 0)
+    merged = env.tmp / "final_model" / "tiny-llama" / "1" / "lora_merged"
+    shutil.copytree(env.model, merged)
+    env.protect(merged)
+    return *env.cli(env.recipe(model={"name_or_path": str(merged), "name": "tiny-llama"})), [
+        f"{merged}: is or holds model.name_or_path ({merged}), which writing there would delete; set output.dir "
+        "elsewhere (or model.name)"]
+
+
+@case("paths: an output inside a dataset directory")
+def _(env):  # the directory is hashed whole: its checkpoints changed "the data", and --resume refused it
+    from datasets import Dataset
+
+    data = env.tmp / "ds"
+    Dataset.from_list([GOOD] * 8).save_to_disk(str(data))
+    env.protect(data)
+    return *env.cli(env.recipe(data={"path": str(data), "eval_split": None}, output={
+        "dir": str(data / "out"), "checkpoint_dir": str(data / "ck")})), [
+        f"{data / 'out'}/tiny-llama/1/lora_merged: is inside data.path ({data}), a dataset directory whose content "
+        "writing there would change; set output.dir elsewhere"]
+
+
 @case("model: name_or_path empty")
 def _(env):
     path = env.recipe(model={"name_or_path": ""})
@@ -649,6 +672,15 @@ def _checkpoint(env: Env, path: Path, step: int = 2, protect: bool = True, **ove
     state = SimpleNamespace(global_step=step, is_world_process_zero=True, log_history=[])
     CheckpointRecord(recipe).on_save(SimpleNamespace(output_dir=str(recipe.checkpoint_dir)), state, None)
     return env.protect(checkpoint) if protect else checkpoint
+
+
+@case("fresh run over a run of another length")
+def _(env):  # killed, the fresh 12-step run resumed from the old 8-step run's checkpoint-8 (another schedule)
+    path = env.recipe()
+    checkpoint = _checkpoint(env, path, step=8, **{"training.max_steps": 8})
+    return (*env.cli(path), [f"{checkpoint.parent}: holds checkpoints of another run (checkpoint-8: made from a "
+                             "run of another length (training.max_steps: 8 -> 6)), which this run would mix with its "
+                             "own; continue that run with --resume"])
 
 
 @case("resume: checkpoint directory missing")

@@ -205,8 +205,10 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     assert [m["files_sha256"]["data.path"] for m in mixed] == [f"{data}+{data}*0.5@None", f"{data}+{data}*0.25@None"]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, tmp_path):
-    """Acceptance: a real `python -m sft_lora.run` process, SIGTERM mid-training."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, tmp_path, stop):
+    """Acceptance: a real `python -m sft_lora.run` process, SIGTERM mid-training; SIGHUP (the terminal closed) too:
+    it ended the run at once, with no checkpoint."""
     recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
@@ -216,16 +218,16 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits_143(tiny_model, t
         while seen < 2 and process.poll() is None:
             time.sleep(0.01)
             seen = (tmp_path / "out").read_text().count("{'loss'")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         code = process.wait(timeout=300)
     stderr = (tmp_path / "err").read_text()
-    assert code == 143, stderr[-3000:]
+    assert code == 128 + stop, stderr[-3000:]
     checkpoints = _checkpoints(tmp_path)
     assert len(checkpoints) == 1, "one checkpoint, made for the signal (save_steps is 1000)"
     (step, checkpoint), = checkpoints.items()
     assert seen <= step < 500 and incomplete_reason(checkpoint) is None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
-    assert f"interrupted: stopped by SIGTERM at step {step}; checkpoint saved to {checkpoint}" in stderr
+    assert f"interrupted: stopped by {stop.name} at step {step}; checkpoint saved to {checkpoint}" in stderr
     # the exact command, naming the checkpoint just saved (a bare --resume took the newest complete one, which may
     # be another, longer run's)
     assert f"to continue: {sys.executable} -m sft_lora.run {recipe} --resume {checkpoint}\n" in stderr
@@ -367,3 +369,22 @@ def test_checkpoints_vouch_for_the_data_as_read_not_as_edited_while_preparing(ti
     assert run_module.main([str(path)]) == 0
     record = json.loads((_checkpoints(tmp_path)[2] / RECORD).read_text(encoding="utf-8"))
     assert record["files_sha256"]["data.path"] == trained != file_sha256(data)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_is_not(tmp_path):
+    """A merge killed by SIGKILL left `lora_merged.tmp-PID` (GBs for an 8B model) that nothing removed."""
+    from sft_lora.atomic import atomic_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    final = tmp_path / "lora_merged"
+    final.mkdir()
+    killed = [final.with_name(f"lora_merged.{kind}-{dead.pid}") for kind in ("tmp", "old")]
+    alive, other = final.with_name(f"lora_merged.tmp-{os.getppid()}"), tmp_path / "lora_merged_x.tmp-1"
+    for path in (*killed, alive, other):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    with atomic_dir(final, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert not any(p.exists() for p in killed) and alive.is_dir() and other.is_dir()
+    assert (final / "model.safetensors").read_bytes() == b"whole"

@@ -186,7 +186,8 @@ def test_merge_after_train_is_up_to_date_and_merges_again_when_the_adapters_chan
     assert _files(tmp_path / "x_merged") == again
 
 
-def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys):
+def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys,
+                                                                            monkeypatch):
     path = make_recipe(training={"max_steps": 2}, output={"merge": True}, report={"smoke_prompts": 0})
     assert main([str(path)]) == 0
     recipe = load_recipe(path)
@@ -212,6 +213,14 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     out = capsys.readouterr().out
     assert f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced" in out
     assert (other / "model.safetensors").is_file() and recipe.merged_dir.is_symlink()
+    # a merge made by a relative path from another directory is this run's too (it was kept, stale, beside new adapters)
+    recipe.merged_dir.unlink()
+    here = Path.cwd()
+    monkeypatch.chdir(recipe.run_dir)
+    merge_adapter(Path(recipe.adapters_dir.name), output_dir=Path(recipe.merged_dir.name))
+    monkeypatch.chdir(here)
+    assert main([str(path), "training.seed=9", "output.merge=false", f"output.checkpoint_dir={tmp_path / 'c4'}"]) == 0
+    assert f"removed {recipe.merged_dir}: the merge of the adapters this run replaced" in capsys.readouterr().out
 
 
 def test_ctrl_c_during_a_merge_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):

@@ -1,0 +1,110 @@
+"""Every file and directory sft_lora writes, written whole: built in a temporary sibling (`<name>.tmp-PID`), flushed,
+then renamed over the old one, so a crash leaves the old output or none, never half of one; a write that fails is said
+in one line (disk full, read-only)."""
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import RecipeError
+from .text import first_line
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it replaces `final` (only if `overwrite`), or what `final`
+    links to: a link (to a bigger disk) is written through and kept."""
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
+    check_target(final, overwrite=overwrite)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"{final.parent}: cannot create the output directory ({exc.strerror})") from None
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for left in final.parent.glob(f"{glob.escape(final.name)}.*-*"):  # what a killed writer left (GBs of a merge)
+        kind, _, pid = left.name.removeprefix(f"{final.name}.").partition("-")
+        if (kind == "tmp" or kind == "old" and final.exists()) and not _running(pid):  # an .old- alone: the output
+            shutil.rmtree(left, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        for path in filter(Path.is_file, tmp.rglob("*")):
+            readable(path)
+        old = final.rename(final.with_name(f"{final.name}.old-{os.getpid()}")) if final.exists() else None
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception) or (reason := write_error(exc)) is None:
+            raise
+        raise RecipeError(f"{final}: could not write ({reason}); check free space and permissions") from None
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is flushed to disk and replaces `final`."""
+    final = Path(final)
+    tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
+    try:
+        yield tmp
+        readable(tmp)
+        fsync(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(final: str | Path, text: str) -> None:
+    with atomic_file(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def readable(path: str | Path) -> None:
+    """The mode the user's umask asks for (0644 under 022): safetensors writes 0600, unreadable to teammates."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_target(final: str | Path, *, overwrite: bool) -> None:
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise RecipeError(f"{final}: exists and is a file, not a directory; remove it or choose another output")
+    if final.exists() and not overwrite:
+        raise RecipeError(f"{final}: already exists; pass --overwrite to replace it or choose another output")
+
+
+def write_error(exc: BaseException) -> str | None:
+    """The reason when `exc` is a failed write (disk full, read-only), else None. Python raises OSError, safetensors
+    SafetensorError("... os error 28"), torch.save a RuntimeError from its zip writer."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if match := re.search(r"I/O error: (.*?) \(os error \d+\)", text := first_line(exc)):
+        return match.group(1)
+    return "torch.save could not write the file" if "inline_container" in text or "write failed" in text else None
+
+
+def _running(pid: str) -> bool:
+    """Whether a process `pid` runs here (another writer's temporary directory is left alone)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
