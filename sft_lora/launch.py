@@ -140,8 +140,8 @@ def check_this_launch(recipe: Recipe) -> None:
 def exclusive(recipe: Recipe) -> Iterator[None]:
     """Hold the run's checkpoint and output directories while it trains: a second run into either on this machine
     stops in one line on every rank (two at once wrote into the same checkpoints, each record vouching for the
-    other's weights, and the last to finish replaced the other's adapters). Lock files in the temp directory, named by
-    the directories, held with flock by the main process (released by the system however it ends)."""
+    other's weights, and the last to finish replaced the other's adapters). Lock files in /tmp (else the temp
+    directory), named by the directories, held with flock by the main process (released however it ends)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -163,7 +163,8 @@ def _lock(held: contextlib.ExitStack, directory: Path, key: str) -> str | None:
     import tempfile
 
     name = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"sft_lora-{name}.lock"
+    # /tmp whatever TMPDIR says: a per-job TMPDIR (SLURM) gave two runs into one directory two locks
+    path = Path("/tmp" if os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()) / f"sft_lora-{name}.lock"
     try:
         handle = held.enter_context(open(path, "a+", encoding="utf-8"))
     except OSError as exc:  # no usable temp directory: train unguarded rather than not at all

@@ -289,7 +289,9 @@ def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_firs
     path = make_recipe(training={"max_steps": 1}, report={"smoke_prompts": 0})
     recipe = load_recipe(path)
     with exclusive(recipe):  # as a run training now holds it (two at once mixed their checkpoints before)
+        monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # another TMPDIR (a SLURM job's): the same lock
         assert main([str(path), "training.seed=2"]) == 2
+        monkeypatch.undo()
         assert capsys.readouterr().err.strip() == (f"error: {recipe.checkpoint_dir}: another run is writing into it "
                                                    f"(process {os.getpid()}); wait for it to end, or set "
                                                    "output.checkpoint_dir elsewhere")
@@ -307,6 +309,7 @@ def test_a_second_run_into_the_same_checkpoints_stops_in_one_line_while_the_firs
     assert main([str(path)]) == 0  # released when the run ends
     # no usable temp directory: the run trains, unguarded, and says so (not an error that stops every run)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr("os.access", lambda path, mode: path != "/tmp")  # /tmp read-only: the temp directory
     assert main([str(path)]) == 0
     assert "cannot create the run lock (No such file or directory); another run into" in capsys.readouterr().out
 
