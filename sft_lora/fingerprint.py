@@ -6,13 +6,14 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError
 from .data import entries
+from .launch import config_from_environment
+from .text import say
 
 RECORD = "sft_lora_checkpoint.json"
 # The SFTConfig/LoraConfig fields that cannot change what a step computes, told apart by their family's name (so a
@@ -31,6 +32,7 @@ NOT_WEIGHTS = {"data": ("path", "eval_path", "chat_template"), "model": ("name",
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
                    "merges.txt")
+LAUNCH_KEYS = ("world_size", "optimizer_state")  # set by the accelerate config, not the recipe
 FILES = {"data.path": "different data", "data.eval_path": "different eval data",  # a record's file keys, as said
          "data.chat_template": "a different chat template",
          "model.tokenizer": "a different tokenizer or chat template in model.name_or_path"}
@@ -71,13 +73,23 @@ def weights_view(recipe: Recipe) -> dict[str, Any]:
                 "lora": recipe.lora.to_dict(), "training": {**recipe.training.to_dict(), **{  # to_dict hides
                     k: getattr(recipe.training, k) for k in ("eos_token", "pad_token")}},  # them as "<EOS_TOKEN>"
                 "quantization": recipe.quantization.to_dict() if recipe.quantization is not None else {}}
-    # the processes: with the per-device batch they make the global batch, so a step's data and the steps an epoch
-    flat: dict[str, Any] = {"use_qlora": recipe.use_qlora, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    # the launch: its processes make the global batch with the per-device batch (a step's data, the steps an epoch);
+    # the form it saves the optimizer in (resumed under another, Trainer silently starts a fresh optimizer)
+    launch = config_from_environment()
+    flat: dict[str, Any] = {"use_qlora": recipe.use_qlora, "world_size": launch["num_processes"],
+                            "optimizer_state": optimizer_state(launch)}
     for section, values in sections.items():
         flat.update({f"{section}.{key}": value for key, value in values.items() if key not in
                      NOT_WEIGHTS.get(section, ()) and not (section in ("training", "lora") and NEUTRAL.fullmatch(key))})
     return json.loads(json.dumps(flat, sort_keys=True, default=lambda value: sorted(value, key=str)  # as a record
                                  if isinstance(value, (set, frozenset)) else str(value).removeprefix("torch.")))
+
+
+def optimizer_state(launch: dict[str, Any]) -> str:
+    """How a launch (an accelerate config) saves the optimizer: DeepSpeed's partitions, FSDP's shards, torch's file."""
+    kind = str(launch.get("distributed_type", "NO")).upper()
+    stage = (launch.get("deepspeed_config") or {}).get("zero_stage", 0)
+    return f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else "FSDP" if kind == "FSDP" else "torch"
 
 
 def _tokenizer_sha256(name_or_path: str) -> str | None:
@@ -106,9 +118,11 @@ def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> 
     """Refuse (RecipeError) a checkpoint whose recorded recipe or data differs from `recipe`'s, unless `force`."""
     if problems := fingerprint_problems(checkpoint, recipe):
         message = f"{checkpoint}: made from {' and '.join(problems)}"
+        launch = " (and accelerate config: processes, DeepSpeed/FSDP)" if "another launch" in message else ""
         if not force:
-            raise RecipeError(f"{message}; resume with the recipe and data it was made from, or pass --force-resume")
-        print(f"notice: {message}; resuming anyway (--force-resume)")
+            raise RecipeError(f"{message}; resume with the recipe{launch} and data it was made from, or pass "
+                              "--force-resume")
+        say(f"notice: {message}; resuming anyway (--force-resume)")
 
 
 def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
@@ -118,12 +132,19 @@ def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
     saved, now = json.loads((checkpoint / RECORD).read_text(encoding="utf-8")), fingerprint(recipe)
     problems = []
     old, new = {"world_size": 1, **saved.get("weights_view", {})}, now["weights_view"]  # records before world_size
+    if "optimizer_state" not in old:  # records before it: a DeepSpeed checkpoint says so itself (`latest`)
+        deepspeed = (checkpoint / "latest").is_file()
+        old["optimizer_state"] = new["optimizer_state"] if deepspeed == new["optimizer_state"].startswith(
+            "DeepSpeed") else "DeepSpeed" if deepspeed else "torch"
     # records before the *_token fields were kept hold to_dict's placeholder (`<EOS_TOKEN>`): nothing to compare
     hidden = {k for k, v in old.items() if v == f"<{k.rpartition('.')[2].upper()}>"}
-    if keys := sorted(k for k in (set(old) | set(new)) - hidden if old.get(k, "<unset>") != new.get(k, "<unset>")):
+    changed = sorted(k for k in (set(old) | set(new)) - hidden if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    for what, keys in (("a different recipe", [k for k in changed if k not in LAUNCH_KEYS]),
+                       ("another launch", [k for k in changed if k in LAUNCH_KEYS])):
         shown = ", ".join(f"{k}: {_short(old.get(k, '<unset>'))} -> {_short(new.get(k, '<unset>'))}"
                           for k in keys[:3])
-        problems.append(f"a different recipe ({shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})")
+        if keys:
+            problems.append(f"{what} ({shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})")
     old_files, new_files = saved.get("files_sha256", {}), now["files_sha256"]
     for key, what in FILES.items():  # the base model's: not in records made before it was hashed
         if old_files.get(key) != new_files.get(key) and (key != "model.tokenizer" or key in old_files):

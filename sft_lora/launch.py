@@ -14,7 +14,7 @@ from typing import Any
 
 from . import recipe_yaml
 from .config import Recipe, RecipeError
-from .text import first_line
+from .text import first_line, say
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
@@ -111,10 +111,23 @@ def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
         raise RecipeError(f"{where}: machine_rank must be below num_machines {machines}")
 
 
-def relaunch(recipe: Recipe, argv: list[str]) -> None:
-    """This command again under `accelerate launch`, the pair checked first: a bad one fails once, not per process."""
+def relaunch(recipe: Recipe, argv: list[str], resume: str | None, force: bool) -> None:
+    """This command again under `accelerate launch`, checked first as its processes will check it (the pair, the
+    checkpoint to resume from or the checkpoints a fresh start would mix with): a refusal is one line, exit 2, not one
+    per process, the launcher's traceback and exit 1."""
+    from unittest import mock
+
+    from .resume import check_fresh_start, select_checkpoint
+    with exclusive(recipe):  # another run writing there: said now
+        pass
     path = resolve_config(recipe.accelerate_config, f"{recipe.at('accelerate_config')}: accelerate_config")
-    check_launch(recipe, read_config(path), str(path))
+    check_launch(recipe, config := read_config(path), str(path))
+    kind, zero = str(config.get("distributed_type", "NO")).upper(), (config.get("deepspeed_config") or {})
+    with mock.patch.dict(os.environ, {  # what `accelerate launch` sets in each process, which the fingerprint reads
+            "WORLD_SIZE": str(config.get("num_processes") or 1), "ACCELERATE_USE_FSDP": str(kind == "FSDP").lower(),
+            "ACCELERATE_USE_DEEPSPEED": str(kind == "DEEPSPEED").lower(),
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero.get("zero_stage", 2))}), contextlib.redirect_stdout(None):
+        select_checkpoint(recipe, resume, force) if resume else check_fresh_start(recipe)  # rank 0 says it later
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
     print("launching:", " ".join(command), flush=True)
@@ -134,6 +147,9 @@ def check_this_launch(recipe: Recipe) -> None:
                           "launch --multi_gpu --num_processes N")
     check_launch(recipe, config_from_environment(), "accelerate launch")
     check_process_group(PartialState().num_processes)
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" and PartialState().distributed_type.name != "FSDP":
+        say("notice: accelerate shards with FSDP on GPUs only; here the fsdp config trains as DDP (each process "
+            "holds the whole model)")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import Recipe, RecipeError
 from .fingerprint import RECORD, check_fingerprint, fingerprint, fingerprint_problems
+from .text import say
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
@@ -44,7 +45,7 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
         if reason and not force:
             raise RecipeError(f"{checkpoint}: incomplete checkpoint ({reason}); pick another or pass --force-resume")
         if reason:
-            print(f"notice: {checkpoint}: {reason}; used anyway (--force-resume)")
+            say(f"notice: {checkpoint}: {reason}; used anyway (--force-resume)")
         check_fingerprint(checkpoint, recipe, force)
         return str(checkpoint)
     mine = recipe.checkpoint_dir
@@ -52,14 +53,14 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
     for path in own:
         if (reason := incomplete_reason(path)) is None:
             check_fingerprint(path, recipe, force)
-            print(f"resuming from {path}")
+            say(f"resuming from {path}")
             return str(path)
-        print(f"notice: skipping {path}: incomplete ({reason})")
+        say(f"notice: skipping {path}: incomplete ({reason})")
     epochs, others = _epochs(mine.parent.name), [d for d in mine.parent.parent.glob(f"*/{mine.name}") if d != mine]
     for earlier in _checkpoints(*(d for d in others if _epochs(d.parent.name) < epochs)):  # a longer run's: past it
         if incomplete_reason(earlier) is None and not fingerprint_problems(earlier, recipe):
             state = checkpoint_state(earlier)  # Trainer's counts are ints
-            print(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
+            say(f"resuming from {earlier}: the last complete checkpoint of the same recipe run for "
                   f"{state.get('num_train_epochs')} epochs / {state.get('max_steps')} steps (this run has no "
                   "checkpoint of its own)")
             return str(earlier)
@@ -143,7 +144,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     if not (done and record.get("length") == fingerprint(recipe)["length"]
             and summary.get("global_step") == state["global_step"]):
         return None
-    print(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "
+    say(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "
           f"its adapters are saved in {recipe.adapters_dir}; to train longer raise training.num_train_epochs or "
           "training.max_steps")
     if recipe.output.merge and PartialState().is_main_process:

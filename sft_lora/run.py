@@ -54,15 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             check_target_modules(recipe)  # as a run does, once the model (a tiny one: built by _inputs) is there
             run_check(recipe, tokenizer, data)
         else:
-            from .launch import check_this_launch, exclusive, relaunch
+            from .launch import check_this_launch, relaunch
 
-            # under a launcher already (relaunched, or `accelerate launch … -m sft_lora.run` by hand): train here
             launched = {"SFT_LORA_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"} & os.environ.keys()
-            if recipe.accelerate_config and not launched:
+            if recipe.accelerate_config and not launched:  # under ours or a hand-run `accelerate launch`: train here
                 _check_before_training(recipe)  # one line now, not one per process and the launcher's traceback
-                with exclusive(recipe):  # another run there: likewise
-                    pass
-                relaunch(recipe, argv if argv is not None else sys.argv[1:])  # does not return
+                relaunch(recipe, argv if argv is not None else sys.argv[1:], args.resume, args.force_resume)
             check_this_launch(recipe)
             train(recipe, resume=args.resume, force_resume=args.force_resume)
     except RecipeError as exc:
@@ -87,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str | None = None) -> int:
-    """Print `line` and, after a stop once training had started (`train` marks it), the command that continues."""
-    if line:
+    """Print `line` (by one rank: all stop on it; an unexpected error, exit 1, by each) and, once training had started
+    (`train` marks it), this command with --resume: the checkpoint a signal saved, else the last complete one."""
+    first = os.environ.get("RANK", "0") == "0"
+    if line and (code == 1 or first):
         print(line, file=sys.stderr)
-    # this command with --resume: the checkpoint a signal saved, else the last complete one; said by one rank
-    if getattr(exc, "training_started", False) and os.environ.get("RANK", "0") == "0":
+    if getattr(exc, "training_started", False) and first:
         flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
         saved = [str(exc.checkpoint)] if getattr(exc, "checkpoint", None) else []
-        command = [sys.executable, "-m", "sft_lora.run", args.recipe, *args.overrides, *flags, "--resume", *saved]
-        print(f"to continue: {shlex.join(command)}", file=sys.stderr)
+        command = shlex.join([args.recipe, *args.overrides, *flags, "--resume", *saved])
+        by_hand = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "SFT_LORA_LAUNCHED" not in os.environ  # its options
+        head = "accelerate launch <the same options>" if by_hand else shlex.quote(sys.executable)  # are not known
+        print(f"to continue: {head} -m sft_lora.run {command}", file=sys.stderr)
     return code
 
 

@@ -93,3 +93,9 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, key) for v in value]
     return "<redacted>" if isinstance(value, str) and value and is_secret_name(key) else value
+
+
+def say(line: str, **kwargs) -> None:
+    """print, by the first process only: every rank of a launch runs the same steps and would say the same line."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, **kwargs)

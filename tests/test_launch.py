@@ -131,3 +131,73 @@ def test_a_bad_combination_fails_before_launching(make_recipe, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: nope.jsonl: data file not found (relative to the working directory, "
                    f"{Path.cwd()}); check data.path"]
+
+
+def test_a_checkpoint_resumes_only_under_the_optimizer_state_form_it_was_saved_in(make_recipe, tmp_path,
+                                                                                   monkeypatch):
+    """A DeepSpeed checkpoint resumed under DDP: Trainer found no optimizer.pt and silently started a fresh optimizer
+    and learning-rate schedule (the adapters 0.012 off an uninterrupted run, exit 0)."""
+    from sft_lora.fingerprint import RECORD, check_fingerprint, fingerprint
+
+    path, checkpoint = make_recipe(), tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    zero3 = {"WORLD_SIZE": "1", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    with monkeypatch.context() as env:
+        for key, value in zero3.items():
+            env.setenv(key, value)
+        saved = fingerprint(load_recipe(path))
+        assert saved["weights_view"]["optimizer_state"] == "DeepSpeed ZeRO-3"
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"made from another launch \(optimizer_state: 'DeepSpeed ZeRO-3' -> "
+                       r"'torch'\)"):
+        check_fingerprint(checkpoint, load_recipe(path))
+    # a record from before optimizer_state: DeepSpeed's own `latest` file says how it was saved
+    del saved["weights_view"]["optimizer_state"]
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
+    check_fingerprint(checkpoint, load_recipe(path))
+    (checkpoint / "latest").write_text("global_step4", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"another launch \(optimizer_state: 'DeepSpeed' -> 'torch'\)"):
+        check_fingerprint(checkpoint, load_recipe(path))
+
+
+def test_resume_refusals_come_before_launching_and_once(make_recipe, tmp_path, capsys, monkeypatch):
+    """--resume with nothing to resume, or a fresh start over another recipe's checkpoints, under an accelerate config:
+    each rank printed the error, then torchrun's traceback, exit 1; a launched rank's error is said by rank 0 only."""
+    import sys
+
+    from sft_lora.run import _stopped, parse_args
+
+    path = make_recipe(accelerate_config="cpu_ddp")
+    missing = tmp_path / "nope"
+    assert main([str(path), "--resume", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert "launching:" not in out and err.splitlines() == [
+        f"error: {missing}: checkpoint directory not found; check --resume"]
+    assert main([str(path), "--resume"]) == 2  # resumed under the config's 2 processes: none to resume from
+    assert "launching:" not in capsys.readouterr().out
+    args = parse_args([str(path)])
+    monkeypatch.setenv("RANK", "1")
+    assert _stopped(RecipeError("x"), args, 2, "error: x") == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by hand: its launch options are not sft_lora's to repeat
+    stop = RecipeError("x")
+    stop.training_started, stop.checkpoint = True, tmp_path / "checkpoint-16"
+    _stopped(stop, args, 130, "interrupted")
+    assert capsys.readouterr().err.splitlines() == ["interrupted", "to continue: accelerate launch <the same "
+                                                    f"options> -m sft_lora.run {path} --resume {stop.checkpoint}"]
+    monkeypatch.setenv("SFT_LORA_LAUNCHED", "1")  # relaunched by sft_lora: the plain command relaunches again
+    _stopped(stop, args, 130, "interrupted")
+    assert f"to continue: {sys.executable} -m sft_lora.run {path} --resume" in capsys.readouterr().err
+
+
+def test_the_fsdp_config_on_a_cpu_says_it_trains_as_ddp(make_recipe, monkeypatch, capsys):
+    """accelerate turns FSDP on for GPUs only: on a CPU the fsdp config silently trained plain DDP."""
+    from sft_lora.launch import check_this_launch
+
+    recipe = load_recipe(make_recipe())
+    check_this_launch(recipe)
+    assert "FSDP" not in capsys.readouterr().out
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` sets it under the fsdp config
+    check_this_launch(recipe)
+    assert "notice: accelerate shards with FSDP on GPUs only; here the fsdp config trains as DDP" in \
+        capsys.readouterr().out

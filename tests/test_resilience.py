@@ -189,7 +189,8 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     # finished "48 steps (1 epoch)" of a 2-epoch run, exit 0); a record from before world_size was 1 process
     recipe = load_recipe(path)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it in each process
-    with pytest.raises(RecipeError, match=r"made from a different recipe \(world_size: 1 -> 2\)"):
+    with pytest.raises(RecipeError, match=r"made from another launch \(world_size: 1 -> 2\); resume with the "
+                       r"recipe \(and accelerate config: processes, DeepSpeed/FSDP\)"):
         check_fingerprint(checkpoint, recipe)
     monkeypatch.delenv("WORLD_SIZE")
     (checkpoint / RECORD).write_text(json.dumps({**saved, "weights_view": {
