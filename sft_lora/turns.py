@@ -9,6 +9,8 @@ import os
 import re
 from typing import Any
 
+from .text import shortened
+
 logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% generation %} / {% endgeneration %}
@@ -77,6 +79,9 @@ def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
         if role not in ("system", "user", "assistant"):
             known = "system, user, assistant" if key == "messages" else ", ".join(ROLES)
             return f"{key}[{n}]: unknown role '{turn[role_key]}' ({known})"
+        if turn.get("weight") not in (None, 1):  # OpenAI's fine-tuning format: weight 0 = no loss on the turn
+            return (f"{key}[{n}]: 'weight': {shortened(repr(turn['weight']), 20)} is not supported (every assistant "
+                    "turn carries loss); remove the key, or set data.mask_history: true to train on the last one only")
         position = n - (out[0]["role"] == "system" if out else 0)
         expected = "system" if n == 0 and role == "system" else ("user", "assistant")[position % 2]
         if role != expected:

@@ -232,12 +232,23 @@ def test_an_entry_names_its_split_and_eval_data_that_is_training_data_is_refused
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
      'conversations[1] must be {"from": …, "value": "text"}'),
     ({"messages": []}, "'messages' must be a non-empty list of turns"),
+    ({"messages": [CHAT[0], {**CHAT[1], "weight": 0}]},  # OpenAI's "no loss on this turn": it was trained on
+     "messages[1]: 'weight': 0 is not supported (every assistant turn carries loss); remove the key"),
 ])
 def test_a_bad_conversation_is_one_line_naming_file_and_line(tmp_path, record, message):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=f"^{re.escape(str(path))}:2: {re.escape(message)}"):
         load_datasets(DataArgs(path=str(path)))
+
+
+def test_a_turn_weight_of_1_or_null_is_the_turn_itself(tmp_path):
+    """OpenAI's `weight: 1` trains the turn, as sft_lora does every assistant turn; null: a column other rows fill."""
+    path = tmp_path / "chat.jsonl"
+    weighted = [CHAT[0], {**CHAT[1], "weight": 1}, {**CHAT[2], "weight": None}, CHAT[3]]
+    path.write_text(json.dumps({"messages": weighted}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    train = load_datasets(DataArgs(path=str(path)))[0]
+    assert train[0]["prompt"] == train[1]["prompt"] and train[0]["completion"] == train[1]["completion"] == CHAT[1:]
 
 
 def test_multi_turn_and_source_counts_read_only_the_selected_records():
