@@ -78,7 +78,7 @@ def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
         role = ROLES.get(turn[role_key]) if key == "conversations" else turn[role_key]
         if role not in ("system", "user", "assistant"):
             known = "system, user, assistant" if key == "messages" else ", ".join(ROLES)
-            return f"{key}[{n}]: unknown role '{turn[role_key]}' ({known})"
+            return f"{key}[{n}]: unknown role '{shortened(turn[role_key], 40)}' ({known})"
         if turn.get("weight") not in (None, 1):  # OpenAI's fine-tuning format: weight 0 = no loss on the turn
             return (f"{key}[{n}]: 'weight': {shortened(repr(turn['weight']), 20)} is not supported (every assistant "
                     "turn carries loss); remove the key, or set data.mask_history: true to train on the last one only")

@@ -229,6 +229,8 @@ def test_an_entry_names_its_split_and_eval_data_that_is_training_data_is_refused
      "messages[1]: unknown role 'tool' (system, user, assistant)"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]},  # ShareGPT's names
      "conversations[1]: unknown role 'bot' (system, user, assistant, human, gpt)"),
+    ({"messages": [CHAT[0], {"role": "x" * 1_000_000, "content": "x"}]},  # a 1 MB line before
+     f"messages[1]: unknown role '{'x' * 39}…' (system, user, assistant)"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]},
      'conversations[1] must be {"from": …, "value": "text"}'),
     ({"messages": []}, "'messages' must be a non-empty list of turns"),
