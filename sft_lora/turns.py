@@ -46,6 +46,8 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
                 return f"'{key}' must be a string, got {type(record[key]).__name__}"
         if not record[args.output_field].strip():
             return f"'{args.output_field}' is empty; there is nothing to learn from it"
+        if not record[args.input_field].strip():  # as an empty user turn of a conversation
+            return f"'{args.input_field}' is empty; write the question that the answer follows"
         turns = [{"role": "user", "content": record[args.input_field]},
                  {"role": "assistant", "content": record[args.output_field]}]
     system, turns = (turns[0]["content"], turns[1:]) if turns[0]["role"] == "system" else (args.system_prompt, turns)

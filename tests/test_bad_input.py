@@ -141,6 +141,12 @@ def _(env):
             [f"{path}: record 2: 'output' is empty"])
 
 
+@case("data: empty input")
+def _(env):  # accepted before: the answer learnt after an empty user turn, which a conversation refuses
+    return (*env.cli(env.with_data("d.jsonl", [GOOD, {"input": " \n", "output": "b"}])),
+            [f"{env.tmp / 'd.jsonl'}:2: 'input' is empty; write the question that the answer follows"])
+
+
 @case("data: missing input")
 def _(env):
     return *env.cli(env.with_data("d.jsonl", [{"output": "b"}])), [f"{env.tmp / 'd.jsonl'}:1: missing 'input'"]
