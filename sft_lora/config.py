@@ -119,11 +119,18 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
     try:
         recipe = _resolve(raw, str(path))
     except keys.KeyProblem as problem:
-        places = {_place(where, key) for key in problem.candidates}  # the keys an upstream message may mean
-        at = places.pop() if len(places) == 1 and None not in places else _place(where, problem.dotted) or path
-        raise RecipeError(f"{at}: {problem}") from None
+        raise RecipeError(f"{_blame(where, problem) or path}: {problem}") from None
     recipe.where = where
     return recipe
+
+
+def _blame(where: dict[str, str], problem: keys.KeyProblem) -> str | None:
+    """Where `problem` lies: where its key was set; of several keys it may mean (an upstream message, a clash), the
+    place they share, else the command line where one was set there (the override made the clash)."""
+    places = {_place(where, key) for key in problem.candidates}
+    if len(places) == 1 and None not in places:
+        return places.pop()
+    return min((p for p in places if p and p.startswith("command line")), default=None) or _place(where, problem.dotted)
 
 
 def _place(where: dict[str, str], dotted: str) -> str | None:

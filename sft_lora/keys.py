@@ -28,8 +28,7 @@ class KeyProblem(ValueError):
 
 
 def upstream_class(section: str) -> type:
-    module, name = UPSTREAM[section]
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(UPSTREAM[section][0]), UPSTREAM[section][1])
 
 
 @functools.cache  # type hints are resolved once per class, not per recipe (~1.4 ms for SFTConfig)
@@ -52,10 +51,8 @@ def _choices(cls: type) -> dict[str, Any]:
 
 def _describe(hint: Any) -> str:
     """A type hint as an error line says it: `str | None`, `bool | 'gaussian' | 'pissa'`."""
-    if typing.get_origin(hint) is typing.Literal:
-        return " | ".join(repr(value) for value in typing.get_args(hint))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " | ".join(_describe(part) for part in typing.get_args(hint))
+    if (origin := typing.get_origin(hint)) in (typing.Literal, typing.Union, types.UnionType):
+        return " | ".join(repr(part) if origin is typing.Literal else _describe(part) for part in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -173,10 +170,9 @@ def check_combinations(recipe) -> None:
 
 def _check_data(recipe) -> None:
     """The data section's combinations: template variables sft_lora sets itself, the data entries, evaluation."""
-    data = recipe.data
     from transformers import PreTrainedTokenizerBase
-    taken = {*inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters, "messages"}
-    taken -= {"self", "kwargs"}
+    data, template = recipe.data, inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    taken = {*template, "messages"} - {"self", "kwargs"}
     if reserved := sorted(taken & set(data.chat_template_kwargs)):  # sft_lora passes these itself
         raise KeyProblem("data.chat_template_kwargs", f"data.chat_template_kwargs: '{reserved[0]}' is set by sft_lora "
                          "or apply_chat_template itself, not a template variable; remove it")
@@ -185,6 +181,10 @@ def _check_data(recipe) -> None:
                          "training.completion_only_loss: false puts it on every token; remove one of them")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
+    if (field := data.input_field) == data.output_field:  # the answer would be the question: the model learns to copy
+        key = f"data.{'output' if field == type(data).input_field else 'input'}_field"  # the one set, not defaulted
+        raise KeyProblem(key, f"data.input_field and data.output_field are both '{field}'; name two different "
+                         "fields", ["data.input_field", "data.output_field"])
     from .data import entries
     read = {}
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
@@ -224,8 +224,7 @@ def coerce(value: Any, hint: Any, default: Any) -> Any:
 
 
 def _accepts(hint: Any, kind: type) -> bool:
-    return hint is kind or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                            and kind in typing.get_args(hint))
+    return hint is kind or typing.get_origin(hint) in (typing.Union, types.UnionType) and kind in typing.get_args(hint)
 
 
 def _type_ok(value: Any, hint: Any, default: Any) -> bool:

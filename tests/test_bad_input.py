@@ -413,6 +413,12 @@ def _(env):
     return *env.cli(path), [f"{path}:", "training.lr_scheduler_type: bogus is not a valid SchedulerType, please select"]
 
 
+@case("recipe: input_field is output_field")
+def _(env):  # accepted before: each answer was its own question
+    return *env.cli(env.recipe(), "data.output_field=input"), [
+        "command line: data.input_field and data.output_field are both 'input'; name two different fields"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"

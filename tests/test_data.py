@@ -140,6 +140,19 @@ def test_a_malformed_data_entry_is_one_line_naming_it(tmp_path, value, message):
         load_recipe(path)
 
 
+def test_an_input_field_that_is_the_output_field_is_refused_where_it_was_set(tmp_path):
+    """Accepted before: every answer was its question, and the model learnt to repeat it."""
+    path = write_recipe(tmp_path, tmp_path / "model", data={"output_field": "input"})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "output_field:" in text)
+    message = "data.input_field and data.output_field are both '{}'; name two different fields"
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(path))}:{line}: {re.escape(message.format('input'))}$"):
+        load_recipe(path)
+    for in_file, override in (("input_field", "data.output_field=q"), ("output_field", "data.input_field=q")):
+        path = write_recipe(tmp_path, tmp_path / "model", data={in_file: "q"})  # the override makes the clash
+        with pytest.raises(RecipeError, match=f"^command line: {re.escape(message.format('q'))}$"):
+            load_recipe(path, [override])
+
+
 CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]
 
