@@ -78,7 +78,7 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
     p, split = Path(path), split or args.split
     if p.suffix in (".json", ".jsonl") and p.is_file():
         return _jsonl_records(p, key) if p.suffix == ".jsonl" else _json_records(p)
-    if p.is_dir() and p.suffix not in (".json", ".jsonl"):  # a directory named .json is a data file not found
+    if p.is_dir():  # also one named .jsonl: datasets' JSON builder read it as a hub dataset, no file:line
         from datasets import DatasetDict, load_from_disk
         try:
             dataset = load_from_disk(str(p))

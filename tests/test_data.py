@@ -190,6 +190,17 @@ def test_missing_or_empty_data_says_where_it_looked_and_what_is_wrong(tmp_path, 
         load_recipe(path, ["data.path=[]"])
 
 
+def test_a_directory_named_like_a_data_file_is_refused_as_any_directory_of_files(tmp_path):
+    """It was read by datasets' JSON builder as a hub dataset (no file:line for a bad record), where a directory of
+    the same files under another name is refused."""
+    for name in ("d.jsonl", "d.json", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jsonl").write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
+        with pytest.raises(RecipeError, match=f"^{re.escape(str(tmp_path / name))}: not a dataset directory \\(.*"
+                                              "; data.path takes .json, .jsonl, a save_to_disk directory"):
+            load_datasets(DataArgs(path=str(tmp_path / name)))
+
+
 def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
     """Arrow gives every row every column, null where a record had none: `messages: null` beside input/output is no
     conversation (every record of such a directory was "'messages' must be a non-empty list of turns" before)."""
