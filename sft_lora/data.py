@@ -75,9 +75,9 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
                  ) -> Iterable[tuple[int, Any]]:
     """(number, record) pairs (the line of a .jsonl, read lazily; the record's number in a .json, a dir, a hub
     dataset: see `locate`, its `split`, else `data.split`); errors name `key`, the recipe key the path came from."""
-    p, split = Path(path), split or args.split
-    if p.suffix in (".json", ".jsonl") and p.is_file():
-        return _jsonl_records(p, key) if p.suffix == ".jsonl" else _json_records(p)
+    p, split, kind = Path(path), split or args.split, Path(path).suffix.lower()  # UP.JSONL is a .jsonl file
+    if kind in (".json", ".jsonl") and p.is_file():
+        return _jsonl_records(p, key) if kind == ".jsonl" else _json_records(p)
     if p.is_dir():  # also one named .jsonl: datasets' JSON builder read it as a hub dataset, no file:line
         from datasets import DatasetDict, load_from_disk
         try:
@@ -126,7 +126,8 @@ def _json_records(p: Path) -> list[tuple[int, Any]]:
 
 def locate(path: str, number: int) -> str:
     """Where record `number` of the data file `path` is: `file:line` (.jsonl) or `file: record N`."""
-    return f"{path}:{number}" if path.endswith(".jsonl") and Path(path).is_file() else f"{path}: record {number}"
+    jsonl = Path(path).suffix.lower() == ".jsonl" and Path(path).is_file()
+    return f"{path}:{number}" if jsonl else f"{path}: record {number}"
 
 
 def _jsonl_records(p: Path, key: str) -> Iterator[tuple[int, Any]]:

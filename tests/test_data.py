@@ -201,6 +201,18 @@ def test_a_directory_named_like_a_data_file_is_refused_as_any_directory_of_files
             load_datasets(DataArgs(path=str(tmp_path / name)))
 
 
+def test_an_upper_case_extension_is_the_same_format(tmp_path):
+    """UP.JSONL and UP.JSON were refused as an unsupported format '.JSONL'."""
+    (tmp_path / "UP.JSONL").write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    (tmp_path / "UP.Json").write_text(json.dumps(RECORDS), encoding="utf-8")
+    expected = load_datasets(DataArgs(path=str(_write(tmp_path, "jsonl"))))[0]["completion"]
+    for name in ("UP.JSONL", "UP.Json"):
+        assert load_datasets(DataArgs(path=str(tmp_path / name)))[0]["completion"] == expected
+    (tmp_path / "UP.JSONL").write_text(json.dumps(RECORDS[0]) + '\n{"input": "a"}\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(tmp_path / 'UP.JSONL'))}:2: missing 'output'"):
+        load_datasets(DataArgs(path=str(tmp_path / "UP.JSONL")))
+
+
 def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
     """Arrow gives every row every column, null where a record had none: `messages: null` beside input/output is no
     conversation (every record of such a directory was "'messages' must be a non-empty list of turns" before)."""
