@@ -98,9 +98,9 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
     from datasets import load_dataset
     try:
         return enumerate(load_dataset(path, split=split).to_list(), 1)
-    except Exception as exc:  # hub errors come in many types; all mean the same to the user
-        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}); check {key} and "
-                          "network") from None
+    except Exception as exc:  # hub errors come in many types: named with their reason (a split, the network …)
+        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}: {first_line(exc)}); check "
+                          f"{key}, its split and the network") from None
 
 
 def found(path: str, key: str) -> None:

@@ -213,6 +213,13 @@ def test_an_upper_case_extension_is_the_same_format(tmp_path):
         load_datasets(DataArgs(path=str(tmp_path / "UP.JSONL")))
 
 
+def test_a_hub_dataset_that_cannot_load_says_why(tmp_path):
+    """The reason was hidden: 'could not load hub dataset (ConnectionError); check data.path and network'."""
+    with pytest.raises(RecipeError, match="^org/no-such-data: could not load hub dataset \\(ConnectionError: Couldn't "
+                       "reach 'org/no-such-data' on the Hub \\(OfflineModeIsEnabled\\)\\); check data.path, its split"):
+        load_datasets(DataArgs(path="org/no-such-data"))  # offline in tests (conftest)
+
+
 def test_a_saved_dataset_mixing_the_forms_reads_as_its_jsonl(tmp_path):
     """Arrow gives every row every column, null where a record had none: `messages: null` beside input/output is no
     conversation (every record of such a directory was "'messages' must be a non-empty list of turns" before)."""
