@@ -134,7 +134,8 @@ def _blame(where: dict[str, str], problem: keys.KeyProblem) -> str | None:
 
 
 def _place(where: dict[str, str], dotted: str) -> str | None:
-    """Where `dotted` or the nearest key above it (`data.path` for `data.path.source`) was set."""
+    """Where `dotted` or the nearest key above it (`data.path` for `data.path[0].source`) was set."""
+    dotted = dotted.partition("[")[0]
     while dotted and dotted not in where:
         dotted = dotted.rpartition(".")[0]
     return where.get(dotted)

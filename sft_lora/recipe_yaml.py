@@ -85,7 +85,7 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
             where[f"{knode.value}.{k2.value}"] = f"{path}:{k2.start_mark.line + 1}"
     for dotted, number in leaves(raw):
         if problem := _out_of_range(number):
-            at = where.get(dotted) or where.get(dotted.split(".")[0]) or path
+            at = where.get(".".join(re.split(r"[.[]", dotted)[:2])) or where.get(dotted.split(".")[0]) or path
             raise RecipeError(f"{at}: {dotted} must be {problem}, got {number!r}")
     return raw or {}, where
 
@@ -121,20 +121,20 @@ def value(text: str, item: str) -> Any:
     if (end := node.end_mark.index if node else 0) < len(text.rstrip()):  # the rest: a ` #` comment, a `...` end
         why = "'#' there as the start of a comment" if "#" in text[end:] else f"only {text[:end].strip()!r} of it"
         raise RecipeError(f"command line: '{item}': YAML reads {why}; quote the value if it is text")
-    for _, number in leaves(data):
+    for dotted, number in leaves(data, item.partition("=")[0]):
         if problem := _out_of_range(number):
-            raise RecipeError(f"command line: {item.partition('=')[0]} must be {problem}, got {number!r}")
+            raise RecipeError(f"command line: {dotted} must be {problem}, got {number!r}")
     return data
 
 
 def leaves(data: Any, dotted: str = ""):
-    """(dotted key, value) of every value in `data` that is not a mapping or list (list items under their key)."""
+    """(dotted key, value) of every value in `data` that is not a mapping or list (`data.path[0].weight`)."""
     if isinstance(data, dict):
         for key, value in data.items():
             yield from leaves(value, f"{dotted}.{key}" if dotted else str(key))
     elif isinstance(data, (list, tuple)):
-        for value in data:
-            yield from leaves(value, dotted)
+        for n, value in enumerate(data):
+            yield from leaves(value, f"{dotted}[{n}]")
     else:
         yield dotted, data
 

@@ -129,6 +129,7 @@ def test_several_files_are_weighted_by_seed_and_split_per_entry(tmp_path):
     ([{"path": "a.jsonl", "weight": "nan"}], "data.path[0].weight must be a number > 0"),  # a traceback later before
     ([{"path": "a.jsonl", "source": 3}], "data.path[0].source must be a string"),
     ([3], "data.path[0]: an entry is a path or a mapping"),
+    (["a.jsonl", {"path": "b.jsonl", "weight": float("inf")}], "data.path[1].weight must be a finite number, got inf"),
 ])
 def test_a_malformed_data_entry_is_one_line_naming_it(tmp_path, value, message):
     from sft_lora.config import load_recipe
@@ -136,7 +137,8 @@ def test_a_malformed_data_entry_is_one_line_naming_it(tmp_path, value, message):
     from .conftest import write_recipe
 
     path = write_recipe(tmp_path, tmp_path / "model", data={"path": value, "eval_split": None})
-    with pytest.raises(RecipeError, match=f"^{path}:\\d+: {re.escape(message)}"):
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  path:"))
+    with pytest.raises(RecipeError, match=f"^{path}:{line}: {re.escape(message)}"):
         load_recipe(path)
 
 
@@ -151,6 +153,18 @@ def test_an_input_field_that_is_the_output_field_is_refused_where_it_was_set(tmp
         path = write_recipe(tmp_path, tmp_path / "model", data={in_file: "q"})  # the override makes the clash
         with pytest.raises(RecipeError, match=f"^command line: {re.escape(message.format('q'))}$"):
             load_recipe(path, [override])
+
+
+def test_a_non_finite_number_names_its_entry_and_the_line_of_its_key(tmp_path):
+    """`data.path=[{path: x, weight: .inf}]` blamed data.path, not the entry's weight; a nested one in the file was
+    blamed on the section's line."""
+    path = write_recipe(tmp_path, tmp_path / "model")
+    with pytest.raises(RecipeError, match=r"^command line: data.path\[1\].weight must be a finite number, got nan$"):
+        load_recipe(path, ["data.path=[a.jsonl, {path: b.jsonl, weight: .nan}]"])
+    path = write_recipe(tmp_path, tmp_path / "model", training={"lr_scheduler_kwargs": {"min_lr": float("inf")}})
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "lr_scheduler_kwargs:" in text)
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}:{line}: training.lr_scheduler_kwargs.min_lr must"):
+        load_recipe(path)  # the file's line of the key that holds it, not the section's
 
 
 CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
