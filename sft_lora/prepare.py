@@ -16,6 +16,7 @@ from .turns import multi_turn, tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
+UNWRITABLE: set[Path] = set()  # cache directories said to be unwritable
 VERSION = "6"  # bump when the output of `prepare_rows` changes, so old cache files are not reused
 # The report's columns (Trainer drops them before collating): untruncated length, where the first answer starts,
 # untruncated loss tokens, and whether the template renders a prompt differently once its answer follows.
@@ -94,8 +95,10 @@ def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int |
         directory.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=directory).close()  # can a file be written there?
     except OSError as exc:
-        print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
-              "(set SFT_LORA_CACHE to a writable directory to cache it)")
+        if directory not in UNWRITABLE:  # said once, not again for the eval rows
+            UNWRITABLE.add(directory)
+            print(f"notice: {directory}: cannot write the prepared-data cache ({exc.strerror}); preparing in memory "
+                  "(set SFT_LORA_CACHE to a writable directory to cache it)")
         return None
     if not datasets.is_caching_enabled():
         return None
