@@ -12,7 +12,7 @@ from .config import Recipe, RecipeError
 from .data import locate
 from .prepare import Prepared
 from .sections import CHECK_NAMES
-from .text import columns, shortened, table_names
+from .text import columns, printable, shortened, table_names
 
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
 SOURCE_COLUMNS = (("source", 16), ("train", 7), ("eval", 6), ("prompt p50/max", 16), ("answer p50/max", 16),
@@ -90,14 +90,14 @@ class Report:
             f"  end of turn     {' or '.join(self.stop_tokens)} carries loss in {self.rows_with_stop} of {self.rows} "
             "rows",
             f"  packing         {self.packing}",
-            f"  example         (source {self.example_source}; loss on {MARK[0]}…{MARK[1]})",
-            *("    " + line for line in self.example.splitlines()),
+            f"  example         (source {shortened(self.example_source, 60)}; loss on {MARK[0]}…{MARK[1]})",
+            *("    " + line for line in self.example.split("\n")),  # a \r in the data is shown, not obeyed
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         lines += [f"  {'IGNORED' if name in ignore else 'FAILED'} [{name}] {text}" for name, text in self.failures]
         if not self.failures:
             lines.append(f"  all checks passed ({', '.join(CHECK_NAMES)})")
-        return "\n".join(lines)
+        return "\n".join(map(printable, lines))  # data (a source, a record) shows its control characters escaped
 
     def enforce(self, ignore: list[str] = ()) -> None:
         """Raise one RecipeError line for the failures not in `ignore`."""

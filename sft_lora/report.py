@@ -9,7 +9,7 @@ import yaml
 
 from .atomic import atomic_file, write_atomic
 from .config import looks_like_hub_id, read_saved_recipe
-from .text import columns
+from .text import cell, columns, redact, table_names
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -149,9 +149,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         start = f"{summary['eval_loss_before']:.4f} (before) -> " if summary.get("eval_loss_before") is not None else ""
         rows.append(("eval loss", f"{start}{summary['eval_loss_after']:.4f} (after); best "
                                   f"{_num(summary.get('best_eval_loss'))} at step {summary.get('best_eval_step')}"))
-        for source, loss in summary.get("eval_by_source", {}).items():
+        names = table_names(list(by_source := summary.get("eval_by_source", {})))  # one printable line each
+        for source, loss in by_source.items():
             start = f"{loss['before']:.4f} -> " if loss.get("before") is not None else ""
-            rows.append((f"  {source}", f"{start}{_num(loss.get('after'))}"))
+            rows.append((f"  {names[source]}", f"{start}{_num(loss.get('after'))}"))
     if smoke := summary.get("smoke"):
         rows.append(("smoke check", smoke.get("verdict") or smoke.get("skipped", "")))
         if smoke.get("samples"):  # one prompt and its answer, each on one line
@@ -195,7 +196,6 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     from huggingface_hub import ModelCardData
 
     from .model import base_license
-    from .text import redact
 
     method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
     adapters = merged_into is None
@@ -219,7 +219,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
         evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
         lines += ["", "## Data and evaluation", "", "| source | train records | eval records | eval loss before | "
                   "eval loss after |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {source} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
+        lines += [f"| {cell(source)} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
                   f"{_num(evals.get(source, {}).get('before'))} | {_num(evals.get(source, {}).get('after'))} |"
                   for source in sorted({**counts["train"], **eval_counts})]  # a source held out only too
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "

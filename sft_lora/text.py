@@ -60,8 +60,9 @@ def columns(text: str) -> int:
 
 
 def shortened(text: str, width: int, middle: bool = False) -> str:
-    """`text` on one line in at most `width` columns (a CJK character takes two), cut at the end or the middle."""
-    text = " ".join(text.split())
+    """`text` on one printable line (`printable`; whitespace runs as one space) in at most `width` columns (a CJK
+    character takes two), cut at the end or the middle."""
+    text = printable(" ".join(text.split()))
     if columns(text) <= width:
         return text
     if not middle:
@@ -73,7 +74,12 @@ def shortened(text: str, width: int, middle: bool = False) -> str:
 def table_names(names: list[str], width: int = 34) -> dict[str, str]:
     """Each source or file name as the tables show it: cut in the middle, or whole where cuts would look alike."""
     cut = {name: shortened(name, width, middle=True) for name in names}
-    return cut if len(set(cut.values())) == len(cut) else {name: " ".join(name.split()) for name in names}
+    return cut if len(set(cut.values())) == len(cut) else {name: printable(" ".join(name.split())) for name in names}
+
+
+def cell(text: str) -> str:
+    """`text` as one markdown table cell: printable, on one line, its `|` escaped."""
+    return printable(" ".join(text.split())).replace("|", "\\|")
 
 
 def _start(text: str, width: int) -> str:

@@ -13,7 +13,7 @@ from trl import SFTTrainer
 
 from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume
 from .config import Recipe, RecipeError
-from .text import first_line
+from .text import first_line, shortened
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 # The one private TRL name sft_lora relies on: the device test with which TRL's fused LM head
@@ -71,7 +71,8 @@ class SourceEvalSFTTrainer(SFTTrainer):
             from tqdm.auto import tqdm
 
             # one line, below a running progress bar: `eval at step 20: loss 2.3456 (arith_en 2.1012, translate …)`
-            per = [f"{s} {metrics[key]:.4f}" for s in sources if (key := source_metric(s) + "_loss") in metrics]
+            per = [f"{shortened(s, 34, middle=True)} {metrics[key]:.4f}" for s in sources  # one printable line
+                   if (key := source_metric(s) + "_loss") in metrics]
             tqdm.write(f"eval at step {self.state.global_step}: loss {metrics.get('eval_loss', float('nan')):.4f}"
                        + (f" ({', '.join(per)})" if per else ""))
             self.printed_eval = self.state.global_step  # the evaluation after training repeats the last one

@@ -376,3 +376,25 @@ def test_check_flag_prints_the_report_and_fails_with_one_line(make_recipe, tmp_p
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "(+1 more failed check(s) above); to train anyway set check.ignore=[eos, truncated, empty_source]")
 
+
+
+def test_control_characters_of_the_data_reach_the_terminal_escaped(make_recipe, tmp_path):
+    """A source or answer holding ESC, a carriage return, a tab, a newline or `|` was printed raw: the terminal
+    obeyed it (red text, a line overwritten) and the table lost its alignment."""
+    from sft_lora.text import columns
+
+    hostile = ["\x1b[31mRED\x1b[0m", "line1\nline2", "cr\rover", "tab\there", "pipe|name"]
+    records = [*SAMPLE_RECORDS[:40], *({"input": "q", "output": "a", "source": s} for s in hostile),
+               {"input": "q?", "output": "a long answer \x1b[2J with \r a carriage return " * 3, "source": hostile[1]}]
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps(SAMPLE_RECORDS[0]) + "\n", encoding="utf-8")
+    recipe = make_recipe(data={"path": _data(tmp_path, records), "eval_split": 0, "eval_path": str(evaluation)})
+    text = _report(recipe)[1].text()
+    assert all(c.isprintable() for line in text.split("\n") for c in line), repr(text)
+    lines = text.split("\n")
+    table = lines[1:lines.index(next(line for line in lines if line.startswith("  prompt tokens")))]
+    assert len(table) == 1 + len({*hostile, *(r.get("source", "default") for r in SAMPLE_RECORDS[:40])})
+    assert len({columns(line) for line in table}) == 1  # aligned: every row as wide as the header
+    assert "  \\x1b[31mRED\\x1b[0m " in text and "  cr over " in text and "  tab here " in text
+    assert "  example         (source line1 line2; " in text and "\\x1b[2J with \\r a carriage" in text
+    assert "  warning: source 'line1\\nline2' has no eval record" in text  # a warning names it escaped

@@ -317,6 +317,25 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
     assert "- data: `a.jsonl` × 0.5 (source x), `b.jsonl`\n" in card
 
 
+def test_a_source_with_control_characters_keeps_the_card_table_and_the_console_table_whole(make_recipe):
+    """A newline or `|` in a source broke the card's markdown table; ESC and a carriage return reached the console."""
+    from sft_lora.report import checkpoint_card, summary_table
+
+    names = ["a|b", "line1\nline2", "\x1b[31mRED\x1b[0m", "cr\rover"]
+    recipe = load_recipe(make_recipe(data={"eval_split": 0.25}))
+    card = checkpoint_card(recipe, {"train": dict.fromkeys(names, 6), "eval": dict.fromkeys(names, 2)}, [], 8)
+    table = card[card.index("| source |"):card.index("| **all** |")].splitlines()
+    assert len(table) == 2 + len(names) and all(re.fullmatch(r"\|( (?:[^|\\]|\\.)+ \|){5}", line) for line in table[2:])
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| \\x1b[31mRED\\x1b[0m", "| a\\|b", "| cr over",
+                                                            "| line1 line2"]
+    summary = {"global_step": 8, "runtime_s": 1.0, "train_losses": [], "eval_loss_after": 2.0,
+               "eval_by_source": {name: {"after": 2.0} for name in names}, "checkpoints": "c", "adapters": "a",
+               "summary_file": "s", "plot": None}
+    text = summary_table(summary)
+    assert all(c.isprintable() for line in text.split("\n") for c in line), text
+    assert "  \\x1b[31mRED\\x1b[0m:" in text and "  line1 line2:" in text and "  cr over:" in text
+
+
 def test_sources_that_would_share_an_eval_metric_are_refused(make_recipe, capsys):
     from datasets import Dataset
 
