@@ -13,7 +13,7 @@ ADAPTER ?= final_model/tiny-llama/3/lora_adapters
 MODEL_DIR ?= final_model/tiny-llama/3/lora_merged
 ACCEL ?=
 LAUNCH := $(BIN)/python -m sft_lora.run
-ACCEL_ARG := $(if $(ACCEL),accelerate_config=$(ACCEL))
+ACCEL_ARG := $(if $(ACCEL),"accelerate_config=$(ACCEL)")
 
 .PHONY: install check train resume merge chat print-config test fuzz lint bench clean
 
@@ -30,22 +30,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 check: install
-	$(BIN)/python -m sft_lora.run $(RECIPE) --check $(ARGS)
+	$(BIN)/python -m sft_lora.run "$(RECIPE)" --check $(ACCEL_ARG) $(ARGS)
 
 train: install
-	$(LAUNCH) $(RECIPE) $(ACCEL_ARG) $(ARGS)
+	$(LAUNCH) "$(RECIPE)" $(ACCEL_ARG) $(ARGS)
 
 resume: install
-	$(LAUNCH) $(RECIPE) --resume $(ACCEL_ARG) $(ARGS)
+	$(LAUNCH) "$(RECIPE)" --resume $(ACCEL_ARG) $(ARGS)
 
 merge: install
-	$(BIN)/python -m sft_lora.merge --adapter_model $(ADAPTER) $(ARGS)
+	$(BIN)/python -m sft_lora.merge --adapter_model "$(ADAPTER)" $(ARGS)
 
 chat: install
-	$(BIN)/python -m sft_lora.chat $(MODEL_DIR) $(ARGS)
+	$(BIN)/python -m sft_lora.chat "$(MODEL_DIR)" $(ARGS)
 
 print-config: install
-	$(BIN)/python -m sft_lora.run $(RECIPE) --print-config $(ARGS)
+	$(BIN)/python -m sft_lora.run "$(RECIPE)" --print-config $(ACCEL_ARG) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -66,6 +66,9 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
 def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
     """(the recipe's data, `path:line` of every `section` and `section.key`); RecipeError for any problem."""
     from .config import RecipeError
+    if path.exists() and not path.is_file():  # a directory, a pipe (`/dev/stdin`, `<(…)`): read once, then gone
+        raise RecipeError(f"{path}: not a regular file; save the recipe to a .yaml file (the command that continues "
+                          "a run names it again)")
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found; pass a path such as recipes/tiny.yaml")
     try:

@@ -271,6 +271,11 @@ def _(env):
     return *env.cli(env.tmp / "nope.yaml"), [f"{env.tmp / 'nope.yaml'}: recipe file not found"]
 
 
+@case("recipe: not a regular file")
+def _(env):  # a pipe (`/dev/stdin`, `<(cat r.yaml)`) or a directory was "recipe file not found", though it exists
+    return *env.cli(env.tmp), [f"{env.tmp}: not a regular file; save the recipe to a .yaml file"]
+
+
 @case("recipe: invalid YAML")
 def _(env):
     path = env.tmp / "r.yaml"
@@ -1028,3 +1033,16 @@ def test_chat_refuses_a_length_limit_below_one(capsys):
             chat_main(["somewhere", "--prompt", "hi", "--max-new-tokens", value])
         assert info.value.code == 2
         assert f"--max-new-tokens: expects a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_make_targets_take_paths_with_spaces_and_hangul(tmp_path):
+    """`make merge ADAPTER="/tmp/공 간/…"` stopped with 'unrecognized arguments': the Makefile passed paths unquoted."""
+    import subprocess
+
+    folder = tmp_path / "공 간"
+    folder.mkdir()
+    shutil.copy(ROOT / "recipes" / "tiny.yaml", recipe := folder / "tiny.yaml")
+    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "print-config", f"RECIPE={recipe}",
+                           "ACCEL=cpu_ddp"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accelerate_config: cpu_ddp" in done.stdout

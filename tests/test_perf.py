@@ -189,6 +189,35 @@ def test_a_cache_file_cut_short_or_overwritten_is_prepared_again(tiny_model, tmp
         assert f"notice: {file}: the prepared-data cache file is unreadable" in capsys.readouterr().out
 
 
+def test_a_cache_that_fills_the_disk_while_written_is_prepared_in_memory(tiny_model, tmp_path):
+    """A full disk (here `ulimit -f`) while the cache file was written stopped the run with `error: File too large;
+    check the paths`, naming no path; it is only a cache: said, and the rows prepared in memory."""
+    import subprocess
+    import sys
+
+    from sft_lora.config import ModelArgs
+
+    data = DataArgs(path=str(SAMPLE))
+    expected = prepare_rows(load_datasets(data)[0], load_tokenizer(ModelArgs(name_or_path=str(tiny_model)), data),
+                            256, cache=False)
+    child = f"""if True:
+        import json, resource
+        from sft_lora.config import DataArgs, ModelArgs
+        from sft_lora.data import load_datasets
+        from sft_lora.model import load_tokenizer
+        from sft_lora.prepare import prepare_rows
+        data = DataArgs(path={str(SAMPLE)!r})
+        tokenizer, records = load_tokenizer(ModelArgs(name_or_path={str(tiny_model)!r}), data), load_datasets(data)[0]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the disk is full past 4 KB
+        print(json.dumps(prepare_rows(records, tokenizer, 256, cache={str(tmp_path)!r})[:]["labels"]))"""
+    done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    notice, rows = done.stdout.strip().splitlines()[-2:]
+    assert notice.startswith(f"notice: {tmp_path}: cannot write the prepared-data cache (File too large); preparing "
+                             "in memory")
+    assert json.loads(rows) == expected[:]["labels"]
+
+
 def test_training_dataset_num_proc_tokenizes_in_that_many_processes_into_the_same_rows(make_recipe, tmp_path,
                                                                                       monkeypatch):
     from sft_lora.prepare import LENGTH, LOSS, PROMPT, prepare_datasets
