@@ -80,7 +80,7 @@ def check_fresh_start(recipe: Recipe) -> None:
     length = fingerprint(recipe)["length"]
     for checkpoint in _checkpoints(recipe.checkpoint_dir):
         problems = fingerprint_problems(checkpoint, recipe)
-        if (then := record_of(checkpoint).get("length") or length) != length:
+        if (then := checkpoint_state(checkpoint, RECORD).get("length") or length) != length:
             changed = (f"training.{k}: {then.get(k)} -> {v}" for k, v in length.items() if then.get(k) != v)
             problems.append(f"a run of another length ({', '.join(changed)})")
         if problems:
@@ -106,19 +106,11 @@ def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def record_of(checkpoint: str | Path) -> dict[str, Any]:
-    """A checkpoint's completion record (`RECORD`); {} when there is none or it is unreadable."""
+def checkpoint_state(checkpoint: str | Path, name: str = TRAINER_STATE) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (its step, its run's max_steps …), or its completion record (`RECORD`);
+    {} when there is none or it is unreadable."""
     try:
-        record = json.loads((Path(checkpoint) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
-    """A checkpoint's trainer_state.json (its step, its run's max_steps …); {} when unreadable."""
-    try:
-        state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+        state = json.loads((Path(checkpoint) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
