@@ -13,6 +13,8 @@ from pathlib import Path
 from .config import RecipeError
 from .text import first_line
 
+PARTIAL = ".sft_lora_partial"  # marks a temporary directory being filled (removed before the rename)
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
@@ -26,13 +28,14 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
         raise RecipeError(f"{final.parent}: cannot create the output directory ({exc.strerror})") from None
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for left in final.parent.glob(f"{glob.escape(final.name)}.*-*"):  # what a killed writer left (GBs of a merge)
-        kind, _, pid = left.name.removeprefix(f"{final.name}.").partition("-")
-        if (kind == "tmp" or kind == "old" and final.exists()) and not _running(pid):  # an .old- alone: the output
+    for left in final.parent.glob(f"{glob.escape(final.name)}.tmp-*"):  # what a killed writer left (GBs of a merge),
+        if (left / PARTIAL).is_file() and not _running(left.name.rpartition("-")[2]):  # never a directory of the user's
             shutil.rmtree(left, ignore_errors=True)
     try:
         tmp.mkdir()
+        (tmp / PARTIAL).touch()
         yield tmp
+        (tmp / PARTIAL).unlink()
         for path in filter(Path.is_file, tmp.rglob("*")):
             readable(path)
         old = final.rename(final.with_name(f"{final.name}.old-{os.getpid()}")) if final.exists() else None

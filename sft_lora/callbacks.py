@@ -138,7 +138,8 @@ class GracefulStop(TrainerCallback):
             os.write(2, f"\n{name} again: exiting now without saving\n".encode())
             os._exit(128 + signum)
         self.signum = signum
-        os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (again to exit now)\n".encode())
+        if os.environ.get("RANK", "0") == "0":  # a Ctrl-C reaches every rank: said once
+            os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping (again to exit now)\n".encode())
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.signum

@@ -218,3 +218,24 @@ def _left_to_trl(prepared: Prepared, reason: str) -> Prepared:
         prepared.train, prepared.eval = (d if d is None else d.map(lambda batch: {"chat_template_kwargs": [
             kwargs] * len(batch["prompt"])}, batched=True) for d in (prepared.train, prepared.eval))
     return prepared
+
+
+def load_inputs(recipe):
+    """(tokenizer, the run's datasets prepared once: `Prepared`); the rows' length notice or error
+    (`rows.check_lengths`) said, for --check as for training."""
+    import pyarrow
+
+    from .data import load_datasets
+    from .model import check_reachable, load_tokenizer
+    from .rows import check_lengths
+    from .turns import template_kwargs
+
+    check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
+    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
+    data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
+    del train_set, eval_set  # what `data` no longer holds (the records' answers) …
+    pyarrow.default_memory_pool().release_unused()  # … goes back to the system now, not at Arrow's next allocation
+    check_lengths(recipe, tokenizer, data)
+    return tokenizer, data

@@ -84,9 +84,10 @@ def check_fresh_start(recipe: Recipe) -> None:
             changed = (f"training.{k}: {then.get(k)} -> {v}" for k, v in length.items() if then.get(k) != v)
             problems.append(f"a run of another length ({', '.join(changed)})")
         if problems:
+            launch = " and accelerate config" if any(p.startswith("another launch") for p in problems) else ""
             raise RecipeError(f"{recipe.checkpoint_dir}: holds checkpoints of another run ({checkpoint.name}: made "
                               f"from {' and '.join(problems)}), which this run would mix with its own; continue that "
-                              "run with --resume and its recipe, set output.checkpoint_dir, or remove them")
+                              f"run with --resume and its recipe{launch}, set output.checkpoint_dir, or remove them")
 
 
 def resumable(recipe: Recipe) -> bool:

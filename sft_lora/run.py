@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             print(recipe.explain() + recipe.to_yaml(), end="")
         elif args.check:
             from .preflight import run_check
+            from .prepare import load_inputs
             from .trainer import check_target_modules
 
-            tokenizer, data = _inputs(recipe)
-            check_target_modules(recipe)  # as a run does, once the model (a tiny one: built by _inputs) is there
+            _build_tiny_if_asked(recipe)
+            tokenizer, data = load_inputs(recipe)
+            check_target_modules(recipe)  # as a run does, once the model (a tiny one: built above) is there
             run_check(recipe, tokenizer, data)
         else:
             from .launch import check_this_launch, relaunch
@@ -99,30 +101,18 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
     return code
 
 
-def _inputs(recipe: Recipe):
-    """(tokenizer, the run's datasets prepared once: `prepare.Prepared`), building the tiny model first if asked; the
-    rows' length notice or error (`rows.check_lengths`) said, for --check as for training."""
-    import pyarrow
+def _build_tiny_if_asked(recipe: Recipe) -> None:
+    """`model.build_tiny`: the tiny model built where `model.name_or_path` names none, by one process per machine (the
+    others then find it; each built it into the same directory, racing)."""
+    from accelerate import PartialState
 
-    from .data import load_datasets
-    from .model import build_tiny_model, check_reachable, load_tokenizer, name_the_cpu_to_deepspeed
-    from .prepare import prepare_datasets
-    from .rows import check_lengths
-    from .turns import template_kwargs
-
-    check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
-    name_the_cpu_to_deepspeed()  # before the tiny model is built: saving it imports DeepSpeed
-    train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
-    if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
-        print(f"building the tiny model at {recipe.model.name_or_path}")
-        build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
-    tokenizer = load_tokenizer(recipe.model, recipe.data)
-    kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
-    data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
-    del train_set, eval_set  # what `data` no longer holds (the records' answers) …
-    pyarrow.default_memory_pool().release_unused()  # … goes back to the system now, not at Arrow's next allocation
-    check_lengths(recipe, tokenizer, data)
-    return tokenizer, data
+    from .model import build_tiny_model, check_reachable, name_the_cpu_to_deepspeed
+    name_the_cpu_to_deepspeed()  # saving the model imports DeepSpeed
+    with PartialState().local_main_process_first():
+        if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
+            check_reachable(recipe)  # its tokenizer learns from the data: a hub id with no network, said now
+            print(f"building the tiny model at {recipe.model.name_or_path}")
+            build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
@@ -152,6 +142,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
     from .preflight import run_check
+    from .prepare import load_inputs
     from .resume import check_fresh_start, checkpoint_state, fingerprint, nothing_left, resumable, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
@@ -159,7 +150,8 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
         check_fresh_start(recipe)  # no other run's checkpoints to mix with
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
-    taken, (tokenizer, data) = fingerprint(recipe), _inputs(recipe)  # hashed as read, not edited while preparing
+    _build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
+    taken, (tokenizer, data) = fingerprint(recipe), load_inputs(recipe)  # hashed as read, not as edited meanwhile
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
                  if recipe.check.enabled else None)
     from .trainer import build_trainer, configure_wandb

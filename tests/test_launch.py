@@ -175,6 +175,17 @@ def test_resume_refusals_come_before_launching_and_once(make_recipe, tmp_path, c
         f"error: {missing}: checkpoint directory not found; check --resume"]
     assert main([str(path), "--resume"]) == 2  # resumed under the config's 2 processes: none to resume from
     assert "launching:" not in capsys.readouterr().out
+    from sft_lora.fingerprint import RECORD, fingerprint
+
+    checkpoint = (recipe := load_recipe(path)).checkpoint_dir / "checkpoint-2"  # one process's, as `make train` made
+    checkpoint.mkdir(parents=True)
+    (checkpoint / RECORD).write_text(json.dumps(fingerprint(recipe)), encoding="utf-8")
+    assert main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "launching:" not in out and err.splitlines() == [
+        f"error: {recipe.checkpoint_dir}: holds checkpoints of another run (checkpoint-2: made from another launch "
+        "(world_size: 1 -> 2)), which this run would mix with its own; continue that run with --resume and its "
+        "recipe and accelerate config, set output.checkpoint_dir, or remove them"]
     args = parse_args([str(path)])
     monkeypatch.setenv("RANK", "1")
     assert _stopped(RecipeError("x"), args, 2, "error: x") == 2 and capsys.readouterr().err == ""

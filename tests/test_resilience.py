@@ -350,13 +350,14 @@ def test_the_fingerprint_sees_eos_token_and_the_base_models_tokenizer(tiny_model
 def test_checkpoints_vouch_for_the_data_as_read_not_as_edited_while_preparing(tiny_model, tmp_path, monkeypatch):
     """The fingerprint was taken once the data was prepared (minutes at 1 M records): a data file edited meanwhile
     was recorded as the checkpoints' data, so --resume accepted the edit and refused the data trained on."""
+    import sft_lora.prepare as prepare_module
     import sft_lora.run as run_module
     from sft_lora.fingerprint import file_sha256
 
     data = tmp_path / "d.jsonl"
     shutil.copy(SAMPLE, data)
     trained = file_sha256(data)
-    read = run_module._inputs
+    read = prepare_module.load_inputs
 
     def read_then_edit(recipe):
         inputs = read(recipe)
@@ -364,7 +365,7 @@ def test_checkpoints_vouch_for_the_data_as_read_not_as_edited_while_preparing(ti
                         encoding="utf-8")
         return inputs
 
-    monkeypatch.setattr(run_module, "_inputs", read_then_edit)
+    monkeypatch.setattr(prepare_module, "load_inputs", read_then_edit)
     path = write_recipe(tmp_path, tiny_model, data={"path": str(data), "eval_split": None},
                         training={"max_steps": 2, "save_steps": 2}, report={"smoke_prompts": 0})
     assert run_module.main([str(path)]) == 0
@@ -373,19 +374,40 @@ def test_checkpoints_vouch_for_the_data_as_read_not_as_edited_while_preparing(ti
 
 
 def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_is_not(tmp_path):
-    """A merge killed by SIGKILL left `lora_merged.tmp-PID` (GBs for an 8B model) that nothing removed."""
-    from sft_lora.atomic import atomic_dir
+    """A merge killed by SIGKILL left `lora_merged.tmp-PID` (GBs for an 8B model) that nothing removed; directories
+    of the user's with such names (a backup `lora_merged.tmp-keep`, `.old-2024`) are never touched."""
+    from sft_lora.atomic import PARTIAL, atomic_dir
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     final = tmp_path / "lora_merged"
     final.mkdir()
-    killed = [final.with_name(f"lora_merged.{kind}-{dead.pid}") for kind in ("tmp", "old")]
-    alive, other = final.with_name(f"lora_merged.tmp-{os.getppid()}"), tmp_path / "lora_merged_x.tmp-1"
-    for path in (*killed, alive, other):
+    killed = final.with_name(f"lora_merged.tmp-{dead.pid}")
+    alive = final.with_name(f"lora_merged.tmp-{os.getppid()}")
+    users = [final.with_name(f"lora_merged.{name}") for name in ("tmp-keep", "old-2024", f"tmp-{dead.pid + 1}")]
+    for path in (killed, alive, *users):
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"partial")
+    for path in (killed, alive):  # what atomic_dir writes into its own
+        (path / PARTIAL).touch()
     with atomic_dir(final, overwrite=True) as tmp:
         (tmp / "model.safetensors").write_bytes(b"whole")
-    assert not any(p.exists() for p in killed) and alive.is_dir() and other.is_dir()
+    assert not killed.exists() and alive.is_dir() and all(path.is_dir() for path in users)
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
     assert (final / "model.safetensors").read_bytes() == b"whole"
+
+
+def test_a_run_that_builds_its_tiny_model_fingerprints_its_tokenizer(tmp_path):
+    """The fingerprint was taken before the tiny model was built: the run's checkpoints named no tokenizer, so an
+    edited tokenizer or chat template in it resumed silently."""
+    from sft_lora.run import main
+
+    path = write_recipe(tmp_path, tmp_path / "tiny", model={"build_tiny": True}, data={"eval_split": None},
+                        training={"max_steps": 2, "save_steps": 2}, report={"smoke_prompts": 0})
+    assert main([str(path)]) == 0
+    record = json.loads((_checkpoints(tmp_path)[2] / RECORD).read_text(encoding="utf-8"))
+    assert "model.tokenizer" in record["files_sha256"]
+    template = tmp_path / "tiny" / "chat_template.jinja"
+    template.write_text(template.read_text(encoding="utf-8").replace("<|", "[["), encoding="utf-8")
+    with pytest.raises(RecipeError, match="made from a different tokenizer or chat template in model.name_or_path"):
+        select_checkpoint(load_recipe(path, ["training.max_steps=4"]), "auto")
