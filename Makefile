@@ -35,8 +35,10 @@ check: install
 train: install
 	$(LAUNCH) "$(RECIPE)" $(ACCEL_ARG) $(ARGS)
 
+# --resume last, and only when ARGS names no checkpoint (`--resume DIR`): before them it took the next word as its
+# value, and a second --resume in ARGS then dropped that word (an override, or ACCEL) silently.
 resume: install
-	$(LAUNCH) "$(RECIPE)" --resume $(ACCEL_ARG) $(ARGS)
+	$(LAUNCH) "$(RECIPE)" $(ACCEL_ARG) $(ARGS) $(if $(filter --resume%,$(ARGS)),,--resume)
 
 merge: install
 	$(BIN)/python -m sft_lora.merge --adapter_model "$(ADAPTER)" $(ARGS)

@@ -1046,3 +1046,16 @@ def test_make_targets_take_paths_with_spaces_and_hangul(tmp_path):
                            "ACCEL=cpu_ddp"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "accelerate_config: cpu_ddp" in done.stdout
+
+
+def test_make_resume_keeps_the_overrides_before_a_checkpoint_named_in_args(tmp_path):
+    """`make resume ARGS="key=value --resume DIR"` ran `--resume key=value --resume DIR`: the override was taken as
+    --resume's value, then dropped by the second --resume (training.num_train_epochs=2 resumed a 3-epoch run)."""
+    import subprocess
+
+    recipe = write_recipe(tmp_path, tmp_path / "no-model")
+    done = subprocess.run(["make", "-s", "-o", ".venv/.installed", "resume", f"RECIPE={recipe}",
+                           f"ARGS=model.dtype=float64x --resume {tmp_path / 'nope'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "model.dtype" in done.stderr and "float64x" in done.stderr, done.stderr[-2000:]
+    assert "checkpoint directory not found" not in done.stderr
