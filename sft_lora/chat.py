@@ -112,6 +112,8 @@ def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_token
             history = []
         if line in ("", "/reset"):
             continue
+        if line != (line := _utf8(line)):
+            print("notice: the message held bytes that are not UTF-8; they are sent as \ufffd", file=sys.stderr)
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -121,9 +123,18 @@ def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_token
             print(f"\nerror: {printable(str(exc))}", file=sys.stderr)
             history.pop()
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n[answer interrupted; the message is dropped]", flush=True)
+            history.pop()
+            continue
         if not answer["stopped"]:
             print(f"[cut at {max_new_tokens} tokens]")
         history.append({"role": "assistant", "content": answer["text"]})
+
+
+def _utf8(text: str) -> str:
+    """`text` with the bytes stdin or argv could not decode (surrogate escapes) as U+FFFD: tokenizers refuse them."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _positive(text: str) -> int:
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
         return 0
     try:
-        answer = generate(model, tokenizer, opened([{"role": "user", "content": args.prompt}], *system),
+        answer = generate(model, tokenizer, opened([{"role": "user", "content": _utf8(args.prompt)}], *system),
                           args.max_new_tokens, args.temperature, template_kwargs=kwargs)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)

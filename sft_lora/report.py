@@ -33,8 +33,7 @@ def eval_history(log_history: list[dict[str, Any]], sources: list[str]) -> dict[
 
 
 def _before(points: list[list[float]]) -> float | None:
-    """The eval loss before training: at step 0, run inside train() by `eval_on_start` (ZeRO-2 refuses an evaluate()
-    before); None without one (`eval_on_start: false`), not the first eval of the run."""
+    """The eval loss at step 0 (`eval_on_start`, inside train(): ZeRO-2 refuses an evaluate() before); else None."""
     return points[0][1] if points and points[0][0] == 0 else None
 
 
@@ -127,7 +126,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     """The end-of-run console table."""
     processes, runtime, step = summary.get("world_size", 1), summary["runtime_s"], summary["global_step"]
     lines = [f"\ntrained to step {step} in {runtime:.1f} s on {processes} process{'es' if processes > 1 else ''}"]
-    epochs = _num(summary.get("epochs"), ".2g")
+    epochs = _num(summary.get("epochs"), ".2f").rstrip("0").rstrip(".")  # 100, 2.98, 10.5 (".2g": 1e+02, 3, 10)
     rows = [("steps", f"{step} ({epochs} epoch{'' if epochs == '1' else 's'})")]
     if summary.get("peak_memory_gib") is not None:
         rows.append(("peak memory", f"{summary['peak_memory_gib']:.2f} GiB"))
@@ -136,8 +135,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         rows.append(("replicas", f"{verdict} on all {processes} processes"))
     if summary.get("tokens"):  # TRL counts this session's: since the step a resume started from
         since = f" since step {summary['resumed_at_step']}" if summary.get("resumed_at_step") else ""
-        rows.append(("tokens", f"{summary['tokens']:,}{since} in {runtime:.1f} s "
-                               f"({_num(summary.get('tokens_per_s'), ',.0f')} tokens/s)"))
+        rows.append(("tokens", f"{summary['tokens']:,}{since} in {runtime:.1f} s "  # Trainer's train_runtime
+                               f"({_num(summary.get('tokens_per_s'), ',.0f')} tokens/s, evaluations included)"))
     if speed := summary.get("speed_settings"):
         batches = "packed" if speed["packing"] else "padding-free" if speed["padding_free"] else "padded"
         rows.append(("settings", f"{batches} batches, {speed['attention']} attention, activation checkpointing "
@@ -185,7 +184,8 @@ def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list
 def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> dict[str, Any]:
     """A card's numbers at `step`: records by source and the eval losses of the log history up to it."""
     evals = eval_history(log_history, sorted(counts.get("eval") or {}))
-    ends = {name: {"before": _before(points), "after": points[-1][1]} for name, points in evals.items()}
+    ends = {name: {"before": _before(points), "after": points[-1][1] if points[-1][0] > 0 else None}  # step 0's is
+            for name, points in evals.items()}  # the untrained model's, not this checkpoint's
     overall = ends.pop("overall", {})
     return {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
             "eval_loss_after": overall.get("after"), "eval_by_source": ends}

@@ -120,6 +120,10 @@ def test_source_names_in_any_script_plot_legibly_and_quietly(tmp_path):
                 "eval_loss_after": 2.6, "eval_by_source": {n: {"before": 3.0, "after": 2.4} for n in names}}
     lines = [line for line in summary_table(summary).splitlines() if "3.0000 -> 2.4000" in line]
     assert len(lines) == 3 and len({columns(line.split("3.0000")[0]) for line in lines}) == 1
+    # epochs as a number, not ".2g" (100 epochs read "1e+02", 2.98 read "3", 10.5 read "10")
+    for epochs, shown in ((100.0, "(100 epochs)"), (2.98, "(2.98 epochs)"), (10.5, "(10.5 epochs)"),
+                          (1.0, "(1 epoch)"), (None, "(— epochs)")):
+        assert shown in summary_table(summary | {"epochs": epochs})
 
 
 def test_console_shows_the_preflight_report_and_the_summary_table(default_job):
@@ -260,9 +264,11 @@ def test_chat_prompt_answers_and_the_smoke_check_says_the_model_stops(default_jo
 
 
 
-def test_chat_and_merge_refuse_bad_input_in_one_line(default_job, capsys, tmp_path):
+def test_chat_and_merge_refuse_bad_input_in_one_line(default_job, capsys, tmp_path, monkeypatch):
+    import io
     import shutil
 
+    import sft_lora.chat as chat
     from sft_lora.merge import main as merge_main
 
     recipe, *_ = default_job
@@ -278,6 +284,23 @@ def test_chat_and_merge_refuse_bad_input_in_one_line(default_job, capsys, tmp_pa
         with pytest.raises(SystemExit) as exit_:
             chat_main([str(merged), "--prompt", "hi", "--temperature", bad])
         assert exit_.value.code == 2 and "expects a finite number >= 0" in capsys.readouterr().err
+    # bytes that are not UTF-8 (argv and stdin keep them as surrogates): tokenizers' TypeError traceback before
+    assert chat_main([str(merged), "--prompt", "abc \udcff def"]) == 0
+    # Ctrl-C while the model answers: that answer stops, the chat goes on (a KeyboardInterrupt traceback before)
+    answers = iter([KeyboardInterrupt, {"text": "ok", "stopped": True}])
+
+    def generate(*args, **kwargs):
+        answer = next(answers)
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return answer
+
+    monkeypatch.setattr(chat, "generate", generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond \udcff\n/exit\n"))
+    assert chat_main([str(recipe.merged_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert "[answer interrupted; the message is dropped]" in out and "Traceback" not in err
+    assert "bytes that are not UTF-8" in err
     # a saved recipe edited by hand: tracebacks (yaml's, AttributeError on a list) before
     adapters = shutil.copytree(recipe.adapters_dir, tmp_path / "x_adapters")
     for text, expected in (("model: [1, 2]\n", "not a recipe sft_lora saved (its sections must be mappings)"),
@@ -307,6 +330,11 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
     card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
                                                                            "eval_a_loss": 6.5}, *history], 8)
     assert "| a | 6 | 2 | 6.5000 | 3.2500 |" in card and "| **all** | 6 | 2 | 6.0000 | 3.5000 |" in card
+    # a checkpoint saved before any eval since step 0 (the default job's steps 20 and 40): the step-0 loss was
+    # shown as its "after" too, though it is the untrained model's
+    card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
+                                                                           "eval_a_loss": 6.5}], 4)
+    assert "| a | 6 | 2 | 6.5000 | — |" in card and "| **all** | 6 | 2 | 6.0000 | — |" in card
     # a source held out only has its row too (the rows left it out and did not add up to **all**), and the data
     # files are listed as files, not as a Python list
     recipe = load_recipe(make_recipe(), ['data.path=[{path: a.jsonl, source: x, weight: 0.5}, b.jsonl]',
