@@ -111,7 +111,12 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
     if tokenizer := _tokenizer_sha256(recipe.model.name_or_path):
         files["model.tokenizer"] = tokenizer
     return {"recipe_sha256": recipe_sha256(recipe), "files_sha256": files, "weights_view": weights_view(recipe),
-            "length": {"max_steps": recipe.training.max_steps, "num_train_epochs": recipe.training.num_train_epochs}}
+            "length": run_length(recipe)}
+
+
+def run_length(recipe: Recipe) -> dict[str, Any]:
+    """How long the recipe trains, as a checkpoint records it (resuming may change it: not in the weights' view)."""
+    return {"max_steps": recipe.training.max_steps, "num_train_epochs": recipe.training.num_train_epochs}
 
 
 def check_fingerprint(checkpoint: Path, recipe: Recipe, force: bool = False) -> None:

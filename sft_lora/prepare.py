@@ -76,17 +76,18 @@ def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | 
         return out
 
     file = _cache_file(cache, dataset, tokenizer, max_length, template_kwargs) if completion_only else None
-    cached = {"cache_file_name": file, "load_from_cache_file": True} if file else {"keep_in_memory": True}
-    while True:
-        try:
-            return dataset.map(tokenize, batched=True, batch_size=1000, remove_columns=["prompt", "completion"],
-                               features=features, num_proc=num_proc, desc="Tokenizing (sft_lora)", **cached)
-        except OSError as exc:  # the cache's disk filled up while writing: it is only a cache
-            if "cache_file_name" not in cached:
-                raise
-            print(f"notice: {Path(file).parent}: cannot write the prepared-data cache ({exc.strerror or exc}); "
-                  "preparing in memory (set SFT_LORA_CACHE to a directory with free space)")
-            cached = {"keep_in_memory": True}
+    def tokenized(**where):
+        return dataset.map(tokenize, batched=True, batch_size=1000, remove_columns=["prompt", "completion"],
+                           features=features, num_proc=num_proc, desc="Tokenizing (sft_lora)", **where)
+
+    if not file:
+        return tokenized(keep_in_memory=True)
+    try:
+        return tokenized(cache_file_name=file, load_from_cache_file=True)
+    except OSError as exc:  # the cache's disk filled up while writing: it is only a cache
+        print(f"notice: {Path(file).parent}: cannot write the prepared-data cache ({exc.strerror or exc}); "
+              "preparing in memory (set SFT_LORA_CACHE to a directory with free space)")
+        return tokenized(keep_in_memory=True)
 
 
 def _cache_file(cache: Path | None | bool, dataset, tokenizer, max_length: int | None, template_kwargs) -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError
-from .fingerprint import RECORD, check_fingerprint, fingerprint, fingerprint_problems
+from .fingerprint import RECORD, check_fingerprint, fingerprint_problems, run_length
 from .text import say
 
 TRAINER_STATE = "trainer_state.json"
@@ -77,7 +77,7 @@ def check_fresh_start(recipe: Recipe) -> None:
     """Refuse a fresh run (no --resume) into a checkpoint directory holding another recipe's or data's checkpoints:
     it would write over some and leave the rest for --resume to pick. The same recipe's are written over, unless run
     for another length (a longer run's later checkpoints, on another schedule, were resumed from after a kill)."""
-    length = fingerprint(recipe)["length"]
+    length = run_length(recipe)
     for checkpoint in _checkpoints(recipe.checkpoint_dir):
         problems = fingerprint_problems(checkpoint, recipe)
         if (then := checkpoint_state(checkpoint, RECORD).get("length") or length) != length:
@@ -134,7 +134,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
         return None
     state = checkpoint_state(checkpoint)
     done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
-    if not (done and record.get("length") == fingerprint(recipe)["length"]
+    if not (done and record.get("length") == run_length(recipe)
             and summary.get("global_step") == state["global_step"]):
         return None
     say(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "

@@ -141,9 +141,10 @@ def _check_before_training(recipe: Recipe) -> None:
 def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
+    from .fingerprint import fingerprint
     from .preflight import run_check
     from .prepare import load_inputs
-    from .resume import check_fresh_start, checkpoint_state, fingerprint, nothing_left, resumable, select_checkpoint
+    from .resume import check_fresh_start, checkpoint_state, nothing_left, resumable, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
