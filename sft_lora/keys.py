@@ -181,10 +181,12 @@ def _check_data(recipe) -> None:
                          "training.completion_only_loss: false puts it on every token; remove one of them")
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
-    if (field := data.input_field) == data.output_field:  # the answer would be the question: the model learns to copy
-        key = f"data.{'output' if field == type(data).input_field else 'input'}_field"  # the one set, not defaulted
-        raise KeyProblem(key, f"data.input_field and data.output_field are both '{field}'; name two different "
-                         "fields", ["data.input_field", "data.output_field"])
+    names = ("input_field", "output_field", "source_field")  # one field as two: the answer its own question …
+    if pair := next(((a, b) for n, a in enumerate(names) for b in names[n + 1:]
+                     if getattr(data, a) == getattr(data, b)), None):
+        field, dotted = getattr(data, pair[0]), [f"data.{name}" for name in pair]
+        key = dotted[0] if getattr(type(data), pair[0]) != field else dotted[1]  # the one set, not defaulted
+        raise KeyProblem(key, f"{dotted[0]} and {dotted[1]} are both '{field}'; name two different fields", dotted)
     from .data import entries
     read = {}
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:

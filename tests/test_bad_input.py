@@ -424,6 +424,12 @@ def _(env):  # accepted before: each answer was its own question
         "command line: data.input_field and data.output_field are both 'input'; name two different fields"]
 
 
+@case("recipe: source_field is an input or output field")
+def _(env):  # accepted before: every answer its own source, a per-source eval pass for each record
+    return *env.cli(env.recipe(), "data.source_field=output"), [
+        "command line: data.output_field and data.source_field are both 'output'; name two different fields"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"
