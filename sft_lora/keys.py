@@ -182,11 +182,10 @@ def _check_data(recipe) -> None:
     if data.eval_split and data.eval_path:
         raise KeyProblem("data.eval_path", "set data.eval_split or data.eval_path, not both")
     names = ("input_field", "output_field", "source_field")  # one field as two: the answer its own question …
-    if pair := next(((a, b) for n, a in enumerate(names) for b in names[n + 1:]
-                     if getattr(data, a) == getattr(data, b)), None):
-        field, dotted = getattr(data, pair[0]), [f"data.{name}" for name in pair]
-        key = dotted[0] if getattr(type(data), pair[0]) != field else dotted[1]  # the one set, not defaulted
-        raise KeyProblem(key, f"{dotted[0]} and {dotted[1]} are both '{field}'; name two different fields", dotted)
+    for a, b in [(a, b) for n, a in enumerate(names) for b in names[n + 1:] if getattr(data, a) == getattr(data, b)]:
+        key = f"data.{a if getattr(type(data), a) != getattr(data, a) else b}"  # the one set, not defaulted
+        raise KeyProblem(key, f"data.{a} and data.{b} are both '{getattr(data, a)}'; name two different fields",
+                         [f"data.{a}", f"data.{b}"])
     from .data import entries
     read = {}
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
