@@ -211,8 +211,7 @@ def push_outputs(recipe: Recipe) -> str:
     """Upload the merged model (else the adapters), card included, to `output.push_to_hub` (private if new); its URL."""
     from huggingface_hub import HfApi
 
-    repo = recipe.output.push_to_hub
-    directory = recipe.final_dir
+    repo, directory = recipe.output.push_to_hub, recipe.final_dir
     api = HfApi(endpoint=_endpoint(), token=os.environ.get("HF_TOKEN") or False)  # False: no stored login
     try:
         api.create_repo(repo, private=True, exist_ok=True)
@@ -228,16 +227,20 @@ def push_outputs(recipe: Recipe) -> str:
     return commit.commit_url
 
 
-def base_license(base_model: str) -> str | None:
-    """The license the base model's own card names (local dir, or the hub cache; never the network), else None."""
+def base_license(base_model: str) -> dict[str, str]:
+    """The license fields the base model's own card names (local dir, or the hub cache; never the network): license,
+    and for `license: other` (EXAONE's) its license_name and license_link, a link into a hub base's repo made
+    absolute so it still points there from this model's card; {} when unknown."""
     from huggingface_hub import ModelCard, hf_hub_download
 
-    readme = Path(base_model) / "README.md"
+    readme, hub = Path(base_model) / "README.md", looks_like_hub_id(base_model)
     try:
         if not readme.is_file():
-            if not looks_like_hub_id(base_model):
-                return None
-            readme = Path(hf_hub_download(base_model, "README.md", local_files_only=True))
-        return ModelCard.load(readme).data.license
+            readme = Path(hf_hub_download(base_model, "README.md", local_files_only=True)) if hub else None
+        data = ModelCard.load(readme).data.to_dict() if readme else {}
     except Exception:  # no card, not cached, unreadable metadata: the license is unknown
-        return None
+        return {}
+    fields = {key: str(data[key]) for key in ("license", "license_name", "license_link") if data.get(key)}
+    if "://" not in (link := fields.pop("license_link", "")) and link and hub:  # relative to the base's own repo
+        link = f"https://huggingface.co/{base_model}/blob/main/{link.removeprefix('./')}"
+    return ({"license_link": link} if "://" in link else {}) | fields if "license" in fields else {}

@@ -197,14 +197,14 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
 
     from .model import base_license
 
-    method = "QLoRA" if recipe.get("use_qlora") else "LoRA"
-    adapters = merged_into is None
+    method, adapters = "QLoRA" if recipe.get("use_qlora") else "LoRA", merged_into is None
     metadata = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None,
-                             library_name="peft" if adapters else "transformers", license=base_license(base_model),
+                             library_name="peft" if adapters else "transformers", **base_license(base_model),
                              pipeline_tag="text-generation", tags=["sft", method.lower(), "trl", "sft_lora"])
     kind = (f"{method} adapters" if adapters else f"merged {method} model") + (f" ({what})" if what else "")
+    license = f", license {metadata.license_name or metadata.license}" if metadata.license else ""
     lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(base_model).name}: {kind} (sft_lora)", "",
-             f"- base model: `{base_model}`" + (f", license {metadata.license}" if metadata.license else ""),
+             f"- base model: `{base_model}`{license}",
              f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),
              f"- data: {_files((recipe.get('data') or {}).get('path'))}"]
     if summary.get("global_step") is not None:

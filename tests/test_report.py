@@ -215,7 +215,7 @@ def test_merged_model_has_a_model_card(default_job):
     assert "AutoModelForCausalLM.from_pretrained" in card and "## Recipe" in card
 
 
-def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path):
+def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path, monkeypatch):
     from sft_lora.model import base_license
     from sft_lora.report import card_text
 
@@ -244,9 +244,17 @@ def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(
     base = tmp_path / "base"
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n", encoding="utf-8")
-    assert base_license(str(base)) == "apache-2.0" and base_license(str(tmp_path)) is None
+    assert base_license(str(base)) == {"license": "apache-2.0"} and base_license(str(tmp_path)) == {}
     card = card_text(str(base), {}, {}, "original base weights")
     assert "license: apache-2.0" in card.split("---")[1] and "license apache-2.0" in card
+    # `license: other` (EXAONE's) keeps its name, and its link made absolute into the hub base's own repo
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: exaone\nlicense_link: LICENSE\n---\n",
+                                    encoding="utf-8")
+    assert base_license(str(base)) == {"license": "other", "license_name": "exaone"}  # a local base: no repo to link
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo, name, **_: str(base / name))
+    card = card_text("LGAI-EXAONE/EXAONE-4.0-1.2B", {}, {}, "original base weights")
+    assert "license_name: exaone\nlicense_link: https://huggingface.co/LGAI-EXAONE/EXAONE-4.0-1.2B/blob/main/LICENSE" \
+        in card.split("---")[1] and "license exaone" in card
 
 
 def test_chat_prompt_answers_and_the_smoke_check_says_the_model_stops(default_job, capsys):
