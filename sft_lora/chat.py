@@ -60,13 +60,19 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
                                                return_tensors="pt", **template_kwargs or {}).to(model.device)
     except jinja2.TemplateError as exc:  # e.g. "System role not supported" (Gemma) for --system
         raise RecipeError(f"the chat template refuses this conversation ({first_line(exc)})") from None
+    length = inputs["input_ids"].shape[1]
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
+    if context and length >= context:  # past it the positions were never trained: transformers only warns
+        raise RecipeError(f"the conversation is {length:,} tokens, the model's context {context:,}; /reset it or "
+                          "send a shorter message")
+    max_new_tokens = min(max_new_tokens, context - length) if context else max_new_tokens  # answers end inside it
     stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops, streamer=streamer, **sampling,
                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    new = output[0, length:].tolist()
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(),
-            "stopped": any(token in stops for token in new), "tokens": len(new)}
+            "stopped": any(token in stops for token in new), "tokens": len(new), "limit": max_new_tokens}
 
 
 def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:
@@ -128,7 +134,8 @@ def interactive(model, tokenizer, system: tuple[str | None, bool], max_new_token
             history.pop()
             continue
         if not answer["stopped"]:
-            print(f"[cut at {max_new_tokens} tokens]")
+            print(f"[cut at {answer['limit']} tokens" + (", the end of the context]" if answer["limit"] <
+                                                          max_new_tokens else "]"))
         history.append({"role": "assistant", "content": answer["text"]})
 
 
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(answer["text"])
     if not answer["stopped"]:
-        print(f"(cut at the {args.max_new_tokens}-token limit: no end-of-turn token)", file=sys.stderr)
+        limit = "the model's context" if answer["limit"] < args.max_new_tokens else f"the {answer['limit']}-token limit"
+        print(f"(cut at {limit}: no end-of-turn token)", file=sys.stderr)
     return 0
 
 

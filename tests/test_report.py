@@ -326,6 +326,31 @@ def test_smoke_check_flags_a_model_that_never_stops(tiny_model):
     assert all(s["tokens"] == 16 for s in result["samples"]) and "ran to the limit" in result["verdict"]
 
 
+def test_chat_answers_end_inside_the_models_context(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_lora.chat import generate
+    from sft_lora.config import RecipeError
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    context = model.config.max_position_embeddings
+
+    def prompt(words: int) -> tuple[list[dict[str, str]], int]:
+        messages = [{"role": "user", "content": " plus" * words}]
+        return messages, len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+
+    messages, length = prompt(1)
+    messages, length = prompt(context - 10 - (length - 1))  # ten positions left: one word, one token
+    assert length == context - 10
+    answer = generate(model, tokenizer, messages, max_new_tokens=64)  # the untrained base never stops by itself
+    assert answer["limit"] == answer["tokens"] == 10 and not answer["stopped"]  # ran past the context before
+    messages, length = prompt(context)
+    with pytest.raises(RecipeError, match=f"the conversation is {length:,} tokens, the model's context "
+                       f"{context:,}; /reset it or send a shorter message"):
+        generate(model, tokenizer, messages)
+
+
 def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_recipe):
     from sft_lora.report import checkpoint_card
 
