@@ -24,7 +24,7 @@ NEUTRAL = re.compile(
     r"|(save|hub|logging|log|trackio)_\w+"  # writing, logging
     r"|(eval|do|per_device_eval|batch_eval|prediction|metric_for|greater_is|load_best|include)_\w+|\w+_full_eval"
     r"|max_steps|num_train_epochs"  # the run's length
-    r"|dataloader_(num_workers|pin_memory|persistent_workers|prefetch_factor)|local_rank|ddp_timeout"
+    r"|dataloader_(num_workers|pin_memory|persistent_workers|prefetch_factor)|local_rank|ddp_(timeout|find_unused_parameters|bucket_cap_mb)"
     r"|(activation|gradient)_checkpointing\w*|activation_offloading|skip_memory_metrics|torch_empty_cache_steps"
     r"|use_cache|dataset_num_proc|dataset_text_field")  # same values computed; identical rows; text datasets only
 NOT_WEIGHTS = {"data": ("path", "eval_path", "chat_template"), "model": ("name",)}  # paths: compared by content
