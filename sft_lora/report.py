@@ -217,7 +217,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     counts = summary.get("records_by_source") or {}
     if counts.get("train"):
         evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
-        lines += ["", "## Data and evaluation", "", "| source | train records | eval records | eval loss before | "
+        lines += ["", "## Data and evaluation", "", "| source | train rows | eval rows | eval loss before | "
                   "eval loss after |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {cell(source)} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
                   f"{_num(evals.get(source, {}).get('before'))} | {_num(evals.get(source, {}).get('after'))} |"

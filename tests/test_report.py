@@ -230,6 +230,7 @@ def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(
         card = readme.read_text(encoding="utf-8")
         assert "More Information Needed" not in card and "[None]" not in card, readme
         assert f"- base model: `{recipe.model.name_or_path}`" in card and "## Recipe" in card, readme
+        assert "| source | train rows | eval rows |" in card, readme  # rows: weighted, as the pre-flight report's
         for source, n in counts["train"].items():
             assert f"| {source} | {n} | {counts['eval'][source]} | " in card, (readme, source)
     adapters_card = (recipe.adapters_dir / "README.md").read_text(encoding="utf-8")
