@@ -475,6 +475,7 @@ def test_qwen3_prompts_render_as_in_training_in_chat_and_thinking_mode_is_a_knob
     # Qwen3's template takes enable_thinking: training, chat and the smoke check all render enable_thinking=False,
     # so the empty think block is prompt (no loss) and chat's prompt is token for token the trained one.
     import torch
+    from transformers import PretrainedConfig
 
     from sft_lora.chat import generate
     from sft_lora.data import load_datasets
@@ -500,7 +501,7 @@ def test_qwen3_prompts_render_as_in_training_in_chat_and_thinking_mode_is_a_knob
         seen: list[list[int]] = []
 
         class Model:  # records the prompt chat.generate feeds the model
-            device, generation_config = "cpu", None
+            device, generation_config, config = "cpu", None, PretrainedConfig(max_position_embeddings=64)
 
             def generate(self, input_ids, seen=seen, eos=tokenizer.eos_token_id, **_):
                 seen.append(input_ids[0].tolist())
