@@ -27,12 +27,16 @@ SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode t
 @dataclass(frozen=True)
 class Entry:
     """One file of `data.path`: `source` names its records that have no source of their own; `weight` samples it;
-    `split`: the split of a hub dataset or DatasetDict directory to read (else `data.split`)."""
+    `split` of a hub dataset or DatasetDict dir (else `data.split`); `label` names it (each split on its own)."""
 
     path: str
     source: str | None = None
     weight: float = 1.0
     split: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path if self.split is None or Path(self.path).is_file() else f"{self.path}[{self.split}]"
 
 
 class BadRecord(str):
@@ -52,8 +56,7 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
             raise ValueError(f"{where}: an entry is a path or a mapping {{path, source, weight, split}}, got {item!r}")
         if unknown := [str(name) for name in item if name not in KEYS]:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' ({', '.join(KEYS)}){suggest(unknown[0], KEYS)}")
-        path, source, weight = item.get("path"), item.get("source"), item.get("weight", 1)
-        weight = coerce(weight, float, 1.0)  # YAML 1.1 reads `1e3` as a string
+        path, source, weight = item.get("path"), item.get("source"), coerce(item.get("weight", 1), float, 1.0)
         if not isinstance(path, str) or not path:
             raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
         for name in ("source", "split"):
@@ -173,17 +176,16 @@ def examples(records: Iterable[tuple[int, Any]], args: DataArgs, entry: Entry) -
         turns = record if isinstance(record, BadRecord) else chat(record, args)
         if isinstance(turns, str):
             if args.on_bad_record != "skip":
-                raise RecipeError(f"{locate(entry.path, number)}: {turns}")
+                raise RecipeError(f"{locate(entry.label, number)}: {turns}")
             skipped += 1
-            first_skipped = first_skipped or f"{locate(entry.path, number)}: {turns}"
+            first_skipped = first_skipped or f"{locate(entry.label, number)}: {turns}"
             continue
         prompts.append(turns[0])
         completions.append(turns[1])
         sources.append(record.get(args.source_field) or entry.source or "default")
         numbers.append(number)
-    columns = {"prompt": prompts, "completion": completions, "source": sources, "entry": [entry.path] * len(prompts),
-               "number": numbers}  # the report names a record by it (`locate`)
-    return columns, skipped, first_skipped
+    return {"prompt": prompts, "completion": completions, "source": sources, "entry": [entry.label] * len(prompts),
+            "number": numbers}, skipped, first_skipped  # the report names a record by entry and number (`locate`)
 
 
 def _dataset(entry: Entry, args: DataArgs, key: str = "data.path"):
@@ -192,7 +194,7 @@ def _dataset(entry: Entry, args: DataArgs, key: str = "data.path"):
     from datasets.utils import tqdm  # datasets' bars: off where HF_DATASETS_DISABLE_PROGRESS_BARS says so
     records = iter(read_records(entry.path, args, key, entry.split))
     parts, total, skipped, first_skipped = [], 0, 0, ""
-    with tqdm(desc=f"Reading {entry.path}", unit=" records", delay=READ_BAR_DELAY) as bar:
+    with tqdm(desc=f"Reading {entry.label}", unit=" records", delay=READ_BAR_DELAY) as bar:
         while chunk := list(islice(records, CHUNK)):
             columns, bad, first_bad = examples(chunk, args, entry)
             total, skipped, first_skipped = total + len(chunk), skipped + bad, first_skipped or first_bad
@@ -200,11 +202,11 @@ def _dataset(entry: Entry, args: DataArgs, key: str = "data.path"):
                 parts.append(Dataset.from_dict(columns))
             bar.update(len(chunk))
     if not total:
-        raise RecipeError(f"{entry.path}: no records; the data file is empty")
+        raise RecipeError(f"{entry.label}: no records; the data file is empty")
     if skipped == total:
-        raise RecipeError(f"{entry.path}: all {total} records are bad (first: {first_skipped}); fix the data")
+        raise RecipeError(f"{entry.label}: all {total} records are bad (first: {first_skipped}); fix the data")
     if skipped:
-        print(f"notice: {entry.path}: skipped {skipped} bad of {total} records (data.on_bad_record: skip); "
+        print(f"notice: {entry.label}: skipped {skipped} bad of {total} records (data.on_bad_record: skip); "
               f"first: {first_skipped}")
     return concatenate_datasets(parts)
 
@@ -217,11 +219,11 @@ def weighted(dataset, entry: Entry, seed: int):
         return dataset
     n, whole, part = len(dataset), int(entry.weight), entry.weight - int(entry.weight)
     if n * entry.weight > MAX_ROWS:  # the index alone would take 8 bytes a row
-        raise RecipeError(f"{entry.path}: weight {entry.weight:g} makes {n * entry.weight:,.0f} rows of its {n:,} "
+        raise RecipeError(f"{entry.label}: weight {entry.weight:g} makes {n * entry.weight:,.0f} rows of its {n:,} "
                           f"records, more than {MAX_ROWS:,}; lower the weight")
     extra = np.sort(np.random.default_rng(seed).permutation(n)[:round(part * n)])
     if not whole and not len(extra):
-        raise RecipeError(f"{entry.path}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")
+        raise RecipeError(f"{entry.label}: weight {entry.weight:g} leaves none of its {n} records; raise the weight")
     return dataset.select(np.concatenate([np.tile(np.arange(n), whole), extra]))
 
 
@@ -237,7 +239,7 @@ def load_datasets(args: DataArgs, seed: int = 42):
             # under half a record held out: refused (0.01 of 4 would hold out 25 %); datasets holds out ceil(share)
             if size * split < 0.5 or size - math.ceil(size * split) < 1:
                 none, fix = ("eval", "raise") if size * split < 0.5 else ("training", "lower")
-                raise RecipeError(f"{entry.path}: data.eval_split={split} leaves no {none} record of {size}; {fix} it "
+                raise RecipeError(f"{entry.label}: data.eval_split={split} leaves no {none} record of {size}; {fix} it "
                                   "or set data.eval_path")
             records, test = records.train_test_split(test_size=args.eval_split, seed=seed).values()  # train, test
             held_out.append(test)

@@ -181,7 +181,8 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
                           f"({reason}); drop that setting or set data.mask_history: true")
     if reason:
         return _left_to_trl(prepared, reason)
-    eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+    # TRL packs the eval set in its own preparation, which is skipped (below) unless the training set is packed
+    eval_packing = args.packing and (args.eval_packing is None or args.eval_packing)
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
     with PartialState().local_main_process_first():
         prepared.rows = prepare_rows(train_dataset, tokenizer, None if args.packing else args.max_length,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import Recipe, RecipeError
-from .data import paths
+from .data import entries
 from .prepare import DRIFT, LENGTH, LOSS, PROMPT, Prepared, prepare_rows
 
 IGNORE = -100  # the label of a token that carries no loss
@@ -167,21 +167,25 @@ def _pack(lengths, max_length: int, strategy: str) -> tuple[int, float]:
 def check_lengths(recipe: Recipe, tokenizer, data) -> None:
     """A notice when some training or eval records are longer than max_length (TRL truncates them, and silently drops
     those left without an answer token); RecipeError when all are; nothing where TRL does not truncate."""
-    args, max_length, train = data.args, data.max_length, " + ".join(paths(recipe.data.path))
+    args, max_length, train = data.args, data.max_length, " + ".join(e.label for e in entries(recipe.data.path))
     if max_length and max_length > tokenizer.model_max_length:  # transformers' "unknown" is 10³⁰
         print(f"notice: training.max_length={max_length} is above the tokenizer's model_max_length="
               f"{tokenizer.model_max_length} (the longest input the model is made for); lower it unless the model "
               "takes longer inputs")
-    evaluation = " + ".join(paths(recipe.data.eval_path)) if recipe.data.eval_path else f"{train} (eval split)"
+    evaluation = (" + ".join(e.label for e in entries(recipe.data.eval_path)) if recipe.data.eval_path
+                  else f"{train} (eval split)")
     for which, origin in (("train", train), ("eval", evaluation)):
         rows, packing = report_rows(data, tokenizer, which), args.packing
-        packing = args.eval_packing if which == "eval" and args.eval_packing is not None else packing
+        if which == "eval" and args.eval_packing is not None:  # TRL packs eval rows only where it prepares them:
+            packing = args.eval_packing and (packing or data.unsupported is not None)  # see prepare_datasets
         if rows is None or max_length is None or (packing and args.packing_strategy != "bfd"):  # others split rows
             continue
         table = rows.with_format("arrow")[:]  # once, not per column
         length, prompt = (table.column(name).to_numpy() for name in (LENGTH, PROMPT))
         cut, longest = length > max_length, int(length.max(initial=0))
-        dropped = cut & (prompt >= max_length) & (args.truncation_mode == "keep_start") & (not packing)
+        # TRL drops a row left with no label: with completion_only_loss: false every kept token has one
+        answers_only = args.completion_only_loss is not False or bool(args.assistant_only_loss)
+        dropped = cut & (prompt >= max_length) & (args.truncation_mode == "keep_start") & (not packing) & answers_only
         if {"entry", "number"} <= set(table.column_names):  # a record that data.path's weight repeats: counted once
             table = pa.table({"entry": table.column("entry"), "number": table.column("number"), "cut": cut,
                               "dropped": dropped}).group_by(["entry", "number"]).aggregate([("cut", "max"),

@@ -398,3 +398,40 @@ def test_control_characters_of_the_data_reach_the_terminal_escaped(make_recipe, 
     assert "  \\x1b[31mRED\\x1b[0m " in text and "  cr over " in text and "  tab here " in text
     assert "  example         (source line1 line2; " in text and "\\x1b[2J with \\r a carriage" in text
     assert "  warning: source 'line1\\nline2' has no eval record" in text  # a warning names it escaped
+
+
+def test_the_length_notice_and_the_eval_rows_are_those_trained_and_evaluated(make_recipe, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    # eval_packing without packing: TRL packs (so cuts) eval rows only in its own preparation, which sft_lora skips
+    # then; the eval rows were prepared uncut (past max_length) and evaluated so, the eval loss on other tokens
+    held_out = [{"input": "What is 2 plus 2?", "output": LONG_QUESTION, "source": "long"}, *SAMPLE_RECORDS[:4]]
+    data = {"path": _data(tmp_path, SAMPLE_RECORDS[:40]), "eval_split": None,
+            "eval_path": str(tmp_path / "held_out.jsonl")}
+    Path(data["eval_path"]).write_text("".join(json.dumps(r) + "\n" for r in held_out), encoding="utf-8")
+    evals = []
+    for eval_packing in (False, True):
+        recipe = load_recipe(make_recipe(data=data, training={"max_length": 64, "eval_packing": eval_packing}))
+        tokenizer = load_tokenizer(recipe.model, recipe.data)
+        evals.append(prepare_datasets(recipe.training, tokenizer, *load_datasets(recipe.data)).eval["input_ids"])
+    assert evals[1] == evals[0] and max(map(len, evals[1])) == 64
+    # completion_only_loss: false trains a row cut inside its prompt (every kept token carries loss): the notice said
+    # such rows "lose their whole answer and are dropped"
+    long = [{"input": LONG_QUESTION, "output": "4.", "source": "long"}] * 3
+    path = make_recipe(data={"path": _data(tmp_path, SAMPLE_RECORDS[:20] + long), "eval_split": None},
+                       training={"max_length": 64, "completion_only_loss": False}, check={"ignore": ["truncated"]})
+    assert main([str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 23 records are longer than training.max_length=64 tokens and are truncated" in out
+    assert "dropped" not in out
+    # two splits of one saved dataset are two entries: they were counted as one ("all 6 records are longer", exit 2)
+    short = SAMPLE_RECORDS[:6]
+    DatasetDict({"train": Dataset.from_list([{**r, "input": LONG_QUESTION} for r in short]),
+                 "extra": Dataset.from_list(short)}).save_to_disk(tmp_path / "dd")
+    path = make_recipe(data={"path": [{"path": str(tmp_path / "dd"), "split": s} for s in ("train", "extra")],
+                             "eval_split": None}, training={"max_length": 64})
+    assert main([str(path), "--check", "check.ignore=[truncated, no_loss]"]) == 0
+    out = capsys.readouterr().out
+    dd = tmp_path / "dd"
+    assert f"notice: {dd}[train] + {dd}[extra]: 6 of 12 records are longer than training.max_length=64 tokens" in out
+    assert "dd[train]          6" in out and "dd[extra]          6" in out  # the report's mix per entry
