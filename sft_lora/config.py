@@ -14,6 +14,7 @@ import yaml
 from . import decisions, keys, recipe_yaml
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 from .text import first_line
+from .values import class_fields
 
 RECIPE_FILE = "sft_lora_recipe.yaml"  # the resolved recipe, saved beside the adapters; merge and chat read it
 SEED_FLAGS = {  # the seed's command-line flags (README.ko) and the recipe key each one sets
@@ -208,7 +209,7 @@ def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
     try:
         return (kind := keys.upstream_class(section))(**kwargs)
     except (ValueError, TypeError) as exc:
-        message, given, fields = first_line(exc, whole=True), raw.get(section) or {}, keys.class_fields(kind)
+        message, given, fields = first_line(exc, whole=True), raw.get(section) or {}, class_fields(kind)
         enums = {k: [t.__name__ for t in typing.get_args(fields[k][0]) if isinstance(t, enum.EnumType)]
                  for k in given if k in fields}  # SchedulerType, OptimizerNames …
         named = ([k for k in given if re.search(rf"\b{re.escape(k)}\b", message)]  # by name, its type's, its value

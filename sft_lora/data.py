@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArgs, RecipeError, looks_like_hub_id
-from .keys import coerce, suggest
 from .text import first_line
 from .turns import chat
+from .values import coerce, suggest
 
 KEYS = ("path", "source", "weight", "split")  # of a data entry
 # Records turned into Arrow at a time. Converting all records' Python objects at once peaked at 6.1 GiB RSS for

@@ -1,22 +1,15 @@
 """Every recipe key checked against the class that receives it, before any upstream object is built or model touched:
 unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combinations, and tokens (never saved)."""
 
-import dataclasses
-import difflib
-import enum
-import functools
 import importlib
 import inspect
-import math
 import os
-import re
-import types
-import typing
 from typing import Any
 
 from .recipe_yaml import expand_env, leaves
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 from .text import TOKEN_FORMATS, WANDB_KEY, secret_env_values
+from .values import class_fields, coerce, describe, field_choices, suggest, type_ok
 
 
 class KeyProblem(ValueError):
@@ -31,31 +24,6 @@ def upstream_class(section: str) -> type:
     return getattr(importlib.import_module(UPSTREAM[section][0]), UPSTREAM[section][1])
 
 
-@functools.cache  # type hints are resolved once per class, not per recipe (~1.4 ms for SFTConfig)
-def class_fields(cls: type) -> dict[str, tuple[Any, Any]]:
-    """name → (type hint, default) of the keyword arguments `cls` takes."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an upstream annotation we cannot resolve: fall back to the defaults' types
-        hints = {}
-    params = inspect.signature(cls).parameters
-    return {n: (hints.get(n, Any), p.default) for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
-
-
-@functools.cache
-def _choices(cls: type) -> dict[str, Any]:
-    """name → the values a dataclass field's metadata allows (`field(metadata={"choices": …})`)."""
-    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if "choices" in f.metadata} \
-        if dataclasses.is_dataclass(cls) else {}
-
-
-def _describe(hint: Any) -> str:
-    """A type hint as an error line says it: `str | None`, `bool | 'gaussian' | 'pissa'`."""
-    if (origin := typing.get_origin(hint)) in (typing.Literal, typing.Union, types.UnionType):
-        return " | ".join(repr(part) if origin is typing.Literal else _describe(part) for part in typing.get_args(hint))
-    return "None" if hint is type(None) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
     """Reject unknown keys (with a suggestion) and values of the wrong type; return the values to use."""
     fields, out = class_fields(cls), {}
@@ -65,12 +33,12 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
             raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
         hint, default = fields[key]
         out[key] = value = coerce(value, hint, default)
-        choices = [str(c) for c in _choices(cls).get(key, ())]  # the upstream field's own (TRL: packing_strategy …)
+        choices = [str(c) for c in field_choices(cls).get(key, ())]  # the field's own (TRL: packing_strategy …)
         if value is not None and choices and value not in choices:
             raise KeyProblem(dotted, f"{dotted} must be one of {', '.join(choices)}, got {value!r}"
                              f"{suggest(str(value), choices)}")
-        if not _type_ok(value, hint, default):
-            kind = type(default).__name__ if hint is Any else _describe(hint)
+        if not type_ok(value, hint, default):
+            kind = type(default).__name__ if hint is Any else describe(hint)
             quote = {bool: " (YAML reads unquoted yes/no/on/off as booleans; quote it)", type(None):
                      " (YAML reads an empty value, null or a bare ~ as nothing; quote it, or write ~/ for home)"
                      }.get(type(value), "")
@@ -200,51 +168,3 @@ def _check_data(recipe) -> None:
         raise KeyProblem("data.eval_path", f"data.eval_path: {same[0][0]}{split} is training data too, and an eval "
                          "loss on it says nothing of held-out records; evaluate on another file, another split "
                          "({path: …, split: test}) or set data.eval_split instead")
-
-
-def suggest(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def coerce(value: Any, hint: Any, default: Any) -> Any:
-    """Undo two YAML 1.1 surprises: `1e-4` read as a string where the field wants a float (it wants `1.0e-4`; in a
-    mapping of keyword arguments too, `lr_scheduler_kwargs: {min_lr: 1e-5}`), `no` read as false where "no" is one
-    of the field's choices (`eval_strategy: no`); free text stays as YAML read it."""
-    if isinstance(value, dict):  # upstream passes these on untyped (a str min_lr failed at the first step)
-        return {k: float(v) if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v) else v
-                for k, v in value.items()}
-    if isinstance(value, str) and (_accepts(hint, float) or type(default) is float):
-        try:
-            return float(value) if math.isfinite(float(value)) else value  # "nan", "inf": not a usable number
-        except ValueError:
-            return value
-    enums = [t for t in typing.get_args(hint) or [hint] if isinstance(t, type) and issubclass(t, enum.Enum)]
-    word = {True: "yes", False: "no"}.get(value) if isinstance(value, bool) and not _accepts(hint, bool) else None
-    return word if word in [m.value for t in enums for m in t] else value
-
-
-def _accepts(hint: Any, kind: type) -> bool:
-    return hint is kind or typing.get_origin(hint) in (typing.Union, types.UnionType) and kind in typing.get_args(hint)
-
-
-def _type_ok(value: Any, hint: Any, default: Any) -> bool:
-    if hint is Any or isinstance(hint, typing.TypeVar):
-        if default is None or default is inspect.Parameter.empty:
-            return True
-        hint = type(default)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h, inspect.Parameter.empty) for h in typing.get_args(hint))
-    if origin is typing.Literal:  # PEFT's 'pissa_niter_[number of iters]' stands for pissa_niter_16 …
-        patterns = [v.partition("[")[0] for v in typing.get_args(hint) if isinstance(v, str) and "[" in v]
-        return value in typing.get_args(hint) or isinstance(value, str) and value.startswith(tuple(patterns) or "\0")
-    if origin is not None:
-        return isinstance(value, origin) if isinstance(origin, type) else True
-    if hint in (bool, str, list, dict, tuple, type(None)):
-        return isinstance(value, hint)
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, hint) or value in [m.value for m in hint]  # a list value is unhashable
-    return True  # richer upstream types (torch.dtype, classes) are left to the upstream constructor
