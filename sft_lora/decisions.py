@@ -55,6 +55,8 @@ def _choose_attention(recipe, args) -> str | None:
     and 4,617 for `sdpa_documents`, which serves elsewhere (flex_attention has no backward on CPU)."""
     import torch
     padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+    if recipe.model.attn_implementation == ATTENTION:  # named, as --print-config shows it: made known to transformers
+        register()
     if not padding_free or recipe.model.attn_implementation is not None:
         return None
     return "flex_attention" if torch.cuda.is_available() and not args.use_cpu else register()

@@ -4,6 +4,7 @@ unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combin
 import importlib
 import inspect
 import os
+import re
 from typing import Any
 
 from .recipe_yaml import expand_env, leaves
@@ -39,9 +40,10 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
                              f"{suggest(str(value), choices)}")
         if not type_ok(value, hint, default):
             kind = type(default).__name__ if hint is Any else describe(hint)
+            read = [type(v) for v in (value if isinstance(value, list) else [value]) if v in (True, False, None)]
             quote = {bool: " (YAML reads unquoted yes/no/on/off as booleans; quote it)", type(None):
                      " (YAML reads an empty value, null or a bare ~ as nothing; quote it, or write ~/ for home)"
-                     }.get(type(value), "")
+                     }.get(read[0] if read else None, "")
             raise KeyProblem(dotted, f"{dotted} expects {kind}, got {value!r}{quote}")
     return out
 
@@ -92,6 +94,8 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
 def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
     """(use_qlora, accelerate_config): QLoRA unless use_qlora is false (the seed's default)."""
     use_qlora, accelerate_config = raw.get("use_qlora"), raw.get("accelerate_config")
+    if "use_qlora" in raw and use_qlora is None:  # `use_qlora=` (an empty shell variable) silently meant QLoRA
+        raise KeyProblem("use_qlora", "use_qlora must be true or false, got an empty value")
     if use_qlora is not None and not isinstance(use_qlora, bool):
         raise KeyProblem("use_qlora", f"use_qlora must be true or false, got {use_qlora!r}")
     if use_qlora is False and raw.get("quantization"):
@@ -125,6 +129,7 @@ def check_combinations(recipe) -> None:
     if (smoke := recipe.report.smoke_prompts) < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
     _check_data(recipe)
+    _check_model(recipe)
     from transformers.integrations import get_reporting_integration_callbacks
     try:  # what Trainer checks when it is built, after the data is prepared
         get_reporting_integration_callbacks(recipe.training.report_to)
@@ -134,6 +139,37 @@ def check_combinations(recipe) -> None:
     if strategy != "no" and not (data.eval_split or data.eval_path):
         raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "
                          "set data.eval_split or data.eval_path")
+
+
+def _check_model(recipe) -> None:
+    """`model.attn_implementation` and `model.device_map` as transformers checks them only when the model loads, after
+    the data is prepared: a name it does not know, flash-attn not installed, a device this machine lacks."""
+    import torch
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .decisions import ATTENTION
+    cuda = torch.cuda.is_available() and not recipe.training.use_cpu
+    if (name := recipe.model.attn_implementation) and "/" not in name:  # a hub kernel: transformers fetches it
+        known = ["eager", "sdpa", ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        flash = re.fullmatch(r"flash_attention_(\d)", name)
+        if name.removeprefix("paged|") not in known:
+            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: unknown attention '{name}' "
+                             f"(eager, sdpa, {ATTENTION}, flash_attention_2, flex_attention …){suggest(name, known)}")
+        if flash and not getattr(utils, f"is_flash_attn_{flash[1]}_available", lambda: False)():
+            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: {name} needs the flash-attn "
+                             "package for it, which is not installed here (or no GPU); install it or use sdpa")
+        if name == "flex_attention" and not cuda:  # it fails at the first backward, after the start-of-run eval
+            raise KeyProblem("model.attn_implementation", "model.attn_implementation: flex_attention has no backward "
+                             f"on a CPU; use {ATTENTION} (per-document attention, the CPU default) or sdpa")
+    if (device := recipe.model.device_map) and device not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        try:
+            usable = torch.device(device).type == "cpu" or torch.device(device).type == "cuda" and cuda
+        except RuntimeError:
+            usable = False
+        if not usable:
+            raise KeyProblem("model.device_map", f"model.device_map: '{device}' is no device of this machine; use "
+                             "auto (spread over all GPUs) or leave it unset")
 
 
 def _check_data(recipe) -> None:

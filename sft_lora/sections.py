@@ -129,7 +129,8 @@ UPSTREAM = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "Bi
 OWNED_ELSEWHERE = {  # `training` keys that other sections own, and where to set them instead
     "output_dir": "output.checkpoint_dir", "run_name": "wandb.run_name", "model_init_kwargs": "the model section",
     "trust_remote_code": "model.trust_remote_code", "chat_template_path": "data.chat_template",
-    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable"}
+    "resume_from_checkpoint": "the --resume flag", "hub_token": "the HF_TOKEN environment variable",
+    "push_to_hub": "output.push_to_hub (a repo id)", "hub_model_id": "output.push_to_hub"}
 
 
 @functools.cache  # the --help epilog, built on every command line: reading the classes' sources takes ~40 ms

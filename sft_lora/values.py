@@ -36,6 +36,8 @@ def describe(hint: Any) -> str:
     """A type hint as an error line says it: `str | None`, `bool | 'gaussian' | 'pissa'`."""
     if (origin := typing.get_origin(hint)) in (typing.Literal, typing.Union, types.UnionType):
         return " | ".join(repr(part) if origin is typing.Literal else describe(part) for part in typing.get_args(hint))
+    if origin in (list, tuple, set) and typing.get_args(hint):  # `list[str]`: its items' type said too
+        return f"{origin.__name__}[{', '.join(describe(part) for part in typing.get_args(hint))}]"
     return "None" if hint is type(None) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -76,6 +78,8 @@ def type_ok(value: Any, hint: Any, default: Any) -> bool:
     if origin is typing.Literal:  # PEFT's 'pissa_niter_[number of iters]' stands for pissa_niter_16 …
         patterns = [v.partition("[")[0] for v in typing.get_args(hint) if isinstance(v, str) and "[" in v]
         return value in typing.get_args(hint) or isinstance(value, str) and value.startswith(tuple(patterns) or "\0")
+    if origin in (list, tuple, set) and isinstance(value, origin) and (args := typing.get_args(hint)):
+        return all(type_ok(item, args[0], inspect.Parameter.empty) for item in value)  # [no] is [False]
     if origin is not None:
         return isinstance(value, origin) if isinstance(origin, type) else True
     if hint in (bool, str, list, dict, tuple, type(None)):

@@ -430,6 +430,44 @@ def _(env):  # accepted before: every answer its own source, a per-source eval p
         "command line: data.output_field and data.source_field are both 'output'; name two different fields"]
 
 
+@case("recipe: an empty use_qlora")
+def _(env):  # `use_qlora=` (an empty shell variable) trained QLoRA where the recipe said false
+    return *env.cli(env.recipe(), "use_qlora="), ["command line: use_qlora must be true or false, got an empty value"]
+
+
+@case("recipe: training.push_to_hub")
+def _(env):  # Trainer pushed every checkpoint to a repo named after the checkpoint folder (a traceback offline)
+    return *env.cli(env.recipe(), "training.push_to_hub=true"), [
+        "command line: training.push_to_hub is set by output.push_to_hub (a repo id); move it there"]
+
+
+@case("recipe: a list item of the wrong type")
+def _(env):  # a TypeError in the pre-flight report: YAML reads [no] (a Norwegian source) as [False]
+    return *env.cli(env.recipe(), "check.sources=[arith_en, no]"), [
+        "command line: check.sources expects list[str], got ['arith_en', False] (YAML reads unquoted yes/no/on/off "
+        "as booleans; quote it)"]
+
+
+@case("recipe: unknown attention")
+def _(env):  # failed when the model loaded, after the data was prepared
+    return *env.cli(env.recipe(), "model.attn_implementation=sdpa_document"), [
+        "command line: model.attn_implementation: unknown attention 'sdpa_document' (eager, sdpa, sdpa_documents, "
+        "flash_attention_2, flex_attention …); did you mean 'sdpa_documents'?"]
+
+
+@case("recipe: flex_attention on a CPU")
+def _(env):  # a NotImplementedError at the first backward, after the start-of-run eval
+    return *env.cli(env.recipe(), "model.attn_implementation=flex_attention"), [
+        "command line: model.attn_implementation: flex_attention has no backward on a CPU; use sdpa_documents"]
+
+
+@case("recipe: a device_map this machine lacks")
+def _(env):  # failed when the model loaded
+    return *env.cli(env.recipe(), "model.device_map=cuda:3"), [
+        "command line: model.device_map: 'cuda:3' is no device of this machine; use auto (spread over all GPUs) or "
+        "leave it unset"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"

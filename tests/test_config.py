@@ -270,3 +270,19 @@ def test_values_no_machine_can_allocate_fail_at_load_and_the_bound_itself_loads(
                               ("training.max_length=1048577", "training.max_length must be at most 1,048,576")):
         with pytest.raises(RecipeError, match=message):
             load_recipe(path, [override])
+
+
+def test_the_attention_print_config_shows_can_be_named(make_recipe):
+    # `--print-config` shows `attention: sdpa_documents` as decided; naming it failed when the model loaded ("not
+    # supported"): sft_lora made it known to transformers only when it chose it. A fresh process: one registration
+    # (by any earlier test) lasts the whole session.
+    import subprocess
+    import sys
+
+    path = make_recipe()
+    code = ("import sys; from transformers import AutoModelForCausalLM; from sft_lora.config import load_recipe; "
+            "recipe = load_recipe(sys.argv[1], ['model.attn_implementation=sdpa_documents']); "
+            "model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, "
+            "attn_implementation=recipe.model.attn_implementation); print(model.config._attn_implementation)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "sdpa_documents", done.stderr[-2000:]
