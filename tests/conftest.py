@@ -17,6 +17,7 @@ FUZZ_SUMMARY = pytest.StashKey[str]()  # tests/test_fuzz.py's case count, printe
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SFT_LORA_CACHE", tempfile.mkdtemp(prefix="sft_lora_cache_"))  # prepared datasets
+os.environ.setdefault("SFT_DATA", str(SAMPLE))  # the hub recipes read data.path from it and refuse to start without
 
 
 @pytest.fixture(scope="session")

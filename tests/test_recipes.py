@@ -238,6 +238,16 @@ def test_every_family_has_a_lora_and_a_qlora_recipe():
     assert not lacking, f"each family ships a LoRA and a QLoRA recipe; add: {lacking} (docs/adding-a-model.md)"
 
 
+def test_a_hub_recipe_needs_its_data_named(monkeypatch):
+    # the hub recipes read ${SFT_DATA:-data/sample.jsonl}: a run that forgot to export it trained an 8B model on the
+    # 224 sample records, exit 0
+    monkeypatch.delenv("SFT_DATA")
+    for path in [p for p in RECIPES if family_of(p) != "tiny"]:
+        with pytest.raises(RecipeError, match=r"data.path uses \$\{SFT_DATA\} but SFT_DATA is not set"):
+            load_recipe(path)
+        assert load_recipe(path, [f"data.path={ROOT / 'data' / 'chat.jsonl'}"]).data.path.endswith("chat.jsonl")
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def test_recipe(path, tiny_arch, ci_data, tmp_path):
     family = family_of(path)
