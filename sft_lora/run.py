@@ -109,7 +109,13 @@ def _build_tiny_if_asked(recipe: Recipe) -> None:
     from .model import build_tiny_model, check_reachable, name_the_cpu_to_deepspeed
     name_the_cpu_to_deepspeed()  # saving the model imports DeepSpeed
     with PartialState().local_main_process_first():
-        if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
+        if recipe.model.build_tiny and not Path(name := recipe.model.name_or_path).is_dir():
+            given = [recipe.where.get(key, "").startswith("command line") for key in ("model.name_or_path",
+                                                                                      "model.build_tiny")]
+            if given == [True, False]:  # a mistyped --base_model got a random model there, exit 0
+                raise RecipeError(f"{recipe.where['model.name_or_path']}: {name}: model directory not found; the "
+                                  "recipe's model.build_tiny builds a tiny model at its own path only (add "
+                                  "model.build_tiny=true to build one here)")
             check_reachable(recipe)  # its tokenizer learns from the data: a hub id with no network, said now
             print(f"building the tiny model at {recipe.model.name_or_path}")
             build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)

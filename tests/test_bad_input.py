@@ -468,6 +468,14 @@ def _(env):  # failed when the model loaded
         "leave it unset"]
 
 
+@case("model: a mistyped --base_model on a build_tiny recipe")
+def _(env):  # the default recipe built a random tiny model at the mistyped path, trained and merged it, exit 0
+    missing = env.tmp / "my-llama-8b-instrcut"
+    return *env.cli(env.recipe(model={"build_tiny": True}), "--base_model", missing, "--check"), [
+        f"command line --base_model: {missing}: model directory not found; the recipe's model.build_tiny builds a "
+        "tiny model at its own path only (add model.build_tiny=true to build one here)"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"
