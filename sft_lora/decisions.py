@@ -31,8 +31,10 @@ def decide(recipe) -> None:
     """The choices that read the built SFTConfig: padding-free batches (the same examples per step as padded ones,
     so losses match plain TRL step by step; README, Performance), attention, end-of-turn token."""
     from .prepare import unsupported
-    reason = unsupported(recipe.training)
+    args, reason = recipe.training, unsupported(recipe.training)
     rule = "where sft_lora's data preparation applies" + (f"; it does not here: {reason}" if reason else "")
+    if args.packing and args.packing_strategy == "wrapped":  # TRL warns against padding-free rows for it
+        reason, rule = "wrapped", "not for wrapped packing, where TRL advises against padding-free rows"
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
         recipe.training = dataclasses.replace(recipe.training, padding_free=True)
     if attention := _choose_attention(recipe, recipe.training):

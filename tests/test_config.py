@@ -286,3 +286,17 @@ def test_the_attention_print_config_shows_can_be_named(make_recipe):
             "attn_implementation=recipe.model.attn_implementation); print(model.config._attn_implementation)")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "sdpa_documents", done.stderr[-2000:]
+
+
+def test_wrapped_packing_is_not_made_padding_free(make_recipe, caplog):
+    # TRL warns against padding-free rows with wrapped packing; sft_lora chose them for it, so its own choice drew
+    # TRL's warning ("not recommended") on every such run
+    from sft_lora.data import load_datasets
+    from sft_lora.model import load_tokenizer
+    from sft_lora.trainer import build_trainer
+
+    recipe = load_recipe(make_recipe(training={"packing": True, "packing_strategy": "wrapped"}))
+    assert recipe.training.padding_free is False and "wrapped packing" in recipe.decisions["padding_free"]
+    build_trainer(recipe, load_tokenizer(recipe.model, recipe.data), *load_datasets(recipe.data))
+    assert "padding_free=True` with the 'wrapped' packing" not in caplog.text
+    assert load_recipe(make_recipe()).training.padding_free is True  # unpacked rows: padding-free, as before
