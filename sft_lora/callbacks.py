@@ -18,6 +18,29 @@ from .config import RECIPE_FILE, Recipe, RecipeError
 from .fingerprint import RECORD, fingerprint
 
 
+def training_error(exc: Exception, trainer, recipe: Recipe, resumed: str | None) -> RecipeError | None:
+    """The one line for what stopped `trainer.train` that the user can mend, else None: a disk full or read-only while
+    checkpointing (that checkpoint has no record, so resume skips it), a wandb key the server refuses (wandb.init at
+    the first step), a checkpoint file torch refuses to unpickle (its own message advises weights_only=False)."""
+    from .atomic import write_error
+    from .resume import resumable
+    from .text import first_line
+    saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
+    if saving is not None and (reason := write_error(exc)) is not None:
+        again = ("with --resume (this incomplete checkpoint is skipped)" if resumed or resumable(recipe) else
+                 "(no checkpoint is complete yet)")
+        return RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
+                           f"then run again {again}")
+    if type(exc).__module__.startswith("wandb"):
+        return RecipeError(f"wandb: {first_line(exc)}; check WANDB_API_KEY (or `wandb login`) or set wandb.mode: "
+                           "offline")
+    if type(exc).__name__ == "UnpicklingError" and resumed:  # torch loading weights_only met more than tensors
+        return RecipeError(f"{resumed}: a file of this checkpoint holds more than tensors, which may run code, so "
+                           "torch refused to load it (never load it with weights_only=False); resume from another "
+                           "checkpoint")
+    return None
+
+
 def checkpoint_path(args, step: int) -> Path:  # where Trainer's `_save_checkpoint` saves step's checkpoint
     return Path(args.output_dir) / f"checkpoint-{step}"
 

@@ -9,19 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeError, local_model_missing, read_saved_recipe, saved_section
+from .merge import check_loadable
 from .text import first_line, printable
 from .turns import opened, stop_token_ids, template_kwargs
 
 
-def load(model_dir: str | Path):
-    """(model, tokenizer, system prompt, template variables) of an adapters dir (base + adapter) or a merged model."""
+def load(model_dir: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer, system prompt, template variables) of an adapters dir (base + adapter) or a merged model;
+    code shipped with the model runs only with `trust_remote_code` (the command line's, or the run's own recipe)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     model_dir = Path(model_dir)
     recipe = read_saved_recipe(model_dir)
     model_args = saved_section(recipe, "model")
-    kwargs = {"dtype": model_args.dtype, "trust_remote_code": model_args.trust_remote_code, "use_safetensors": True,
+    check_loadable(model_dir, recipe, trust_remote_code, "--trust-remote-code")
+    kwargs = {"dtype": model_args.dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
               "device_map": "auto" if torch.cuda.is_available() else None}  # None: from_pretrained's default
     adapter = model_dir / "adapter_config.json"
     if not adapter.is_file() and not (model_dir / "config.json").is_file():
@@ -41,7 +44,7 @@ def load(model_dir: str | Path):
                 AutoModelForCausalLM.from_pretrained(base, revision=model_args.revision, **kwargs), str(model_dir))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:  # also a hand-edited saved recipe's
         raise RecipeError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
     if not tokenizer.chat_template:
@@ -75,9 +78,10 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
             "stopped": any(token in stops for token in new), "tokens": len(new), "limit": max_new_tokens}
 
 
-def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, Any]:
+def smoke_check(model_dir: str | Path, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+                trust_remote_code: bool = False) -> dict[str, Any]:
     """Answer each prompt (greedy) with the saved model; report how many answers ended on EOS within the limit."""
-    model, tokenizer, _, kwargs = load(model_dir)
+    model, tokenizer, _, kwargs = load(model_dir, trust_remote_code)
     samples = [{"question": messages[-1]["content"], **generate(model, tokenizer, messages, max_new_tokens,
                                                                 template_kwargs=kwargs)} for messages in prompts]
     stopped = sum(s["stopped"] for s in samples)
@@ -95,7 +99,7 @@ def run_smoke_check(recipe, held_out, inputs: str) -> dict[str, Any] | None:
         return None
     try:
         return smoke_check(recipe.final_dir, [row["prompt"] for row in held_out.select(range(n))],
-                           recipe.report.smoke_max_new_tokens) | {"inputs": inputs}
+                           recipe.report.smoke_max_new_tokens, recipe.model.trust_remote_code) | {"inputs": inputs}
     except Exception as exc:
         return {"ok": None, "skipped": f"smoke check skipped: {type(exc).__name__}: {first_line(exc)}"}
 
@@ -167,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", help="system prompt (default: the one the model was trained with, if any)")
     parser.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit (default 256)")
     parser.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the code a model ships with (one "
+                        "trained with model.trust_remote_code needs it; only for code you trust)")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, data, kwargs = load(args.model_dir)
+        model, tokenizer, data, kwargs = load(args.model_dir, args.trust_remote_code)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

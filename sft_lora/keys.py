@@ -81,7 +81,8 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
             raise KeyProblem(dotted, f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
     env = secret_env_values()
     for dotted, value in leaves(values):
-        if not isinstance(value, str):
+        inner = dotted.split(".", 2)[2] if dotted.count(".") > 1 else ""  # a mapping's keys (chat_template_kwargs)
+        if not (value := f"{inner} {value}" if isinstance(value, str) else inner):
             continue
         kinds = [f"the value of ${name}" for name, secret in env.items() if secret in value]
         kinds += [kind for kind, pattern in TOKEN_FORMATS.items() if pattern.search(value)

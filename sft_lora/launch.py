@@ -79,6 +79,13 @@ def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
         if str(quant.bnb_4bit_quant_storage).removeprefix("torch.") != compute:
             raise RecipeError(f"{where}: QLoRA under {name} needs quantization.bnb_4bit_quant_storage: "
                               f"{compute} (equal to bnb_4bit_compute_dtype); add it to the recipe")
+    # accelerate hands a multi-machine DeepSpeed launch other than `standard` (pdsh, …) the whole environment by
+    # appending it to ./.deepspeed_env (accelerate/commands/launch.py `deepspeed_launcher`): HF_TOKEN included.
+    launcher = (config.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher", "pdsh")
+    if kind == "DEEPSPEED" and int(config.get("num_machines") or 1) > 1 and launcher != "standard":
+        raise RecipeError(f"{where}: the {launcher} launcher makes accelerate write the whole environment (HF_TOKEN, "
+                          "WANDB_API_KEY …) to ./.deepspeed_env; set deepspeed_multinode_launcher: standard and run "
+                          "the command on every machine (accelerate_configs/multi_node.yaml)")
     # A device map places whole layers on devices itself; DeepSpeed/FSDP/DDP place them instead
     # ("DeepSpeed Zero-3 is not compatible with ... passing a device_map": peft#306, accelerate#2543).
     if recipe.model.device_map is not None and (kind != "NO" or processes > 1):

@@ -15,7 +15,7 @@ from .text import first_line, printable
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
-                  merge_into: str | None = None, overwrite: bool = False) -> Path:
+                  merge_into: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge `adapter_dir` into its base; return the merged directory. QLoRA adapters merge by default into the
     dequantized 4-bit base, the weights they were trained against: it reproduces the trained model far better than
     the original weights (README, Merge). The choice goes into merge_info.json."""
@@ -28,7 +28,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     from .turns import stop_token_ids
 
     adapter_dir = Path(adapter_dir)
-    recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into)
+    recipe, base, merge_into = _what_to_merge(adapter_dir, base_model, merge_into, trust_remote_code)
     name = adapter_dir.name  # a checkpoint's: not `checkpoint-N_merged`, which Trainer's rotation would delete
     default = f"merged-{name}" if name.startswith("checkpoint-") else name.replace("_adapters", "") + "_merged"
     output_dir = Path(output_dir or adapter_dir.with_name(default))
@@ -43,8 +43,11 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
         return output_dir
     overwrite = overwrite or earlier == "stale"  # the old merge of these same adapters: replacing it was asked
     check_target(output_dir, overwrite=overwrite)  # refuse now, not after minutes of loading and merging
-    model = _merged_model(adapter_dir, base, recipe, dequantize)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    model = _merged_model(adapter_dir, base, recipe, dequantize, trust_remote_code)
+    try:  # the tokenizer the run saved (a remote-code one runs only as trusted, never asking on a prompt)
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{adapter_dir}: cannot load the saved tokenizer ({first_line(exc)})") from None
     if tokenizer.eos_token_id is not None:  # add the trained end-of-turn token, keep the stop tokens it shipped with
         model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
         if model.generation_config.pad_token_id is None:
@@ -73,12 +76,14 @@ def adapter_sha256(adapter_dir: Path) -> str:
     return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in files).encode()).hexdigest()
 
 
-def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | None) -> tuple[dict, str, str]:
+def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | None, trust_remote_code: bool
+                   ) -> tuple[dict, str, str]:
     """(the saved recipe, the base model, merge_into) of an adapters directory, the arguments winning."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise RecipeError(f"{adapter_dir}: no adapter_config.json; pass the *_adapters directory training wrote")
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     recipe = read_saved_recipe(adapter_dir)
+    check_loadable(adapter_dir, recipe, trust_remote_code, "--trust_remote_code")
     base = base_model or adapter_config.get("base_model_name_or_path")
     if not base:
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")
@@ -115,7 +120,19 @@ def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | N
     return None
 
 
-def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):
+def check_loadable(directory: Path, recipe: dict, trust_remote_code: bool, flag: str) -> None:
+    """An adapters or merged directory, before anything in it is loaded: its own code runs only when the command
+    line says so (its saved recipe is no say of the user's: a shared directory can claim anything), and an adapter
+    only from safetensors (PEFT would unpickle an adapter_model.bin)."""
+    if saved_section(recipe, "model").trust_remote_code and not trust_remote_code:
+        raise RecipeError(f"{directory}: was trained with model.trust_remote_code: true, so loading it runs code that "
+                          f"ships with the model; pass {flag} if you trust that code")
+    if (directory / "adapter_config.json").is_file() and not (directory / "adapter_model.safetensors").is_file():
+        raise RecipeError(f"{directory}: no adapter_model.safetensors (an adapter_model.bin is a pickle, which can "
+                          "run code when loaded); convert the adapter to safetensors")
+
+
+def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool, trust_remote_code: bool):
     """The base (dequantized from 4-bit when `dequantize`, in its compute dtype) with the adapter merged in."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -124,7 +141,7 @@ def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool):
 
     name_the_cpu_to_deepspeed()
     model_args = saved_section(recipe, "model")
-    kwargs = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code,
+    kwargs = {"revision": model_args.revision, "trust_remote_code": trust_remote_code,
               "dtype": model_args.dtype, "use_safetensors": True}  # no pickled weights
     try:
         if dequantize:
@@ -155,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge_into", choices=["dequantized", "original"],
                         help="QLoRA only: merge into the dequantized 4-bit base (default) or the original weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--trust_remote_code", action="store_true", help="run the code a model ships with (a model "
+                        "trained with model.trust_remote_code needs it; only for code you trust)")
     args = parser.parse_args(argv)
     try:
-        out = merge_adapter(args.adapter_model, args.base_model, args.output_dir, args.merge_into, args.overwrite)
+        out = merge_adapter(args.adapter_model, args.base_model, args.output_dir, args.merge_into, args.overwrite,
+                            args.trust_remote_code)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2

@@ -141,7 +141,8 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
           f"its adapters are saved in {recipe.adapters_dir}; to train longer raise training.num_train_epochs or "
           "training.max_steps")
     if recipe.output.merge and PartialState().is_main_process:
-        merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)  # up to date: writes nothing
+        merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True,
+                      trust_remote_code=recipe.model.trust_remote_code)  # up to date: writes nothing
     elif PartialState().is_main_process:
         remove_stale_merge(recipe)
     return summary

@@ -187,10 +187,9 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
 
 def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> None:
     """Train (a signal: checkpoint, stop, raise TrainingInterrupted), save the adapters; the numbers into `summary`."""
-    from . import atomic, report
-    from .callbacks import AtTheEnd, CheckpointRecord, interruptible
+    from . import report
+    from .callbacks import AtTheEnd, interruptible, training_error
     from .outputs import peak_memory_gib, replicas_agree, save_adapters
-    from .resume import resumable
 
     resumed = summary["resumed_from"]
     try:
@@ -200,16 +199,8 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
         print(f"nothing left to train: {resumed} is this run's last step; saving its adapters")
         result = None
     except Exception as exc:
-        # disk full or read-only while checkpointing: one line; the checkpoint has no record, so resume skips it
-        saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
-        if saving is not None and (reason := atomic.write_error(exc)) is not None:
-            again = ("with --resume (this incomplete checkpoint is skipped)" if resumed or resumable(recipe) else
-                     "(no checkpoint is complete yet)")
-            raise RecipeError(f"{saving}: could not save the checkpoint ({reason}); free space or fix permissions, "
-                              f"then run again {again}") from None
-        if type(exc).__module__.startswith("wandb"):  # wandb.init at the first step: a key the server refuses
-            raise RecipeError(f"wandb: {first_line(exc)}; check WANDB_API_KEY (or `wandb login`) or set wandb.mode: "
-                              "offline") from None  # main prints it through printable
+        if (error := training_error(exc, trainer, recipe, resumed)) is not None:
+            raise error from None  # main prints it through printable
         raise
     after = trainer.evaluate() if evaluate else {}
     summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
@@ -235,7 +226,8 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
         unset_hf_deepspeed_config()  # merge runs on rank 0 alone: ZeRO-3's sharded loading would wait for peers
         # overwrite=True on purpose: the run just replaced the adapters, and a merged model of the old ones
         # beside them would be wrong. `python -m sft_lora.merge` refuses to overwrite unless --overwrite.
-        merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True)
+        merge_adapter(recipe.adapters_dir, output_dir=recipe.merged_dir, overwrite=True,
+                      trust_remote_code=recipe.model.trust_remote_code)
     summary["smoke"] = run_smoke_check(recipe, held_out, inputs)
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))

@@ -24,7 +24,7 @@ TOKEN_FORMATS = {
 def is_secret_name(name: str) -> bool:
     """Whether a name (environment variable or recipe key) says its value is a secret; vocabulary tokens do not."""
     return name.lower() not in {"eos_token", "pad_token", "bos_token", "unk_token"} and bool(
-        re.search(r"token|key|secret|password|passwd|credential|auth", name, re.IGNORECASE))
+        re.search(r"token|key|secret|password|passwd|credential|auth(?!or)", name, re.IGNORECASE))  # not GIT_AUTHOR_*
 
 
 def secret_env_values() -> dict[str, str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +163,84 @@ def test_chat_error_line_escapes_control_characters(tmp_path, capsys):
     assert chat_main([str(odd)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "\x1b" not in err and "\\x1b" in err
+
+
+class _RunsCode:  # a pickle that, when loaded, would write a file
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_model_directory_runs_its_code_only_when_the_command_line_says_so(make_recipe, tmp_path, capsys):
+    """Merge and chat took trust_remote_code from the recipe saved in the directory, which whoever shared it
+    writes: a downloaded adapter ran its base's code. An adapter_model.bin (a pickle) was loaded by PEFT; a checkpoint
+    file that is more than tensors stopped --resume with torch's traceback advising weights_only=False."""
+    import json
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from sft_lora.chat import load
+    from sft_lora.config import RECIPE_FILE
+    from sft_lora.fingerprint import RECORD
+    from sft_lora.merge import main as merge_main
+    from sft_lora.run import main as run_main
+
+    path = make_recipe(training={"max_steps": 2, "save_steps": 1}, data={"eval_split": None})
+    assert run_main([str(path)]) == 0
+    adapters = sorted((tmp_path / "final_model").rglob("lora_adapters"))[0]
+    shared = shutil.copytree(adapters, tmp_path / "shared_adapters")
+    saved = yaml.safe_load((shared / RECIPE_FILE).read_text(encoding="utf-8"))
+    saved["model"]["trust_remote_code"] = True
+    (shared / RECIPE_FILE).write_text(yaml.safe_dump(saved), encoding="utf-8")
+    capsys.readouterr()
+    assert merge_main(["--adapter_model", str(shared)]) == 2
+    assert "model.trust_remote_code: true, so loading it runs code that ships with the model; pass " \
+           "--trust_remote_code if you trust that code" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="pass --trust-remote-code if you trust that code"):
+        load(shared)
+    assert merge_main(["--adapter_model", str(shared), "--trust_remote_code"]) == 0  # asked: as before
+    pickled = shutil.copytree(adapters, tmp_path / "pickled_adapters")
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    assert merge_main(["--adapter_model", str(pickled)]) == 2
+    assert "no adapter_model.safetensors (an adapter_model.bin is a pickle" in capsys.readouterr().err
+    # a tampered optimizer state, its size recorded as the checkpoint's record expects
+    checkpoint = sorted((tmp_path / "checkpoints").rglob("checkpoint-1"))[0]
+    marker = tmp_path / "ran"
+    torch.save({"state": _RunsCode(marker)}, checkpoint / "optimizer.pt")
+    record = json.loads((checkpoint / RECORD).read_text(encoding="utf-8"))
+    record["files"]["optimizer.pt"] = (checkpoint / "optimizer.pt").stat().st_size
+    (checkpoint / RECORD).write_text(json.dumps(record), encoding="utf-8")
+    assert run_main([str(path), "training.max_steps=3", "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {checkpoint}: a file of this checkpoint holds more than tensors, which may run code" in err
+    assert "Traceback" not in err and not marker.exists()
+
+
+def test_secrets_checks_see_mapping_keys_and_not_author_names_and_no_launch_writes_the_environment(
+        make_recipe, monkeypatch, tmp_path):
+    import yaml
+
+    from sft_lora.launch import check_launch
+
+    # a token pasted as a mapping's key was saved in the recipe copies, cards and manifest
+    with pytest.raises(RecipeError, match=r"chat_template_kwargs.hf_\w+ looks like a secret \(a Hugging Face token"):
+        load_recipe(make_recipe(), ['data.chat_template_kwargs={"hf_PastedAsAMappingKey0123456789abcdefg": 1}'])
+    # GIT_AUTHOR_NAME is no secret ("auth"): a path or run name holding the user's name was refused and redacted
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "minjunkim")
+    assert load_recipe(make_recipe(), ["wandb.run_name=minjunkim-exp1"]).wandb.run_name == "minjunkim-exp1"
+    # a multi-machine DeepSpeed launch other than `standard` makes accelerate append the environment to
+    # ./.deepspeed_env (a file this repository once tracked)
+    config = yaml.safe_load((ROOT / "accelerate_configs" / "multi_node.yaml").read_text(encoding="utf-8"))
+    config["mixed_precision"] = "no"  # this machine has no GPU
+    check_launch(load_recipe(make_recipe()), config, "multi_node.yaml")  # standard: accepted
+    del config["deepspeed_config"]["deepspeed_multinode_launcher"]
+    with pytest.raises(RecipeError, match=r"the pdsh launcher makes accelerate write the whole environment"):
+        check_launch(load_recipe(make_recipe()), config, "multi_node.yaml")
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", ".deepspeed_env"], capture_output=True, text=True)
+    assert tracked.stdout == "" and ".deepspeed_env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
