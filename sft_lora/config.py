@@ -85,15 +85,15 @@ class Recipe:
         return Path(self.output.checkpoint_dir) / self.model_name / self.run_dir.name / self.method
 
     def to_yaml(self) -> str:
-        """The resolved recipe as a recipe file that reproduces this run."""
+        """The resolved recipe as a recipe file that reproduces this run: the library's decisions atop, as comments
+        with their rules, and not among the keys, so a machine that reads the file decides again (a CPU run's
+        `use_cpu: true` saved as a key trained on the CPU of a GPU machine)."""
         out: dict[str, Any] = {"use_qlora": self.use_qlora, "accelerate_config": self.accelerate_config}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in OWN_SECTIONS})
-        out.update({name: values for name, values in self.given.items() if values is not None})
-        return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
-
-    def explain(self) -> str:
-        """The library's decisions and their rules, as YAML comments (`--print-config` prints them atop)."""
-        return "".join(f"# decided: {key}: {why}\n" for key, why in self.decisions.items())
+        out.update({name: {k: v for k, v in values.items() if k not in self.decisions}
+                    for name, values in self.given.items() if values is not None})
+        decided = "".join(f"# decided: {key}: {why}\n" for key, why in self.decisions.items())
+        return decided + yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, Any] | None = None) -> Recipe:

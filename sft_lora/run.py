@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
         if args.print_config:
-            print(recipe.explain() + recipe.to_yaml(), end="")
+            print(recipe.to_yaml(), end="")
         elif args.check:
             from .preflight import run_check
             from .prepare import load_inputs

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from sft_lora.config import RecipeError, load_recipe
 from sft_lora.run import main
@@ -207,6 +208,13 @@ def test_print_config_prints_the_resolved_recipe(make_recipe, capsys):
     assert main([str(make_recipe()), "lora.r=4", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "r: 4" in out and "learning_rate: 0.003" in out and "eval_strategy: epoch" in out
+    # the decisions this machine took are comments, not keys: a CPU run's saved recipe (use_cpu: true, bf16: false
+    # as keys) trained on the CPU of a GPU machine that read it
+    assert "# decided: use_cpu: True (" in out and "# decided: bf16: False (" in out
+    saved = yaml.safe_load(out)["training"]
+    assert not {"use_cpu", "bf16", "padding_free"} & set(saved) and saved["learning_rate"] == 0.003
+    pinned = yaml.safe_load(load_recipe(make_recipe(training={"bf16": False}), ["lora.r=4"]).to_yaml())
+    assert pinned["training"]["bf16"] is False and "use_cpu" not in pinned["training"]  # the recipe's own: kept
 
 
 def test_cli_error_is_one_line_and_nonzero(make_recipe):
