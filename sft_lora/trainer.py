@@ -188,13 +188,18 @@ def configure_wandb(recipe: Recipe) -> None:
     if importlib.util.find_spec("wandb") is None:
         raise RecipeError(f"{recipe.at('training.report_to')}: training.report_to includes wandb, which is not "
                           "installed; pip install wandb or set training.report_to: none")
-    os.environ.setdefault("WANDB_PROJECT", recipe.wandb.project)
     mode, key = recipe.wandb.mode, os.environ.get("WANDB_API_KEY")
     if mode == "auto":
         netrc = Path.home() / ".netrc"
         logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
         mode = "online" if key or logged_in else "offline"
-    os.environ.setdefault("WANDB_MODE", mode)
+    for name, dotted, value in (("WANDB_PROJECT", "wandb.project", recipe.wandb.project),
+                                ("WANDB_MODE", "wandb.mode", mode)):
+        # the environment's value wins over a default; one the recipe names wins, as wandb.init's arguments do
+        named = dotted in recipe.where and getattr(recipe.wandb, dotted.removeprefix("wandb.")) != "auto"
+        if os.environ.setdefault(name, value) != value and named:
+            print(f"notice: {recipe.at(dotted)}: {dotted}: {value} wins over {name}={os.environ[name]}")
+            os.environ[name] = value
     if key is not None and os.environ["WANDB_MODE"] == "online":
         from wandb.sdk.lib.wbauth.validation import check_api_key  # what wandb.init checks first
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -308,3 +309,18 @@ def test_wrapped_packing_is_not_made_padding_free(make_recipe, caplog):
     build_trainer(recipe, load_tokenizer(recipe.model, recipe.data), *load_datasets(recipe.data))
     assert "padding_free=True` with the 'wrapped' packing" not in caplog.text
     assert load_recipe(make_recipe()).training.padding_free is True  # unpacked rows: padding-free, as before
+
+
+def test_a_wandb_project_or_mode_the_recipe_names_wins_over_the_environment(make_recipe, monkeypatch, capsys):
+    # WANDB_PROJECT / WANDB_MODE beat wandb.project / wandb.mode silently: the run logged to another project than
+    # its saved recipe says; the environment still wins over the section's defaults
+    from sft_lora.trainer import configure_wandb
+
+    monkeypatch.setenv("WANDB_PROJECT", "someother")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    configure_wandb(load_recipe(make_recipe(training={"report_to": "wandb"})))
+    assert os.environ["WANDB_PROJECT"] == "someother" and os.environ["WANDB_MODE"] == "disabled"
+    path = make_recipe(training={"report_to": "wandb"}, wandb={"project": "myproj", "mode": "offline"})
+    configure_wandb(load_recipe(path))
+    assert os.environ["WANDB_PROJECT"] == "myproj" and os.environ["WANDB_MODE"] == "offline"
+    assert f"notice: {path}:" in capsys.readouterr().out
