@@ -131,6 +131,7 @@ def check_combinations(recipe) -> None:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
     _check_data(recipe)
     _check_model(recipe)
+    _check_optimization(recipe.training)
     from transformers.integrations import get_reporting_integration_callbacks
     try:  # what Trainer checks when it is built, after the data is prepared
         get_reporting_integration_callbacks(recipe.training.report_to)
@@ -140,6 +141,34 @@ def check_combinations(recipe) -> None:
     if strategy != "no" and not (data.eval_split or data.eval_path):
         raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "
                          "set data.eval_split or data.eval_path")
+
+
+def _check_optimization(args) -> None:
+    """The optimizer and schedule as Trainer builds them at the first step, after the data is prepared and the model
+    loaded (a scheduler argument it does not take, an optimizer package not installed …), built now on a stand-in."""
+    import torch
+    from transformers import Trainer, get_scheduler
+    from transformers.utils import is_liger_kernel_available
+
+    from .text import first_line
+    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):  # TRL then trains on untokenized text: a crash
+        raise KeyProblem("training.dataset_kwargs", "training.dataset_kwargs: skip_prepare_dataset is sft_lora's to "
+                         "set (it prepares the data itself, once); remove it")
+    if args.use_liger_kernel and not is_liger_kernel_available():
+        raise KeyProblem("training.use_liger_kernel", "training.use_liger_kernel needs the liger-kernel package, "
+                         "which is not installed here; install it or remove the key")
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError, TypeError, KeyError) as exc:
+        raise KeyProblem("training.optim", f"training.optim / optim_args: {first_line(exc)}",
+                         ["training.optim", "training.optim_args"]) from None
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    try:
+        get_scheduler(args.lr_scheduler_type, stand_in, num_warmup_steps=args.get_warmup_steps(100),
+                      num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise KeyProblem("training.lr_scheduler_kwargs", f"training.lr_scheduler_type / lr_scheduler_kwargs: "
+                         f"{first_line(exc)}", ["training.lr_scheduler_type", "training.lr_scheduler_kwargs"]) from None
 
 
 def _check_model(recipe) -> None:

@@ -476,6 +476,26 @@ def _(env):  # the default recipe built a random tiny model at the mistyped path
         "tiny model at its own path only (add model.build_tiny=true to build one here)"]
 
 
+@case("recipe: a scheduler argument the scheduler does not take")
+def _(env):  # a TypeError when training started, after the data was prepared and the model loaded
+    return *env.cli(env.recipe(), "training.lr_scheduler_kwargs={min_lr: 1.0e-5}"), [
+        "command line: training.lr_scheduler_type / lr_scheduler_kwargs: get_linear_schedule_with_warmup() got an "
+        "unexpected keyword argument 'min_lr'"]
+
+
+@case("recipe: an optimizer whose package is missing")
+def _(env):  # an ImportError when training started
+    return *env.cli(env.recipe(), "training.optim=galore_adamw"), [
+        "command line: training.optim / optim_args: You need to install `galore_torch` in order to use GaLore"]
+
+
+@case("recipe: skip_prepare_dataset")
+def _(env):  # TRL trained on untokenized text: "No columns match" when training started
+    return *env.cli(env.recipe(), "training.dataset_kwargs={skip_prepare_dataset: true}"), [
+        "command line: training.dataset_kwargs: skip_prepare_dataset is sft_lora's to set (it prepares the data "
+        "itself, once); remove it"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"
