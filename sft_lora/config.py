@@ -105,10 +105,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (model, data, lora, training …)")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"command line: '{item}' is not an override; write section.key=value")
+        if not sep or not all(key.split(".")) or "[" in key:  # `training.=3`, `data.path[0].weight=3`
+            raise RecipeError(f"command line: '{item}' is not an override; write section.key=value (a list whole: "
+                              "data.path=[a.jsonl, {path: b.jsonl, weight: 2}])")
         _set(raw, key, recipe_yaml.value(value, item) if value else None)
-        where[key] = "command line"
+        where |= {k: "command line" for k in [*where, key] if k == key or k.startswith(f"{key}.")}  # and below
         where.setdefault(key.partition(".")[0], "command line")  # a section the file lacks
     for flag, value in (flags or {}).items():
         if value is not None and where.get(SEED_FLAGS[flag]) == "command line":  # said: the override is not used

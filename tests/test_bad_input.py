@@ -496,6 +496,19 @@ def _(env):  # TRL trained on untokenized text: "No columns match" when training
         "itself, once); remove it"]
 
 
+@case("recipe: an override of one list item")
+def _(env):  # blamed the recipe's line: "recipe.yaml:12: unknown key 'path[0].weight'"
+    return *env.cli(env.recipe(), "data.path[0].weight=3"), [
+        "command line: 'data.path[0].weight=3' is not an override; write section.key=value (a list whole: "
+        "data.path=[a.jsonl, {path: b.jsonl, weight: 2}])"]
+
+
+@case("recipe: a section emptied on the command line")
+def _(env):  # blamed the recipe's line of the key the override had removed
+    return *env.cli(env.recipe(), "model="), [
+        "command line: model.name_or_path is required (a hub id or a local directory)"]
+
+
 @case("data: a record in both forms")
 def _(env):
     path = env.tmp / "d.jsonl"
