@@ -33,8 +33,9 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         if Path(model.name_or_path).is_dir() and not (Path(model.name_or_path) / "config.json").is_file():
             raise RecipeError(f"{model.name_or_path}: not a model directory (no config.json); check "
                               "model.name_or_path") from None
-        raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); "
-                          "check model.name_or_path, the network or HF_TOKEN") from None
+        fix = ("set model.trust_remote_code: true if you trust the code it ships" if "trust_remote_code" in str(exc)
+               else "check model.name_or_path, the network or HF_TOKEN")
+        raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); {fix}") from None
     if data.chat_template:
         tokenizer.chat_template = _chat_template(Path(data.chat_template), tokenizer)
     elif not tokenizer.chat_template:

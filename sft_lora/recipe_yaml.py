@@ -156,8 +156,8 @@ def expand_env(value: Any, dotted: str) -> Any:
     if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
         return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
     if isinstance(value, dict):
-        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, str) else item for key, item in
-                value.items()}
+        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, (str, list, dict)) else item
+                for key, item in value.items()}  # `chat_template_kwargs: {dirs: ["${D}"]}` too
     if not isinstance(value, str):
         return value
     value = _substitute(value, dotted)

@@ -182,6 +182,9 @@ def test_env_references_are_expanded(make_recipe, monkeypatch):
     assert recipe.data.path == ["/mnt/data/a.jsonl", {"path": "/home/me/b.jsonl", "source": "~s"}]
     assert (recipe.output.dir, recipe.data.system_prompt) == ("/home/me/runs", "~/x")
     assert recipe.data.eval_path == "/mnt/data/e.jsonl"
+    # in a list or mapping inside a mapping's value (left as the literal '${DATA_ROOT}' before)
+    nested = load_recipe(path, ['data.chat_template_kwargs={dirs: ["${DATA_ROOT}", {at: "${DATA_ROOT}/t"}]}'])
+    assert nested.data.chat_template_kwargs == {"dirs": ["/mnt/data", {"at": "/mnt/data/t"}]}
 
 
 @pytest.mark.parametrize("override", ["data.system_prompt=# be brief", "data.system_prompt=be # brief",

@@ -244,3 +244,22 @@ def test_secrets_checks_see_mapping_keys_and_not_author_names_and_no_launch_writ
         check_launch(load_recipe(make_recipe()), config, "multi_node.yaml")
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", ".deepspeed_env"], capture_output=True, text=True)
     assert tracked.stdout == "" and ".deepspeed_env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_a_tokenizer_shipping_code_is_refused_with_the_key_that_allows_it(tiny_model, tmp_path, capsys):
+    # the line said "check model.name_or_path, the network or HF_TOKEN", never the key that allows the code
+    import json
+    import shutil
+
+    base = shutil.copytree(tiny_model, tmp_path / "custom")
+    marker = tmp_path / "ran"
+    (base / "tokenization_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as CustomTokenizer\n")
+    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config |= {"tokenizer_class": "CustomTokenizer", "auto_map": {"AutoTokenizer": [None, "tokenization_custom."
+                                                                                          "CustomTokenizer"]}}
+    (base / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    path = write_recipe(tmp_path, base)
+    assert main([str(path), "--check"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("set model.trust_remote_code: true if you trust the code it "
+                                                     "ships") and not marker.exists()
