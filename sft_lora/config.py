@@ -90,8 +90,8 @@ class Recipe:
         `use_cpu: true` saved as a key trained on the CPU of a GPU machine)."""
         out: dict[str, Any] = {"use_qlora": self.use_qlora, "accelerate_config": self.accelerate_config}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in OWN_SECTIONS})
-        out.update({name: {k: v for k, v in values.items() if k not in self.decisions}
-                    for name, values in self.given.items() if values is not None})
+        out.update({name: {k: v for k, v in values.items() if k not in self.decisions or f"{name}.{k}" in self.where}
+                    for name, values in self.given.items() if values is not None})  # the recipe's own: kept
         decided = "".join(f"# decided: {key}: {why}\n" for key, why in self.decisions.items())
         return decided + yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
 
