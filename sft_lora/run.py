@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     seed = parser.add_argument_group("the seed's flags (aliases of recipe keys)")
     for flag, key in SEED_FLAGS.items():
         seed.add_argument(f"--{flag}", default=None, help=f"sets {key}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for n, item in enumerate(argv[:-1]):  # `--resume recipe.yaml`: a recipe, not the checkpoint to resume from
+        if item == "--resume" and argv[n + 1].endswith((".yaml", ".yml")) and Path(argv[n + 1]).is_file():
+            argv[n], argv[n + 1] = argv[n + 1], item
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 

@@ -331,3 +331,16 @@ def test_a_wandb_project_or_mode_the_recipe_names_wins_over_the_environment(make
     configure_wandb(load_recipe(path))
     assert os.environ["WANDB_PROJECT"] == "myproj" and os.environ["WANDB_MODE"] == "offline"
     assert f"notice: {path}:" in capsys.readouterr().out
+
+
+def test_resume_before_the_recipe_takes_no_recipe_for_a_checkpoint():
+    # `run --resume recipes/tiny.yaml` failed in argparse ("required: recipe, overrides"), and with an override after
+    # it the recipe was taken for the checkpoint to resume from ("checkpoint directory not found")
+    from sft_lora.run import parse_args
+
+    recipe = str(ROOT / "recipes" / "tiny.yaml")
+    for argv in (["--resume", recipe], [recipe, "--resume"]):
+        args = parse_args(argv)
+        assert (args.recipe, args.resume, args.overrides) == (recipe, "auto", [])
+    args = parse_args(["--resume", "ck/checkpoint-2", recipe])
+    assert (args.recipe, args.resume) == (recipe, "ck/checkpoint-2")  # a checkpoint directory: as before
