@@ -66,8 +66,8 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
     length = inputs["input_ids"].shape[1]
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
     if context and length >= context:  # past it the positions were never trained: transformers only warns
-        raise RecipeError(f"the conversation is {length:,} tokens, the model's context {context:,}; /reset it or "
-                          "send a shorter message")
+        raise RecipeError(f"the conversation is {length:,} tokens, the model's context {context:,}; send a shorter "
+                          "message (or /reset the chat)")
     max_new_tokens = min(max_new_tokens, context - length) if context else max_new_tokens  # answers end inside it
     stops = stop_token_ids(tokenizer, model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

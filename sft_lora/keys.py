@@ -59,8 +59,8 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if value is not None and not isinstance(value, dict):
             raise KeyProblem(name, f"section '{name}' must be a mapping of keys, got {value!r}")
         sections[name] = {k: expand_env(v, f"{name}.{k}") for k, v in (value or {}).items()}
-    for key in sections["training"]:
-        if key in OWNED_ELSEWHERE:
+    for key, value in sections["training"].items():
+        if key in OWNED_ELSEWHERE and value not in (None, False):  # `push_to_hub: false` sets nothing
             raise KeyProblem(f"training.{key}", f"training.{key} is set by {OWNED_ELSEWHERE[key]}; move it there")
     return sections
 
@@ -129,6 +129,9 @@ def check_combinations(recipe) -> None:
                          f"{', '.join(CHECK_NAMES)}){suggest(str(unknown[0]), CHECK_NAMES)}")
     if (smoke := recipe.report.smoke_prompts) < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
+    if recipe.lora.layer_replication and recipe.output.merge:  # save_pretrained refused its shared tensors
+        raise KeyProblem("lora.layer_replication", "lora.layer_replication shares weights between layers, so a merged "
+                         "model cannot be saved; set output.merge: false (the adapters are saved as usual)")
     _check_data(recipe)
     _check_model(recipe)
     _check_optimization(recipe.training)
@@ -189,12 +192,13 @@ def _check_model(recipe) -> None:
         if flash and not getattr(utils, f"is_flash_attn_{flash[1]}_available", lambda: False)():
             raise KeyProblem("model.attn_implementation", f"model.attn_implementation: {name} needs the flash-attn "
                              "package for it, which is not installed here (or no GPU); install it or use sdpa")
-        if name == "flex_attention" and not cuda:  # it fails at the first backward, after the start-of-run eval
+        if name.removeprefix("paged|") == "flex_attention" and not cuda:  # fails at the first backward
             raise KeyProblem("model.attn_implementation", "model.attn_implementation: flex_attention has no backward "
                              f"on a CPU; use {ATTENTION} (per-document attention, the CPU default) or sdpa")
     if (device := recipe.model.device_map) and device not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        try:
-            usable = torch.device(device).type == "cpu" or torch.device(device).type == "cuda" and cuda
+        try:  # a GPU index past this machine's count too; other accelerators (mps, xpu …) are left to torch
+            usable = (place := torch.device(device)).type != "cuda" or cuda and (place.index or 0) < (
+                torch.cuda.device_count())
         except RuntimeError:
             usable = False
         if not usable:

@@ -84,6 +84,9 @@ def _what_to_merge(adapter_dir: Path, base_model: str | None, merge_into: str | 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     recipe = read_saved_recipe(adapter_dir)
     check_loadable(adapter_dir, recipe, trust_remote_code, "--trust_remote_code")
+    if (recipe.get("lora") or {}).get("layer_replication"):  # save_pretrained refuses the shared tensors, at the end
+        raise RecipeError(f"{adapter_dir}: trained with lora.layer_replication, which shares weights between layers, "
+                          "so a merged model cannot be saved; load the adapters with PEFT instead")
     base = base_model or adapter_config.get("base_model_name_or_path")
     if not base:
         raise RecipeError(f"{adapter_dir}: the adapter does not name its base model; pass --base_model")

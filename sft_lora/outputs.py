@@ -68,7 +68,8 @@ def remove_stale_merge(recipe: Recipe) -> None:
     if not isinstance(info, dict) or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve() or \
             (info.get("inputs") or {}).get("adapter_sha256") == adapter_sha256(recipe.adapters_dir):  # up to date
         return
-    again = f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} --overwrite makes it again"
+    trust = " --trust_remote_code" * recipe.model.trust_remote_code
+    again = f"python -m sft_lora.merge --adapter_model {recipe.adapters_dir} --overwrite{trust} makes it again"
     if recipe.merged_dir.is_symlink():  # what it points at is the user's: said, not deleted (a merge rewrites it)
         if not recipe.output.merge:
             print(f"notice: {recipe.merged_dir} links to the merge of the adapters this run replaced, which no longer "

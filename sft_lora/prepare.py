@@ -228,7 +228,8 @@ def load_inputs(recipe):
     import pyarrow
 
     from .data import load_datasets
-    from .model import check_reachable, load_tokenizer
+    from .hub import check_reachable
+    from .model import load_tokenizer
     from .rows import check_lengths
     from .turns import template_kwargs
 

@@ -195,7 +195,7 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     """The card: `ModelCardData` metadata, base model, method, data table, how to load it, recipe (secrets redacted)."""
     from huggingface_hub import ModelCardData
 
-    from .model import base_license
+    from .hub import base_license
 
     method, adapters = "QLoRA" if recipe.get("use_qlora") else "LoRA", merged_into is None
     metadata = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None,

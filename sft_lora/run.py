@@ -110,16 +110,12 @@ def _build_tiny_if_asked(recipe: Recipe) -> None:
     others then find it; each built it into the same directory, racing)."""
     from accelerate import PartialState
 
-    from .model import build_tiny_model, check_reachable, name_the_cpu_to_deepspeed
+    from .hub import check_reachable
+    from .model import build_tiny_model, check_tiny_path, name_the_cpu_to_deepspeed
     name_the_cpu_to_deepspeed()  # saving the model imports DeepSpeed
     with PartialState().local_main_process_first():
-        if recipe.model.build_tiny and not Path(name := recipe.model.name_or_path).is_dir():
-            given = [recipe.where.get(key, "").startswith("command line") for key in ("model.name_or_path",
-                                                                                      "model.build_tiny")]
-            if given == [True, False]:  # a mistyped --base_model got a random model there, exit 0
-                raise RecipeError(f"{recipe.where['model.name_or_path']}: {name}: model directory not found; the "
-                                  "recipe's model.build_tiny builds a tiny model at its own path only (add "
-                                  "model.build_tiny=true to build one here)")
+        if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
+            check_tiny_path(recipe)  # --check comes here only
             check_reachable(recipe)  # its tokenizer learns from the data: a hub id with no network, said now
             print(f"building the tiny model at {recipe.model.name_or_path}")
             build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
@@ -138,13 +134,14 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 def _check_before_training(recipe: Recipe) -> None:
     """Each in one line, before anything heavy is loaded, and before launching (not once per launched process)."""
     from .data import found, paths
-    from .model import check_model_weights, check_push, check_qlora_backend
+    from .hub import check_push
+    from .model import check_model_weights, check_qlora_backend, check_tiny_path
     from .outputs import check_outputs
 
     for key in ("path", "eval_path"):  # a mistyped path: said as such, not blamed on the checkpoints
         for path in paths(getattr(recipe.data, key)):
             found(path, f"data.{key}")
-    for check in (check_outputs, check_qlora_backend, check_model_weights, check_push):
+    for check in (check_outputs, check_qlora_backend, check_model_weights, check_push, check_tiny_path):
         check(recipe)
 
 
@@ -236,7 +233,7 @@ def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     report.write_summary(recipe.adapters_dir, summary)
     print(report.summary_table(summary))
     if recipe.output.push_to_hub:
-        from .model import push_outputs
+        from .hub import push_outputs
 
         push_outputs(recipe)
 

@@ -78,7 +78,8 @@ def type_ok(value: Any, hint: Any, default: Any) -> bool:
     if origin is typing.Literal:  # PEFT's 'pissa_niter_[number of iters]' stands for pissa_niter_16 …
         patterns = [v.partition("[")[0] for v in typing.get_args(hint) if isinstance(v, str) and "[" in v]
         return value in typing.get_args(hint) or isinstance(value, str) and value.startswith(tuple(patterns) or "\0")
-    if origin in (list, tuple, set) and isinstance(value, origin) and (args := typing.get_args(hint)):
+    if origin in (list, tuple, set) and isinstance(value, (list, tuple) if origin is tuple else origin) and (
+            args := typing.get_args(hint)):  # YAML has no tuples: a list stands for one (lora.layer_replication)
         return all(type_ok(item, args[0], inspect.Parameter.empty) for item in value)  # [no] is [False]
     if origin is not None:
         return isinstance(value, origin) if isinstance(origin, type) else True

@@ -21,10 +21,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from sft_lora import merge, run
 from sft_lora.callbacks import CheckpointRecord
-from sft_lora.config import load_recipe
+from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.resume import RECORD, incomplete_reason
 
 from .children import run as run_child
@@ -924,6 +925,17 @@ def _(env):
     base = env.protect(env.model)
     return *env.merge("--adapter_model", env.protect(env.adapter), "--output_dir", base, "--overwrite"), [
         f"{base}: is or holds the base model ({base})"]
+
+
+@case("merge: adapters trained with layer_replication")
+def _(env):  # save_pretrained's "shared tensors" traceback once the merge was done
+    adapter = shutil.copytree(env.adapter, env.tmp / "replicated_adapters")
+    (adapter / RECIPE_FILE).write_text(yaml.safe_dump({"lora": {"layer_replication": [[0, 2], [1, 3]]}}),
+                                       encoding="utf-8")
+    env.protect(adapter)
+    return *env.merge("--adapter_model", adapter), [
+        f"{adapter}: trained with lora.layer_replication, which shares weights between layers, so a merged model "
+        "cannot be saved; load the adapters with PEFT instead"]
 
 
 @case("merge: output is a file")

@@ -344,3 +344,52 @@ def test_resume_before_the_recipe_takes_no_recipe_for_a_checkpoint():
         assert (args.recipe, args.resume, args.overrides) == (recipe, "auto", [])
     args = parse_args(["--resume", "ck/checkpoint-2", recipe])
     assert (args.recipe, args.resume) == (recipe, "ck/checkpoint-2")  # a checkpoint directory: as before
+
+
+def test_load_time_checks_refuse_no_legitimate_value_and_miss_none(make_recipe, monkeypatch, tmp_path, capsys):
+    import torch
+
+    # YAML has no tuples: lora.layer_replication's list of pairs was refused as "expects list[tuple[int, int]]"
+    replicated = ["lora.layer_replication=[[0, 2], [1, 3]]"]
+    assert load_recipe(make_recipe(output={"merge": False}), replicated).lora.layer_replication
+    with pytest.raises(RecipeError, match="so a merged model cannot be saved; set output.merge: false"):
+        load_recipe(make_recipe(output={"merge": True}), replicated)  # a traceback once the adapters were saved
+    with pytest.raises(RecipeError, match="lora.layer_replication expects list"):
+        load_recipe(make_recipe(), ["lora.layer_replication=[[0, x]]"])
+    # TRL's own defaults of keys another section owns set nothing: refused as "move it there"
+    assert load_recipe(make_recipe(training={"push_to_hub": False, "hub_model_id": None})).output.push_to_hub is None
+    # paged|flex_attention is flex_attention (no backward on a CPU)
+    with pytest.raises(RecipeError, match="flex_attention has no backward on a CPU"):
+        load_recipe(make_recipe(), ["model.attn_implementation=paged|flex_attention"])
+    # a GPU index this machine lacks (cuda:3 with one GPU was accepted where a GPU is visible)
+    from types import SimpleNamespace
+
+    from sft_lora.keys import KeyProblem, _check_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as the check sees the machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def on_gpu(device: str):
+        return SimpleNamespace(training=SimpleNamespace(use_cpu=False),
+                               model=SimpleNamespace(attn_implementation=None, device_map=device))
+    for device in ("cuda:0", "cuda", "auto", "cpu", "mps"):
+        _check_model(on_gpu(device))
+    with pytest.raises(KeyProblem, match="'cuda:3' is no device of this machine"):
+        _check_model(on_gpu("cuda:3"))
+    monkeypatch.undo()
+    # a mistyped --base_model on a build_tiny recipe under an accelerate config: refused before launching (rank 0
+    # said it, then the other rank's gloo traceback, exit 1)
+    path = make_recipe(model={"build_tiny": True})
+    assert main([str(path), "accelerate_config=cpu_ddp", "--base_model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "model directory not found; the recipe's model.build_tiny builds" in err and "Traceback" not in err
+    assert not (tmp_path / "nope").exists()
+    # a base card naming several licenses: the list was written as one quoted string
+    from sft_lora.hub import base_license
+    from sft_lora.report import card_text
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: [apache-2.0, mit]\n---\n", encoding="utf-8")
+    assert base_license(str(base)) == {"license": ["apache-2.0", "mit"]}
+    assert "license:\n- apache-2.0\n- mit" in card_text(str(base), {}, {}, "original base weights")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sft_lora.config import RecipeError, load_recipe
-from sft_lora.model import check_push, push_outputs
+from sft_lora.hub import check_push, push_outputs
 from sft_lora.run import main
 
 

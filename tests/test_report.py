@@ -216,7 +216,7 @@ def test_merged_model_has_a_model_card(default_job):
 
 
 def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path, monkeypatch):
-    from sft_lora.model import base_license
+    from sft_lora.hub import base_license
     from sft_lora.report import card_text
 
     recipe, summary, *_ = default_job
@@ -348,7 +348,7 @@ def test_chat_answers_end_inside_the_models_context(tiny_model):
     assert answer["limit"] == answer["tokens"] == 10 and not answer["stopped"]  # ran past the context before
     messages, length = prompt(context)
     with pytest.raises(RecipeError, match=f"the conversation is {length:,} tokens, the model's context "
-                       f"{context:,}; /reset it or send a shorter message"):
+                       f"{context:,}; send a shorter message \\(or /reset the chat\\)"):
         generate(model, tokenizer, messages)
 
 
