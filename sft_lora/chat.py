@@ -60,7 +60,8 @@ def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: i
 
     try:
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="pt", **template_kwargs or {}).to(model.device)
+                                               return_tensors="pt", tokenizer_kwargs={"verbose": False},  # the
+                                               **template_kwargs or {}).to(model.device)  # length: checked below
     except jinja2.TemplateError as exc:  # e.g. "System role not supported" (Gemma) for --system
         raise RecipeError(f"the chat template refuses this conversation ({first_line(exc)})") from None
     length = inputs["input_ids"].shape[1]
