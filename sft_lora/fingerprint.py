@@ -80,9 +80,14 @@ def weights_view(recipe: Recipe) -> dict[str, Any]:
                             "optimizer_state": optimizer_state(launch)}
     for section, values in sections.items():
         flat.update({f"{section}.{key}": value for key, value in values.items() if key not in
-                     NOT_WEIGHTS.get(section, ()) and not (section in ("training", "lora") and NEUTRAL.fullmatch(key))})
+                     NOT_WEIGHTS.get(section, ()) and not _neutral(f"{section}.{key}")})
     return json.loads(json.dumps(flat, sort_keys=True, default=lambda value: sorted(value, key=str)  # as a record
                                  if isinstance(value, (set, frozenset)) else str(value).removeprefix("torch.")))
+
+
+def _neutral(dotted: str) -> bool:
+    section, _, key = dotted.partition(".")
+    return section in ("training", "lora") and bool(NEUTRAL.fullmatch(key))
 
 
 def optimizer_state(launch: dict[str, Any]) -> str:
@@ -137,6 +142,7 @@ def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
     saved, now = json.loads((checkpoint / RECORD).read_text(encoding="utf-8")), fingerprint(recipe)
     problems = []
     old, new = {"world_size": 1, **saved.get("weights_view", {})}, now["weights_view"]  # records before world_size
+    old = {k: v for k, v in old.items() if not _neutral(k)}  # a key found neutral since (ddp_*): no difference
     if "optimizer_state" not in old:  # records before it: a DeepSpeed checkpoint says so itself (`latest`)
         deepspeed = (checkpoint / "latest").is_file()
         old["optimizer_state"] = new["optimizer_state"] if deepspeed == new["optimizer_state"].startswith(

@@ -186,6 +186,12 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     check_fingerprint(checkpoint, load_recipe(path, ["training.logging_steps=7",  # neutral: accepted
                                                      "training.ddp_find_unused_parameters=false"]))
+    # a record made before a key was found neutral holds it: no difference (every checkpoint made before
+    # ddp_find_unused_parameters became neutral was refused as "a different recipe")
+    (checkpoint / RECORD).write_text(json.dumps({**saved, "weights_view": {
+        **saved["weights_view"], "training.ddp_find_unused_parameters": None}}), encoding="utf-8")
+    check_fingerprint(checkpoint, load_recipe(path))
+    (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     # another number of processes: another global batch, so other steps and epochs (a 1-process run resumed under 2
     # finished "48 steps (1 epoch)" of a 2-epoch run, exit 0); a record from before world_size was 1 process
     recipe = load_recipe(path)
