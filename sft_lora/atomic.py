@@ -54,6 +54,10 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it is flushed to disk and replaces `final`."""
     final = Path(final)
     tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
+    for left in final.parent.glob(f"{glob.escape(final.stem)}.tmp-*{glob.escape(final.suffix)}"):  # a killed
+        pid = left.name[len(final.stem) + 5:len(left.name) - len(final.suffix)]  # writer's (a checkpoint's record
+        if pid.isdigit() and not _running(pid):  # listed it among the checkpoint's files)
+            left.unlink(missing_ok=True)
     try:
         yield tmp
         readable(tmp)

@@ -152,16 +152,27 @@ def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
     changed = sorted(k for k in (set(old) | set(new)) - hidden if old.get(k, "<unset>") != new.get(k, "<unset>"))
     for what, keys in (("a different recipe", [k for k in changed if k not in LAUNCH_KEYS]),
                        ("another launch", [k for k in changed if k in LAUNCH_KEYS])):
-        shown = ", ".join(f"{k}: {_short(old.get(k, '<unset>'))} -> {_short(new.get(k, '<unset>'))}"
-                          for k in keys[:3])
+        shown = ", ".join(_change(k, old.get(k, "<unset>"), new.get(k, "<unset>")) for k in keys[:3])
         if keys:
             problems.append(f"{what} ({shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})")
+    if (old.get("training.padding_free") is True and new.get("training.padding_free") is False
+            and "training.padding_free" not in recipe.where and problems):  # sft_lora's choice changed (1f3caf1)
+        problems[0] += ("; sft_lora no longer makes wrapped packing padding-free by itself: add "
+                        "training.padding_free=true to continue this run as it was trained")
     old_files, new_files = saved.get("files_sha256", {}), now["files_sha256"]
     for key, what in FILES.items():  # the base model's: not in records made before it was hashed
         if old_files.get(key) != new_files.get(key) and (key != "model.tokenizer" or key in old_files):
             problems.append(f"{what} (sha256 {old_files.get(key, 'none')[:12]} then, "
                             f"{new_files.get(key, 'none')[:12]} now)")
     return problems
+
+
+def _change(key: str, then: Any, now: Any) -> str:
+    """`key: then -> now`; of two mappings only the entries that differ (a whole one cut at 40 characters hid them)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return ", ".join(_change(f"{key}.{k}", then.get(k, "<unset>"), now.get(k, "<unset>")) for k in
+                         sorted(set(then) | set(now), key=str) if then.get(k, "<unset>") != now.get(k, "<unset>"))
+    return f"{key}: {_short(then)} -> {_short(now)}"
 
 
 def _short(value: Any) -> str:

@@ -61,6 +61,9 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         sections[name] = {k: expand_env(v, f"{name}.{k}") for k, v in (value or {}).items()}
     for key, value in sections["training"].items():
         if key in OWNED_ELSEWHERE and value not in (None, False):  # `push_to_hub: false` sets nothing
+            if key == "hub_model_id" and not sections["training"].get("push_to_hub"):
+                raise KeyProblem(f"training.{key}", "training.hub_model_id pushes nothing without push_to_hub; drop "
+                                 "it (to upload at the end, set output.push_to_hub to the repo id)")
             raise KeyProblem(f"training.{key}", f"training.{key} is set by {OWNED_ELSEWHERE[key]}; move it there")
     return sections
 

@@ -358,6 +358,9 @@ def test_load_time_checks_refuse_no_legitimate_value_and_miss_none(make_recipe, 
         load_recipe(make_recipe(), ["lora.layer_replication=[[0, x]]"])
     # TRL's own defaults of keys another section owns set nothing: refused as "move it there"
     assert load_recipe(make_recipe(training={"push_to_hub": False, "hub_model_id": None})).output.push_to_hub is None
+    # hub_model_id alone pushed nothing: "move it there" (to output.push_to_hub) would start an upload
+    with pytest.raises(RecipeError, match="training.hub_model_id pushes nothing without push_to_hub; drop it"):
+        load_recipe(make_recipe(training={"hub_model_id": "me/x"}))
     # paged|flex_attention is flex_attention (no backward on a CPU)
     with pytest.raises(RecipeError, match="flex_attention has no backward on a CPU"):
         load_recipe(make_recipe(), ["model.attn_implementation=paged|flex_attention"])

@@ -191,6 +191,18 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
     (checkpoint / RECORD).write_text(json.dumps({**saved, "weights_view": {
         **saved["weights_view"], "training.ddp_find_unused_parameters": None}}), encoding="utf-8")
     check_fingerprint(checkpoint, load_recipe(path))
+    # a checkpoint from when wrapped packing was made padding-free: the difference inside a mapping is shown (cut at
+    # 40 characters, it read as a dtype change), and how to continue that run
+    (checkpoint / RECORD).write_text(json.dumps({**saved, "weights_view": {
+        **saved["weights_view"], "training.padding_free": True, "training.packing": True,
+        "training.packing_strategy": "wrapped", "training.model_init_kwargs": {
+            **saved["weights_view"]["training.model_init_kwargs"], "attn_implementation": "flash_attention_9"}}}),
+        encoding="utf-8")
+    wrapped = load_recipe(path, ["training.packing=true", "training.packing_strategy=wrapped"])
+    with pytest.raises(RecipeError, match=r"\(training.model_init_kwargs.attn_implementation: 'flash_attention_9' "
+                       r"-> '<unset>', training.padding_free: True -> False\); sft_lora no longer makes wrapped "
+                       r"packing padding-free by itself: add training.padding_free=true"):
+        check_fingerprint(checkpoint, wrapped)
     (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     # another number of processes: another global batch, so other steps and epochs (a 1-process run resumed under 2
     # finished "48 steps (1 epoch)" of a 2-epoch run, exit 0); a record from before world_size was 1 process
@@ -402,6 +414,17 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_
     assert not killed.exists() and alive.is_dir() and all(path.is_dir() for path in users)
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
     assert (final / "model.safetensors").read_bytes() == b"whole"
+    # a file's too: a killed writer's sft_lora_recipe.tmp-PID.yaml stayed in its checkpoint, and the checkpoint's
+    # next record listed it among the checkpoint's files
+    from sft_lora.atomic import write_atomic
+
+    recipe = tmp_path / "sft_lora_recipe.yaml"
+    killed, alive = (tmp_path / f"sft_lora_recipe.tmp-{pid}.yaml" for pid in (dead.pid, os.getppid()))
+    users = [tmp_path / "sft_lora_recipe.tmp-notes.yaml", tmp_path / "sft_lora_recipe.tmp-1.json"]
+    for path in (killed, alive, *users):
+        path.write_text("x", encoding="utf-8")
+    write_atomic(recipe, "whole")
+    assert not killed.exists() and alive.exists() and all(p.exists() for p in users)
 
 
 def test_a_run_that_builds_its_tiny_model_fingerprints_its_tokenizer(tmp_path):
