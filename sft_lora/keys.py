@@ -40,7 +40,7 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
                              f"{suggest(str(value), choices)}")
         if not type_ok(value, hint, default):
             kind = type(default).__name__ if hint is Any else describe(hint)
-            read = [type(v) for v in (value if isinstance(value, list) else [value]) if v in (True, False, None)]
+            read = [type(v) for v in (value if isinstance(value, list) else [value]) if v is None or type(v) is bool]
             quote = {bool: " (YAML reads unquoted yes/no/on/off as booleans; quote it)", type(None):
                      " (YAML reads an empty value, null or a bare ~ as nothing; quote it, or write ~/ for home)"
                      }.get(read[0] if read else None, "")

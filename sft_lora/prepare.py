@@ -43,6 +43,12 @@ def unsupported(args, dataset=None) -> str | None:
     return None
 
 
+def eval_packed(args, trl_prepares: bool) -> bool:
+    """Whether the eval rows are packed: TRL packs them (`eval_packing`, else `packing`) in its own preparation only,
+    which sft_lora skips unless the training rows are packed."""
+    return bool(args.packing if args.eval_packing is None else args.eval_packing) and (args.packing or trl_prepares)
+
+
 def prepare_rows(dataset, tokenizer, max_length: int | None, *, num_proc: int | None = None,
                  cache: Path | None | bool = True, completion_only: bool = True, template_kwargs: dict | None = None):
     """Every record of `dataset` as `input_ids` + `labels` (-100 outside the completion, unless not
@@ -181,8 +187,7 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
                           f"({reason}); drop that setting or set data.mask_history: true")
     if reason:
         return _left_to_trl(prepared, reason)
-    # TRL packs the eval set in its own preparation, which is skipped (below) unless the training set is packed
-    eval_packing = args.packing and (args.eval_packing is None or args.eval_packing)
+    eval_packing = eval_packed(args, trl_prepares=False)
     # Per machine: the cache is on local disk unless shared; each machine's first process fills it, the others read it.
     with PartialState().local_main_process_first():
         prepared.rows = prepare_rows(train_dataset, tokenizer, None if args.packing else args.max_length,

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from .config import Recipe, RecipeError
 from .data import entries
-from .prepare import DRIFT, LENGTH, LOSS, PROMPT, Prepared, prepare_rows
+from .prepare import DRIFT, LENGTH, LOSS, PROMPT, Prepared, eval_packed, prepare_rows
 
 IGNORE = -100  # the label of a token that carries no loss
 CHUNK = 10_000  # rows per numpy pass: ~2.5 M tokens, tens of MB
@@ -176,8 +176,7 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
                   else f"{train} (eval split)")
     for which, origin in (("train", train), ("eval", evaluation)):
         rows, packing = report_rows(data, tokenizer, which), args.packing
-        if which == "eval" and args.eval_packing is not None:  # TRL packs eval rows only where it prepares them:
-            packing = args.eval_packing and (packing or data.unsupported is not None)  # see prepare_datasets
+        packing = eval_packed(args, data.unsupported is not None) if which == "eval" else packing
         if rows is None or max_length is None or (packing and args.packing_strategy != "bfd"):  # others split rows
             continue
         table = rows.with_format("arrow")[:]  # once, not per column
