@@ -155,10 +155,11 @@ def fingerprint_problems(checkpoint: Path, recipe: Recipe) -> list[str]:
         shown = ", ".join(_change(k, old.get(k, "<unset>"), new.get(k, "<unset>")) for k in keys[:3])
         if keys:
             problems.append(f"{what} ({shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})")
-    if (old.get("training.padding_free") is True and new.get("training.padding_free") is False
-            and "training.padding_free" not in recipe.where and problems):  # sft_lora's choice changed (1f3caf1)
-        problems[0] += ("; sft_lora no longer makes wrapped packing padding-free by itself: add "
-                        "training.padding_free=true to continue this run as it was trained")
+    unset = [k for k in changed if k not in LAUNCH_KEYS]
+    if unset and not set(unset) & set(recipe.where):  # an upstream default or sft_lora's own choice changed since
+        pins = [f"{k}={json.dumps(old[k])}" for k in unset if isinstance(old.get(k), (bool, int, float, str))]
+        problems[0] += (f"; the recipe sets none of these: a default or sft_lora's own choice changed since (an "
+                        f"upgrade?){'; to continue as it was trained, set ' + ' '.join(pins) if pins else ''}")
     old_files, new_files = saved.get("files_sha256", {}), now["files_sha256"]
     for key, what in FILES.items():  # the base model's: not in records made before it was hashed
         if old_files.get(key) != new_files.get(key) and (key != "model.tokenizer" or key in old_files):

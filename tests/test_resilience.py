@@ -200,8 +200,9 @@ def test_the_fingerprint_covers_every_file_the_recipe_names_and_upstream_default
         encoding="utf-8")
     wrapped = load_recipe(path, ["training.packing=true", "training.packing_strategy=wrapped"])
     with pytest.raises(RecipeError, match=r"\(training.model_init_kwargs.attn_implementation: 'flash_attention_9' "
-                       r"-> '<unset>', training.padding_free: True -> False\); sft_lora no longer makes wrapped "
-                       r"packing padding-free by itself: add training.padding_free=true"):
+                       r"-> '<unset>', training.padding_free: True -> False\); the recipe sets none of these: a "
+                       r"default or sft_lora's own choice changed since \(an upgrade\?\); to continue as it was "
+                       r"trained, set training.padding_free=true;"):
         check_fingerprint(checkpoint, wrapped)
     (checkpoint / RECORD).write_text(json.dumps(saved), encoding="utf-8")
     # another number of processes: another global batch, so other steps and epochs (a 1-process run resumed under 2
