@@ -28,8 +28,8 @@ def atomic_dir(final: str | Path, *, overwrite: bool) -> Iterator[Path]:
         raise RecipeError(f"{final.parent}: cannot create the output directory ({exc.strerror})") from None
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for left in final.parent.glob(f"{glob.escape(final.name)}.tmp-*"):  # what a killed writer left (GBs of a merge),
-        if (left / PARTIAL).is_file() and not _running(left.name.rpartition("-")[2]):  # never a directory of the user's
+    for left in _left_by_dead_writers(final):  # GBs of a killed merge; never a directory of the user's (unmarked)
+        if (left / PARTIAL).is_file():
             shutil.rmtree(left, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -54,10 +54,8 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success it is flushed to disk and replaces `final`."""
     final = Path(final)
     tmp = final.with_name(f"{final.stem}.tmp-{os.getpid()}{final.suffix}")  # same suffix: writers pick the format
-    for left in final.parent.glob(f"{glob.escape(final.stem)}.tmp-*{glob.escape(final.suffix)}"):  # a killed
-        pid = left.name[len(final.stem) + 5:len(left.name) - len(final.suffix)]  # writer's (a checkpoint's record
-        if pid.isdigit() and not _running(pid):  # listed it among the checkpoint's files)
-            left.unlink(missing_ok=True)
+    for left in _left_by_dead_writers(final, final.suffix):  # a checkpoint's record listed it among its files
+        left.unlink(missing_ok=True)
     try:
         yield tmp
         readable(tmp)
@@ -104,6 +102,16 @@ def write_error(exc: BaseException) -> str | None:
     if match := re.search(r"I/O error: (.*?) \(os error \d+\)", text := first_line(exc)):
         return match.group(1)
     return "torch.save could not write the file" if "inline_container" in text or "write failed" in text else None
+
+
+def _left_by_dead_writers(final: Path, suffix: str = "") -> Iterator[Path]:
+    """The temporary siblings of `final` (`<stem>.tmp-PID<suffix>`, as the writers here name them) whose writing
+    process no longer runs: what a killed writer left."""
+    stem = final.name.removesuffix(suffix)
+    for left in final.parent.glob(f"{glob.escape(stem)}.tmp-*{glob.escape(suffix)}"):
+        pid = left.name[len(stem) + len(".tmp-"):len(left.name) - len(suffix)]
+        if pid.isdigit() and not _running(pid):
+            yield left
 
 
 def _running(pid: str) -> bool:
