@@ -4,6 +4,7 @@ in one line (disk full, read-only)."""
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -68,6 +69,15 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
 def write_atomic(final: str | Path, text: str) -> None:
     with atomic_file(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object written here (a record, a state, a summary); {} when there is none or it is unreadable."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def readable(path: str | Path) -> None:

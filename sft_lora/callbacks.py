@@ -13,18 +13,17 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .atomic import fsync, readable, write_atomic
+from .atomic import fsync, readable, write_atomic, write_error
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .fingerprint import RECORD, fingerprint
+from .resume import resumable
+from .text import first_line
 
 
 def training_error(exc: Exception, trainer, recipe: Recipe, resumed: str | None) -> RecipeError | None:
     """The one line for what stopped `trainer.train` that the user can mend, else None: a disk full or read-only while
     checkpointing (that checkpoint has no record, so resume skips it), a wandb key the server refuses (wandb.init at
     the first step), a checkpoint file torch refuses to unpickle (its own message advises weights_only=False)."""
-    from .atomic import write_error
-    from .resume import resumable
-    from .text import first_line
     saving = next((c.saving for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointRecord)), None)
     if saving is not None and (reason := write_error(exc)) is not None:
         again = ("with --resume (this incomplete checkpoint is skipped)" if resumed or resumable(recipe) else
@@ -79,7 +78,8 @@ class CheckpointRecord(TrainerCallback):
                                                                state.global_step))  # not PEFT's blank template
         write_atomic(checkpoint / RECIPE_FILE, self.recipe.to_yaml())  # merge and chat read it, as of the adapters
         files = {}
-        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != RECORD):
+        own = (RECORD, RECORD.replace(".json", ".tmp-"))  # and a killed writer's leftover, which the write removes
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith(own)):
             readable(path)  # Trainer's weights come 0600 from safetensors; as the umask says, like every file
             fsync(path)
             files[str(path.relative_to(checkpoint))] = path.stat().st_size

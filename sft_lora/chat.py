@@ -177,14 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, tokenizer, data, kwargs = load(args.model_dir, args.trust_remote_code)
-    except RecipeError as exc:
-        print(f"error: {printable(str(exc))}", file=sys.stderr)
-        return 2
-    system = (args.system if args.system is not None else data.system_prompt, data.fold_system_prompt)
-    if args.prompt is None:
-        interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
-        return 0
-    try:
+        system = (args.system if args.system is not None else data.system_prompt, data.fold_system_prompt)
+        if args.prompt is None:
+            interactive(model, tokenizer, system, args.max_new_tokens, args.temperature, kwargs)
+            return 0
         answer = generate(model, tokenizer, opened([{"role": "user", "content": _utf8(args.prompt)}], *system),
                           args.max_new_tokens, args.temperature, template_kwargs=kwargs)
     except RecipeError as exc:

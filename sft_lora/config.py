@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from . import decisions, keys, recipe_yaml
+from .recipe_yaml import RecipeError, place
 from .sections import OWN_SECTIONS, UPSTREAM, CheckArgs, DataArgs, ModelArgs, OutputArgs, ReportArgs, WandbArgs
 from .text import first_line
 from .values import class_fields
@@ -21,10 +22,6 @@ SEED_FLAGS = {  # the seed's command-line flags (README.ko) and the recipe key e
     "base_model": "model.name_or_path", "dataset_path": "data.path", "output_dir": "output.dir",
     "checkpoint_path": "output.checkpoint_dir", "use_qlora": "use_qlora", "num_epochs": "training.num_train_epochs",
     "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "learning_rate": "training.learning_rate"}
-
-
-class RecipeError(ValueError):
-    """A mistake the user can fix in the recipe or on the command line; printed as one line."""
 
 
 @dataclasses.dataclass
@@ -51,7 +48,7 @@ class Recipe:
 
     def at(self, dotted: str) -> str:
         """Where a key was set (`recipe.yaml:14`, `command line`), for an error found after loading."""
-        return _place(self.where, dotted) or self.source
+        return place(self.where, dotted) or self.source
 
     @property
     def method(self) -> str:
@@ -96,7 +93,7 @@ class Recipe:
         return decided + yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, str | None] | None = None) -> Recipe:
     """Read a recipe, apply `section.key=value` overrides then seed flags (the command line wins), resolve; a mistake
     is a RecipeError naming file:line and key."""
     path = Path(path)
@@ -111,13 +108,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
         _set(raw, key, recipe_yaml.value(value, item) if value else None)
         where |= {k: "command line" for k in [*where, key] if k == key or k.startswith(f"{key}.")}  # and below
         where.setdefault(key.partition(".")[0], "command line")  # a section the file lacks
-    for flag, value in (flags or {}).items():
-        if value is not None and where.get(SEED_FLAGS[flag]) == "command line":  # said: the override is not used
+    for flag, value in [(f, v) for f, v in (flags or {}).items() if v is not None]:  # those given
+        if where.get(SEED_FLAGS[flag]) == "command line":  # said: the override is not used
             print(f"notice: --{flag} wins over the override of {SEED_FLAGS[flag]}", file=sys.stderr)
-        if value is not None:
-            _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}") if isinstance(value, str)
-                 else value)
-            where[SEED_FLAGS[flag]] = f"command line --{flag}"
+        _set(raw, SEED_FLAGS[flag], recipe_yaml.value(value, f"--{flag}={value}"))
+        where[SEED_FLAGS[flag]] = f"command line --{flag}"
     try:
         recipe = _resolve(raw, str(path))
     except keys.KeyProblem as problem:
@@ -129,18 +124,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), flags: dict[str, An
 def _blame(where: dict[str, str], problem: keys.KeyProblem) -> str | None:
     """Where `problem` lies: where its key was set; of several keys it may mean (an upstream message, a clash), the
     place they share, else the command line where one was set there (the override made the clash)."""
-    places = {_place(where, key) for key in problem.candidates}
+    places = {place(where, key) for key in problem.candidates}
     if len(places) == 1 and None not in places:
         return places.pop()
-    return min((p for p in places if p and p.startswith("command line")), default=None) or _place(where, problem.dotted)
-
-
-def _place(where: dict[str, str], dotted: str) -> str | None:
-    """Where `dotted` or the nearest key above it (`data.path` for `data.path[0].source`) was set."""
-    dotted = dotted.partition("[")[0]
-    while dotted and dotted not in where:
-        dotted = dotted.rpartition(".")[0]
-    return where.get(dotted)
+    return min((p for p in places if p and p.startswith("command line")), default=None) or place(where, problem.dotted)
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:

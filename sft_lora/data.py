@@ -80,7 +80,11 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
     dataset: see `locate`, its `split`, else `data.split`); errors name `key`, the recipe key the path came from."""
     p, split, kind = Path(path), split or args.split, Path(path).suffix.lower()  # UP.JSONL is a .jsonl file
     if kind in (".json", ".jsonl") and p.is_file():
-        return _jsonl_records(p, key) if kind == ".jsonl" else _json_records(p)
+        try:
+            handle = p.open("rb")
+        except OSError as exc:
+            raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check {key}") from None
+        return _jsonl_records(handle) if kind == ".jsonl" else _json_records(p, handle)
     if p.is_dir():  # also one named .jsonl: datasets' JSON builder read it as a hub dataset, no file:line
         from datasets import DatasetDict, load_from_disk
         try:
@@ -88,12 +92,10 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
         except Exception as exc:  # FileNotFoundError, ValueError, pyarrow's: all mean "not a saved dataset"
             raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); {key} takes .json, .jsonl, a "
                               "save_to_disk directory or a hub dataset id") from None
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise RecipeError(f"{p}: no split '{split}' (has {', '.join(dataset)}); set data.split or the "
-                                  "entry's split")
-            dataset = dataset[split]
-        return enumerate(dataset.to_list(), 1)
+        if isinstance(dataset, DatasetDict) and split not in dataset:
+            raise RecipeError(f"{p}: no split '{split}' (has {', '.join(dataset)}); set data.split or the "
+                              "entry's split")
+        return enumerate((dataset[split] if isinstance(dataset, DatasetDict) else dataset).to_list(), 1)
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
                           "directory or a hub dataset id")
@@ -114,9 +116,10 @@ def found(path: str, key: str) -> None:
         raise RecipeError(f"{Path(path)}: data file not found{relative}; check {key}")
 
 
-def _json_records(p: Path) -> list[tuple[int, Any]]:
+def _json_records(p: Path, handle) -> list[tuple[int, Any]]:
     """(number, record) pairs of a .json array; a file that is not valid is an error as a whole."""
-    data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
+    with handle:
+        data = handle.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
     if not data.strip():
         return []  # an empty file, said as such by the caller
     records, line = _parse(data, "fix the file or use .jsonl")
@@ -133,11 +136,7 @@ def locate(path: str, number: int) -> str:
     return f"{path}:{number}" if jsonl else f"{path}: record {number}"
 
 
-def _jsonl_records(p: Path, key: str) -> Iterator[tuple[int, Any]]:
-    try:
-        handle = p.open("rb")
-    except OSError as exc:
-        raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check {key}") from None
+def _jsonl_records(handle) -> Iterator[tuple[int, Any]]:
     with handle:
         for n, line in enumerate(handle, 1):
             line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data

@@ -136,10 +136,9 @@ def sdpa_documents_forward(module, query, key, value, attention_mask, dropout: f
         if end <= start:
             continue
         mask, causal = None, True
-        if window is not None and end - start > window:
-            offsets = torch.arange(end - start, device=query.device)
-            distance = offsets[:, None] - offsets[None, :]
-            mask, causal = (distance >= 0) & (distance < window), False  # transformers' sliding_window_overlay
+        if window is not None and end - start > window:  # causal, within the window: transformers' overlay
+            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril().triu(1 - window)
+            causal = False
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
             dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=gqa))

@@ -7,18 +7,10 @@ import os
 import re
 from typing import Any
 
-from .recipe_yaml import expand_env, leaves
+from .recipe_yaml import KeyProblem, expand_env, leaves
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 from .text import TOKEN_FORMATS, WANDB_KEY, secret_env_values
 from .values import class_fields, coerce, describe, field_choices, suggest, type_ok
-
-
-class KeyProblem(ValueError):
-    """A wrong key or value; `config` adds the file and line of `dotted` and raises it as a RecipeError."""
-
-    def __init__(self, dotted: str, message: str, candidates: list[str] = ()) -> None:
-        self.dotted, self.candidates = dotted, list(candidates)
-        super().__init__(message)
 
 
 def upstream_class(section: str) -> type:
@@ -98,10 +90,9 @@ def check_values(values: dict[str, dict[str, Any]]) -> None:
 def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
     """(use_qlora, accelerate_config): QLoRA unless use_qlora is false (the seed's default)."""
     use_qlora, accelerate_config = raw.get("use_qlora"), raw.get("accelerate_config")
-    if "use_qlora" in raw and use_qlora is None:  # `use_qlora=` (an empty shell variable) silently meant QLoRA
-        raise KeyProblem("use_qlora", "use_qlora must be true or false, got an empty value")
-    if use_qlora is not None and not isinstance(use_qlora, bool):
-        raise KeyProblem("use_qlora", f"use_qlora must be true or false, got {use_qlora!r}")
+    if "use_qlora" in raw and not isinstance(use_qlora, bool):  # `use_qlora=` (empty) silently meant QLoRA before
+        got = "an empty value" if use_qlora is None else repr(use_qlora)
+        raise KeyProblem("use_qlora", f"use_qlora must be true or false, got {got}")
     if use_qlora is False and raw.get("quantization"):
         raise KeyProblem("quantization", "a quantization section needs QLoRA but use_qlora is false; remove one "
                          "of them")

@@ -67,11 +67,11 @@ def check_launch(recipe: Recipe, config: dict[str, Any], where: str) -> None:
 
 
 def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
-    kind = str(config.get("distributed_type", "NO")).upper()
-    stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+    kind, ds = str(config.get("distributed_type", "NO")).upper(), config.get("deepspeed_config") or {}
+    stage = int(ds.get("zero_stage", 0))
     name = f"DeepSpeed ZeRO-{stage}" if kind == "DEEPSPEED" else kind
     training, quant = recipe.training, recipe.quantization
-    processes = int(config.get("num_processes") or 1)
+    processes, machines = int(config.get("num_processes") or 1), int(config.get("num_machines") or 1)
     # QLoRA with sharded weights needs the 4-bit storage dtype to equal the float dtype that ZeRO-3/FSDP flatten
     # (PEFT docs "Use PEFT QLoRA and DeepSpeed with ZeRO3"; huggingface/peft#2016, transformers#29266).
     if quant is not None and name in ("FSDP", "DeepSpeed ZeRO-3"):
@@ -81,8 +81,8 @@ def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
                               f"{compute} (equal to bnb_4bit_compute_dtype); add it to the recipe")
     # accelerate hands a multi-machine DeepSpeed launch other than `standard` (pdsh, …) the whole environment by
     # appending it to ./.deepspeed_env (accelerate/commands/launch.py `deepspeed_launcher`): HF_TOKEN included.
-    launcher = (config.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher", "pdsh")
-    if kind == "DEEPSPEED" and int(config.get("num_machines") or 1) > 1 and launcher != "standard":
+    launcher = ds.get("deepspeed_multinode_launcher", "pdsh")
+    if kind == "DEEPSPEED" and machines > 1 and launcher != "standard":
         raise RecipeError(f"{where}: the {launcher} launcher makes accelerate write the whole environment (HF_TOKEN, "
                           "WANDB_API_KEY …) to ./.deepspeed_env; set deepspeed_multinode_launcher: standard and run "
                           "the command on every machine (accelerate_configs/multi_node.yaml)")
@@ -111,7 +111,6 @@ def _check_pair(recipe: Recipe, config: dict[str, Any], where: str) -> None:
         # ("FlatParameter requires uniform requires_grad": PEFT docs, accelerate#1740).
         if int(fsdp.get("fsdp_version", 1)) == 1 and fsdp.get("fsdp_use_orig_params") is False and quant is None:
             raise RecipeError(f"{where}: LoRA under FSDP1 needs fsdp_use_orig_params: true (or fsdp_version: 2)")
-    machines = int(config.get("num_machines") or 1)
     if processes % machines:
         raise RecipeError(f"{where}: num_processes {processes} is not a multiple of num_machines {machines}")
     if int(config.get("machine_rank") or 0) >= machines:

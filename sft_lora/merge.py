@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import atomic_dir, check_target, read_json
 from .config import RECIPE_FILE, RecipeError, local_model_missing, read_saved_recipe, saved_section
-from .text import first_line, printable
+from .text import first_line, printable, redact
 
 
 def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output_dir: str | Path | None = None,
@@ -21,10 +22,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     the original weights (README, Merge). The choice goes into merge_info.json."""
     from transformers import AutoTokenizer
 
-    from .atomic import atomic_dir, check_target
     from .outputs import check_not_inputs
     from .report import model_card
-    from .text import redact
     from .turns import stop_token_ids
 
     adapter_dir = Path(adapter_dir)
@@ -106,11 +105,7 @@ def _earlier_merge(adapter_dir: Path, output_dir: Path, inputs: dict) -> str | N
     """"up to date" when `output_dir` holds a merge of exactly these inputs, "stale" when it holds a merge of this
     adapters directory into the same base made before its files changed (each said in one line), else None (a merge
     into another base, or anything else there, is replaced only with --overwrite)."""
-    try:
-        previous = json.loads((output_dir / "merge_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, or unreadable
-        previous = {}
-    previous = previous if isinstance(previous, dict) else {}
+    previous = read_json(output_dir / "merge_info.json")  # {}: none, or unreadable
     weights = any((output_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json"))
     if previous.get("inputs") == inputs and weights:
         print(f"{output_dir}: up to date (a merge of these adapters into {inputs['base_model']}); nothing to do")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_dir, fsync
+from .atomic import atomic_dir, fsync, read_json
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .data import paths
 from .fingerprint import named_or_hashed, recipe_sha256
@@ -61,11 +61,8 @@ def remove_stale_merge(recipe: Recipe) -> None:
     chat would load it. With output.merge it is made again next, so a merge that fails leaves none, not a stale one."""
     from .merge import adapter_sha256
 
-    try:
-        info = json.loads((recipe.merged_dir / "merge_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # none, or not an sft_lora merge: left alone
-    if not isinstance(info, dict) or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve() or \
+    info = read_json(recipe.merged_dir / "merge_info.json")  # {}: none, or not an sft_lora merge: left alone
+    if not info or Path(str(info.get("adapter"))).resolve() != recipe.adapters_dir.resolve() or \
             (info.get("inputs") or {}).get("adapter_sha256") == adapter_sha256(recipe.adapters_dir):  # up to date
         return
     trust = " --trust_remote_code" * recipe.model.trust_remote_code

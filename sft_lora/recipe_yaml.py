@@ -15,6 +15,7 @@ from yaml.constructor import ConstructorError
 from .text import first_line, printable
 
 MAX_VALUES = 100_000  # a recipe holds hundreds; a 64 KB file without aliases cannot reach this
+MAX_DEPTH = 50  # a recipe is 2-4 levels deep; every later step that walks values recurses (Python stops near 1,000)
 PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map",
                                                         "timestamp", "merge")}  # the last two: implicit ones
 
@@ -40,8 +41,32 @@ class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: 6
 RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
-def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
-    """How many values `node` expands to (an alias counts each time); raise past MAX_VALUES, on a cycle or a tag."""
+class RecipeError(ValueError):  # this module's errors, as it is the one every other imports
+    """A mistake the user can fix in the recipe or on the command line; printed as one line."""
+
+
+class KeyProblem(ValueError):
+    """A wrong key or value; `config` adds the file and line of `dotted` and raises it as a RecipeError."""
+
+    def __init__(self, dotted: str, message: str, candidates: list[str] = ()) -> None:
+        self.dotted, self.candidates = dotted, list(candidates)
+        super().__init__(message)
+
+
+def place(where: dict[str, str], dotted: str) -> str | None:
+    """Where `dotted` or the nearest key above it (`data.path` for `data.path[0].source`) was set."""
+    dotted = dotted.partition("[")[0]
+    while dotted and dotted not in where:
+        dotted = dotted.rpartition(".")[0]
+    return where.get(dotted)
+
+
+def _walk(node, sizes: dict[int, tuple[int, int]], open_: set[int], depth: int = 0) -> tuple[int, int]:
+    """(values `node` expands to: an alias counts each time, levels below it); raise past MAX_VALUES or MAX_DEPTH, on
+    a cycle or a tag."""
+    if id(node) not in sizes and depth > MAX_DEPTH or depth + sizes.get(id(node), (0, 0))[1] > MAX_DEPTH:
+        raise ConstructorError(None, None, f"values nested more than {MAX_DEPTH} levels deep; a recipe is a few "
+                               "levels deep", node.start_mark)
     if id(node) in sizes:
         return sizes[id(node)]
     if id(node) in open_:
@@ -52,20 +77,20 @@ def _walk(node, sizes: dict[int, int], open_: set[int]) -> int:
     open_.add(id(node))
     children = node.value if isinstance(node, yaml.SequenceNode) else (
         [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ())
-    total = 1
+    total, height = 1, 0
     for child in children:
-        total += _walk(child, sizes, open_)
+        size, below = _walk(child, sizes, open_, depth + 1)
+        total, height = total + size, max(height, below + 1)
         if total > MAX_VALUES:
             raise ConstructorError(None, None, f"aliases expand to more than {MAX_VALUES:,} values; write the "
                                    "values out", node.start_mark)
     open_.discard(id(node))
-    sizes[id(node)] = total
-    return total
+    sizes[id(node)] = total, height
+    return total, height
 
 
 def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
     """(the recipe's data, `path:line` of every `section` and `section.key`); RecipeError for any problem."""
-    from .config import RecipeError
     if path.exists() and not path.is_file():  # a directory, a pipe (`/dev/stdin`, `<(…)`): read once, then gone
         raise RecipeError(f"{path}: not a regular file; save the recipe to a .yaml file (the command that continues "
                           "a run names it again)")
@@ -88,14 +113,12 @@ def read_recipe(path: Path) -> tuple[Any, dict[str, str]]:
             where[f"{knode.value}.{k2.value}"] = f"{path}:{k2.start_mark.line + 1}"
     for dotted, number in leaves(raw):
         if problem := _out_of_range(number):
-            at = where.get(".".join(re.split(r"[.[]", dotted)[:2])) or where.get(dotted.split(".")[0]) or path
-            raise RecipeError(f"{at}: {dotted} must be {problem}, got {number!r}")
+            raise RecipeError(f"{place(where, dotted) or path}: {dotted} must be {problem}, got {number!r}")
     return raw or {}, where
 
 
 def parse(text: str, where: str) -> Any:
     """(data, root node) of YAML `text`; RecipeError `where[:line]: not valid YAML (…)` for any problem."""
-    from .config import RecipeError
     try:
         loader = RecipeLoader(text)  # in the try: libyaml refuses a lone surrogate here; its dispose() is a no-op
         node = loader.get_single_node()
@@ -114,7 +137,6 @@ def parse(text: str, where: str) -> Any:
 
 def value(text: str, item: str) -> Any:
     """An override's or flag's value, typed like YAML; RecipeError naming the override."""
-    from .config import RecipeError
     item = printable(item)  # one line: a newline in it shown as \n
     try:
         data, node = parse(text, "command line")
@@ -153,11 +175,10 @@ def _out_of_range(value: Any) -> str | None:
 def expand_env(value: Any, dotted: str) -> Any:
     """Expand `${VAR}` and `${VAR:-default}` (the default also when VAR is empty, as in the shell) in a string value,
     inside lists and mappings too, so one recipe serves several machines; a leading `~` in a path key's value."""
-    if isinstance(value, list):  # data files: paths or {path, source, weight}; a list holding itself stays as it is
-        return [expand_env(item, dotted) if isinstance(item, (str, dict)) else item for item in value]
-    if isinstance(value, dict):
-        return {key: expand_env(item, f"{dotted}.{key}") if isinstance(item, (str, list, dict)) else item
-                for key, item in value.items()}  # `chat_template_kwargs: {dirs: ["${D}"]}` too
+    if isinstance(value, list):  # data files: paths or {path, source, weight}; nesting is capped by MAX_DEPTH
+        return [expand_env(item, dotted) for item in value]
+    if isinstance(value, dict):  # `chat_template_kwargs: {dirs: ["${D}"]}` too
+        return {key: expand_env(item, f"{dotted}.{key}") for key, item in value.items()}
     if not isinstance(value, str):
         return value
     value = _substitute(value, dotted)
@@ -181,8 +202,6 @@ def _substitute(text: str, dotted: str) -> str:
         elif reference[2] is not None:
             out += _substitute(reference[2], dotted)
         else:
-            from .keys import KeyProblem  # keys imports this module
-
             raise KeyProblem(dotted, f"{dotted} uses ${{{var}}} but {var} is not set; export it or write "
                              f"${{{var}:-default}}")
     return out + text[start:]

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_file, write_atomic
+from .atomic import atomic_file, read_json, write_atomic
 from .config import looks_like_hub_id, read_saved_recipe
 from .text import cell, columns, redact, table_names
 from .trainer import source_metric
@@ -167,10 +167,8 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:
     """README.md of the adapters or, with `merged_into` (into which weights), of the merged model; from the adapters."""
-    summary_file, state_file = Path(adapter_dir) / SUMMARY_FILE, Path(adapter_dir) / "trainer_state.json"
-    summary, what = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}, ""
-    if not summary and state_file.is_file():  # a checkpoint: its step and the eval losses logged so far
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+    summary, what = read_json(Path(adapter_dir) / SUMMARY_FILE), ""
+    if not summary and (state := read_json(Path(adapter_dir) / "trainer_state.json")):  # a checkpoint: its step
         summary, what = _so_far({}, state["log_history"], state["global_step"]), f"checkpoint {state['global_step']}"
     return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into, what)
 

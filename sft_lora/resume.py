@@ -1,10 +1,10 @@
 """Resume: the checkpoints whose completion record vouches for them (`fingerprint.py` says what for), which one a run
 resumes from (also a shorter run's), whether anything is left to train (README, Reliability)."""
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_json
 from .config import Recipe, RecipeError
 from .fingerprint import RECORD, check_fingerprint, fingerprint_problems, run_length
 from .text import say
@@ -18,9 +18,7 @@ def incomplete_reason(checkpoint: str | Path) -> str | None:
     checkpoint = Path(checkpoint)
     if not (checkpoint / RECORD).is_file():
         return f"no {RECORD} (the run stopped while saving it, or it predates sft_lora's records)"
-    try:
-        files: dict[str, int] = json.loads((checkpoint / RECORD).read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, TypeError):
+    if not isinstance(files := read_json(checkpoint / RECORD).get("files"), dict):
         return f"{RECORD} is unreadable"
     for name, size in files.items():
         if not (path := checkpoint / name).is_file():
@@ -110,11 +108,7 @@ def _checkpoints(*directories: Path) -> list[Path]:  # highest step first
 def checkpoint_state(checkpoint: str | Path, name: str = TRAINER_STATE) -> dict[str, Any]:
     """A checkpoint's trainer_state.json (its step, its run's max_steps …), or its completion record (`RECORD`);
     {} when there is none or it is unreadable."""
-    try:
-        state = json.loads((Path(checkpoint) / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+    return read_json(Path(checkpoint) / name)
 
 
 def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
@@ -126,13 +120,8 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     from .outputs import remove_stale_merge
     from .report import SUMMARY_FILE
 
-    checkpoint = Path(checkpoint)
-    try:
-        record = json.loads((checkpoint / RECORD).read_text(encoding="utf-8"))
-        summary = json.loads((recipe.adapters_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    state = checkpoint_state(checkpoint)
+    record, state = checkpoint_state(checkpoint, RECORD), checkpoint_state(checkpoint)
+    summary = read_json(recipe.adapters_dir / SUMMARY_FILE)  # {}: none, so not saved after it
     done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
     if not (done and record.get("length") == run_length(recipe)
             and summary.get("global_step") == state["global_step"]):

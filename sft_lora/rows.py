@@ -175,8 +175,8 @@ def check_lengths(recipe: Recipe, tokenizer, data) -> None:
     evaluation = (" + ".join(e.label for e in entries(recipe.data.eval_path)) if recipe.data.eval_path
                   else f"{train} (eval split)")
     for which, origin in (("train", train), ("eval", evaluation)):
-        rows, packing = report_rows(data, tokenizer, which), args.packing
-        packing = eval_packed(args, data.unsupported is not None) if which == "eval" else packing
+        rows = report_rows(data, tokenizer, which)
+        packing = eval_packed(args, data.unsupported is not None) if which == "eval" else args.packing
         if rows is None or max_length is None or (packing and args.packing_strategy != "bfd"):  # others split rows
             continue
         table = rows.with_format("arrow")[:]  # once, not per column
@@ -222,10 +222,9 @@ def report_rows(data: Prepared, tokenizer, which: str = "train"):
                           "has no training version of this one; set data.chat_template to a template that marks "
                           "the assistant turns, or drop assistant_only_loss (the answers alone carry loss anyway)"
                           ) from None
+    options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True, **data.template_kwargs}
 
     def tokenize_row(example: dict[str, Any]) -> dict[str, Any]:
-        options = {"chat_template": template, "tools": None, "tokenize": True, "return_dict": True,
-                   **data.template_kwargs}
         prompt_ids = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **options)
         full = tokenizer.apply_chat_template(example["prompt"] + example["completion"],
                                              return_assistant_tokens_mask=True, **options)

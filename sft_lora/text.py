@@ -101,7 +101,7 @@ def redact(value: Any, key: str = "") -> Any:
     return "<redacted>" if isinstance(value, str) and value and is_secret_name(key) else value
 
 
-def say(line: str, **kwargs) -> None:
+def say(line: str) -> None:
     """print, by the first process only: every rank of a launch runs the same steps and would say the same line."""
     if os.environ.get("RANK", "0") == "0":
-        print(line, **kwargs)
+        print(line)

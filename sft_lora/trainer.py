@@ -47,11 +47,9 @@ class SourceEvalSFTTrainer(SFTTrainer):
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         super().__init__(*args, **kwargs)
-        for callback in list(self.callback_handler.callbacks):
-            if type(callback) in (ProgressCallback, PrinterCallback):
-                self.callback_handler.remove_callback(callback)
-                self.callback_handler.add_callback(type(f"Compact{type(callback).__name__}",
-                                                        (_NoEvalDicts, type(callback)), {})())
+        for kind in (ProgressCallback, PrinterCallback):  # the one Trainer added (disable_tqdm), made compact
+            if self.pop_callback(kind):
+                self.add_callback(type(f"Compact{kind.__name__}", (_NoEvalDicts, kind), {}))
         score_labelled_positions_only(getattr(self.model, "get_base_model", lambda: self.model)())  # under PEFT
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):

@@ -3,7 +3,6 @@ and their tokenization with loss on every assistant turn (its content and end-of
 
 import bisect
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -110,6 +109,7 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
     """(input_ids, loss spans, drift: the rendered prompt is no prefix of the whole) per row, untruncated, as TRL does:
     a one-turn completion starts where the tokens of the prompt (with the generation prompt) and of the whole
     diverge (one batched tokenizer call); longer ones: `tokenize_turns`."""
+    from transformers.utils.logging import warning_once
     from trl.data_utils import common_prefix_length
     single = [n for n, c in enumerate(completions) if len(c) == 1]
     multi = [n for n, c in enumerate(completions) if len(c) > 1]
@@ -123,20 +123,17 @@ def tokenize_conversations(tokenizer, prompts: list[list[dict]], completions: li
             prompt_ids, ids, drift = encoded[k], encoded[len(single) + k], not full[k].startswith(rendered[k])
             start = common_prefix_length(prompt_ids, ids)
             if start < len(prompt_ids) and not drift:  # TRL warns of it too; drift is the `template` check's
-                _merged_once(tokenizer.decode(prompt_ids[start:]))
+                # once for each prompt end, as TRL warns once: a template that merges one row merges them all
+                warning_once(logger, "the prompt's end %r merges with the answer's first token (e.g. an answer "
+                             "starting with a newline): as in TRL, the loss starts at the merged token, and training "
+                             "sees a prompt end that chat never shows; strip what the answers start with",
+                             tokenizer.decode(prompt_ids[start:]))
             out[n] = (ids, [(start, len(ids))], drift)
     if multi:
         conversations = [prompts[n] + completions[n] for n in multi]
         for n, row in zip(multi, tokenize_turns(tokenizer, conversations, kwargs), strict=True):
             out[n] = row
     return out
-
-
-@functools.cache  # once for each prompt end, as TRL warns once: a template that merges one row merges them all
-def _merged_once(tail: str) -> None:
-    logger.warning("the prompt's end %r merges with the answer's first token (e.g. an answer starting with a "
-                   "newline): as in TRL, the loss starts at the merged token, and training sees a prompt end that "
-                   "chat never shows; strip what the answers start with", tail)
 
 
 def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
@@ -155,14 +152,12 @@ def tokenize_turns(tokenizer, conversations: list[list[dict]], kwargs: dict
         return _by_prefixes(tokenizer, conversations, template, kwargs)
     # a conversation holding a marker character itself takes the other way, alone: its batch's rows are labelled
     # as they would be without it (the whole batch went the other way, and its labels changed with it)
-    plain = {n for n, c in enumerate(conversations) if any(OPEN in t["content"] or CLOSE in t["content"] for t in c)}
+    plain = [any(OPEN in t["content"] or CLOSE in t["content"] for t in c) for c in conversations]
     out: list[Any] = [None] * len(conversations)
-    for rows, tokenize, given_template in (([n for n in range(len(out)) if n in plain], _by_prefixes, template),
-                                           ([n for n in range(len(out)) if n not in plain], _by_markers, given)):
-        if rows:
-            done = dict(zip(rows, tokenize(tokenizer, [conversations[n] for n in rows], given_template, kwargs),
-                            strict=True))
-            out = [done.get(n, row) for n, row in enumerate(out)]
+    for way, tokenize, chosen in ((True, _by_prefixes, template), (False, _by_markers, given)):
+        if rows := [n for n, is_plain in enumerate(plain) if is_plain == way]:
+            for n, row in zip(rows, tokenize(tokenizer, [conversations[n] for n in rows], chosen, kwargs), strict=True):
+                out[n] = row
     return out
 
 

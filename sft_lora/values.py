@@ -19,7 +19,7 @@ def class_fields(cls: type) -> dict[str, tuple[Any, Any]]:
     """name → (type hint, default) of the keyword arguments `cls` takes."""
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # an upstream annotation we cannot resolve: fall back to the defaults' types
+    except Exception:  # an upstream annotation we cannot resolve (after an upgrade): fall back to the defaults' types
         hints = {}
     params = inspect.signature(cls).parameters
     return {n: (hints.get(n, Any), p.default) for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
@@ -68,7 +68,7 @@ def _accepts(hint: Any, kind: type) -> bool:
 
 
 def type_ok(value: Any, hint: Any, default: Any) -> bool:
-    if hint is Any or isinstance(hint, typing.TypeVar):
+    if hint is Any:
         if default is None or default is inspect.Parameter.empty:
             return True
         hint = type(default)
@@ -81,7 +81,7 @@ def type_ok(value: Any, hint: Any, default: Any) -> bool:
     if origin in (list, tuple, set) and isinstance(value, (list, tuple) if origin is tuple else origin) and (
             args := typing.get_args(hint)):  # YAML has no tuples: a list stands for one (lora.layer_replication)
         return all(type_ok(item, args[0], inspect.Parameter.empty) for item in value)  # [no] is [False]
-    if origin is not None:
+    if origin is not None:  # dict[str, Any] …; typing's own forms (Annotated …) are left to upstream
         return isinstance(value, origin) if isinstance(origin, type) else True
     if hint in (bool, str, list, dict, tuple, type(None)):
         return isinstance(value, hint)

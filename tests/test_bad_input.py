@@ -324,6 +324,15 @@ def _(env):
     return code, err, [f"{path}:6: not valid YAML (aliases expand to more than 100,000 values"]
 
 
+@case("recipe: values nested hundreds of levels deep")
+def _(env):
+    path = env.tmp / "r.yaml"  # mappings and lists in turn: each later step that walks the values recursed
+    path.write_text(env.recipe().read_text() + "wandb:\n  run_name: " + "{a: [" * 400 + "1" + "]}" * 400 + "\n")
+    n = len(path.read_text().splitlines())
+    return *env.cli(path), [f"{path}:{n}: not valid YAML (values nested more than 50 levels deep; a recipe is a few "
+                            "levels deep)"]
+
+
 @case("recipe: not UTF-8")
 def _(env):
     path = env.tmp / "r.yaml"

@@ -58,6 +58,25 @@ def test_field_names_are_configurable_and_eval_comes_from_a_fraction_or_a_file(t
     assert (len(train), len(evaluation)) == (20, 20)
 
 
+@pytest.mark.parametrize("form", ["jsonl", "json"])
+def test_an_unreadable_data_file_is_one_line_naming_it_and_its_key(tmp_path, monkeypatch, form):
+    import pathlib
+
+    path, opened = _write(tmp_path, form), pathlib.Path.open
+
+    def refuse(self, *args, **kwargs):  # as chmod 000 does to anyone but root (the tests may run as root)
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    (tmp_path / "train").mkdir()
+    readable = _write(tmp_path / "train", "json")
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    with pytest.raises(RecipeError) as refused:
+        load_datasets(DataArgs(path=str(readable), eval_path=str(path)))
+    assert str(refused.value) == f"{path}: cannot read the data file (Permission denied); check data.eval_path"
+
+
 def test_a_jsonl_file_is_read_in_chunks_with_the_same_result(tmp_path, monkeypatch, capsys):
     import sft_lora.data
 

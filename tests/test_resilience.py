@@ -428,6 +428,29 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_
     assert not killed.exists() and alive.exists() and all(p.exists() for p in users)
 
 
+def test_a_checkpoint_saved_again_over_one_killed_while_writing_its_record_is_complete(tmp_path, tiny_model):
+    """Killed while writing checkpoint-6's record, a run left `sft_lora_checkpoint.tmp-PID.json` there; the resumed
+    run saved checkpoint-6 again and listed that file in the new record, whose own write then removed it: the
+    checkpoint read as incomplete ("missing") and a later resume went back further (test_sigkill_… caught it)."""
+    from types import SimpleNamespace
+
+    from sft_lora.callbacks import CheckpointRecord
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    recipe = load_recipe(_recipe(tmp_path, tiny_model))
+    checkpoint = recipe.checkpoint_dir / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+    (checkpoint / RECORD.replace(".json", f".tmp-{dead.pid}.json")).write_text('{"step": 6, "fi')  # cut short
+    state = SimpleNamespace(global_step=6, is_world_process_zero=True, log_history=[])
+    CheckpointRecord(recipe).on_save(SimpleNamespace(output_dir=str(recipe.checkpoint_dir)), state, None)
+    assert incomplete_reason(checkpoint) is None
+    assert sorted(json.loads((checkpoint / RECORD).read_text())["files"]) == [
+        "README.md", "adapter_model.safetensors", "sft_lora_recipe.yaml", "trainer_state.json"]
+
+
 def test_a_run_that_builds_its_tiny_model_fingerprints_its_tokenizer(tmp_path):
     """The fingerprint was taken before the tiny model was built: the run's checkpoints named no tokenizer, so an
     edited tokenizer or chat template in it resumed silently."""
