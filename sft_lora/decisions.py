@@ -41,7 +41,7 @@ def decide(recipe) -> None:
         kwargs = {**(recipe.training.model_init_kwargs or {}), "attn_implementation": attention}
         recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
         recipe.decisions["attention"] = f"{attention} (padding-free rows attend per document: flex_attention on " \
-            "CUDA, sdpa_documents elsewhere; model.attn_implementation names another)"
+            "CUDA, sdpa_documents elsewhere, eager for a model without them; model.attn_implementation names another)"
     eos = recipe.training.eos_token
     recipe.decisions["eos_token"] = (f"{eos} (training.eos_token; TRL makes it the tokenizer's EOS)" if eos else
                                      "the tokenizer's EOS (training.eos_token names another)")
@@ -61,7 +61,21 @@ def _choose_attention(recipe, args) -> str | None:
         register()
     if not padding_free or recipe.model.attn_implementation is not None:
         return None
-    return "flex_attention" if torch.cuda.is_available() and not args.use_cpu else register()
+    cuda = torch.cuda.is_available() and not args.use_cpu
+    if not _model_supports(recipe, "_supports_flex_attn" if cuda else "_supports_sdpa"):
+        return "eager"  # transformers refuses sdpa for Gemma 2's softcapping, gpt-oss's sinks …; eager separates too
+    return "flex_attention" if cuda else register()
+
+
+def _model_supports(recipe, flag: str) -> bool:
+    """Whether the base model's transformers class declares `flag` (`_supports_sdpa` …); True where unknown."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from .model import base_config
+    try:
+        return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config(recipe))], flag, True)
+    except Exception:  # a tiny model not built yet, remote code, unreachable: loading the model says what is wrong
+        return True
 
 
 def decide_activation_checkpointing(recipe, train_dataset) -> None:

@@ -265,6 +265,21 @@ def _(env):
             [f"{env.tmp / 't.jinja'}: chat template file not found; check data.chat_template"])
 
 
+@case("data: a chat template that refuses a system turn")
+def _(env):  # Gemma 1/2: raise_exception('System role not supported'), a jinja traceback from tokenizing (exit 1)
+    template = env.tmp / "t.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                        "supported') }}{% endif %}{{ m['role'] + ': ' + m['content'] }}"
+                        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
+    path = env.recipe(data={"chat_template": str(template), "system_prompt": "Be brief."})
+    folded = env.cli(path, "data.fold_system_prompt=true", "--check")
+    assert folded[0] == 0, folded[1]  # the fix it names works
+    return *env.cli(path, "--check"), ["error: the chat template refuses a record (System role not supported); set "
+                                       "data.fold_system_prompt: true, or set data.chat_template to a template that "
+                                       "takes it"]
+
+
 # --- recipe -------------------------------------------------------------------------------------------------
 
 @case("recipe: file missing")

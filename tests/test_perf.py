@@ -112,6 +112,26 @@ def test_padding_free_attention_is_chosen_by_device(make_recipe, monkeypatch, cu
     assert (chosen or (args.model_init_kwargs or {}).get("attn_implementation")) == expected
 
 
+@pytest.mark.parametrize(("cuda", "expected"), [(False, "eager"), (True, "flex_attention")])
+def test_a_model_transformers_runs_without_sdpa_attends_eagerly(make_recipe, tmp_path, monkeypatch, cuda, expected):
+    """Gemma 2 (attention softcapping): transformers refuses every sdpa attention for it, so the CPU choice,
+    sdpa_documents, failed with a traceback at model load, after the data was prepared."""
+    from transformers import AutoConfig
+
+    from sft_lora.decisions import _choose_attention
+
+    base = tmp_path / "gemma2"
+    AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=512).save_pretrained(base)
+    recipe = load_recipe(make_recipe(model={"name_or_path": str(base), "build_tiny": False}))
+    args = dataclasses.replace(recipe.training, use_cpu=not cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # on CUDA, flex_attention serves it
+    assert _choose_attention(recipe, args) == expected
+    if not cuda:
+        assert recipe.training.model_init_kwargs["attn_implementation"] == "eager"
+        assert recipe.decisions["attention"].startswith("eager (")
+
+
 def prepare(dataset, tokenizer, max_length: int | None, **kwargs):
     """The rows TRL trains on, by sft_lora's preparation: rows truncation leaves without a label dropped."""
     return trainable(prepare_rows(dataset, tokenizer, max_length, **kwargs))
