@@ -179,10 +179,16 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                "the chat template renders no answer tokens after the prompt")
         report.failures.append(("no_loss", f"{len(no_loss)} of {report.rows} training records carry no "
                                 f"loss-carrying token (first: {record(first)}: {why}); TRL would drop or waste them"))
+    stop, unstopped, cut = " or ".join(report.stop_tokens), ~stats["stop"], stats["tokens"] < stats["length"]
     if report.rows and not report.rows_with_stop:
-        report.failures.append(("eos", f"the end-of-turn token ({' or '.join(report.stop_tokens)}) carries loss in "
-                                "no training row, so the model never learns to stop; use a chat template that closes "
-                                "the assistant turn with it, or set training.eos_token"))
+        report.failures.append(("eos", f"the end-of-turn token ({stop}) carries loss in no training row, so the model "
+                                "never learns to stop; use a chat template that closes the assistant turn with it, or "
+                                "set training.eos_token"))
+    elif len(uncut := np.flatnonzero(unstopped & ~cut)):  # multi-turn rows of a template marking answers without it
+        report.failures.append(("eos", f"the end-of-turn token ({stop}) carries loss in no turn of {len(uncut)} of "
+                                f"{report.rows} training rows that nothing cuts (first: {record(int(uncut[0]))}), so "
+                                "the model learns to stop from the others only; use a chat template whose assistant "
+                                "turns (its {% generation %} blocks) close with it, or set training.eos_token"))
     share = report.truncated_rows / report.rows if report.rows else 0.0
     if share > max_truncated_share:
         report.failures.append(("truncated", f"{report.truncated_rows} of {report.rows} training rows "
@@ -203,8 +209,8 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
             report.warnings.append(f"source '{source}': {lost} of {n} eval records lose their whole answer to "
                                    f"training.max_length and are not evaluated" + (
                                        ", so it gets no eval loss of its own" if lost == n else ""))
-    if report.rows and 0 < report.rows_with_stop < report.rows:
-        report.warnings.append(f"{report.rows - report.rows_with_stop} rows lose their end-of-turn token to truncation")
+    if report.rows_with_stop and (lost := int((unstopped & cut).sum())):
+        report.warnings.append(f"{lost} rows lose their end-of-turn token to truncation")
 
 
 def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:

@@ -311,6 +311,22 @@ def test_an_end_of_turn_token_never_trained_fails_unless_ignored(make_recipe, tm
     assert "IGNORED [eos]" in report.text(["eos"])
 
 
+def test_conversations_whose_template_trains_no_end_of_turn_fail_as_such_not_as_truncation(make_recipe, tmp_path):
+    """Marked answers ({% generation %}) without the EOS after them: one-turn rows (labelled by prefix) trained it,
+    conversations (labelled by the markers) did not, and the report said they lost it "to truncation"."""
+    template = tmp_path / "marked.jinja"
+    template.write_text("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}"
+                        "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}"
+                        "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}", encoding="utf-8")
+    chats = [json.loads(line) for line in (SAMPLE.parent / "chat.jsonl").read_text(encoding="utf-8").splitlines()]
+    path = _data(tmp_path, SAMPLE_RECORDS[:40] + chats[:10])
+    _, report = _report(make_recipe(data={"path": path, "chat_template": str(template), "eval_split": None}))
+    assert [name for name, _ in report.failures] == ["eos"] and report.truncated_rows == 0
+    assert "(</s>) carries loss in no turn of 10 of 50 training rows that nothing cuts (first: " in (
+        report.failures[0][1])
+    assert not any("truncation" in warning for warning in report.warnings), report.warnings
+
+
 def test_too_many_truncated_rows_fail_at_the_configured_share(make_recipe):
     recipe, report = _report(make_recipe(training={"max_length": 18}))
     share = report.truncated_rows / report.rows
