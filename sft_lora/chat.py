@@ -20,6 +20,8 @@ def load(model_dir: str | Path, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from .model import bitsandbytes_problem
+
     model_dir = Path(model_dir)
     recipe = read_saved_recipe(model_dir)
     model_args = saved_section(recipe, "model")
@@ -30,6 +32,9 @@ def load(model_dir: str | Path, trust_remote_code: bool = False):
     if not adapter.is_file() and not (model_dir / "config.json").is_file():
         raise RecipeError(f"{model_dir}: neither an adapters directory (adapter_config.json) nor a model "
                           "(config.json); pass a *_adapters or *_merged directory")
+    if adapter.is_file() and recipe.get("quantization") and (problem := bitsandbytes_problem()):
+        raise RecipeError(f"{model_dir}: QLoRA adapters run on their 4-bit base, but bitsandbytes cannot run here "
+                          f"({problem}); install it, or merge them with --merge_into original and chat with that")
     try:
         if adapter.is_file():
             from peft import PeftModel

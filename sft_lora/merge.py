@@ -135,8 +135,11 @@ def _merged_model(adapter_dir: Path, base: str, recipe: dict, dequantize: bool, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .model import name_the_cpu_to_deepspeed
+    from .model import bitsandbytes_problem, name_the_cpu_to_deepspeed
 
+    if dequantize and (problem := bitsandbytes_problem()):  # a merge machine without it: the usual case
+        raise RecipeError(f"{adapter_dir}: QLoRA adapters merge into their dequantized 4-bit base, but bitsandbytes "
+                          f"cannot run here ({problem}); install it, or pass --merge_into original")
     name_the_cpu_to_deepspeed()
     model_args = saved_section(recipe, "model")
     kwargs = {"revision": model_args.revision, "trust_remote_code": trust_remote_code,

@@ -101,16 +101,20 @@ def check_model_weights(recipe: Recipe) -> None:
                           "model.name_or_path there")
 
 
-def check_qlora_backend(recipe: Recipe) -> None:
-    """QLoRA needs bitsandbytes importable on this machine; say so in one line instead of a deep traceback."""
-    if not recipe.use_qlora:
-        return
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes (4-bit weights: QLoRA) cannot run on this machine, else None; a user needing it gets this in
+    one line instead of transformers' deep traceback."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a backend library that fails to load (OSError, RuntimeError)
-        raise RecipeError(f"{recipe.at('use_qlora')}: use_qlora is true but bitsandbytes cannot run here "
-                          f"({first_line(exc)}); install a bitsandbytes build for this machine or set use_qlora: "
-                          "false") from None
+        return first_line(exc)
+    return None
+
+
+def check_qlora_backend(recipe: Recipe) -> None:
+    if recipe.use_qlora and (problem := bitsandbytes_problem()):
+        raise RecipeError(f"{recipe.at('use_qlora')}: use_qlora is true but bitsandbytes cannot run here ({problem}); "
+                          "install a bitsandbytes build for this machine or set use_qlora: false")
 
 
 def check_tiny_path(recipe: Recipe) -> None:

@@ -157,6 +157,24 @@ def _table(titles, rows: list[list[str]]) -> list[str]:
     return ["  " + "".join(cell(text, n) for n, text in enumerate(row)) for row in [[t for t, _ in titles], *rows]]
 
 
+def _judge_sources(report: Report) -> None:
+    """A source with nothing to train on fails; one without eval records, or whose answers truncation removes, warns."""
+    for source, source_stats in report.by_source.items():
+        if source_stats["trainable_rows"] == 0:
+            held_out = report.eval_records_by_source.get(source)
+            what = (f"has no training record{f' ({held_out} eval records)' if held_out else ''}"
+                    if not source_stats["rows"] else f"has {source_stats['rows']} records but none carries loss")
+            report.failures.append(("empty_source", f"source '{source}' {what}; check the data or check.sources"))
+    for source in report.records_by_source:
+        if report.eval_rows and not report.eval_records_by_source.get(source):
+            report.warnings.append(f"source '{source}' has no eval record, so it gets no eval loss of its own")
+    for source, n in report.eval_records_by_source.items():  # as TRL drops training rows, Trainer skips these
+        if (lost := n - report.evaluated_by_source.get(source, 0)) > 0:
+            report.warnings.append(f"source '{source}': {lost} of {n} eval records lose their whole answer to "
+                                   f"training.max_length and are not evaluated" + (
+                                       ", so it gets no eval loss of its own" if lost == n else ""))
+
+
 def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
     """Fill `report.failures` (and warnings) from the numbers."""
     def record(index: int) -> str:
@@ -195,20 +213,7 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                                 f"({share:.1%}) are cut at training.max_length={report.max_length}, above "
                                 f"check.max_truncated_share={max_truncated_share:g}; raise training.max_length "
                                 "or shorten the records"))
-    for source, source_stats in report.by_source.items():
-        if source_stats["trainable_rows"] == 0:
-            held_out = report.eval_records_by_source.get(source)
-            what = (f"has no training record{f' ({held_out} eval records)' if held_out else ''}"
-                    if not source_stats["rows"] else f"has {source_stats['rows']} records but none carries loss")
-            report.failures.append(("empty_source", f"source '{source}' {what}; check the data or check.sources"))
-    for source in report.records_by_source:
-        if report.eval_rows and not report.eval_records_by_source.get(source):
-            report.warnings.append(f"source '{source}' has no eval record, so it gets no eval loss of its own")
-    for source, n in report.eval_records_by_source.items():  # as TRL drops training rows, Trainer skips these
-        if (lost := n - report.evaluated_by_source.get(source, 0)) > 0:
-            report.warnings.append(f"source '{source}': {lost} of {n} eval records lose their whole answer to "
-                                   f"training.max_length and are not evaluated" + (
-                                       ", so it gets no eval loss of its own" if lost == n else ""))
+    _judge_sources(report)
     if report.rows_with_stop and (lost := int((unstopped & cut).sum())):
         report.warnings.append(f"{lost} rows lose their end-of-turn token to truncation")
 

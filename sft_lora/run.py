@@ -80,18 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(exc, args, 128 + signal.SIGINT, "interrupted: SIGINT outside the training loop; finished "
                         "outputs are kept, unfinished ones removed")
     except Exception as exc:
-        from jinja2 import TemplateError
-
         from .callbacks import TrainingInterrupted  # here, not at the top: it imports transformers
+        from .turns import template_refusal
 
-        if isinstance(exc, TemplateError):  # the template's raise_exception() on a record: Gemma 2 on a system turn …
-            fix = "set data.fold_system_prompt: true" if "system" in str(exc).lower() else "fix the records"
-            return _stopped(exc, args, 2, f"error: the chat template refuses a record ({printable(first_line(exc))}); "
-                            f"{fix}, or set data.chat_template to a template that takes it")
-        if not isinstance(exc, TrainingInterrupted):
-            _stopped(exc, args, 1)  # before the traceback
-            raise
-        return _stopped(exc, args, 128 + exc.signum, f"interrupted: {exc}")
+        if isinstance(exc, TrainingInterrupted):
+            return _stopped(exc, args, 128 + exc.signum, f"interrupted: {exc}")
+        if line := template_refusal(exc):
+            return _stopped(exc, args, 2, f"error: {printable(line)}")
+        _stopped(exc, args, 1)  # before the traceback
+        raise
     return 0
 
 

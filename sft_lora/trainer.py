@@ -76,6 +76,16 @@ class SourceEvalSFTTrainer(SFTTrainer):
             self.printed_eval = self.state.global_step  # the evaluation after training repeats the last one
         return metrics
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # Trainer's private name, used here alone
+        """As Trainer, keeping each trainable parameter's dtype: PEFT's load_adapter upcasts an adapter that TRL trains
+        in bfloat16 (QLoRA) to float32, and the resumed run trained in another precision (test_train's QLoRA resume
+        test fails if Trainer renames this)."""
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, p in self.model.named_parameters():
+            if dtypes.get(name, p.dtype) != p.dtype:
+                p.data = p.data.to(dtypes[name])
+
     def create_model_card(self, *args, **kwargs) -> None:
         """None in the checkpoint root: TRL's card names no base model; each checkpoint gets sft_lora's (report.py)."""
 

@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from .text import shortened
+from .text import first_line, shortened
 
 logger = logging.getLogger(__name__)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
@@ -17,6 +17,17 @@ OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% gen
 # the tokenizer's model_max_length "will result in indexing errors": rows are cut at training.max_length, and
 # rows.check_lengths says when that is above model_max_length.
 ENCODE = {"add_special_tokens": False, "verbose": False}
+
+
+def template_refusal(exc: Exception) -> str | None:
+    """The one line for a chat template's raise_exception() on a record (Gemma 1/2 on a system turn …), else None."""
+    from jinja2 import TemplateError
+
+    if not isinstance(exc, TemplateError):
+        return None
+    fix = "set data.fold_system_prompt: true" if "system" in str(exc).lower() else "fix the records"
+    return (f"the chat template refuses a record ({first_line(exc)}); {fix}, or set data.chat_template to a "
+            "template that takes it")
 
 
 def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:

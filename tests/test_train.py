@@ -444,6 +444,20 @@ def test_resume_a_finished_run_has_nothing_left_and_a_longer_run_continues_the_s
     assert _files(tmp_path) == before
 
 
+def test_a_resumed_qlora_run_ends_with_the_uninterrupted_adapter_bit_for_bit(tmp_path, tiny_model):
+    """TRL trains a QLoRA adapter in bfloat16; Trainer resumes it through PEFT's load_adapter, which upcast it to
+    float32: the resumed run trained in another precision (adapters 2.6e-3 apart, saved as float32)."""
+    from safetensors.torch import load_file
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, use_qlora=True, data={"eval_split": None},
+                                      training={"max_steps": 4, "save_steps": 2}, output={"merge": False}))
+    whole = train(recipe)
+    again = [f"output.dir={tmp_path / 'again'}", f"output.checkpoint_dir={tmp_path / 'again_checkpoints'}"]
+    resumed = train(load_recipe(recipe.source, again), resume=str(recipe.checkpoint_dir / "checkpoint-2"))
+    a, b = (load_file(Path(run["adapters"]) / "adapter_model.safetensors") for run in (whole, resumed))
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
     """bitsandbytes repacked 4-bit weights for its AVX512-BF16 CPU kernel in an eval forward, and training forwards
     after it had no backward: the LoRA gradients changed by ~30 % after eval_on_start. (On a CPU without
@@ -467,7 +481,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
     assert all(torch.equal(a, b) for a, b in zip(before, gradients(), strict=True))
 
 
-def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch):
+def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, tiny_model, monkeypatch, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -506,6 +520,21 @@ def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, ti
     print(f"QLoRA merge logit diff: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}")
     assert diff_dequantized < diff_original  # the dequantized base is what the adapter was trained against
     assert diff_dequantized < 0.1
+    # a machine without bitsandbytes (a merge machine, often): one line each, not transformers' ImportError traceback
+    import sys
+
+    from sft_lora.chat import main as chat_main
+    from sft_lora.merge import main as merge_main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    capsys.readouterr()
+    assert merge_main(["--adapter_model", str(adapters), "--output_dir", str(tmp_path / "m2")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {adapters}: QLoRA adapters merge into their "
+                                                      "dequantized 4-bit base, but bitsandbytes cannot run here (")
+    assert chat_main([str(adapters), "--prompt", "Hi?"]) == 2
+    assert "or merge them with --merge_into original and chat with that" in capsys.readouterr().err
+    assert merge_main(["--adapter_model", str(adapters), "--output_dir", str(tmp_path / "m3"),
+                       "--merge_into", "original"]) == 0  # the way it names
 
 
 def test_make_train_default_recipe_loads():
