@@ -95,7 +95,7 @@ def top_level(raw: dict[str, Any]) -> tuple[bool, str | None]:
         raise KeyProblem("use_qlora", f"use_qlora must be true or false, got {got}")
     if use_qlora is False and raw.get("quantization"):
         raise KeyProblem("quantization", "a quantization section needs QLoRA but use_qlora is false; remove one "
-                         "of them")
+                         "of them", ["use_qlora", "quantization"])  # blamed where one was set on the command line
     if accelerate_config is not None and not isinstance(accelerate_config, str):
         raise KeyProblem("accelerate_config", "accelerate_config must be a name (zero3) or a file path")
     return use_qlora is not False, accelerate_config
@@ -123,6 +123,10 @@ def check_combinations(recipe) -> None:
                          f"{', '.join(CHECK_NAMES)}){suggest(str(unknown[0]), CHECK_NAMES)}")
     if (smoke := recipe.report.smoke_prompts) < 0:
         raise KeyProblem("report.smoke_prompts", f"report.smoke_prompts must be >= 0, got {smoke}")
+    if recipe.quantization is not None and not recipe.quantization.load_in_4bit:  # transformers loaded 4-bit anyway
+        raise KeyProblem("quantization.load_in_4bit", "QLoRA trains on 4-bit weights: quantization.load_in_4bit must "
+                         "be true (merge and chat read 4-bit bases; 8-bit is not supported); set use_qlora: false for "
+                         "plain LoRA")
     if recipe.lora.layer_replication and recipe.output.merge:  # save_pretrained refused its shared tensors
         raise KeyProblem("lora.layer_replication", "lora.layer_replication shares weights between layers, so a merged "
                          "model cannot be saved; set output.merge: false (the adapters are saved as usual)")

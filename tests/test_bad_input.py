@@ -455,6 +455,13 @@ def _(env):  # accepted before: every answer its own source, a per-source eval p
         "command line: data.output_field and data.source_field are both 'output'; name two different fields"]
 
 
+@case("recipe: QLoRA without 4-bit weights")
+def _(env):  # transformers loaded the base in 4-bit anyway: --print-config said load_in_4bit: false, exit 0
+    return *env.cli(env.recipe(use_qlora=True), "quantization.load_in_4bit=false"), [
+        "command line: QLoRA trains on 4-bit weights: quantization.load_in_4bit must be true (merge and chat read "
+        "4-bit bases; 8-bit is not supported); set use_qlora: false for plain LoRA"]
+
+
 @case("recipe: an empty use_qlora")
 def _(env):  # `use_qlora=` (an empty shell variable) trained QLoRA where the recipe said false
     return *env.cli(env.recipe(), "use_qlora="), ["command line: use_qlora must be true or false, got an empty value"]

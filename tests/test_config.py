@@ -127,6 +127,10 @@ def test_build_tiny_refuses_a_hub_id_it_would_shadow_with_a_random_model(make_re
 def test_impossible_combinations(make_recipe):
     message = _error(make_recipe(use_qlora=False, quantization={"bnb_4bit_quant_type": "fp4"}))
     assert "quantization section needs QLoRA but use_qlora is false" in message
+    # the command line made the clash: blamed there, not on the file's quantization line
+    qlora = make_recipe(use_qlora=True, quantization={"bnb_4bit_quant_type": "fp4"})
+    assert _error(qlora, ["use_qlora=false"]).startswith("command line: a quantization section needs QLoRA")
+    assert _error(qlora, [], {"use_qlora": "false"}).startswith("command line --use_qlora: a quantization section")
     message = _error(make_recipe(data={"eval_split": 0.0}, training={"eval_strategy": "steps"}))
     assert "needs evaluation data" in message
 
