@@ -100,9 +100,8 @@ def _plot(path: Path, title: str, train: list, evals: dict[str, list]) -> None:
 
 
 def _legible(texts: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(font families for the plot: DejaVu Sans, then installed fonts holding the texts' other characters (Hangul:
-    Noto Sans CJK, NanumGothic …), each text as drawn: a character no installed font holds as its \\u escape, which
-    names it, not as an empty box with a UserWarning)."""
+    """(font families: DejaVu Sans, then installed fonts holding the texts' other characters (Hangul: Noto Sans CJK …);
+    each text as drawn: a character no font holds as its \\u escape, which names it, not an empty box and a warning)."""
     from matplotlib import font_manager
 
     needed, covered, families = {ord(c) for text in texts for c in text}, set(), []
@@ -223,8 +222,11 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
                      f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
     auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
+    if bnb := adapters and recipe.get("quantization"):  # on the 4-bit base it trained with, not the full-precision
+        dtype = ", quantization_config=BitsAndBytesConfig(" + ", ".join(f"{k}={v!r}" for k, v in bnb.items()) + ")"
     lines += ["", "## Use", "", "```python", f"from {'peft' if adapters else 'transformers'} import {auto}",
-              "from transformers import AutoTokenizer", "", 'path = "<this directory>"',
+              "from transformers import AutoTokenizer" + ", BitsAndBytesConfig" * bool(bnb), "",
+              'path = "<this directory>"',
               "tokenizer = AutoTokenizer.from_pretrained(path)", f"model = {auto}.from_pretrained(path{dtype})",
               'messages = [{"role": "user", "content": "..."}]', "inputs = tokenizer.apply_chat_template(messages, "
               "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",

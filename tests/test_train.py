@@ -520,6 +520,13 @@ def test_qlora_run_trains_4bit_and_merges_into_the_dequantized_base(tmp_path, ti
     print(f"QLoRA merge logit diff: dequantized {diff_dequantized:.4f}, original {diff_original:.4f}")
     assert diff_dequantized < diff_original  # the dequantized base is what the adapter was trained against
     assert diff_dequantized < 0.1
+    # the card's "Use" code loads the adapters on the 4-bit base they trained with (it loaded the full-precision one)
+    code = (adapters / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    code = code.replace("<this directory>", str(adapters)).replace("max_new_tokens=256", "max_new_tokens=2")
+    namespace: dict = {}
+    exec(code, namespace)  # the card's own text, written by this run
+    assert namespace["model"].is_loaded_in_4bit
+    assert (_logits(namespace["model"].eval(), tokenizer) - trained).abs().max().item() == 0
     # a machine without bitsandbytes (a merge machine, often): one line each, not transformers' ImportError traceback
     import sys
 
