@@ -68,14 +68,26 @@ def _choose_attention(recipe, args) -> str | None:
 
 
 def _model_supports(recipe, flag: str) -> bool:
-    """Whether the base model's transformers class declares `flag` (`_supports_sdpa` …); True where unknown."""
+    """Whether the base model's transformers class declares `flag` (`_supports_sdpa` …), from a config already here
+    (loading a recipe asks no network); True where unknown: `attention_for_the_model` asks again before training."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from .model import base_config
     try:
-        return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config(recipe))], flag, True)
-    except Exception:  # a tiny model not built yet, remote code, unreachable: loading the model says what is wrong
+        return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config(recipe, local_files_only=True))], flag, True)
+    except Exception:  # not downloaded yet, a tiny model not built yet, remote code: loading the model tells
         return True
+
+
+def attention_for_the_model(recipe, args):
+    """`args`, with eager attention where the choice made at load is one the model's class refuses, which could not
+    be known then: its config was not on this machine (the trainer has fetched it by now)."""
+    chosen = (args.model_init_kwargs or {}).get("attn_implementation")
+    if recipe.model.attn_implementation is not None or chosen in (None, "eager") or _choose_attention(
+            recipe, args) != "eager":
+        return args
+    print(f"notice: {recipe.model.name_or_path} runs no {chosen} attention; padding-free rows attend with eager")
+    return dataclasses.replace(args, model_init_kwargs={**args.model_init_kwargs, "attn_implementation": "eager"})
 
 
 def decide_activation_checkpointing(recipe, train_dataset) -> None:

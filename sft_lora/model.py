@@ -71,12 +71,13 @@ def _chat_template(template: Path, tokenizer) -> str:
     return text
 
 
-def base_config(recipe: Recipe):
+def base_config(recipe: Recipe, local_files_only: bool = False):
     """The base model's transformers config (raises what `AutoConfig.from_pretrained` raises)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                      trust_remote_code=recipe.model.trust_remote_code)
+                                      trust_remote_code=recipe.model.trust_remote_code,
+                                      local_files_only=local_files_only)
 
 
 def name_the_cpu_to_deepspeed() -> None:

@@ -132,6 +132,33 @@ def test_a_model_transformers_runs_without_sdpa_attends_eagerly(make_recipe, tmp
         assert recipe.decisions["attention"].startswith("eager (")
 
 
+def test_an_attention_the_model_refuses_is_replaced_before_training_where_load_could_not_tell(
+        make_recipe, tmp_path, monkeypatch, capsys):
+    """Loading a recipe reads the model's class from a config already on this machine only (asking the hub made
+    --print-config of a hub recipe wait 23 s without network); the trainer, which has fetched it, asks again."""
+    from transformers import AutoConfig
+
+    from sft_lora import decisions
+
+    base = tmp_path / "gemma2"
+    AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=512).save_pretrained(base)
+    asked, read = [], AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(
+        lambda cls, *a, **kw: asked.append(kw.get("local_files_only")) or read(cls, *a, **kw)))
+    path = make_recipe(model={"name_or_path": str(base), "build_tiny": False})
+    assert load_recipe(path).training.model_init_kwargs["attn_implementation"] == "eager" and asked == [True]
+    with monkeypatch.context() as patched:  # as if the config were not here at load: the CPU's usual choice stands
+        patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
+        recipe = load_recipe(path)
+    assert recipe.training.model_init_kwargs["attn_implementation"] == "sdpa_documents"
+    args = decisions.attention_for_the_model(recipe, recipe.training)
+    assert args.model_init_kwargs["attn_implementation"] == "eager"
+    assert f"notice: {base} runs no sdpa_documents attention; padding-free rows attend with eager" in (
+        capsys.readouterr().out)
+    assert decisions.attention_for_the_model(recipe, args) is args  # once
+
+
 def prepare(dataset, tokenizer, max_length: int | None, **kwargs):
     """The rows TRL trains on, by sft_lora's preparation: rows truncation leaves without a label dropped."""
     return trainable(prepare_rows(dataset, tokenizer, max_length, **kwargs))
