@@ -69,7 +69,7 @@ def _choose_attention(recipe, args) -> str | None:
 
 def _model_supports(recipe, flag: str) -> bool:
     """Whether the base model's transformers class declares `flag` (`_supports_sdpa` …), from a config already here
-    (loading a recipe asks no network); True where unknown: `attention_for_the_model` asks again before training."""
+    (loading a recipe asks no network); True where unknown: `settle_attention` asks again before training."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from .model import base_config
@@ -79,15 +79,27 @@ def _model_supports(recipe, flag: str) -> bool:
         return True
 
 
-def attention_for_the_model(recipe, args):
-    """`args`, with eager attention where the choice made at load is one the model's class refuses, which could not
-    be known then: its config was not on this machine (the trainer has fetched it by now)."""
-    chosen = (args.model_init_kwargs or {}).get("attn_implementation")
-    if recipe.model.attn_implementation is not None or chosen in (None, "eager") or _choose_attention(
-            recipe, args) != "eager":
-        return args
+def settle_attention(recipe) -> None:
+    """Before a run's fingerprint (its checkpoints record the attention trained with): where loading found no config
+    of the base model on this machine, fetch it (training needs it anyway) and choose again: eager, with a notice,
+    where the model's class refuses the choice made then."""
+    chosen = (recipe.training.model_init_kwargs or {}).get("attn_implementation")
+    if recipe.model.attn_implementation is not None or chosen in (None, "eager") or _config(recipe, True) or \
+            not _config(recipe, False) or _choose_attention(recipe, recipe.training) != "eager":
+        return
     print(f"notice: {recipe.model.name_or_path} runs no {chosen} attention; padding-free rows attend with eager")
-    return dataclasses.replace(args, model_init_kwargs={**args.model_init_kwargs, "attn_implementation": "eager"})
+    kwargs = {**recipe.training.model_init_kwargs, "attn_implementation": "eager"}
+    recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
+    recipe.decisions["attention"] = recipe.decisions["attention"].replace(chosen, "eager", 1)
+
+
+def _config(recipe, local_files_only: bool) -> bool:
+    """Whether the base model's config is on this machine (`local_files_only`), else fetched now."""
+    from .model import base_config
+    try:
+        return base_config(recipe, local_files_only=local_files_only) is not None
+    except Exception:  # loading the model says what is wrong
+        return False
 
 
 def decide_activation_checkpointing(recipe, train_dataset) -> None:

@@ -202,7 +202,8 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
         report.failures.append(("eos", f"the end-of-turn token ({stop}) carries loss in no training row, so the model "
                                 "never learns to stop; use a chat template that closes the assistant turn with it, or "
                                 "set training.eos_token"))
-    elif len(uncut := np.flatnonzero(unstopped & ~cut)):  # multi-turn rows of a template marking answers without it
+    # multi-turn rows of a template marking answers without it; a row with no loss at all is [no_loss]'s (TRL drops it)
+    elif len(uncut := np.flatnonzero(unstopped & ~cut & (stats["loss"] > 0))):
         report.failures.append(("eos", f"the end-of-turn token ({stop}) carries loss in no turn of {len(uncut)} of "
                                 f"{report.rows} training rows that nothing cuts (first: {record(int(uncut[0]))}), so "
                                 "the model learns to stop from the others only; use a chat template whose assistant "

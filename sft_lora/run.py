@@ -151,6 +151,7 @@ def _check_before_training(recipe: Recipe) -> None:
 def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from accelerate import PartialState
 
+    from .decisions import settle_attention
     from .fingerprint import fingerprint
     from .preflight import run_check
     from .prepare import load_inputs
@@ -162,6 +163,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
     _build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
+    settle_attention(recipe)  # before it too: the checkpoints record the attention trained with
     taken, (tokenizer, data) = fingerprint(recipe), load_inputs(recipe)  # hashed as read, not as edited meanwhile
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
                  if recipe.check.enabled else None)

@@ -107,7 +107,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_fro
     from peft.utils.error import NoMatchingPeftModuleError
     from transformers.integrations import TensorBoardCallback
 
-    from .decisions import attention_for_the_model, decide_activation_checkpointing
+    from .decisions import decide_activation_checkpointing
     from .model import name_the_cpu_to_deepspeed
     from .prepare import Prepared, prepare_datasets
     from .resume import checkpoint_state
@@ -118,8 +118,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_fro
         data = prepare_datasets(recipe.training, tokenizer, data, eval_dataset)
     decide_activation_checkpointing(recipe, data.train)
     # data.args: the trainer's copy of recipe.training, adapted to the prepared data; the decision goes on it too
-    args = attention_for_the_model(recipe, dataclasses.replace(
-        data.args, activation_checkpointing=recipe.training.activation_checkpointing))
+    args = dataclasses.replace(data.args, activation_checkpointing=recipe.training.activation_checkpointing)
     eval_sets = per_source_eval_sets(recipe, data.eval)
     try:
         trainer = SourceEvalSFTTrainer(

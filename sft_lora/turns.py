@@ -20,12 +20,16 @@ ENCODE = {"add_special_tokens": False, "verbose": False}
 
 
 def template_refusal(exc: Exception) -> str | None:
-    """The one line for a chat template's raise_exception() on a record (Gemma 1/2 on a system turn …), else None."""
-    from jinja2 import TemplateError
+    """The one line for a chat template failing on a record (bad jinja; raise_exception(): Gemma 2 on a system turn)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
 
+    if isinstance(exc, TemplateSyntaxError):
+        return (f"the chat template is not valid jinja ({first_line(exc)}, line {exc.lineno}); fix it or set "
+                "data.chat_template")
     if not isinstance(exc, TemplateError):
         return None
-    fix = "set data.fold_system_prompt: true" if "system" in str(exc).lower() else "fix the records"
+    fix = ("set data.fold_system_prompt: true" if "system" in str(exc).lower() else
+           "check the records and data.chat_template_kwargs")
     return (f"the chat template refuses a record ({first_line(exc)}); {fix}, or set data.chat_template to a "
             "template that takes it")
 

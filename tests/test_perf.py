@@ -152,11 +152,17 @@ def test_an_attention_the_model_refuses_is_replaced_before_training_where_load_c
         patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
         recipe = load_recipe(path)
     assert recipe.training.model_init_kwargs["attn_implementation"] == "sdpa_documents"
-    args = decisions.attention_for_the_model(recipe, recipe.training)
-    assert args.model_init_kwargs["attn_implementation"] == "eager"
+    with monkeypatch.context() as patched:  # ... and fetched when the run starts
+        patched.setattr(decisions, "_config", lambda recipe, local_files_only: not local_files_only)
+        decisions.settle_attention(recipe)
+    # on the recipe, before the run's fingerprint: its checkpoints recorded sdpa_documents, and --resume refused them
+    assert recipe.training.model_init_kwargs["attn_implementation"] == "eager"
+    assert recipe.decisions["attention"].startswith("eager (")
     assert f"notice: {base} runs no sdpa_documents attention; padding-free rows attend with eager" in (
         capsys.readouterr().out)
-    assert decisions.attention_for_the_model(recipe, args) is args  # once
+    settled = recipe.training
+    decisions.settle_attention(recipe)  # its config is here now: nothing more to settle
+    assert recipe.training is settled
 
 
 def prepare(dataset, tokenizer, max_length: int | None, **kwargs):

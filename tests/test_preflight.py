@@ -325,6 +325,15 @@ def test_conversations_whose_template_trains_no_end_of_turn_fail_as_such_not_as_
     assert "(</s>) carries loss in no turn of 10 of 50 training rows that nothing cuts (first: " in (
         report.failures[0][1])
     assert not any("truncation" in warning for warning in report.warnings), report.warnings
+    # a row whose answer renders as nothing is [no_loss]'s alone (TRL drops it), not [eos]'s too: ignored, it passes
+    template.write_text("{%- for m in messages %}{%- if not loop.first %}{{ '\\n' }}{% endif %}{%- if m['role'] == "
+                        "'assistant' and 'Oslo' in m['content'] %}{{ '<|assistant|>\\n' }}{%- else %}{{ '<|' + "
+                        "m['role'] + '|>\\n' + m['content'] + eos_token }}{%- endif %}{%- endfor %}{%- if "
+                        "add_generation_prompt %}{{ '\\n<|assistant|>\\n' }}{% endif %}", encoding="utf-8")
+    oslo = [r for r in SAMPLE_RECORDS if "Oslo" in r["output"]][:1]
+    _, report = _report(make_recipe(data={"path": _data(tmp_path, SAMPLE_RECORDS[:40] + oslo), "eval_split": None,
+                                          "chat_template": str(template)}))
+    assert [name for name, _ in report.failures] == ["no_loss"]
 
 
 def test_too_many_truncated_rows_fail_at_the_configured_share(make_recipe):
