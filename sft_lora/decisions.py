@@ -41,7 +41,8 @@ def decide(recipe) -> None:
         kwargs = {**(recipe.training.model_init_kwargs or {}), "attn_implementation": attention}
         recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
         recipe.decisions["attention"] = f"{attention} (padding-free rows attend per document: flex_attention on " \
-            "CUDA, sdpa_documents elsewhere, eager for a model without them; model.attn_implementation names another)"
+            "CUDA, sdpa_documents elsewhere, sdpa or eager for a model without them; model.attn_implementation names " \
+            "another)"
     eos = recipe.training.eos_token
     recipe.decisions["eos_token"] = (f"{eos} (training.eos_token; TRL makes it the tokenizer's EOS)" if eos else
                                      "the tokenizer's EOS (training.eos_token names another)")
@@ -62,9 +63,11 @@ def _choose_attention(recipe, args) -> str | None:
     if not padding_free or recipe.model.attn_implementation is not None:
         return None
     cuda = torch.cuda.is_available() and not args.use_cpu
-    if not _model_supports(recipe, "_supports_flex_attn" if cuda else "_supports_sdpa"):
+    if cuda and _model_supports(recipe, "_supports_flex_attn"):
+        return "flex_attention"
+    if not _model_supports(recipe, "_supports_sdpa"):
         return "eager"  # transformers refuses sdpa for Gemma 2's softcapping, gpt-oss's sinks …; eager separates too
-    return "flex_attention" if cuda else register()
+    return "sdpa" if cuda else register()  # a model without flex_attention on CUDA: the table's second fastest
 
 
 def _model_supports(recipe, flag: str) -> bool:
@@ -81,16 +84,16 @@ def _model_supports(recipe, flag: str) -> bool:
 
 def settle_attention(recipe) -> None:
     """Before a run's fingerprint (its checkpoints record the attention trained with): where loading found no config
-    of the base model on this machine, fetch it (training needs it anyway) and choose again: eager, with a notice,
-    where the model's class refuses the choice made then."""
+    of the base model on this machine, fetch it (training needs it anyway) and choose again, with a notice where the
+    model's class refuses the choice made then."""
     chosen = (recipe.training.model_init_kwargs or {}).get("attn_implementation")
     if recipe.model.attn_implementation is not None or chosen in (None, "eager") or _config(recipe, True) or \
-            not _config(recipe, False) or _choose_attention(recipe, recipe.training) != "eager":
+            not _config(recipe, False) or (again := _choose_attention(recipe, recipe.training)) in (None, chosen):
         return
-    print(f"notice: {recipe.model.name_or_path} runs no {chosen} attention; padding-free rows attend with eager")
-    kwargs = {**recipe.training.model_init_kwargs, "attn_implementation": "eager"}
+    print(f"notice: {recipe.model.name_or_path} runs no {chosen} attention; padding-free rows attend with {again}")
+    kwargs = {**recipe.training.model_init_kwargs, "attn_implementation": again}
     recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
-    recipe.decisions["attention"] = recipe.decisions["attention"].replace(chosen, "eager", 1)
+    recipe.decisions["attention"] = recipe.decisions["attention"].replace(chosen, again, 1)
 
 
 def _config(recipe, local_files_only: bool) -> bool:
