@@ -83,12 +83,19 @@ def _model_supports(recipe, flag: str) -> bool:
 
 
 def settle_attention(recipe) -> None:
-    """Before a run's fingerprint (its checkpoints record the attention trained with): where loading found no config
-    of the base model on this machine, fetch it (training needs it anyway) and choose again, with a notice where the
-    model's class refuses the choice made then."""
+    """Before a run's fingerprint (its checkpoints record the attention trained with): the choice made again with the
+    base model's config on this machine (fetched where loading found none; training needs it anyway), with a notice
+    where the model's class refuses the choice made then. Each process chooses again, so all choose alike."""
+    from .hub import check_reachable
+
     chosen = (recipe.training.model_init_kwargs or {}).get("attn_implementation")
-    if recipe.model.attn_implementation is not None or chosen in (None, "eager") or _config(recipe, True) or \
-            not _config(recipe, False) or (again := _choose_attention(recipe, recipe.training)) in (None, chosen):
+    if recipe.model.attn_implementation is not None or chosen in (None, "eager"):
+        return
+    if not _config(recipe, True):
+        check_reachable(recipe)  # no network: one line in 5 s, not the hub client's wait
+        if not _config(recipe, False):
+            return
+    if (again := _choose_attention(recipe, recipe.training)) in (None, chosen):  # a config read at load: the same
         return
     print(f"notice: {recipe.model.name_or_path} runs no {chosen} attention; padding-free rows attend with {again}")
     kwargs = {**recipe.training.model_init_kwargs, "attn_implementation": again}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_lora.config import DataArgs, load_recipe
+from sft_lora.config import DataArgs, RecipeError, load_recipe
 from sft_lora.data import load_datasets
 from sft_lora.model import load_tokenizer
 from sft_lora.prepare import prepare_rows, trainable
@@ -159,6 +159,20 @@ def test_an_attention_the_model_refuses_is_replaced_before_training_where_load_c
     with monkeypatch.context() as patched:  # ... and fetched when the run starts
         patched.setattr(decisions, "_config", lambda recipe, local_files_only: not local_files_only)
         decisions.settle_attention(recipe)
+    # another process of the run fetched it meanwhile: this one, finding it here, must choose alike (it kept its
+    # load-time choice, and the ranks trained with different attention)
+    with monkeypatch.context() as patched:
+        patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
+        other = load_recipe(path)
+    decisions.settle_attention(other)
+    assert other.training.model_init_kwargs["attn_implementation"] == "eager"
+    with monkeypatch.context() as patched:  # not here and no network: hub.check_reachable's line, not the hub's wait
+        patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
+        unsettled = load_recipe(path)
+        patched.setattr(decisions, "_config", lambda recipe, local_files_only: False)
+        patched.setattr("sft_lora.hub.check_reachable", lambda recipe: (_ for _ in ()).throw(RecipeError("no hub")))
+        with pytest.raises(RecipeError, match="no hub"):
+            decisions.settle_attention(unsettled)
     # on the recipe, before the run's fingerprint: its checkpoints recorded sdpa_documents, and --resume refused them
     assert recipe.training.model_init_kwargs["attn_implementation"] == "eager"
     assert recipe.decisions["attention"].startswith("eager (")
