@@ -188,18 +188,18 @@ def prepare(dataset, tokenizer, max_length: int | None, **kwargs):
     return trainable(prepare_rows(dataset, tokenizer, max_length, **kwargs))
 
 
-def _trl_prepared(tokenizer, dataset, max_length: int):
+def _trl_prepared(tokenizer, dataset, max_length: int, output_dir: Path):
     """TRL's own preparation of `dataset` (what SFTTrainer does without sft_lora)."""
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir="unused", max_length=max_length, use_cpu=True, bf16=False, report_to="none")
+    args = SFTConfig(output_dir=str(output_dir), max_length=max_length, use_cpu=True, bf16=False, report_to="none")
     trainer = SFTTrainer(model=tokenizer.name_or_path, args=args, train_dataset=dataset.select(range(2)),
                          processing_class=tokenizer)
     return trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
 
 
 @pytest.mark.parametrize("template", [None, *TEMPLATES], ids=lambda t: t.stem if t else "default")
-def test_prepared_tokens_and_labels_equal_trls(tiny_model, template):
+def test_prepared_tokens_and_labels_equal_trls(tiny_model, template, tmp_path):
     from sft_lora.config import ModelArgs
 
     data = DataArgs(path=str(SAMPLE), system_prompt="Answer briefly.",
@@ -216,7 +216,7 @@ def test_prepared_tokens_and_labels_equal_trls(tiny_model, template):
     lengths = sorted(len(ids) for ids in prepare(dataset, tokenizer, None, cache=False)["input_ids"])
     max_length = lengths[len(lengths) // 2]  # cuts half the rows, and the long one to no label at all: dropped
     ours = prepare(dataset, tokenizer, max_length, cache=False)
-    theirs = _trl_prepared(tokenizer, dataset, max_length)
+    theirs = _trl_prepared(tokenizer, dataset, max_length, tmp_path / "trl")  # not ./unused in the repository
     assert len(ours) == len(theirs) < len(dataset)
     assert ours["input_ids"] == theirs["input_ids"]
     assert ours["labels"] == theirs["labels"]
