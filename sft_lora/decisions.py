@@ -74,11 +74,9 @@ def _model_supports(recipe, flag: str) -> bool:
     """Whether the base model's transformers class declares `flag` (`_supports_sdpa` …), from a config already here
     (loading a recipe asks no network); True where unknown: `settle_attention` asks again before training."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from .model import base_config
     try:
-        return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config(recipe, local_files_only=True))], flag, True)
-    except Exception:  # not downloaded yet, a tiny model not built yet, remote code: loading the model tells
+        return getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(_config(recipe, True))], flag, True)
+    except Exception:  # None: not downloaded yet, a tiny model not built yet; remote code: loading the model tells
         return True
 
 
@@ -91,9 +89,9 @@ def settle_attention(recipe) -> None:
     chosen = (recipe.training.model_init_kwargs or {}).get("attn_implementation")
     if recipe.model.attn_implementation is not None or chosen in (None, "eager"):
         return
-    if not _config(recipe, True):
+    if _config(recipe, True) is None:
         check_reachable(recipe)  # no network: one line in 5 s, not the hub client's wait
-        if not _config(recipe, False):
+        if _config(recipe, False) is None:
             return
     if (again := _choose_attention(recipe, recipe.training)) in (None, chosen):  # a config read at load: the same
         return
@@ -103,13 +101,13 @@ def settle_attention(recipe) -> None:
     recipe.decisions["attention"] = recipe.decisions["attention"].replace(chosen, again, 1)
 
 
-def _config(recipe, local_files_only: bool) -> bool:
-    """Whether the base model's config is on this machine (`local_files_only`), else fetched now."""
+def _config(recipe, local_files_only: bool):
+    """The base model's config where it is on this machine (`local_files_only`), else fetched now; None where not."""
     from .model import base_config
     try:
-        return base_config(recipe, local_files_only=local_files_only) is not None
+        return base_config(recipe, local_files_only=local_files_only)
     except Exception:  # loading the model says what is wrong
-        return False
+        return None
 
 
 def decide_activation_checkpointing(recipe, train_dataset) -> None:

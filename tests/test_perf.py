@@ -156,8 +156,16 @@ def test_an_attention_the_model_refuses_is_replaced_before_training_where_load_c
         patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
         recipe = load_recipe(path)
     assert recipe.training.model_init_kwargs["attn_implementation"] == "sdpa_documents"
+    fetched, config_here = [], decisions._config
+
+    def config(recipe, local_files_only):  # on this machine once fetched
+        if local_files_only and not fetched:
+            return None
+        fetched.append(True)
+        return config_here(recipe, local_files_only)
+
     with monkeypatch.context() as patched:  # ... and fetched when the run starts
-        patched.setattr(decisions, "_config", lambda recipe, local_files_only: not local_files_only)
+        patched.setattr(decisions, "_config", config)
         decisions.settle_attention(recipe)
     # another process of the run fetched it meanwhile: this one, finding it here, must choose alike (it kept its
     # load-time choice, and the ranks trained with different attention)
@@ -169,7 +177,7 @@ def test_an_attention_the_model_refuses_is_replaced_before_training_where_load_c
     with monkeypatch.context() as patched:  # not here and no network: hub.check_reachable's line, not the hub's wait
         patched.setattr(decisions, "_model_supports", lambda recipe, flag: True)
         unsettled = load_recipe(path)
-        patched.setattr(decisions, "_config", lambda recipe, local_files_only: False)
+        patched.setattr(decisions, "_config", lambda recipe, local_files_only: None)
         patched.setattr("sft_lora.hub.check_reachable", lambda recipe: (_ for _ in ()).throw(RecipeError("no hub")))
         with pytest.raises(RecipeError, match="no hub"):
             decisions.settle_attention(unsettled)
