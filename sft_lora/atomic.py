@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +66,29 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside the training loop, raised as Ctrl-C is, so the writers above remove what they had
+    begun (Python's default ends the process on the spot: a killed merge left its GBs until the next merge)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted while inside (the training loop installs its own stop handlers)."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP) if main_thread}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def write_atomic(final: str | Path, text: str) -> None:

@@ -5,12 +5,13 @@
 import argparse
 import hashlib
 import json
+import signal
 import sys
 from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_dir, check_target, read_json
+from .atomic import atomic_dir, check_target, read_json, signals_interrupt
 from .config import RECIPE_FILE, RecipeError, local_model_missing, read_saved_recipe, saved_section
 from .text import first_line, printable, redact
 
@@ -177,14 +178,17 @@ def main(argv: list[str] | None = None) -> int:
                         "trained with model.trust_remote_code needs it; only for code you trust)")
     args = parser.parse_args(argv)
     try:
-        out = merge_adapter(args.adapter_model, args.base_model, args.output_dir, args.merge_into, args.overwrite,
-                            args.trust_remote_code)
+        with signals_interrupt():
+            out = merge_adapter(args.adapter_model, args.base_model, args.output_dir, args.merge_into, args.overwrite,
+                                args.trust_remote_code)
     except RecipeError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: SIGINT; nothing written (the unfinished merge is removed)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (signals_interrupt)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"interrupted: {signal.Signals(signum).name}; nothing written (the unfinished merge is removed)",
+              file=sys.stderr)
+        return 128 + signum
     print(f"merged model: {out}")
     return 0
 

@@ -128,6 +128,21 @@ def check_tiny_path(recipe: Recipe) -> None:
                           "build one here)")
 
 
+def build_tiny_if_asked(recipe: Recipe) -> None:
+    """`model.build_tiny`: the tiny model built where `model.name_or_path` names none, by one process per machine (the
+    others then find it; each built it into the same directory, racing)."""
+    from accelerate import PartialState
+
+    from .hub import check_reachable
+    name_the_cpu_to_deepspeed()  # saving the model imports DeepSpeed
+    with PartialState().local_main_process_first():
+        if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
+            check_tiny_path(recipe)  # --check comes here only
+            check_reachable(recipe)  # its tokenizer learns from the data: a hub id with no network, said now
+            print(f"building the tiny model at {recipe.model.name_or_path}")
+            build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
+
+
 def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_size: int = 256, layers: int = 4,
                      vocab_size: int = 2048, seed: int = 0, fields: DataArgs | None = None) -> Path:
     """The embedded tiny model (random Llama, BPE learnt from `data`'s texts, any format `data.path` takes, under

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .atomic import signals_interrupt
 from .config import SEED_FLAGS, Recipe, RecipeError, load_recipe
 from .sections import recipe_keys
 from .text import first_line, printable
@@ -47,27 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = "auto"
     args.resume = args.resume or ("auto" if args.force_resume else None)  # --force-resume alone means resume
     try:
-        recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
-        if args.print_config:
-            print(recipe.to_yaml(), end="")
-        elif args.check:
-            from .preflight import run_check
-            from .prepare import load_inputs
-            from .trainer import check_target_modules
-
-            _build_tiny_if_asked(recipe)
-            tokenizer, data = load_inputs(recipe)
-            check_target_modules(recipe)  # as a run does, once the model (a tiny one: built above) is there
-            run_check(recipe, tokenizer, data)
-        else:
-            from .launch import check_this_launch, relaunch
-
-            launched = {"SFT_LORA_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"} & os.environ.keys()
-            if recipe.accelerate_config and not launched:  # under ours or a hand-run `accelerate launch`: train here
-                _check_before_training(recipe)  # one line now, not one per process and the launcher's traceback
-                relaunch(recipe, argv if argv is not None else sys.argv[1:], args.resume, args.force_resume)
-            check_this_launch(recipe)
-            train(recipe, resume=args.resume, force_resume=args.force_resume)
+        with signals_interrupt():
+            _command(args, argv)
     except RecipeError as exc:
         return _stopped(exc, args, 2, f"error: {printable(str(exc))}")
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing is wrong with the run
@@ -76,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path the system refuses wherever a value is used (name too long, I/O error …)
         where = f"{exc.filename}: " if exc.filename else ""
         return _stopped(exc, args, 2, f"error: {printable(where + (exc.strerror or first_line(exc)))}; check the paths")
-    except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop (loading, evaluating, saving, merging)
-        return _stopped(exc, args, 128 + signal.SIGINT, "interrupted: SIGINT outside the training loop; finished "
-                        "outputs are kept, unfinished ones removed")
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP outside the training loop (loading, saving, merging …)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return _stopped(exc, args, 128 + signum, f"interrupted: {signal.Signals(signum).name} outside the training "
+                        "loop; finished outputs are kept, unfinished ones removed")
     except Exception as exc:
         from .callbacks import TrainingInterrupted  # here, not at the top: it imports transformers
         from .turns import template_refusal
@@ -90,6 +73,32 @@ def main(argv: list[str] | None = None) -> int:
         _stopped(exc, args, 1)  # before the traceback
         raise
     return 0
+
+
+def _command(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """--print-config, --check, or the run (relaunched under the recipe's accelerate config where it names one)."""
+    recipe = load_recipe(args.recipe, args.overrides, {f: getattr(args, f) for f in SEED_FLAGS})
+    if args.print_config:
+        print(recipe.to_yaml(), end="")
+    elif args.check:
+        from .model import build_tiny_if_asked
+        from .preflight import run_check
+        from .prepare import load_inputs
+        from .trainer import check_target_modules
+
+        build_tiny_if_asked(recipe)
+        tokenizer, data = load_inputs(recipe)
+        check_target_modules(recipe)  # as a run does, once the model (a tiny one: built above) is there
+        run_check(recipe, tokenizer, data)
+    else:
+        from .launch import check_this_launch, relaunch
+
+        launched = {"SFT_LORA_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"} & os.environ.keys()
+        if recipe.accelerate_config and not launched:  # under ours or a hand-run `accelerate launch`: train here
+            _check_before_training(recipe)  # one line now, not one per process and the launcher's traceback
+            relaunch(recipe, argv if argv is not None else sys.argv[1:], args.resume, args.force_resume)
+        check_this_launch(recipe)
+        train(recipe, resume=args.resume, force_resume=args.force_resume)
 
 
 def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str | None = None) -> int:
@@ -106,22 +115,6 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
         head = "accelerate launch <the same options>" if by_hand else shlex.quote(sys.executable)  # are not known
         print(f"to continue: {head} -m sft_lora.run {command}", file=sys.stderr)
     return code
-
-
-def _build_tiny_if_asked(recipe: Recipe) -> None:
-    """`model.build_tiny`: the tiny model built where `model.name_or_path` names none, by one process per machine (the
-    others then find it; each built it into the same directory, racing)."""
-    from accelerate import PartialState
-
-    from .hub import check_reachable
-    from .model import build_tiny_model, check_tiny_path, name_the_cpu_to_deepspeed
-    name_the_cpu_to_deepspeed()  # saving the model imports DeepSpeed
-    with PartialState().local_main_process_first():
-        if recipe.model.build_tiny and not Path(recipe.model.name_or_path).is_dir():
-            check_tiny_path(recipe)  # --check comes here only
-            check_reachable(recipe)  # its tokenizer learns from the data: a hub id with no network, said now
-            print(f"building the tiny model at {recipe.model.name_or_path}")
-            build_tiny_model(recipe.model.name_or_path, recipe.data.path, fields=recipe.data)
 
 
 def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False) -> dict:
@@ -153,6 +146,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
 
     from .decisions import settle_attention
     from .fingerprint import fingerprint
+    from .model import build_tiny_if_asked
     from .preflight import run_check
     from .prepare import load_inputs
     from .resume import check_fresh_start, checkpoint_state, nothing_left, resumable, select_checkpoint
@@ -162,7 +156,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
         check_fresh_start(recipe)  # no other run's checkpoints to mix with
     if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
         return done
-    _build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
+    build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
     settle_attention(recipe)  # before it too: the checkpoints record the attention trained with
     taken, (tokenizer, data) = fingerprint(recipe), load_inputs(recipe)  # hashed as read, not as edited meanwhile
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()

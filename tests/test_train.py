@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -223,15 +224,28 @@ def test_a_run_without_merging_removes_the_merge_of_the_adapters_it_replaced(mak
     assert f"removed {recipe.merged_dir}: the merge of the adapters this run replaced" in capsys.readouterr().out
 
 
-def test_ctrl_c_during_a_merge_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
-    import sft_lora.merge
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_a_merge_removes_the_unfinished_merge_in_one_line(lora_run, tmp_path, monkeypatch, capsys,
+                                                                          signum):
+    """Ctrl-C, a scheduler's SIGTERM or a closed terminal while the merged model is written: one line, exit 128 + the
+    signal, and no half-written directory (SIGTERM and SIGHUP ended the process on the spot, leaving its GBs)."""
+    from transformers import PreTrainedModel
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    from sft_lora.merge import main as merge_main
 
-    monkeypatch.setattr(sft_lora.merge, "merge_adapter", interrupted)  # a full traceback before
-    assert sft_lora.merge.main(["--adapter_model", str(tmp_path)]) == 130
-    assert capsys.readouterr().err == "interrupted: SIGINT; nothing written (the unfinished merge is removed)\n"
+    save = PreTrainedModel.save_pretrained
+
+    def save_then_signal(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        os.kill(os.getpid(), signum)  # the handler runs here, as it would between two shards of a big model
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_signal)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    capsys.readouterr()
+    assert merge_main(["--adapter_model", lora_run[1]["adapters"], "--output_dir", str(tmp_path / "m")]) == 128 + signum
+    assert capsys.readouterr().err.endswith(f"\ninterrupted: {signal.Signals(signum).name}; nothing written (the "
+                                            "unfinished merge is removed)\n")  # after the progress bars
+    assert list(tmp_path.iterdir()) == [], "no merged or temporary directory"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, "the handlers are restored"
 
 
 def test_a_run_whose_merge_fails_leaves_no_merge_of_the_adapters_it_replaced(make_recipe, tmp_path, capsys,
@@ -245,11 +259,15 @@ def test_a_run_whose_merge_fails_leaves_no_merge_of_the_adapters_it_replaced(mak
     assert recipe.merged_dir.is_dir()
     merge = sft_lora.merge.merge_adapter
 
-    def interrupted(*args, **kwargs):  # Ctrl-C while merging
-        raise KeyboardInterrupt
+    def interrupted(*args, **kwargs):  # a scheduler's SIGTERM while merging (it ended the process on the spot)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(sft_lora.merge, "merge_adapter", interrupted)
-    assert main([str(path), "training.seed=7", f"output.checkpoint_dir={tmp_path / 'c2'}"]) == 130
+    capsys.readouterr()
+    assert main([str(path), "training.seed=7", f"output.checkpoint_dir={tmp_path / 'c2'}"]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted: SIGTERM outside the training loop; finished outputs are kept, unfinished ones removed" in err
+    assert f"output.checkpoint_dir={tmp_path / 'c2'} --resume" in err  # the command that continues
     assert not recipe.merged_dir.exists(), "the old merge stood beside the new adapters, and chat loaded it"
     monkeypatch.setattr(sft_lora.merge, "merge_adapter", merge)
     capsys.readouterr()
