@@ -39,6 +39,8 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         tokenizer.chat_template = _chat_template(Path(data.chat_template), tokenizer)
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    else:
+        _check_own_template(tokenizer, model.name_or_path)
     if tokenizer.eos_token is None:
         raise RecipeError(f"{model.name_or_path}: the tokenizer has no EOS token; set training.eos_token")
     if tokenizer.pad_token is None:
@@ -58,9 +60,7 @@ def _chat_template(template: Path, tokenizer) -> str:
     if not template.is_file():
         raise RecipeError(f"{template}: chat template file not found; check data.chat_template")
     try:
-        text = template.read_text(encoding="utf-8")
-        tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}],
-                                      chat_template=text, tokenize=False)
+        _render_a_pair(tokenizer, text := template.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise RecipeError(f"{template}: not valid UTF-8; save the chat template as UTF-8") from None
     except (jinja2.TemplateError, TypeError, ValueError) as exc:
@@ -69,6 +69,24 @@ def _chat_template(template: Path, tokenizer) -> str:
     if not text.strip():
         raise RecipeError(f"{template}: the chat template is empty; fix the template or data.chat_template")
     return text
+
+
+def _render_a_pair(tokenizer, template: str | None = None) -> None:
+    tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}],
+                                  chat_template=template, tokenize=False)
+
+
+def _check_own_template(tokenizer, name: str) -> None:
+    """The model's own chat template compiles (a syntax error named with the model here, not while tokenizing)."""
+    import jinja2
+
+    try:
+        _render_a_pair(tokenizer)
+    except jinja2.TemplateSyntaxError as exc:
+        raise RecipeError(f"{name}: its chat template is not valid jinja ({first_line(exc)}, line {exc.lineno}); "
+                          "set data.chat_template to a template file that is") from None
+    except (jinja2.TemplateError, TypeError, ValueError):  # refusing this pair: said per record while tokenizing
+        pass
 
 
 def base_config(recipe: Recipe, local_files_only: bool = False):

@@ -20,12 +20,10 @@ ENCODE = {"add_special_tokens": False, "verbose": False}
 
 
 def template_refusal(exc: Exception) -> str | None:
-    """The one line for a chat template failing on a record (bad jinja; raise_exception(): Gemma 2 on a system turn)."""
-    from jinja2 import TemplateError, TemplateSyntaxError
+    """The one line for a chat template failing on a record (raise_exception(): Gemma 2 on a system turn; a template
+    that is not valid jinja is said when the tokenizer loads, `model.load_tokenizer`)."""
+    from jinja2 import TemplateError
 
-    if isinstance(exc, TemplateSyntaxError):
-        return (f"the chat template is not valid jinja ({first_line(exc)}, line {exc.lineno}); fix it or set "
-                "data.chat_template")
     if not isinstance(exc, TemplateError):
         return None
     fix = ("set data.fold_system_prompt: true" if "system" in str(exc).lower() else

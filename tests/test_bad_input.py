@@ -281,14 +281,15 @@ def _(env):  # Gemma 1/2: raise_exception('System role not supported'), a jinja 
 
 
 @case("data: the model's own chat template not valid jinja")
-def _(env):  # only a data.chat_template file is rendered at load; the tokenizer's own failed while tokenizing
+def _(env):  # said while tokenizing before, without naming the model
     model = Path(shutil.copytree(env.model, env.tmp / "broken"))
     config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
     (model / "chat_template.jinja").unlink(missing_ok=True)
     config["chat_template"] = "{% for m in messages %}{{ m['content'] }}}{% endfor %"  # an unclosed tag
     (model / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return *env.cli(env.recipe(model={"name_or_path": str(model), "build_tiny": False}), "--check"), [
-        "error: the chat template is not valid jinja (", "line 1); fix it or set data.chat_template"]
+        f"error: {model}: its chat template is not valid jinja (", "line 1); set data.chat_template to a template "
+        "file that is"]
 
 
 # --- recipe -------------------------------------------------------------------------------------------------
