@@ -2,6 +2,7 @@
 (TRL's SFTTrainer loads the model itself, from `SFTConfig.model_init_kwargs`); the hub's side is `hub.py`."""
 
 import os
+import re
 from pathlib import Path
 
 from .config import DataArgs, ModelArgs, Recipe, RecipeError, local_model_missing
@@ -200,3 +201,36 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def model_modules(recipe: Recipe) -> dict[str, str] | None:
+    """Dotted name → class name of every module of the recipe's model, built on the meta device (no weights); None
+    when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        config = base_config(recipe)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception:  # any failure here is reported, better worded, by the real load that follows
+        return None
+    return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}
+
+
+def check_target_modules(recipe: Recipe) -> None:
+    """RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model: PEFT fails
+    only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
+    the native Llama modules trains attention only)."""
+    targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
+    if targets is None or targets == "all-linear" or not (modules := model_modules(recipe)):
+        return
+    if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
+        what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"
+    else:  # PEFT: a list entry matches a module whose name is the entry or ends with "." + entry
+        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in modules)]
+        what = missing and f"{', '.join(map(repr, missing))} {'matches' if len(missing) == 1 else 'match'}"
+    if what:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind.endswith("Linear")})
+        raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {what} no module of "
+                          f"{recipe.model.name_or_path}; its linear layers are {', '.join(linear)} (or use all-linear)")

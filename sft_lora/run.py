@@ -81,10 +81,9 @@ def _command(args: argparse.Namespace, argv: list[str] | None) -> None:
     if args.print_config:
         print(recipe.to_yaml(), end="")
     elif args.check:
-        from .model import build_tiny_if_asked
+        from .model import build_tiny_if_asked, check_target_modules
         from .preflight import run_check
         from .prepare import load_inputs
-        from .trainer import check_target_modules
 
         build_tiny_if_asked(recipe)
         tokenizer, data = load_inputs(recipe)

@@ -2,6 +2,7 @@
 to exist, and the subclass that evaluates each data source on its own and, on CPU too, scores only labelled
 positions."""
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -76,12 +77,21 @@ class SourceEvalSFTTrainer(SFTTrainer):
             self.printed_eval = self.state.global_step  # the evaluation after training repeats the last one
         return metrics
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # Trainer's private name, used here alone
-        """As Trainer, keeping each trainable parameter's dtype: PEFT's load_adapter upcasts an adapter that TRL trains
-        in bfloat16 (QLoRA) to float32, and the resumed run trained in another precision (test_train's QLoRA resume
-        test fails if Trainer renames this)."""
+    # Trainer's private names, used here alone: as Trainer, keeping each trainable parameter's dtype. PEFT's
+    # load_adapter upcasts an adapter that TRL trains in bfloat16 (QLoRA) to float32: a resumed run trained in another
+    # precision, the best checkpoint was saved again as float32 (test_train's QLoRA tests fail if Trainer renames them).
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with self._dtypes_kept():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        with self._dtypes_kept():
+            super()._load_best_model()
+
+    @contextlib.contextmanager
+    def _dtypes_kept(self):
         dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        yield
         for name, p in self.model.named_parameters():
             if dtypes.get(name, p.dtype) != p.dtype:
                 p.data = p.data.to(dtypes[name])
@@ -108,7 +118,7 @@ def build_trainer(recipe: Recipe, tokenizer, data, eval_dataset=None, resume_fro
     from transformers.integrations import TensorBoardCallback
 
     from .decisions import decide_activation_checkpointing
-    from .model import name_the_cpu_to_deepspeed
+    from .model import check_target_modules, name_the_cpu_to_deepspeed
     from .prepare import Prepared, prepare_datasets
     from .resume import checkpoint_state
 
@@ -213,37 +223,3 @@ def configure_wandb(recipe: Recipe) -> None:
 
         if problem := check_api_key(key):
             raise RecipeError(f"WANDB_API_KEY (environment): {problem} Fix it, or set wandb.mode: offline")
-
-
-def model_modules(recipe: Recipe) -> dict[str, str] | None:
-    """Dotted name → class name of every module of the recipe's model, built on the meta device (no weights); None
-    when the architecture cannot be built here (offline hub id, exotic model): loading then reports it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .model import base_config
-    try:
-        config = base_config(recipe)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    except Exception:  # any failure here is reported, better worded, by the real load that follows
-        return None
-    return {name: type(module).__name__ for name, module in skeleton.named_modules() if name}
-
-
-def check_target_modules(recipe: Recipe) -> None:
-    """RecipeError unless every `lora.target_modules` entry (or the regex) selects a module of the model: PEFT fails
-    only when none matches, and silently skips list entries that match nothing (EXAONE's remote-code `c_fc_0` under
-    the native Llama modules trains attention only)."""
-    targets = recipe.given["lora"]["target_modules"]  # in the recipe's order (LoraConfig keeps a set)
-    if targets is None or targets == "all-linear" or not (modules := model_modules(recipe)):
-        return
-    if isinstance(targets, str):  # PEFT: a string is a regex matched against the full module name
-        what = "" if any(re.fullmatch(targets, name) for name in modules) else f"the regex {targets!r} matches"
-    else:  # PEFT: a list entry matches a module whose name is the entry or ends with "." + entry
-        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in modules)]
-        what = missing and f"{', '.join(map(repr, missing))} {'matches' if len(missing) == 1 else 'match'}"
-    if what:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind.endswith("Linear")})
-        raise RecipeError(f"{recipe.at('lora.target_modules')}: lora.target_modules: {what} no module of "
-                          f"{recipe.model.name_or_path}; its linear layers are {', '.join(linear)} (or use all-linear)")

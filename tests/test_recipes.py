@@ -366,9 +366,9 @@ def test_lora_on_the_vision_tower_fails(tmp_path, tiny_arch, ci_data):
 
 def test_target_modules_peft_rejects_are_one_line_when_the_architecture_could_not_be_checked(
         tmp_path, tiny_arch, ci_data, monkeypatch):
-    import sft_lora.trainer
+    import sft_lora.model
 
-    monkeypatch.setattr(sft_lora.trainer, "model_modules", lambda recipe: None)  # e.g. a config behind remote code
+    monkeypatch.setattr(sft_lora.model, "model_modules", lambda recipe: None)  # e.g. a config behind remote code
     path = broken(tmp_path, "llama3/8b-lora.yaml", lora={"target_modules": ["wq", "wv"]})
     message = failure(path, "llama3", tiny_arch, ci_data, tmp_path)
     assert "lora.target_modules: Target modules" in message and "not found in the base model" in message

@@ -476,6 +476,21 @@ def test_a_resumed_qlora_run_ends_with_the_uninterrupted_adapter_bit_for_bit(tmp
     assert a.keys() == b.keys() and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
 
 
+def test_qlora_best_checkpoint_reloaded_at_the_end_is_saved_as_trained(tmp_path, tiny_model):
+    """load_best_model_at_end reloads the best checkpoint through PEFT's load_adapter, which upcast the bfloat16 QLoRA
+    adapter: the final adapters were saved as float32, twice the size of the checkpoint they came from."""
+    from safetensors.torch import load_file
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, use_qlora=True, output={"merge": False}, training={
+        "max_steps": 4, "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True}))
+    summary = train(recipe)
+    state = json.loads((recipe.checkpoint_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    best = load_file(Path(state["best_model_checkpoint"]) / "adapter_model.safetensors")
+    final = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
+    assert final.keys() == best.keys() and all(final[k].dtype == torch.bfloat16 for k in final)
+    assert all(torch.equal(final[k], best[k]) for k in final)
+
+
 def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
     """bitsandbytes repacked 4-bit weights for its AVX512-BF16 CPU kernel in an eval forward, and training forwards
     after it had no backward: the LoRA gradients changed by ~30 % after eval_on_start. (On a CPU without
