@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeError, local_model_missing, read_saved_recipe, saved_section
+from .data import opened
 from .merge import check_loadable
 from .text import first_line, printable
-from .turns import opened, stop_token_ids, template_kwargs
+from .turns import stop_token_ids, template_kwargs
 
 
 def load(model_dir: str | Path, trust_remote_code: bool = False):

@@ -211,7 +211,8 @@ def _construct(section: str, kwargs: dict[str, Any], raw: dict[str, Any]):
 def looks_like_hub_id(name: str) -> bool:
     """Whether a name that is not here reads as a hub id (`org/name`, `name`), not a path (`./x`, `~/x`, `x.jsonl`)."""
     return (not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
-            and Path(name).suffix.lower() not in (".json", ".jsonl", ".yaml", ".yml", ".txt", ".csv", ".parquet"))
+            and Path(name).suffix.lower() not in (".json", ".jsonl", ".gz", ".yaml", ".yml", ".txt", ".csv", ".parquet",
+                                                     ".arrow"))
 
 
 def local_model_missing(name: str) -> bool:

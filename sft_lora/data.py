@@ -1,18 +1,17 @@
-"""Records → chat examples: read json/jsonl/dir/hub records, validate them, weight and mix several files, split eval.
-A record, `{input, output, source?}` or a conversation, becomes TRL's prompt/completion form (`turns.chat`)."""
+"""Records → chat examples: the entries of `data.path`, their records (`records.py`) validated, weighted and mixed,
+the eval split. A record, `{input, output, source?}` or a conversation, becomes TRL's prompt/completion form
+(`chat`)."""
 
-import json
 import math
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .config import DataArgs, RecipeError, looks_like_hub_id
-from .text import first_line
-from .turns import chat
+from .config import DataArgs, RecipeError
+from .records import FORMATS, BadRecord, locate, read_records
+from .text import shortened
 from .values import coerce, suggest
 
 KEYS = ("path", "source", "weight", "split")  # of a data entry
@@ -20,8 +19,8 @@ KEYS = ("path", "source", "weight", "split")  # of a data entry
 # 1 M records (~250 tokens each); in chunks only one chunk's Python objects are alive at a time (1.1 GiB).
 CHUNK = 20_000
 READ_BAR_DELAY = 2.0  # seconds of reading before its progress bar shows (1 M records take ~30 s; small files none)
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 MAX_ROWS = 100_000_000  # rows an entry's weight may make: 0.8 GB of row index (1e8 × weight 1 took 142 GiB, a crash)
-SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may decode to half a UTF-16 pair
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,6 @@ class Entry:
         return self.path if self.split is None or Path(self.path).is_file() else f"{self.path}[{self.split}]"
 
 
-class BadRecord(str):
-    """Why a record could not be read (bad JSON, bad UTF-8); it fails the run or is skipped like any bad one."""
-
-
 def entries(value: Any, key: str = "data.path") -> list[Entry]:
     """`data.path` / `data.eval_path` (a path or a list of paths and {path, source, weight, split}) as entries."""
     items = value if isinstance(value, list) else [value]
@@ -58,7 +53,7 @@ def entries(value: Any, key: str = "data.path") -> list[Entry]:
             raise ValueError(f"{where}: unknown key '{unknown[0]}' ({', '.join(KEYS)}){suggest(unknown[0], KEYS)}")
         path, source, weight = item.get("path"), item.get("source"), coerce(item.get("weight", 1), float, 1.0)
         if not isinstance(path, str) or not path:
-            raise ValueError(f"{where}: needs a path (.json, .jsonl, a saved dataset dir or a hub id)")
+            raise ValueError(f"{where}: needs a path ({FORMATS})")
         for name in ("source", "split"):
             if item.get(name) is not None and not isinstance(item[name], str):
                 raise ValueError(f"{where}.{name} must be a string, got {item[name]!r}")
@@ -74,97 +69,96 @@ def paths(value: Any) -> list[str]:
     return [e.path for e in entries(value)] if value else []
 
 
-def read_records(path: str, args: DataArgs, key: str = "data.path", split: str | None = None
-                 ) -> Iterable[tuple[int, Any]]:
-    """(number, record) pairs (the line of a .jsonl, read lazily; the record's number in a .json, a dir, a hub
-    dataset: see `locate`, its `split`, else `data.split`); errors name `key`, the recipe key the path came from."""
-    p, split, kind = Path(path), split or args.split, Path(path).suffix.lower()  # UP.JSONL is a .jsonl file
-    if kind in (".json", ".jsonl") and p.is_file():
-        try:
-            handle = p.open("rb")
-        except OSError as exc:
-            raise RecipeError(f"{p}: cannot read the data file ({exc.strerror}); check {key}") from None
-        return _jsonl_records(handle) if kind == ".jsonl" else _json_records(p, handle)
-    if p.is_dir():  # also one named .jsonl: datasets' JSON builder read it as a hub dataset, no file:line
-        from datasets import DatasetDict, load_from_disk
-        try:
-            dataset = load_from_disk(str(p))
-        except Exception as exc:  # FileNotFoundError, ValueError, pyarrow's: all mean "not a saved dataset"
-            raise RecipeError(f"{p}: not a dataset directory ({first_line(exc)}); {key} takes .json, .jsonl, a "
-                              "save_to_disk directory or a hub dataset id") from None
-        if isinstance(dataset, DatasetDict) and split not in dataset:
-            raise RecipeError(f"{p}: no split '{split}' (has {', '.join(dataset)}); set data.split or the "
-                              "entry's split")
-        return enumerate((dataset[split] if isinstance(dataset, DatasetDict) else dataset).to_list(), 1)
-    if p.is_file():
-        raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use .json, .jsonl, a save_to_disk "
-                          "directory or a hub dataset id")
-    found(path, key)  # else a hub id, never a .json or .jsonl name
-    from datasets import load_dataset
-    try:
-        return enumerate(load_dataset(path, split=split).to_list(), 1)
-    except Exception as exc:  # hub errors come in many types: named with their reason (a split, the network …)
-        raise RecipeError(f"{path}: could not load hub dataset ({type(exc).__name__}: {first_line(exc)}); check "
-                          f"{key}, its split and the network") from None
+def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
+    """(prompt, completion) turns of a record, or what is wrong: the prompt ends before the first assistant turn (the
+    last with `data.mask_history`); its system turn, else `data.system_prompt`, goes atop the first user turn with
+    `fold_system_prompt` (for templates without a usable system role)."""
+    if not isinstance(record, dict):
+        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
+    if (source := record.get(args.source_field)) is not None and not isinstance(source, str):
+        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
+    # A null key is a missing one: a saved or hub dataset that mixes the forms has every column in every row
+    conversation, pair = ([key for key in keys if record.get(key) is not None]
+                          for keys in (("messages", "conversations"), (args.input_field, args.output_field)))
+    if conversation and (other := [*conversation[1:], *pair]):
+        return (f"has both '{conversation[0]}' and '{other[0]}'; a record is one conversation or one "
+                f"{{{args.input_field}, {args.output_field}}} pair, keep one")
+    if conversation:
+        if isinstance(turns := _conversation(record, conversation[0]), str):
+            return turns
+    elif isinstance(turns := _pair(record, args), str):
+        return turns
+    system, turns = (turns[0]["content"], turns[1:]) if turns[0]["role"] == "system" else (args.system_prompt, turns)
+    turns = opened(turns, system, args.fold_system_prompt)
+    cut = len(turns) - 1 if args.mask_history else next(n for n, t in enumerate(turns) if t["role"] == "assistant")
+    return turns[:cut], turns[cut:]
 
 
-def found(path: str, key: str) -> None:
-    """RecipeError unless `path` (of recipe key `key`) exists or reads as a hub id; a run checks every data path so
-    before comparing a checkpoint's data (a mistyped path, read as a hub id, blamed the checkpoints)."""
-    if not Path(path).exists() and not looks_like_hub_id(path):
-        relative = "" if Path(path).is_absolute() else f" (relative to the working directory, {Path.cwd()})"
-        raise RecipeError(f"{Path(path)}: data file not found{relative}; check {key}")
+def _pair(record: dict, args) -> list[dict[str, str]] | str:
+    """The turns of an `{input, output}` record, or what is wrong. Alpaca's `{instruction, input, output}`: the question
+    is the instruction, then its input on the next line when there is one (LLaMA-Factory joins them so)."""
+    if record.get("history"):  # Alpaca's earlier turns: refused rather than dropped
+        return "'history' (earlier turns) is not read; write the record as a conversation ('messages') instead"
+    if record.get("instruction") is not None and args.input_field != "instruction":
+        parts = [record["instruction"], record.get(args.input_field) or ""]
+        if not all(isinstance(part, str) for part in parts):
+            return f"'instruction' and '{args.input_field}' must be strings"
+        record = {**record, args.input_field: "\n".join(part for part in parts if part.strip())}
+    for key in (args.input_field, args.output_field):
+        if key not in record:
+            return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
+        if not isinstance(record[key], str):
+            return f"'{key}' must be a string, got {type(record[key]).__name__}"
+    if not record[args.output_field].strip():
+        return f"'{args.output_field}' is empty; there is nothing to learn from it"
+    if not record[args.input_field].strip():  # as an empty user turn of a conversation
+        return f"'{args.input_field}' is empty; write the question that the answer follows"
+    return [{"role": "user", "content": record[args.input_field]},
+            {"role": "assistant", "content": record[args.output_field]}]
 
 
-def _json_records(p: Path, handle) -> list[tuple[int, Any]]:
-    """(number, record) pairs of a .json array; a file that is not valid is an error as a whole."""
-    with handle:
-        data = handle.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
-    if not data.strip():
-        return []  # an empty file, said as such by the caller
-    records, line = _parse(data, "fix the file or use .jsonl")
-    if isinstance(records, BadRecord):
-        raise RecipeError(f"{p}:{line}: {records}" if line else f"{p}: {records}")
-    if not isinstance(records, list):
-        raise RecipeError(f"{p}: a .json data file must hold a list of records, got {type(records).__name__}")
-    return list(enumerate([_surrogate_free(r) for r in records] if SURROGATE.search(data) else records, 1))
+def opened(messages: list[dict[str, str]], system: str | None, fold: bool) -> list[dict[str, str]]:
+    """`messages` opened by the system prompt: a system turn, or with `fold` (`data.fold_system_prompt`) atop the first
+    user turn; training and chat both open a conversation this way."""
+    if not system:
+        return messages
+    if fold:
+        return [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
 
 
-def locate(path: str, number: int) -> str:
-    """Where record `number` of the data file `path` is: `file:line` (.jsonl) or `file: record N`."""
-    jsonl = Path(path).suffix.lower() == ".jsonl" and Path(path).is_file()
-    return f"{path}:{number}" if jsonl else f"{path}: record {number}"
-
-
-def _jsonl_records(handle) -> Iterator[tuple[int, Any]]:
-    with handle:
-        for n, line in enumerate(handle, 1):
-            line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a byte-order mark is no part of the data
-            if line.strip():
-                record = _parse(line, "each line must be one JSON record")[0]
-                yield n, _surrogate_free(record) if SURROGATE.search(line) else record
-
-
-def _parse(data: bytes, fix: str) -> tuple[Any, int | None]:
-    """(the JSON value of `data`, or a BadRecord saying why there is none, ending in `fix`; the line it names)."""
-    try:
-        return json.loads(data.decode("utf-8")), None
-    except UnicodeDecodeError as exc:
-        return BadRecord("not valid UTF-8; re-encode the file as UTF-8"), data[: exc.start].count(b"\n") + 1
-    except json.JSONDecodeError as exc:
-        return BadRecord(f"not valid JSON ({exc.msg}); {fix}"), exc.lineno
-    except RecursionError:
-        return BadRecord(f"not valid JSON (nested too deeply); {fix}"), None
-
-
-def _surrogate_free(record: Any) -> Any:
-    """`record`, or a BadRecord when a string holds a lone UTF-16 surrogate (Arrow would fail on it deep inside)."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return BadRecord(f"holds a lone UTF-16 surrogate ({ascii(exc.object[exc.start])}), which is not text; fix "
-                         "the record")
-    return record
+def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
+    """The record's turns under `key` as {role, content} (ShareGPT's human/gpt named user/assistant), or what is
+    wrong."""
+    role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        return f"'{key}' must be a non-empty list of turns"
+    out: list[dict[str, str]] = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in (role_key, text_key)):
+            return f"{key}[{n}] must be {{\"{role_key}\": …, \"{text_key}\": \"text\"}}"
+        role = ROLES.get(turn[role_key]) if key == "conversations" else turn[role_key]
+        if role not in ("system", "user", "assistant"):
+            known = "system, user, assistant" if key == "messages" else ", ".join(ROLES)
+            return f"{key}[{n}]: unknown role '{shortened(turn[role_key], 40)}' ({known})"
+        if turn.get("weight") not in (None, 1):  # OpenAI's fine-tuning format: weight 0 = no loss on the turn
+            return (f"{key}[{n}]: 'weight': {shortened(repr(turn['weight']), 20)} is not supported (every assistant "
+                    "turn carries loss); remove the key, or set data.mask_history: true to train on the last one only")
+        position = len(out) - (out[0]["role"] == "system" if out else 0)
+        expected = "system" if n == 0 and role == "system" else ("user", "assistant")[position % 2]
+        if role != expected:
+            return (f"{key}[{n}]: roles out of order ({role} where {expected} belongs); a conversation is an optional "
+                    "system turn, then user and assistant turns alternating")
+        if not turn[text_key].strip():
+            if role == "system":  # exports write one where there is none: as none (data.system_prompt applies)
+                continue
+            return f"{key}[{n}]: the {role} turn is empty"
+        out.append({"role": role, "content": turn[text_key]})
+    if out[-1]["role"] != "assistant":
+        return (f"{key}: no assistant turn ends the conversation" if any(t["role"] == "assistant" for t in out) else
+                f"{key}: no assistant turn; there is nothing to learn from it")
+    return out
 
 
 def examples(records: Iterable[tuple[int, Any]], args: DataArgs, entry: Entry) -> tuple[dict[str, list], int, str]:

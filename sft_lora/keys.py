@@ -3,7 +3,6 @@ unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combin
 
 import importlib
 import inspect
-import os
 import re
 from typing import Any
 
@@ -112,7 +111,7 @@ def check_combinations(recipe) -> None:
                          "model.build_tiny builds a tiny random model at a local path; set model.build_tiny: false to "
                          "load the hub model, or name a path such as ./tiny")
     if not data.path:
-        raise KeyProblem("data.path", "data.path is required (.json, .jsonl, a saved dataset dir or a hub id)")
+        raise KeyProblem("data.path", "data.path is required (a data file, a saved dataset dir or a hub id)")
     name = recipe.model_name  # a directory name in the output layout: it must stay inside output.dir
     if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         key = "model.name" if model.name else "model.name_or_path"
@@ -223,12 +222,11 @@ def _check_data(recipe) -> None:
         raise KeyProblem(key, f"data.{a} and data.{b} are both '{getattr(data, a)}'; name two different fields",
                          [f"data.{a}", f"data.{b}"])
     from .data import entries
+    from .records import identity
     read = {}
     for key in [k for k in ("path", "eval_path") if getattr(data, k)]:
         try:
-            read[key] = [(os.path.realpath(e.path) if os.path.exists(e.path) else e.path,
-                          None if os.path.isfile(e.path) else e.split or data.split)  # a file has no splits
-                         for e in entries(getattr(data, key), f"data.{key}")]
+            read[key] = [identity(e.path, e.split or data.split) for e in entries(getattr(data, key), f"data.{key}")]
         except ValueError as exc:
             raise KeyProblem(f"data.{key}", str(exc)) from None
     if same := [what for what in read.get("eval_path", []) if what in read["path"]]:

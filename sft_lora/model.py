@@ -171,7 +171,8 @@ def build_tiny_model(out_dir: str | Path, data: str | Path | list, *, hidden_siz
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from .atomic import atomic_dir
-    from .data import paths, read_records
+    from .data import paths
+    from .records import read_records
 
     fields, texts = fields or DataArgs(), []
     for data_path in paths(data if isinstance(data, list) else str(data)):

@@ -9,8 +9,8 @@ import numpy as np
 
 from . import rows as figures
 from .config import Recipe, RecipeError
-from .data import locate
 from .prepare import Prepared
+from .records import locate
 from .sections import CHECK_NAMES
 from .text import columns, printable, shortened, table_names
 

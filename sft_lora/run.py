@@ -128,10 +128,11 @@ def train(recipe: Recipe, resume: str | None = None, force_resume: bool = False)
 
 def _check_before_training(recipe: Recipe) -> None:
     """Each in one line, before anything heavy is loaded, and before launching (not once per launched process)."""
-    from .data import found, paths
+    from .data import paths
     from .hub import check_push
     from .model import check_model_weights, check_qlora_backend, check_tiny_path
     from .outputs import check_outputs
+    from .records import found
 
     for key in ("path", "eval_path"):  # a mistyped path: said as such, not blamed on the checkpoints
         for path in paths(getattr(recipe.data, key)):

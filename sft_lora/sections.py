@@ -31,8 +31,8 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     path: str | list = ""
-    """A .json/.jsonl file, save_to_disk dir or hub dataset id, or a list of them or of {path, source, weight,
-    split}."""
+    """A .json/.jsonl (.gz too)/.parquet/.csv/.arrow file, save_to_disk dir or hub dataset id, or a list of them or of
+    {path, source, weight, split}."""
     input_field: str = "input"
     """Record field holding the user's question."""
     output_field: str = "output"

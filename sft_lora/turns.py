@@ -1,5 +1,5 @@
-"""Chat turns: a record ({input, output}, OpenAI `messages` or ShareGPT `conversations`) as prompt/completion turns,
-and their tokenization with loss on every assistant turn (its content and end-of-turn token) and nothing else."""
+"""Chat turns rendered by the chat template and tokenized with loss on every assistant turn (its content and
+end-of-turn token) and nothing else; the template's variables, its refusals, the tokens that end a turn."""
 
 import bisect
 import contextlib
@@ -8,10 +8,9 @@ import os
 import re
 from typing import Any
 
-from .text import first_line, shortened
+from .text import first_line
 
 logger = logging.getLogger(__name__)
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters that stand for {% generation %} / {% endgeneration %}
 # How rendered text is encoded: as apply_chat_template does, without transformers' warning that a text longer than
 # the tokenizer's model_max_length "will result in indexing errors": rows are cut at training.max_length, and
@@ -30,84 +29,6 @@ def template_refusal(exc: Exception) -> str | None:
            "check the records and data.chat_template_kwargs")
     return (f"the chat template refuses a record ({first_line(exc)}); {fix}, or set data.chat_template to a "
             "template that takes it")
-
-
-def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
-    """(prompt, completion) turns of a record, or what is wrong: the prompt ends before the first assistant turn (the
-    last with `data.mask_history`); its system turn, else `data.system_prompt`, goes atop the first user turn with
-    `fold_system_prompt` (for templates without a usable system role)."""
-    if not isinstance(record, dict):
-        return f"expected an object with '{args.input_field}' and '{args.output_field}', got {type(record).__name__}"
-    if (source := record.get(args.source_field)) is not None and not isinstance(source, str):
-        return f"'{args.source_field}' must be a string, got {type(source).__name__}"
-    # A null key is a missing one: a saved or hub dataset that mixes the forms has every column in every row
-    conversation, pair = ([key for key in keys if record.get(key) is not None]
-                          for keys in (("messages", "conversations"), (args.input_field, args.output_field)))
-    if conversation and (other := [*conversation[1:], *pair]):
-        return (f"has both '{conversation[0]}' and '{other[0]}'; a record is one conversation or one "
-                f"{{{args.input_field}, {args.output_field}}} pair, keep one")
-    if conversation:
-        turns = _conversation(record, conversation[0])
-        if isinstance(turns, str):
-            return turns
-    else:
-        for key in (args.input_field, args.output_field):
-            if key not in record:
-                return f"missing '{key}' (set data.input_field/output_field if it is named differently)"
-            if not isinstance(record[key], str):
-                return f"'{key}' must be a string, got {type(record[key]).__name__}"
-        if not record[args.output_field].strip():
-            return f"'{args.output_field}' is empty; there is nothing to learn from it"
-        if not record[args.input_field].strip():  # as an empty user turn of a conversation
-            return f"'{args.input_field}' is empty; write the question that the answer follows"
-        turns = [{"role": "user", "content": record[args.input_field]},
-                 {"role": "assistant", "content": record[args.output_field]}]
-    system, turns = (turns[0]["content"], turns[1:]) if turns[0]["role"] == "system" else (args.system_prompt, turns)
-    turns = opened(turns, system, args.fold_system_prompt)
-    cut = len(turns) - 1 if args.mask_history else next(n for n, t in enumerate(turns) if t["role"] == "assistant")
-    return turns[:cut], turns[cut:]
-
-
-def opened(messages: list[dict[str, str]], system: str | None, fold: bool) -> list[dict[str, str]]:
-    """`messages` opened by the system prompt: a system turn, or with `fold` (`data.fold_system_prompt`) atop the first
-    user turn; training and chat both open a conversation this way."""
-    if not system:
-        return messages
-    if fold:
-        return [{"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
-
-
-def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
-    """The record's turns under `key` as {role, content} (ShareGPT's human/gpt named user/assistant), or what is
-    wrong."""
-    role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        return f"'{key}' must be a non-empty list of turns"
-    out: list[dict[str, str]] = []
-    for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in (role_key, text_key)):
-            return f"{key}[{n}] must be {{\"{role_key}\": …, \"{text_key}\": \"text\"}}"
-        role = ROLES.get(turn[role_key]) if key == "conversations" else turn[role_key]
-        if role not in ("system", "user", "assistant"):
-            known = "system, user, assistant" if key == "messages" else ", ".join(ROLES)
-            return f"{key}[{n}]: unknown role '{shortened(turn[role_key], 40)}' ({known})"
-        if turn.get("weight") not in (None, 1):  # OpenAI's fine-tuning format: weight 0 = no loss on the turn
-            return (f"{key}[{n}]: 'weight': {shortened(repr(turn['weight']), 20)} is not supported (every assistant "
-                    "turn carries loss); remove the key, or set data.mask_history: true to train on the last one only")
-        position = n - (out[0]["role"] == "system" if out else 0)
-        expected = "system" if n == 0 and role == "system" else ("user", "assistant")[position % 2]
-        if role != expected:
-            return (f"{key}[{n}]: roles out of order ({role} where {expected} belongs); a conversation is an optional "
-                    "system turn, then user and assistant turns alternating")
-        if not turn[text_key].strip():
-            return f"{key}[{n}]: the {role} turn is empty"
-        out.append({"role": role, "content": turn[text_key]})
-    if out[-1]["role"] != "assistant":
-        return (f"{key}: no assistant turn ends the conversation" if any(t["role"] == "assistant" for t in out) else
-                f"{key}: no assistant turn; there is nothing to learn from it")
-    return out
 
 
 def template_kwargs(tokenizer, given: dict | None = None) -> dict:

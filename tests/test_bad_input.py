@@ -215,8 +215,8 @@ def _(env):
 
 @case("data: unsupported data format")
 def _(env):
-    return (*env.cli(env.with_data("d.csv", "input,output\na,b\n")),
-            [f"{env.tmp / 'd.csv'}: unsupported data format '.csv'"])
+    return (*env.cli(env.with_data("d.txt", "input,output\na,b\n")),
+            [f"{env.tmp / 'd.txt'}: unsupported data format '.txt'; use .json, .jsonl (either gzipped), .parquet"])
 
 
 @case("data: eval_split leaves no eval record")
@@ -230,7 +230,7 @@ def _(env):
     (env.tmp / "notes").mkdir()
     (env.tmp / "notes" / "a.txt").write_text("hello")
     return *env.cli(env.recipe(data={"path": str(env.tmp / "notes"), "eval_split": None})), [
-        f"{env.tmp / 'notes'}: not a dataset directory (", "data.path takes .json, .jsonl, a save_to_disk directory"]
+        f"{env.tmp / 'notes'}: not a dataset directory (", "data.path takes .json, .jsonl (either gzipped), .parquet"]
 
 
 @case("data: JSON nested 100,000 deep")

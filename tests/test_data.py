@@ -27,15 +27,30 @@ def _write(tmp_path, form: str):
     elif form == "json":
         path = tmp_path / "d.json"
         path.write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    elif form in ("jsonl.gz", "json.gz"):
+        import gzip
+
+        path = tmp_path / f"d.{form}"
+        text = "\n".join(json.dumps(r) for r in RECORDS) if form == "jsonl.gz" else json.dumps(RECORDS)
+        path.write_bytes(gzip.compress(text.encode()))
     else:
         from datasets import Dataset
 
-        path = tmp_path / "saved"
-        Dataset.from_list([{**r, "source": r.get("source")} for r in RECORDS]).save_to_disk(str(path))
+        dataset = Dataset.from_list([{**r, "source": r.get("source")} for r in RECORDS])
+        path = tmp_path / ("saved" if form == "save_to_disk" else f"d.{form}")
+        {"save_to_disk": lambda: dataset.save_to_disk(str(path)), "parquet": lambda: dataset.to_parquet(str(path)),
+         "csv": lambda: dataset.to_csv(str(path), index=False), "arrow": lambda: _write_arrow(dataset, path)}[form]()
     return path
 
 
-@pytest.mark.parametrize("form", ["jsonl", "json", "save_to_disk"])
+def _write_arrow(dataset, path) -> None:
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, dataset.data.table.schema) as writer:
+        writer.write_table(dataset.data.table)
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json", "save_to_disk", "jsonl.gz", "json.gz", "parquet", "csv", "arrow"])
 def test_every_form_gives_the_same_chat_examples(tmp_path, form):
     args = DataArgs(path=str(_write(tmp_path, form)), system_prompt="Be brief.")
     train, evaluation = load_datasets(args)
@@ -44,6 +59,54 @@ def test_every_form_gives_the_same_chat_examples(tmp_path, form):
                                   {"role": "user", "content": "한국의 수도는 어디인가요?"}]
     assert train[1]["completion"] == [{"role": "assistant", "content": "한국의 수도는 서울입니다."}]
     assert train["source"] == ["arith_en", "capital_ko", "default", "arith_en"]
+
+
+def test_alpaca_records_ask_the_instruction_then_its_input_and_an_empty_system_turn_is_none(tmp_path):
+    """{instruction, input, output} trained on `input` alone (the instruction dropped, silently) or stopped on an empty
+    input; an empty system turn, common in exports, stopped the run."""
+    path = tmp_path / "d.jsonl"
+    records = [{"instruction": "Translate into French.", "input": "I have 5 cats.", "output": "J'ai 5 chats."},
+               {"instruction": "Name a colour.", "input": "", "output": "Red."},
+               {"instruction": "Name a fruit.", "output": "Apple."},
+               {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Hi?"},
+                             {"role": "assistant", "content": "Hi."}]}]
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    train, _ = load_datasets(DataArgs(path=str(path), system_prompt="Be brief."))
+    assert [p[-1]["content"] for p in train["prompt"]] == [
+        "Translate into French.\nI have 5 cats.", "Name a colour.", "Name a fruit.", "Hi?"]
+    assert train["prompt"][3][0] == {"role": "system", "content": "Be brief."}  # as if the record had none
+    path.write_text(json.dumps({"instruction": "And?", "input": "", "output": "Yes.", "history": [["Hi?", "Hi."]]}))
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:1: 'history' (earlier turns) is not read; write the "
+                                                    "record as a conversation ('messages') instead")):
+        load_datasets(DataArgs(path=str(path)))
+
+
+def test_data_files_that_cannot_be_read_and_splits_that_select_nothing_are_one_line(tmp_path, tiny_model):
+    import gzip
+    import os
+
+    from datasets import Dataset, DatasetDict
+
+    path = tmp_path / "d.jsonl.gz"  # gzipped lines keep their numbers; a file cut short is said as such
+    path.write_bytes(gzip.compress(b'{"input": "a", "output": "b"}\n{"input": "a"}\n'))
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:2: missing 'output'")):
+        load_datasets(DataArgs(path=str(path)))
+    path.write_bytes(gzip.compress(b'{"input": "a", "output": "b"}\n' * 100)[:-20])
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: cannot read the data file (") + ".*fix or replace"):
+        load_datasets(DataArgs(path=str(path)))
+    os.mkfifo(fifo := tmp_path / "piped.jsonl")  # `<(zcat d.jsonl.gz)`: was asked of the hub, after 5 retries
+    with pytest.raises(RecipeError, match=re.escape(f"{fifo}: not a regular file; save the data to a file")):
+        load_datasets(DataArgs(path=str(fifo)))
+    # a split of one saved Dataset was ignored: the eval "split" read every training record
+    Dataset.from_list(RECORDS[:2]).save_to_disk(str(saved := tmp_path / "saved"))
+    with pytest.raises(RecipeError, match=re.escape(f"{saved}: a saved Dataset, not a DatasetDict, has no split")):
+        load_datasets(DataArgs(path=str(saved), eval_path=[{"path": str(saved), "split": "test"}]))
+    DatasetDict(train=Dataset.from_list(RECORDS)).save_to_disk(str(both := tmp_path / "dd"))
+    for eval_path in ([{"path": str(saved), "split": "test"}], str(both / "train")):  # dd/train is dd's train split
+        path = write_recipe(tmp_path, tiny_model, data={"path": str(saved if "split" in str(eval_path) else both),
+                                                         "eval_split": None, "eval_path": eval_path})
+        with pytest.raises(RecipeError, match="is training data too"):
+            load_recipe(path)
 
 
 def test_field_names_are_configurable_and_eval_comes_from_a_fraction_or_a_file(tmp_path):
@@ -230,7 +293,7 @@ def test_a_directory_named_like_a_data_file_is_refused_as_any_directory_of_files
         (tmp_path / name).mkdir()
         (tmp_path / name / "a.jsonl").write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
         with pytest.raises(RecipeError, match=f"^{re.escape(str(tmp_path / name))}: not a dataset directory \\(.*"
-                                              "; data.path takes .json, .jsonl, a save_to_disk directory"):
+                                              "; data.path takes .json, .jsonl \\(either gzipped\\), .parquet"):
             load_datasets(DataArgs(path=str(tmp_path / name)))
 
 

@@ -348,7 +348,7 @@ def test_chat_opens_with_the_system_prompt_as_trained(lora_run, tmp_path, capsys
     (model / "chat_template.jinja").write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception("
                                                "'System role not supported') }}{% endif %}" + template)
     assert chat_main([str(model), "--prompt", "Hi?", "--max-new-tokens", "2"]) == 0  # a TemplateError before
-    from sft_lora.turns import opened
+    from sft_lora.data import opened
 
     assert opened([{"role": "user", "content": "Hi?"}], "Be brief.", True) == [
         {"role": "user", "content": "Be brief.\n\nHi?"}]  # as turns.chat folds it in training
