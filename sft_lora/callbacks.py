@@ -71,7 +71,7 @@ class CheckpointRecord(TrainerCallback):
             dist.barrier()  # every rank has written its shards before rank 0 lists them
         if not state.is_world_process_zero:
             return
-        from .report import checkpoint_card
+        from .card import checkpoint_card
 
         checkpoint = checkpoint_path(args, state.global_step)
         write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,

@@ -151,7 +151,7 @@ def _resolve(raw: dict[str, Any], source: str) -> Recipe:
     training = {"num_train_epochs": 3, "learning_rate": 1e-4 if use_qlora else 5e-6, "report_to": ["wandb"],
                 **upstream["training"]}
     if own["data"].eval_split or own["data"].eval_path:
-        training.setdefault("eval_strategy", "epoch")
+        training.setdefault("eval_strategy", "steps" if "eval_steps" in training else "epoch")  # eval_steps said it
         training.setdefault("eval_on_start", True)  # the eval loss before any step, to compare the last one with
     given = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
                       "task_type": "CAUSAL_LM", **upstream["lora"]},

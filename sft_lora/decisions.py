@@ -1,9 +1,11 @@
 """The library's own choices where the recipe leaves a key unset (`--print-config` lists them): precision, padding-free
-batches attending per document (`sdpa_documents`, below), activation checkpointing only where memory needs it."""
+batches attending per document (`sdpa_documents`, below), activation checkpointing only where memory needs it; the
+model keys behind them (attention, device map) checked at load as transformers checks them only when it loads."""
 
 import dataclasses
 import logging
 import os
+import re
 
 logger = logging.getLogger(__name__)
 ATTENTION = "sdpa_documents"
@@ -37,6 +39,10 @@ def decide(recipe) -> None:
         reason, rule = "wrapped", "not for wrapped packing, where TRL advises against padding-free rows"
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
         recipe.training = dataclasses.replace(recipe.training, padding_free=True)
+    elif args.padding_free and reason and not args.packing:  # set by the recipe: trained padded, with a warning
+        from .recipe_yaml import KeyProblem
+        raise KeyProblem("training.padding_free", f"training.padding_free needs sft_lora's data preparation, which "
+                         f"does not apply with {reason}; remove training.padding_free")
     if attention := _choose_attention(recipe, recipe.training):
         kwargs = {**(recipe.training.model_init_kwargs or {}), "attn_implementation": attention}
         recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
@@ -99,6 +105,39 @@ def settle_attention(recipe) -> None:
     kwargs = {**recipe.training.model_init_kwargs, "attn_implementation": again}
     recipe.training = dataclasses.replace(recipe.training, model_init_kwargs=kwargs)
     recipe.decisions["attention"] = recipe.decisions["attention"].replace(chosen, again, 1)
+
+
+def check_model_keys(recipe) -> None:
+    """`model.attn_implementation` and `model.device_map` as transformers checks them only when the model loads, after
+    the data is prepared: a name it does not know, flash-attn not installed, a device this machine lacks."""
+    import torch
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .recipe_yaml import KeyProblem
+    from .values import suggest
+    cuda = torch.cuda.is_available() and not recipe.training.use_cpu
+    if (name := recipe.model.attn_implementation) and "/" not in name:  # a hub kernel: transformers fetches it
+        known = ["eager", "sdpa", ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        flash = re.fullmatch(r"flash_attention_(\d)", name)
+        if name.removeprefix("paged|") not in known:
+            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: unknown attention '{name}' "
+                             f"(eager, sdpa, {ATTENTION}, flash_attention_2, flex_attention …){suggest(name, known)}")
+        if flash and not getattr(utils, f"is_flash_attn_{flash[1]}_available", lambda: False)():
+            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: {name} needs the flash-attn "
+                             "package for it, which is not installed here (or no GPU); install it or use sdpa")
+        if name.removeprefix("paged|") == "flex_attention" and not cuda:  # fails at the first backward
+            raise KeyProblem("model.attn_implementation", "model.attn_implementation: flex_attention has no backward "
+                             f"on a CPU; use {ATTENTION} (per-document attention, the CPU default) or sdpa")
+    if (device := recipe.model.device_map) and device not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        try:  # a GPU index past this machine's count too; other accelerators (mps, xpu …) are left to torch
+            usable = (place := torch.device(device)).type != "cuda" or cuda and (place.index or 0) < (
+                torch.cuda.device_count())
+        except RuntimeError:
+            usable = False
+        if not usable:
+            raise KeyProblem("model.device_map", f"model.device_map: '{device}' is no device of this machine; use "
+                             "auto (spread over all GPUs) or leave it unset")
 
 
 def _config(recipe, local_files_only: bool):

@@ -3,13 +3,17 @@ unknown keys (with a did-you-mean), wrong types, out-of-range values, bad combin
 
 import importlib
 import inspect
-import re
 from typing import Any
 
 from .recipe_yaml import KeyProblem, expand_env, leaves
 from .sections import CHECK_NAMES, CHOICES, FRACTIONS, MAXIMUM, OWN_SECTIONS, OWNED_ELSEWHERE, POSITIVE, UPSTREAM
 from .text import TOKEN_FORMATS, WANDB_KEY, secret_env_values
 from .values import class_fields, coerce, describe, field_choices, suggest, type_ok
+
+REMOVED = {  # keys of the tutorials that transformers 5 removed, and what says it now
+    "training.warmup_ratio": "transformers 5 took it into warmup_steps, where a value below 1 is a ratio "
+                             "(warmup_steps: 0.03)",
+    "training.group_by_length": "transformers 5 replaced it by train_sampling_strategy: group_by_length"}
 
 
 def upstream_class(section: str) -> type:
@@ -22,7 +26,8 @@ def checked(given: dict[str, Any], cls: type, section: str) -> dict[str, Any]:
     for key, value in given.items():
         dotted = f"{section}.{key}"
         if key not in fields:
-            raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{suggest(key, fields)}")
+            hint = f"; {REMOVED[dotted]}" if dotted in REMOVED else suggest(key, fields)
+            raise KeyProblem(dotted, f"unknown key '{key}' in section '{section}'{hint}")
         hint, default = fields[key]
         out[key] = value = coerce(value, hint, default)
         choices = [str(c) for c in field_choices(cls).get(key, ())]  # the field's own (TRL: packing_strategy …)
@@ -50,6 +55,9 @@ def sections_of(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if value is not None and not isinstance(value, dict):
             raise KeyProblem(name, f"section '{name}' must be a mapping of keys, got {value!r}")
         sections[name] = {k: expand_env(v, f"{name}.{k}") for k, v in (value or {}).items()}
+    if sections["training"].get("enable_jit_checkpoint"):  # its SIGTERM handler, put back after training, swallowed
+        raise KeyProblem("training.enable_jit_checkpoint", "training.enable_jit_checkpoint: sft_lora saves a "
+                         "checkpoint on SIGTERM itself (README, Reliability); remove it")  # one in merge, smoke check
     for key, value in sections["training"].items():
         if key in OWNED_ELSEWHERE and value not in (None, False):  # `push_to_hub: false` sets nothing
             if key == "hub_model_id" and not sections["training"].get("push_to_hub"):
@@ -130,15 +138,30 @@ def check_combinations(recipe) -> None:
         raise KeyProblem("lora.layer_replication", "lora.layer_replication shares weights between layers, so a merged "
                          "model cannot be saved; set output.merge: false (the adapters are saved as usual)")
     _check_data(recipe)
-    _check_model(recipe)
+    from .decisions import check_model_keys
+    check_model_keys(recipe)
     _check_optimization(recipe.training)
+    _check_training(recipe.training, bool(data.eval_split or data.eval_path))
+
+
+def _check_training(args, evaluation_data: bool) -> None:
+    """Training keys upstream takes but runs otherwise than asked (or checks only after loading the model)."""
     from transformers.integrations import get_reporting_integration_callbacks
     try:  # what Trainer checks when it is built, after the data is prepared
-        get_reporting_integration_callbacks(recipe.training.report_to)
+        get_reporting_integration_callbacks(args.report_to)
     except ValueError as exc:
         raise KeyProblem("training.report_to", f"training.report_to: {exc}") from None
-    strategy = recipe.training.eval_strategy  # an IntervalStrategy: a str enum
-    if strategy != "no" and not (data.eval_split or data.eval_path):
+    if args.max_steps == 0:  # Trainer takes one step at learning rate 0 and saves it as the trained model
+        raise KeyProblem("training.max_steps", "training.max_steps must be > 0, got 0 (leave it unset, or -1, to "
+                         "train training.num_train_epochs)")
+    if args.save_strategy == "best" and args.metric_for_best_model is None:  # Trainer's check, after loading
+        raise KeyProblem("training.save_strategy", "training.save_strategy: best needs training.metric_for_best_model "
+                         "(eval_loss, eval_<source>_loss); set it")
+    if args.fp16 and args.use_cpu:  # accelerate trains fp16 on a CPU as fp32, silently
+        raise KeyProblem("training.fp16", "training.fp16 does nothing on a CPU (accelerate trains in fp32 there); "
+                         "remove it, or set training.bf16: true for CPU mixed precision")
+    strategy = args.eval_strategy  # an IntervalStrategy: a str enum
+    if strategy != "no" and not evaluation_data:
         raise KeyProblem("training.eval_strategy", f"training.eval_strategy={strategy.value} needs evaluation data; "
                          "set data.eval_split or data.eval_path")
 
@@ -169,38 +192,6 @@ def _check_optimization(args) -> None:
     except (ValueError, TypeError, KeyError) as exc:
         raise KeyProblem("training.lr_scheduler_kwargs", f"training.lr_scheduler_type / lr_scheduler_kwargs: "
                          f"{first_line(exc)}", ["training.lr_scheduler_type", "training.lr_scheduler_kwargs"]) from None
-
-
-def _check_model(recipe) -> None:
-    """`model.attn_implementation` and `model.device_map` as transformers checks them only when the model loads, after
-    the data is prepared: a name it does not know, flash-attn not installed, a device this machine lacks."""
-    import torch
-    from transformers import utils
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from .decisions import ATTENTION
-    cuda = torch.cuda.is_available() and not recipe.training.use_cpu
-    if (name := recipe.model.attn_implementation) and "/" not in name:  # a hub kernel: transformers fetches it
-        known = ["eager", "sdpa", ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
-        flash = re.fullmatch(r"flash_attention_(\d)", name)
-        if name.removeprefix("paged|") not in known:
-            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: unknown attention '{name}' "
-                             f"(eager, sdpa, {ATTENTION}, flash_attention_2, flex_attention …){suggest(name, known)}")
-        if flash and not getattr(utils, f"is_flash_attn_{flash[1]}_available", lambda: False)():
-            raise KeyProblem("model.attn_implementation", f"model.attn_implementation: {name} needs the flash-attn "
-                             "package for it, which is not installed here (or no GPU); install it or use sdpa")
-        if name.removeprefix("paged|") == "flex_attention" and not cuda:  # fails at the first backward
-            raise KeyProblem("model.attn_implementation", "model.attn_implementation: flex_attention has no backward "
-                             f"on a CPU; use {ATTENTION} (per-document attention, the CPU default) or sdpa")
-    if (device := recipe.model.device_map) and device not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        try:  # a GPU index past this machine's count too; other accelerators (mps, xpu …) are left to torch
-            usable = (place := torch.device(device)).type != "cuda" or cuda and (place.index or 0) < (
-                torch.cuda.device_count())
-        except RuntimeError:
-            usable = False
-        if not usable:
-            raise KeyProblem("model.device_map", f"model.device_map: '{device}' is no device of this machine; use "
-                             "auto (spread over all GPUs) or leave it unset")
 
 
 def _check_data(recipe) -> None:

@@ -23,8 +23,8 @@ def merge_adapter(adapter_dir: str | Path, base_model: str | None = None, output
     the original weights (README, Merge). The choice goes into merge_info.json."""
     from transformers import AutoTokenizer
 
+    from .card import model_card
     from .outputs import check_not_inputs
-    from .report import model_card
     from .turns import stop_token_ids
 
     adapter_dir = Path(adapter_dir)

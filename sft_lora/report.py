@@ -1,15 +1,12 @@
 """What a run leaves to read: `summary.json`, a loss-curve PNG and the console table, from the Trainer's
-`state.log_history`; and the model card (README.md) of the adapters, the merged model and each checkpoint."""
+`state.log_history` (the model cards: `card.py`)."""
 
 import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .atomic import atomic_file, read_json, write_atomic
-from .config import looks_like_hub_id, read_saved_recipe
-from .text import cell, columns, redact, table_names
+from .atomic import atomic_file, write_atomic
+from .text import columns, table_names
 from .trainer import source_metric
 
 SUMMARY_FILE = "summary.json"
@@ -45,6 +42,7 @@ def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) ->
     evals = eval_history(history, sources)
     before = {name: _before(points) for name, points in evals.items()}
     best = min(evals.get("overall", []), key=lambda point: point[1], default=None)
+    metric = f"eval_{(args.metric_for_best_model or '').removeprefix('eval_')}"  # as Trainer names it
     by_source = {s: {"before": before.get(s), "after": after.get(source_metric(s) + "_loss"),
                      "best": min(p[1] for p in evals[s])} for s in sources if evals.get(s)}
     return {
@@ -54,6 +52,8 @@ def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) ->
         "train_losses": [(log["step"], log["loss"]) for log in history if "loss" in log],
         "best_eval_loss": best[1] if best else None, "best_eval_step": best[0] if best else None,
         "eval_by_source": by_source, "eval_history": evals,
+        "weights_of": f"{Path(chosen).name}, the best by {metric} (load_best_model_at_end)"
+        if (chosen := args.load_best_model_at_end and trainer.state.best_model_checkpoint) else None,
         "speed_settings": {  # what decides speed and memory (several chosen by decisions.py)
             "padding_free": bool(getattr(trainer, "padding_free", False)), "packing": bool(args.packing),
             "attention": getattr(trainer.model.config, "_attn_implementation", None),
@@ -157,94 +157,10 @@ def summary_table(summary: dict[str, Any]) -> str:
             rows.append(("  example", " -> ".join(json.dumps(smoke["samples"][0][k][:200], ensure_ascii=False)
                                                   for k in ("question", "text"))))
     rows += [("checkpoints", summary["checkpoints"]), ("adapters", summary["adapters"])]
+    if summary.get("weights_of"):  # not the last step's
+        rows.append(("  weights of", summary["weights_of"]))
     if summary.get("merged"):
         rows.append(("merged", summary["merged"]))
     rows.append(("summary", summary["summary_file"] + (f", {summary['plot']}" if summary["plot"] else "")))
     width = max(columns(name) for name, _ in rows) + 2  # a Korean source name: two columns a character
     return "\n".join(lines + [name + ":" + " " * (width - columns(name) - 1) + value for name, value in rows])
-
-
-def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None = None) -> str:
-    """README.md of the adapters or, with `merged_into` (into which weights), of the merged model; from the adapters."""
-    summary, what = read_json(Path(adapter_dir) / SUMMARY_FILE), ""
-    if not summary and (state := read_json(Path(adapter_dir) / "trainer_state.json")):  # a checkpoint: its step
-        summary, what = _so_far({}, state["log_history"], state["global_step"]), f"checkpoint {state['global_step']}"
-    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into, what)
-
-
-def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> str:
-    """README.md of `checkpoint-<step>`: the run's card with the eval losses logged so far."""
-    return card_text(recipe.model.name_or_path, yaml.safe_load(recipe.to_yaml()), _so_far(counts, log_history, step),
-                     None, f"checkpoint {step}")
-
-
-def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> dict[str, Any]:
-    """A card's numbers at `step`: records by source and the eval losses of the log history up to it."""
-    evals = eval_history(log_history, sorted(counts.get("eval") or {}))
-    ends = {name: {"before": _before(points), "after": points[-1][1] if points[-1][0] > 0 else None}  # step 0's is
-            for name, points in evals.items()}  # the untrained model's, not this checkpoint's
-    overall = ends.pop("overall", {})
-    return {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
-            "eval_loss_after": overall.get("after"), "eval_by_source": ends}
-
-
-def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "") -> str:
-    """The card: `ModelCardData` metadata, base model, method, data table, how to load it, recipe (secrets redacted)."""
-    from huggingface_hub import ModelCardData
-
-    from .hub import base_license
-
-    method, adapters = "QLoRA" if recipe.get("use_qlora") else "LoRA", merged_into is None
-    metadata = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None,
-                             library_name="peft" if adapters else "transformers", **base_license(base_model),
-                             pipeline_tag="text-generation", tags=["sft", method.lower(), "trl", "sft_lora"])
-    kind = (f"{method} adapters" if adapters else f"merged {method} model") + (f" ({what})" if what else "")
-    license = f", license {metadata.license_name or metadata.license}" if metadata.license else ""
-    lines = ["---", metadata.to_yaml(), "---", "", f"# {Path(base_model).name}: {kind} (sft_lora)", "",
-             f"- base model: `{base_model}`{license}",
-             f"- method: {method}" + (f", merged into the {merged_into}" if merged_into else ", adapters only"),
-             f"- data: {_files((recipe.get('data') or {}).get('path'))}"]
-    if summary.get("global_step") is not None:
-        tokens, start = f"{summary['tokens']:,} tokens" if summary.get("tokens") else "", summary.get("resumed_at_step")
-        if start:  # TRL counts this session's tokens only
-            trained = f" (resumed at step {start}" + (f"; {tokens} since)" if tokens else ")")
-        else:
-            trained = f", {tokens}" if tokens else ""
-        lines.append(f"- trained: {summary['global_step']} steps{trained}")
-    counts = summary.get("records_by_source") or {}
-    if counts.get("train"):
-        evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
-        lines += ["", "## Data and evaluation", "", "| source | train rows | eval rows | eval loss before | "
-                  "eval loss after |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {cell(source)} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
-                  f"{_num(evals.get(source, {}).get('before'))} | {_num(evals.get(source, {}).get('after'))} |"
-                  for source in sorted({**counts["train"], **eval_counts})]  # a source held out only too
-        lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
-                     f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
-    auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
-    if bnb := adapters and recipe.get("quantization"):  # on the 4-bit base it trained with, not the full-precision
-        dtype = ", quantization_config=BitsAndBytesConfig(" + ", ".join(f"{k}={v!r}" for k, v in bnb.items()) + ")"
-    lines += ["", "## Use", "", "```python", f"from {'peft' if adapters else 'transformers'} import {auto}",
-              "from transformers import AutoTokenizer" + ", BitsAndBytesConfig" * bool(bnb), "",
-              'path = "<this directory>"',
-              "tokenizer = AutoTokenizer.from_pretrained(path)", f"model = {auto}.from_pretrained(path{dtype})",
-              'messages = [{"role": "user", "content": "..."}]', "inputs = tokenizer.apply_chat_template(messages, "
-              "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
-              "skip_special_tokens=True))", "```", "",
-              "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
-              "The chat template it was trained with is `chat_template.jinja`."]
-    if recipe:
-        text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True)
-        lines += ["", "## Recipe", "", "```yaml", text.rstrip(), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _files(path) -> str:
-    """`data.path` on a card: each file in backticks, with its weight and source where the recipe gives them."""
-    from .data import entries
-
-    if not path:
-        return "?"
-    return ", ".join(f"`{e.path}`" + f" ({e.split})" * bool(e.split) + f" × {e.weight:g}" * (e.weight != 1)
-                     + f" (source {e.source})" * bool(e.source) for e in entries(path))

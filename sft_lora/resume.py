@@ -71,6 +71,19 @@ def select_checkpoint(recipe: Recipe, resume: str, force: bool = False) -> str:
                       "(with --force-resume for an incomplete one)")
 
 
+def check_full_state(checkpoint: str, force: bool) -> None:
+    """Refuse, unless `force`, a checkpoint of weights alone (`training.save_only_model`): Trainer resumed it with a
+    fresh optimizer and schedule, silently, a run unlike the one it continues."""
+    files = read_json(Path(checkpoint) / RECORD).get("files") or {}
+    if not files or any("optimizer" in name or name.startswith("global_step") for name in files):  # ZeRO's dirs
+        return
+    message = f"{checkpoint}: saved with training.save_only_model (weights alone, no optimizer or schedule state)"
+    if not force:
+        raise RecipeError(f"{message}, so a resume would not continue the run; train from the start, or pass "
+                          "--force-resume to go on with a fresh optimizer")
+    say(f"notice: {message}; resuming with a fresh optimizer (--force-resume)")
+
+
 def check_fresh_start(recipe: Recipe) -> None:
     """Refuse a fresh run (no --resume) into a checkpoint directory holding another recipe's or data's checkpoints:
     it would write over some and leave the rest for --resume to pick. The same recipe's are written over, unless run
@@ -111,9 +124,10 @@ def checkpoint_state(checkpoint: str | Path, name: str = TRAINER_STATE) -> dict[
     return read_json(Path(checkpoint) / name)
 
 
-def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
+def nothing_left(recipe: Recipe, checkpoint: str, force: bool = False) -> dict | None:
     """When `checkpoint` ends the run `recipe` asks for (same recorded length) and the adapters were saved after it:
-    say so, merge if asked and not yet done, return the run's summary; None when there is training left."""
+    say so, merge if asked and not yet done, return the run's summary; None when there is training left (from a
+    checkpoint with its optimizer's state: `check_full_state`)."""
     from accelerate import PartialState
 
     from .merge import merge_adapter
@@ -125,6 +139,7 @@ def nothing_left(recipe: Recipe, checkpoint: str) -> dict | None:
     done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
     if not (done and record.get("length") == run_length(recipe)
             and summary.get("global_step") == state["global_step"]):
+        check_full_state(checkpoint, force)
         return None
     say(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "
           f"its adapters are saved in {recipe.adapters_dir}; to train longer raise training.num_train_epochs or "

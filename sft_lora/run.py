@@ -154,7 +154,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
         check_fresh_start(recipe)  # no other run's checkpoints to mix with
-    if resume_from and (done := nothing_left(recipe, resume_from)) is not None:
+    if resume_from and (done := nothing_left(recipe, resume_from, force_resume)) is not None:
         return done
     build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
     settle_attention(recipe)  # before it too: the checkpoints record the attention trained with
@@ -212,11 +212,12 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
 def _finish(recipe: Recipe, summary: dict, held_out, inputs: str) -> None:
     """On the main process: the summary first (the merged card reads its losses), merge, smoke check, table, push."""
     from . import atomic, outputs, report
+    from .card import model_card
     from .chat import run_smoke_check
 
     outputs.remove_stale_merge(recipe)  # the merge of the adapters just replaced: none rather than a mismatched one
     report.write_summary(recipe.adapters_dir, summary)
-    card = report.model_card(recipe.adapters_dir, recipe.model.name_or_path)
+    card = model_card(recipe.adapters_dir, recipe.model.name_or_path)
     atomic.write_atomic(recipe.adapters_dir / "README.md", card)
     if recipe.output.merge:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -123,7 +123,7 @@ CHOICES = {  # values with a fixed set of choices; upstream accepts some of thes
 # Upper bounds: past them upstream allocates what no machine has (TRL's packing builds a max_length-sized tree; a
 # LoRA rank past any model's hidden size only adds zeros).
 MAXIMUM = {"training.max_length": 2**20, "lora.r": 2**16}
-FRACTIONS = {"data.eval_split", "lora.lora_dropout", "training.warmup_ratio", "check.max_truncated_share"}  # [0, 1)
+FRACTIONS = {"data.eval_split", "lora.lora_dropout", "check.max_truncated_share"}  # [0, 1)
 UPSTREAM = {"lora": ("peft", "LoraConfig"), "quantization": ("transformers", "BitsAndBytesConfig"),
             "training": ("trl", "SFTConfig")}  # sections handed whole to an upstream class
 OWNED_ELSEWHERE = {  # `training` keys that other sections own, and where to set them instead

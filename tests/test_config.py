@@ -84,6 +84,15 @@ def test_unknown_keys_in_every_section(make_recipe, section, key, suggestion):
     ("training.load_best_model_at_end=true", "command line: training.load_best_model_at_end: --load_best_model_at_end "
      "requires the save and eval strategy to match, except when --save_strategy=\"best\", but found - Evaluation "
      "strategy: IntervalStrategy.EPOCH - Save strategy: SaveStrategy.STEPS"),
+    # accepted before, each a run unlike the one asked for: no training at all, a traceback after loading, fp32
+    # training, a SIGTERM swallowed during the merge; removed keys with what says them now
+    ("training.max_steps=0", "command line: training.max_steps must be > 0, got 0 (leave it unset, or -1, to train "),
+    ("training.save_strategy=best", "training.save_strategy: best needs training.metric_for_best_model"),
+    ("training.fp16=true", "command line: training.fp16 does nothing on a CPU (accelerate trains in fp32 there)"),
+    ("training.enable_jit_checkpoint=true", "training.enable_jit_checkpoint: sft_lora saves a checkpoint on SIGTERM"),
+    ("training.warmup_ratio=0.03", "unknown key 'warmup_ratio' in section 'training'; transformers 5 took it into "
+     "warmup_steps, where a value below 1 is a ratio (warmup_steps: 0.03)"),
+    ("training.group_by_length=true", "replaced it by train_sampling_strategy: group_by_length"),
 ])
 def test_wrong_values_fail_with_one_line(make_recipe, override, expected):  # more: test_bad_input.py
     assert expected in _error(make_recipe(use_qlora=True), [override])
@@ -133,6 +142,16 @@ def test_impossible_combinations(make_recipe):
     assert _error(qlora, [], {"use_qlora": "false"}).startswith("command line --use_qlora: a quantization section")
     message = _error(make_recipe(data={"eval_split": 0.0}, training={"eval_strategy": "steps"}))
     assert "needs evaluation data" in message
+
+
+def test_a_padding_free_the_recipe_sets_is_refused_where_it_cannot_apply_and_eval_steps_mean_steps(make_recipe):
+    """padding_free: true with completion_only_loss: false trained padded batches, --print-config saying true; a lone
+    eval_steps was ignored under sft_lora's eval_strategy default (epoch)."""
+    assert _error(make_recipe(), ["training.padding_free=true", "training.completion_only_loss=false"]).startswith(
+        "command line: training.padding_free needs sft_lora's data preparation, which does not apply with "
+        "completion_only_loss=False")
+    assert load_recipe(make_recipe(), ["training.eval_steps=2"]).training.eval_strategy == "steps"
+    assert load_recipe(make_recipe()).training.eval_strategy == "epoch"
 
 
 def test_yaml_scientific_notation_without_dot_is_a_float(make_recipe):
@@ -371,7 +390,8 @@ def test_load_time_checks_refuse_no_legitimate_value_and_miss_none(make_recipe, 
     # a GPU index this machine lacks (cuda:3 with one GPU was accepted where a GPU is visible)
     from types import SimpleNamespace
 
-    from sft_lora.keys import KeyProblem, _check_model
+    from sft_lora.decisions import check_model_keys
+    from sft_lora.keys import KeyProblem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as the check sees the machine
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -380,9 +400,9 @@ def test_load_time_checks_refuse_no_legitimate_value_and_miss_none(make_recipe, 
         return SimpleNamespace(training=SimpleNamespace(use_cpu=False),
                                model=SimpleNamespace(attn_implementation=None, device_map=device))
     for device in ("cuda:0", "cuda", "auto", "cpu", "mps"):
-        _check_model(on_gpu(device))
+        check_model_keys(on_gpu(device))
     with pytest.raises(KeyProblem, match="'cuda:3' is no device of this machine"):
-        _check_model(on_gpu("cuda:3"))
+        check_model_keys(on_gpu("cuda:3"))
     monkeypatch.undo()
     # a mistyped --base_model on a build_tiny recipe under an accelerate config: refused before launching (rank 0
     # said it, then the other rank's gloo traceback, exit 1)
@@ -392,8 +412,8 @@ def test_load_time_checks_refuse_no_legitimate_value_and_miss_none(make_recipe, 
     assert "model directory not found; the recipe's model.build_tiny builds" in err and "Traceback" not in err
     assert not (tmp_path / "nope").exists()
     # a base card naming several licenses: the list was written as one quoted string
+    from sft_lora.card import card_text
     from sft_lora.hub import base_license
-    from sft_lora.report import card_text
 
     base = tmp_path / "base"
     base.mkdir()

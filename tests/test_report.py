@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft_lora.card import model_card
 from sft_lora.chat import main as chat_main
 from sft_lora.chat import smoke_check
 from sft_lora.config import RECIPE_FILE, load_recipe
 from sft_lora.fingerprint import file_sha256
 from sft_lora.outputs import MANIFEST_FILE, build_manifest
-from sft_lora.report import model_card
 from sft_lora.run import main
 
 from .conftest import ROOT, SAMPLE
@@ -216,8 +216,8 @@ def test_merged_model_has_a_model_card(default_job):
 
 
 def test_every_readme_the_run_leaves_is_a_model_card_and_every_file_is_readable(default_job, tmp_path, monkeypatch):
+    from sft_lora.card import card_text
     from sft_lora.hub import base_license
-    from sft_lora.report import card_text
 
     recipe, summary, *_ = default_job
     root = Path(recipe.output.dir).parent
@@ -355,7 +355,7 @@ def test_chat_answers_end_inside_the_models_context(tiny_model):
 
 
 def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_recipe):
-    from sft_lora.report import checkpoint_card
+    from sft_lora.card import checkpoint_card
 
     # `eval_on_start: false`: the first eval is at step 4, after training began; it is not "eval loss before"
     recipe = load_recipe(make_recipe(data={"eval_split": 0.25}, training={"eval_on_start": False}))
@@ -383,7 +383,8 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
 
 def test_a_source_with_control_characters_keeps_the_card_table_and_the_console_table_whole(make_recipe):
     """A newline or `|` in a source broke the card's markdown table; ESC and a carriage return reached the console."""
-    from sft_lora.report import checkpoint_card, summary_table
+    from sft_lora.card import checkpoint_card
+    from sft_lora.report import summary_table
 
     names = ["a|b", "line1\nline2", "\x1b[31mRED\x1b[0m", "cr\rover"]
     recipe = load_recipe(make_recipe(data={"eval_split": 0.25}))

@@ -489,6 +489,27 @@ def test_qlora_best_checkpoint_reloaded_at_the_end_is_saved_as_trained(tmp_path,
     final = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
     assert final.keys() == best.keys() and all(final[k].dtype == torch.bfloat16 for k in final)
     assert all(torch.equal(final[k], best[k]) for k in final)
+    # said where the run is read: the table and card spoke of the last step only
+    said = f"{Path(state['best_model_checkpoint']).name}, the best by eval_loss (load_best_model_at_end)"
+    assert summary["weights_of"] == said
+    assert f"; the weights are {said}" in (Path(summary["adapters"]) / "README.md").read_text()
+
+
+def test_a_checkpoint_of_weights_alone_is_not_resumed_unless_forced(make_recipe, capsys):
+    """save_only_model checkpoints hold no optimizer or schedule: the resume went on with a fresh optimizer, silently
+    (a final eval loss 5.6951 where the uninterrupted run ends at 5.6685)."""
+    path = make_recipe(training={"max_steps": 4, "save_steps": 2, "save_only_model": True},
+                       report={"smoke_prompts": 0})
+    assert main([str(path)]) == 0
+    checkpoint = load_recipe(path).checkpoint_dir / "checkpoint-2"
+    capsys.readouterr()
+    assert main([str(path), "--resume", str(checkpoint)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {checkpoint}: saved with training.save_only_model (weights "
+                                              "alone, no optimizer or schedule state), so a resume would not continue")
+    assert main([str(path), "--resume"]) == 0  # the last step's: nothing left to train, said as such
+    assert "nothing left to train" in capsys.readouterr().out
+    assert main([str(path), "--resume", str(checkpoint), "--force-resume"]) == 0
+    assert "resuming with a fresh optimizer (--force-resume)" in capsys.readouterr().out
 
 
 def test_qlora_gradients_are_the_same_after_an_evaluation(tmp_path, tiny_model):
