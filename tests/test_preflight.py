@@ -265,13 +265,14 @@ def test_eval_records_truncation_leaves_without_an_answer_are_said_not_evaluated
 
 
 def test_the_padding_line_follows_what_the_trainer_feeds(make_recipe):
-    # True is the library default; keep_end truncation is left to TRL's own preparation, which pads
-    for padding_free, truncation in ((True, "keep_start"), (False, "keep_start"), (True, "keep_end")):
+    # True is the library default (None: unset); keep_end truncation is left to TRL's own preparation, which pads (a
+    # padding_free: true the recipe sets there is refused at load: test_config)
+    for padding_free, truncation in ((True, "keep_start"), (False, "keep_start"), (None, "keep_end")):
         recipe, report = _report(make_recipe(data={"eval_split": 0}, training={
             "padding_free": padding_free, "truncation_mode": truncation}))
         batch = next(iter(build_trainer(recipe, load_tokenizer(recipe.model, recipe.data),
                                         load_datasets(recipe.data)[0]).get_train_dataloader()))
-        if padding_free and truncation == "keep_start":
+        if padding_free:
             assert report.packing.startswith("off: padding-free batches of 4 (one row each, no padding)")
             assert report.padding_efficiency == 1.0 and batch["input_ids"].shape[0] == 1
         else:
