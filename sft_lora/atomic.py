@@ -76,19 +76,45 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
 
+    def __reduce__(self):  # pickled and copied by its number, not its message
+        return Interrupted, (self.signum,)
+
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Interrupted while inside (the training loop installs its own stop handlers)."""
+    owner = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != owner:  # a forked worker (datasets' map pool): ended as by default, or the pool hangs
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise Interrupted(signum)
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP) if main_thread}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}  # nohup's SIGHUP stays ignored
     try:
         yield
+    except Exception as exc:  # raised while a library cleaned up after the signal (datasets' worker pool): the signal
+        if (signalled := interrupt_in(exc)) is None:
+            raise
+        signalled.training_started = getattr(exc, "training_started", False)  # run's mark (its command continues)
+        raise signalled from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C, SIGTERM or SIGHUP that `exc` was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
 
 
 def write_atomic(final: str | Path, text: str) -> None:

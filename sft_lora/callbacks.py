@@ -144,7 +144,8 @@ class GracefulStop(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}  # `nohup`: SIGHUP stays ignored
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()

@@ -97,7 +97,7 @@ def chat(record: Any, args) -> tuple[list[dict], list[dict]] | str:
 def _pair(record: dict, args) -> list[dict[str, str]] | str:
     """The turns of an `{input, output}` record, or what is wrong. Alpaca's `{instruction, input, output}`: the question
     is the instruction, then its input on the next line when there is one (LLaMA-Factory joins them so)."""
-    if record.get("history"):  # Alpaca's earlier turns: refused rather than dropped
+    if isinstance(record.get("history"), list) and record["history"]:  # Alpaca's earlier turns: refused, not dropped
         return "'history' (earlier turns) is not read; write the record as a conversation ('messages') instead"
     if record.get("instruction") is not None and args.input_field != "instruction":
         parts = [record["instruction"], record.get(args.input_field) or ""]
@@ -155,6 +155,8 @@ def _conversation(record: dict, key: str) -> list[dict[str, str]] | str:
                 continue
             return f"{key}[{n}]: the {role} turn is empty"
         out.append({"role": role, "content": turn[text_key]})
+    if not out:  # an empty system turn alone
+        return f"{key}: no assistant turn; there is nothing to learn from it"
     if out[-1]["role"] != "assistant":
         return (f"{key}: no assistant turn ends the conversation" if any(t["role"] == "assistant" for t in out) else
                 f"{key}: no assistant turn; there is nothing to learn from it")

@@ -48,9 +48,11 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
     if p.is_file() and kind.endswith((".parquet", ".csv", ".arrow")):  # datasets' own builders, no network
         from datasets import load_dataset
         try:
-            return _rows(load_dataset(kind.rpartition(".")[2], data_files=str(p), split="train"))
+            kind = kind.rpartition(".")[2]  # a CSV cell is text: "007", "None", "NA" and "" as written, not 7, null
+            text = {"features": _text_columns(p), "keep_default_na": False} if kind == "csv" else {}
+            return _rows(load_dataset(kind, data_files=str(p), split="train", **text))
         except Exception as exc:  # pyarrow's, pandas' parser errors …
-            raise RecipeError(f"{p}: cannot read the {kind.rpartition('.')[2]} file ({first_line(exc)}); check "
+            raise RecipeError(f"{p}: cannot read the {kind} file ({first_line(exc)}); check "
                               f"{key}") from None
     if p.is_file():
         raise RecipeError(f"{p}: unsupported data format '{p.suffix}'; use {FORMATS}")
@@ -65,11 +67,19 @@ def read_records(path: str, args: DataArgs, key: str = "data.path", split: str |
                           f"{key}, its split and the network") from None
 
 
+def _text_columns(p: Path):
+    import csv
+
+    from datasets import Features, Value
+    with p.open(newline="", encoding="utf-8-sig") as handle:
+        return Features({name: Value("string") for name in next(csv.reader(handle), [])})
+
+
 def _rows(dataset) -> Iterator[tuple[int, dict]]:
     """(number, record) pairs of a datasets.Dataset, read 1,000 rows at a time (to_list() of 1 M records held them
     all as Python objects at once)."""
     number = 0
-    for batch in dataset.iter(batch_size=1_000):
+    for batch in dataset.with_format(None).iter(batch_size=1_000):  # a saved format (numpy, pandas) as Python
         for values in zip(*batch.values(), strict=True):
             number += 1
             yield number, dict(zip(batch, values, strict=True))

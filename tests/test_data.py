@@ -75,10 +75,26 @@ def test_alpaca_records_ask_the_instruction_then_its_input_and_an_empty_system_t
     assert [p[-1]["content"] for p in train["prompt"]] == [
         "Translate into French.\nI have 5 cats.", "Name a colour.", "Name a fruit.", "Hi?"]
     assert train["prompt"][3][0] == {"role": "system", "content": "Be brief."}  # as if the record had none
+    path.write_text(json.dumps({"messages": [{"role": "system", "content": ""}]}))  # an IndexError in the first try
+    with pytest.raises(RecipeError, match=re.escape(f"{path}:1: messages: no assistant turn; there is nothing to")):
+        load_datasets(DataArgs(path=str(path)))
     path.write_text(json.dumps({"instruction": "And?", "input": "", "output": "Yes.", "history": [["Hi?", "Hi."]]}))
     with pytest.raises(RecipeError, match=re.escape(f"{path}:1: 'history' (earlier turns) is not read; write the "
                                                     "record as a conversation ('messages') instead")):
         load_datasets(DataArgs(path=str(path)))
+
+
+def test_csv_cells_are_text_as_written_and_a_saved_format_is_read_as_python(tmp_path):
+    """pandas typed CSV cells (4, 7.0 for "007", null for "NA"), refused as not text or dropped; a dataset saved with
+    a format (pandas, numpy, arrow) was read in that format (a TypeError)."""
+    from datasets import Dataset
+
+    (path := tmp_path / "d.csv").write_text('input,output,source\nWhat is 2+2?,4,NA\nBond?,007,\n', encoding="utf-8")
+    train, _ = load_datasets(DataArgs(path=str(path)))
+    assert [c[0]["content"] for c in train["completion"]] == ["4", "007"] and train["source"] == ["NA", "default"]
+    for kind in ("pandas", "numpy", "arrow"):
+        Dataset.from_list(RECORDS).with_format(kind).save_to_disk(str(saved := tmp_path / kind))
+        assert load_datasets(DataArgs(path=str(saved)))[0]["prompt"][1][-1]["content"] == RECORDS[1]["input"]
 
 
 def test_data_files_that_cannot_be_read_and_splits_that_select_nothing_are_one_line(tmp_path, tiny_model):

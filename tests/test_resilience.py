@@ -341,6 +341,55 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tin
     assert not (tmp_path / "final_model").exists()
 
 
+def _block_while_tokenizing(directory: str) -> None:
+    """Child setup: every tokenizing batch (in datasets' worker processes) marks that it started, then waits."""
+    import sft_lora.prepare
+
+    tokenize = sft_lora.prepare.tokenize_conversations
+
+    def slow(*args, **kwargs):
+        Path(directory, "tokenizing").touch()
+        time.sleep(120)
+        return tokenize(*args, **kwargs)
+
+    sft_lora.prepare.tokenize_conversations = slow
+
+
+def test_sigterm_while_worker_processes_tokenize_ends_the_run_in_one_line(tiny_model, tmp_path):
+    """With training.dataset_num_proc: 2 the workers inherited the handler that turns SIGTERM into an exception: the
+    pool's own SIGTERM to them raised it inside them, and the run hung until SIGKILL."""
+    import functools
+
+    recipe = write_recipe(tmp_path, tiny_model, data={"eval_split": 0}, training={"dataset_num_proc": 2})
+    child = Child([str(recipe)], tmp_path / "log", env={"SFT_LORA_CACHE": str(tmp_path / "cache")},
+                  setup=functools.partial(_block_while_tokenizing, str(tmp_path)))
+    assert child.wait_for(lambda: (tmp_path / "tokenizing").exists()), child.err()[-3000:]
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.join(timeout=60) == 143, child.err()[-3000:]
+    assert "interrupted: SIGTERM outside the training loop; finished outputs are kept" in child.err()
+    assert "Traceback" not in child.err()
+
+
+def test_signals_nohup_ignores_stay_ignored():
+    """`nohup` ignores SIGHUP so that training outlives the terminal: sft_lora's handlers took it back, and closing
+    the terminal stopped the run (in training with a checkpoint, outside it at once)."""
+    from sft_lora.atomic import signals_interrupt
+    from sft_lora.callbacks import GracefulStop
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # not ignored: taken
+            stop = GracefulStop()
+            stop.on_train_begin(None, None, None)
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            stop.restore()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_the_fingerprint_sees_eos_token_and_the_base_models_tokenizer(tiny_model, tmp_path):
     """TrainingArguments.to_dict() hides every *_token field as "<EOS_TOKEN>", so a changed training.eos_token (other
     labels) resumed silently; so did an edited tokenizer or chat template inside a local model.name_or_path."""
