@@ -157,7 +157,12 @@ def _check_training(args, evaluation_data: bool) -> None:
     if args.save_strategy == "best" and args.metric_for_best_model is None:  # Trainer's check, after loading
         raise KeyProblem("training.save_strategy", "training.save_strategy: best needs training.metric_for_best_model "
                          "(eval_loss, eval_<source>_loss); set it")
-    if args.fp16 and args.use_cpu:  # accelerate trains fp16 on a CPU as fp32, silently
+    if args.save_strategy == "best" and args.eval_strategy == "no":  # saves on an improved evaluation: never
+        raise KeyProblem("training.save_strategy", "training.save_strategy: best saves only when an evaluation "
+                         "improves the metric, and this run evaluates never (no evaluation data or eval_strategy "
+                         "no), so no checkpoint would be saved; set data.eval_split or data.eval_path, or use steps")
+    import torch
+    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):  # accelerate trains it as fp32, silently
         raise KeyProblem("training.fp16", "training.fp16 does nothing on a CPU (accelerate trains in fp32 there); "
                          "remove it, or set training.bf16: true for CPU mixed precision")
     strategy = args.eval_strategy  # an IntervalStrategy: a str enum

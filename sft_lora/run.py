@@ -197,6 +197,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
             result = trainer.train(resume_from_checkpoint=resumed)
     except AtTheEnd:
         print(f"nothing left to train: {resumed} is this run's last step; saving its adapters")
+        trainer.load_best_as_at_the_end()
         result = None
     except Exception as exc:
         if (error := training_error(exc, trainer, recipe, resumed)) is not None:

@@ -88,6 +88,12 @@ class SourceEvalSFTTrainer(SFTTrainer):
         with self._dtypes_kept():
             super()._load_best_model()
 
+    def load_best_as_at_the_end(self) -> None:
+        """`load_best_model_at_end` as Trainer does it at the end of a run it trains: a resume from the run's last step
+        trains nothing, and kept the last step's weights where the run it continues ends with the best's."""
+        if self.args.load_best_model_at_end and os.path.isdir(self.state.best_model_checkpoint or ""):
+            self._load_best_model()
+
     @contextlib.contextmanager
     def _dtypes_kept(self):
         dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}

@@ -142,6 +142,12 @@ def test_impossible_combinations(make_recipe):
     assert _error(qlora, [], {"use_qlora": "false"}).startswith("command line --use_qlora: a quantization section")
     message = _error(make_recipe(data={"eval_split": 0.0}, training={"eval_strategy": "steps"}))
     assert "needs evaluation data" in message
+    # save_strategy best saves on an improved evaluation: without one, no checkpoint at all (exit 0 before)
+    assert "training.save_strategy: best saves only when an evaluation improves the metric" in _error(
+        make_recipe(data={"eval_split": 0.0}), ["training.save_strategy=best", "training.metric_for_best_model=loss"])
+    # fp16 where no GPU is visible, use_cpu: false or not: trained in fp32
+    assert "training.fp16 does nothing on a CPU" in _error(make_recipe(), ["training.fp16=true",
+                                                                           "training.use_cpu=false"])
 
 
 def test_a_padding_free_the_recipe_sets_is_refused_where_it_cannot_apply_and_eval_steps_mean_steps(make_recipe):

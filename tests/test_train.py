@@ -482,17 +482,25 @@ def test_qlora_best_checkpoint_reloaded_at_the_end_is_saved_as_trained(tmp_path,
     from safetensors.torch import load_file
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, use_qlora=True, output={"merge": False}, training={
-        "max_steps": 4, "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True}))
+        "max_steps": 4, "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+        "greater_is_better": True}))  # the best by eval_loss is then the earlier checkpoint, not the last step
     summary = train(recipe)
     state = json.loads((recipe.checkpoint_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-2"
     best = load_file(Path(state["best_model_checkpoint"]) / "adapter_model.safetensors")
     final = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
     assert final.keys() == best.keys() and all(final[k].dtype == torch.bfloat16 for k in final)
     assert all(torch.equal(final[k], best[k]) for k in final)
     # said where the run is read: the table and card spoke of the last step only
-    said = f"{Path(state['best_model_checkpoint']).name}, the best by eval_loss (load_best_model_at_end)"
+    said = "checkpoint-2, the best by eval_loss (load_best_model_at_end)"
     assert summary["weights_of"] == said
     assert f"; the weights are {said}" in (Path(summary["adapters"]) / "README.md").read_text()
+    # killed after its last checkpoint, before the adapters were saved: the resume trains nothing, and saved the last
+    # step's weights while saying they were the best's
+    shutil.rmtree(summary["adapters"])
+    resumed = train(load_recipe(recipe.source), resume="auto")
+    final = load_file(Path(resumed["adapters"]) / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], best[k]) for k in final) and resumed["weights_of"] == said
 
 
 def test_a_checkpoint_of_weights_alone_is_not_resumed_unless_forced(make_recipe, capsys):
