@@ -123,7 +123,7 @@ def relaunch(recipe: Recipe, argv: list[str], resume: str | None, force: bool) -
     per process, the launcher's traceback and exit 1."""
     from unittest import mock
 
-    from .resume import check_fresh_start, select_checkpoint
+    from .resume import check_fresh_start, check_full_state, finished, select_checkpoint
     with exclusive(recipe):  # another run writing there: said now
         pass
     path = resolve_config(recipe.accelerate_config, f"{recipe.at('accelerate_config')}: accelerate_config")
@@ -133,7 +133,10 @@ def relaunch(recipe: Recipe, argv: list[str], resume: str | None, force: bool) -
             "WORLD_SIZE": str(config.get("num_processes") or 1), "ACCELERATE_USE_FSDP": str(kind == "FSDP").lower(),
             "ACCELERATE_USE_DEEPSPEED": str(kind == "DEEPSPEED").lower(),
             "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero.get("zero_stage", 2))}), contextlib.redirect_stdout(None):
-        select_checkpoint(recipe, resume, force) if resume else check_fresh_start(recipe)  # rank 0 says it later
+        if not resume:
+            check_fresh_start(recipe)  # rank 0 says it later
+        elif not finished(recipe, checkpoint := select_checkpoint(recipe, resume, force)):
+            check_full_state(checkpoint, force)
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(path), "-m", "sft_lora.run", *argv]
     print("launching:", " ".join(command), flush=True)

@@ -124,6 +124,17 @@ def checkpoint_state(checkpoint: str | Path, name: str = TRAINER_STATE) -> dict[
     return read_json(Path(checkpoint) / name)
 
 
+def finished(recipe: Recipe, checkpoint: str) -> bool:
+    """Whether `checkpoint` ends the run `recipe` asks for (same recorded length) and the adapters were saved after
+    it."""
+    from .report import SUMMARY_FILE
+
+    record, state = checkpoint_state(checkpoint, RECORD), checkpoint_state(checkpoint)
+    summary = read_json(recipe.adapters_dir / SUMMARY_FILE)  # {}: none, so not saved after it
+    done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
+    return done and record.get("length") == run_length(recipe) and summary.get("global_step") == state["global_step"]
+
+
 def nothing_left(recipe: Recipe, checkpoint: str, force: bool = False) -> dict | None:
     """When `checkpoint` ends the run `recipe` asks for (same recorded length) and the adapters were saved after it:
     say so, merge if asked and not yet done, return the run's summary; None when there is training left (from a
@@ -134,13 +145,11 @@ def nothing_left(recipe: Recipe, checkpoint: str, force: bool = False) -> dict |
     from .outputs import remove_stale_merge
     from .report import SUMMARY_FILE
 
-    record, state = checkpoint_state(checkpoint, RECORD), checkpoint_state(checkpoint)
-    summary = read_json(recipe.adapters_dir / SUMMARY_FILE)  # {}: none, so not saved after it
-    done = state.get("global_step", 0) >= state.get("max_steps", float("inf")) > 0
-    if not (done and record.get("length") == run_length(recipe)
-            and summary.get("global_step") == state["global_step"]):
+    if not finished(recipe, checkpoint):
         check_full_state(checkpoint, force)
         return None
+    state = checkpoint_state(checkpoint)
+    summary = read_json(recipe.adapters_dir / SUMMARY_FILE)
     say(f"nothing left to train: {checkpoint} is the last step ({state['global_step']}) of this recipe's run and "
           f"its adapters are saved in {recipe.adapters_dir}; to train longer raise training.num_train_epochs or "
           "training.max_steps")

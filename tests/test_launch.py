@@ -186,6 +186,20 @@ def test_resume_refusals_come_before_launching_and_once(make_recipe, tmp_path, c
         f"error: {recipe.checkpoint_dir}: holds checkpoints of another run (checkpoint-2: made from another launch "
         "(world_size: 1 -> 2)), which this run would mix with its own; continue that run with --resume and its "
         "recipe and accelerate config, set output.checkpoint_dir, or remove them"]
+    # a checkpoint of weights alone (save_only_model), refused once before launching, not by each launched process
+    import sft_lora.resume
+
+    weights_only = tmp_path / "checkpoint-4"
+    weights_only.mkdir()
+    (weights_only / RECORD).write_text(json.dumps({"files": {"adapter_model.safetensors": 8}}), encoding="utf-8")
+    monkeypatch.setattr(sft_lora.resume, "select_checkpoint", lambda *args: str(weights_only))
+    assert main([str(path), "--resume", str(weights_only)]) == 2
+    out, err = capsys.readouterr()
+    assert "launching:" not in out and err.splitlines() == [
+        f"error: {weights_only}: saved with training.save_only_model (weights alone, no optimizer or schedule state), "
+        "so a resume would not continue the run; train from the start, or pass --force-resume to go on with a fresh "
+        "optimizer"]
+    monkeypatch.undo()
     args = parse_args([str(path)])
     monkeypatch.setenv("RANK", "1")
     assert _stopped(RecipeError("x"), args, 2, "error: x") == 2 and capsys.readouterr().err == ""
