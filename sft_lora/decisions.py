@@ -7,6 +7,9 @@ import logging
 import os
 import re
 
+from .recipe_yaml import KeyProblem
+from .values import suggest
+
 logger = logging.getLogger(__name__)
 ATTENTION = "sdpa_documents"
 
@@ -40,7 +43,6 @@ def decide(recipe) -> None:
     if _default(recipe, "padding_free", reason is None, rule) and reason is None:
         recipe.training = dataclasses.replace(recipe.training, padding_free=True)
     elif args.padding_free and reason and not args.packing:  # set by the recipe: trained padded, with a warning
-        from .recipe_yaml import KeyProblem
         raise KeyProblem("training.padding_free", f"training.padding_free needs sft_lora's data preparation, which "
                          f"does not apply with {reason}; remove training.padding_free")
     if attention := _choose_attention(recipe, recipe.training):
@@ -114,8 +116,6 @@ def check_model_keys(recipe) -> None:
     from transformers import utils
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from .recipe_yaml import KeyProblem
-    from .values import suggest
     cuda = torch.cuda.is_available() and not recipe.training.use_cpu
     if (name := recipe.model.attn_implementation) and "/" not in name:  # a hub kernel: transformers fetches it
         known = ["eager", "sdpa", ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
