@@ -2,7 +2,9 @@
 SIGHUP a checkpoint at the next step boundary, then exit 128 + the signal (143, 130, 129); a second exits at once."""
 
 import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import signal
 import threading
@@ -183,6 +185,46 @@ class GracefulStop(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopped is not None:  # the stopped epoch's end: saved already, no evaluation on the way out
             control.should_evaluate = False
+
+
+def parent_stops_workers(loader):
+    """The DataLoader's workers let the first stop signal pass: one sent to the whole process group (scancel, systemd,
+    a closed terminal) killed them, and training with them ("DataLoader worker killed"), with no checkpoint. The
+    parent stops at the step boundary and ends them; a second signal ends them as by default."""
+    base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper hands its attributes through
+    if base.num_workers:
+        base.worker_init_fn = functools.partial(_worker_passes_stop_signals, base.worker_init_fn)
+        if (base.multiprocessing_context or multiprocessing.get_context()).get_start_method() == "fork":
+            base.multiprocessing_context = _SignalsHeldAtFork()
+    return loader
+
+
+class _SignalsHeldProcess(multiprocessing.context.ForkProcess):
+    def start(self) -> None:
+        # held from the fork until the worker's init takes them: torch's own SIGTERM handler, set as the worker
+        # starts, dies of any SIGTERM that is not the parent's
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class _SignalsHeldAtFork(multiprocessing.context.ForkContext):
+    Process = _SignalsHeldProcess
+
+
+def _worker_passes_stop_signals(init, worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup`: SIGHUP stays ignored
+            signal.signal(sig, _default_from_now_on)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if init is not None:
+        init(worker_id)
+
+
+def _default_from_now_on(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume
+from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume, parent_stops_workers
 from .config import Recipe, RecipeError
 from .text import first_line, shortened
 
@@ -52,6 +52,12 @@ class SourceEvalSFTTrainer(SFTTrainer):
             if self.pop_callback(kind):
                 self.add_callback(type(f"Compact{kind.__name__}", (_NoEvalDicts, kind), {}))
         score_labelled_positions_only(getattr(self.model, "get_base_model", lambda: self.model)())  # under PEFT
+
+    def get_train_dataloader(self):
+        return parent_stops_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return parent_stops_workers(super().get_eval_dataloader(eval_dataset))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         per_source = eval_dataset is None and isinstance(self.eval_dataset, dict)

@@ -370,6 +370,42 @@ def test_sigterm_while_worker_processes_tokenize_ends_the_run_in_one_line(tiny_m
     assert "Traceback" not in child.err()
 
 
+def _own_group_and_slow_dataloader_workers(directory: str) -> None:
+    """Child setup: a process group of its own (a signal to it reaches the dataloader workers, as scancel's does), and
+    workers that mark that they are starting, then take 2 s there (after torch's handlers, before the worker's init)."""
+    import multiprocessing
+
+    from torch.utils.data._utils import signal_handling
+
+    os.setpgid(0, 0)
+    multiprocessing.set_start_method("fork", force=True)  # as in `python -m sft_lora.run` (a forkserver's child here)
+    set_handlers = signal_handling._set_worker_signal_handlers
+
+    def slow(*args):
+        set_handlers(*args)
+        Path(directory, "worker starting").touch()
+        time.sleep(2)
+
+    signal_handling._set_worker_signal_handlers = slow
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_a_checkpoint(tiny_model, tmp_path):
+    """SIGTERM to the whole group (scancel, systemd, a closed terminal) killed the dataloader workers too: "DataLoader
+    worker killed by signal: Terminated", exit 1, no checkpoint; a worker still starting died of it even after they
+    learnt to let it pass."""
+    import functools
+
+    recipe = _recipe(tmp_path, tiny_model, max_steps=500, save_steps=1000, dataloader_num_workers=2)
+    child = Child([str(recipe)], tmp_path / "log",
+                  setup=functools.partial(_own_group_and_slow_dataloader_workers, str(tmp_path)))
+    assert child.wait_for(lambda: (tmp_path / "worker starting").exists()), child.err()[-3000:]
+    os.killpg(child.pid, signal.SIGTERM)
+    assert child.join(timeout=120) == 143, child.err()[-3000:]
+    (step, checkpoint), = _checkpoints(tmp_path).items()
+    assert f"interrupted: stopped by SIGTERM at step {step}; checkpoint saved to {checkpoint}" in child.err()
+    assert incomplete_reason(checkpoint) is None and "Traceback" not in child.err()
+
+
 def test_signals_nohup_ignores_stay_ignored():
     """`nohup` ignores SIGHUP so that training outlives the terminal: sft_lora's handlers took it back, and closing
     the terminal stopped the run (in training with a checkpoint, outside it at once)."""
