@@ -82,7 +82,8 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Interrupted while inside (the training loop installs its own stop handlers)."""
+    """SIGTERM, SIGHUP and SIGINT raise Interrupted while inside (the training loop installs its own stop handlers);
+    in a forked worker they end it as by default (Python's KeyboardInterrupt printed each worker's traceback)."""
     owner = os.getpid()
 
     def interrupt(signum, frame):
@@ -92,7 +93,7 @@ def signals_interrupt() -> Iterator[None]:
             return
         raise Interrupted(signum)
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
                 if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}  # nohup's SIGHUP stays ignored
     try:
         yield

@@ -355,18 +355,26 @@ def _block_while_tokenizing(directory: str) -> None:
     sft_lora.prepare.tokenize_conversations = slow
 
 
-def test_sigterm_while_worker_processes_tokenize_ends_the_run_in_one_line(tiny_model, tmp_path):
+def _own_group_blocking_while_tokenizing(directory: str) -> None:
+    os.setpgid(0, 0)  # Ctrl-C in a terminal signals the whole foreground group: here the child's alone
+    _block_while_tokenizing(directory)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_worker_processes_tokenize_ends_the_run_in_one_line(tiny_model, tmp_path, stop):
     """With training.dataset_num_proc: 2 the workers inherited the handler that turns SIGTERM into an exception: the
-    pool's own SIGTERM to them raised it inside them, and the run hung until SIGKILL."""
+    pool's own SIGTERM to them raised it inside them, and the run hung until SIGKILL. Ctrl-C reaches the workers too
+    (the terminal signals the group): each printed its KeyboardInterrupt traceback above the one line."""
     import functools
 
     recipe = write_recipe(tmp_path, tiny_model, data={"eval_split": 0}, training={"dataset_num_proc": 2})
+    setup = _own_group_blocking_while_tokenizing if stop == signal.SIGINT else _block_while_tokenizing
     child = Child([str(recipe)], tmp_path / "log", env={"SFT_LORA_CACHE": str(tmp_path / "cache")},
-                  setup=functools.partial(_block_while_tokenizing, str(tmp_path)))
+                  setup=functools.partial(setup, str(tmp_path)))
     assert child.wait_for(lambda: (tmp_path / "tokenizing").exists()), child.err()[-3000:]
-    os.kill(child.pid, signal.SIGTERM)
-    assert child.join(timeout=60) == 143, child.err()[-3000:]
-    assert "interrupted: SIGTERM outside the training loop; finished outputs are kept" in child.err()
+    (os.killpg if stop == signal.SIGINT else os.kill)(child.pid, stop)
+    assert child.join(timeout=60) == 128 + stop, child.err()[-3000:]
+    assert f"interrupted: {stop.name} outside the training loop; finished outputs are kept" in child.err()
     assert "Traceback" not in child.err()
 
 
