@@ -20,8 +20,9 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(model: ModelArgs, data: DataArgs):
-    """The base model's tokenizer, with `data.chat_template` or the default template when it has none."""
+def load_tokenizer(model: ModelArgs, data: DataArgs, eos_token: str | None = None):
+    """The base model's tokenizer, with `data.chat_template` or the default template when it has none; `eos_token`:
+    training.eos_token (checked against the vocabulary by `prepare.prepare_datasets`, which makes it the EOS)."""
     from transformers import AutoTokenizer
 
     if not model.build_tiny and local_model_missing(model.name_or_path):
@@ -42,14 +43,14 @@ def load_tokenizer(model: ModelArgs, data: DataArgs):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     else:
         _check_own_template(tokenizer, model.name_or_path)
-    if tokenizer.eos_token is None:
+    if tokenizer.eos_token is None and not eos_token:
         raise RecipeError(f"{model.name_or_path}: the tokenizer has no EOS token; set training.eos_token")
     if tokenizer.pad_token is None:
         # What TRL would do silently, made explicit: the collator labels padding -100 whatever its id, so the
         # answer's own EOS keeps its label.
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token or eos_token
         print(f"notice: {model.name_or_path}: the tokenizer has no pad token; padding with EOS "
-              f"({tokenizer.eos_token}), which carries no loss")
+              f"({tokenizer.pad_token}), which carries no loss")
     return tokenizer
 
 
@@ -61,7 +62,7 @@ def _chat_template(template: Path, tokenizer) -> str:
     if not template.is_file():
         raise RecipeError(f"{template}: chat template file not found; check data.chat_template")
     try:
-        _render_a_pair(tokenizer, text := template.read_text(encoding="utf-8"))
+        _render_a_pair(tokenizer, text := template.read_text(encoding="utf-8-sig"))  # no BOM before <bos>
     except UnicodeDecodeError:
         raise RecipeError(f"{template}: not valid UTF-8; save the chat template as UTF-8") from None
     except (jinja2.TemplateError, TypeError, ValueError) as exc:

@@ -486,3 +486,27 @@ def test_a_prompt_end_that_merges_with_the_answer_is_said_as_trl_says_it(tiny_mo
     assert spans[0][0] < len(prompt_ids) and ids[:spans[0][0]] == prompt_ids[:spans[0][0]]  # TRL's start
     warned = [r.getMessage() for r in caplog.records if "merges" in r.getMessage()]
     assert len(warned) == 1 and "'t'" in warned[0] and "as in TRL" in warned[0]
+
+
+def test_a_template_file_with_a_byte_order_mark_and_a_tokenizer_without_eos(tmp_path, tiny_model, capsys):
+    """A template saved by a Windows editor (UTF-8 with a BOM) trained the BOM before every row's first token (and
+    saved it into the adapters' template); a tokenizer without an EOS token was refused with "set training.eos_token",
+    and setting it gave the same refusal (checked before the recipe's EOS was taken)."""
+    import shutil
+
+    from sft_lora.model import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+
+    template = tmp_path / "t.jinja"
+    template.write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8-sig")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, data={"chat_template": str(template)}))
+    assert load_tokenizer(recipe.model, recipe.data).chat_template == DEFAULT_CHAT_TEMPLATE
+    model = shutil.copytree(tiny_model, tmp_path / "no-eos")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    recipe = load_recipe(write_recipe(tmp_path, model))
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(model))}: the tokenizer has no EOS token; set training."):
+        load_tokenizer(recipe.model, recipe.data)
+    from sft_lora.run import main
+
+    assert main([str(write_recipe(tmp_path, model, training={"eos_token": "</s>"})), "--check"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
