@@ -140,7 +140,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         example_source=stats["names"][stats["code"][example]],
         by_source=figures.mix_table(stats, "code", "names", recipe.check.sources),
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
-    _judge(report, stats, data.records, recipe.check.max_truncated_share)
+    _judge(report, stats, data.records, recipe.check.max_truncated_share, data.special_text)
     return report
 
 
@@ -175,7 +175,7 @@ def _judge_sources(report: Report) -> None:
                                        ", so it gets no eval loss of its own" if lost == n else ""))
 
 
-def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float) -> None:
+def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: float, special) -> None:
     """Fill `report.failures` (and warnings) from the numbers."""
     def record(index: int) -> str:
         row = records[index]
@@ -214,6 +214,11 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                                 f"({share:.1%}) are cut at training.max_length={report.max_length}, above "
                                 f"check.max_truncated_share={max_truncated_share:g}; raise training.max_length "
                                 "or shorten the records"))
+    if special[0]:
+        report.failures.append(("special_text", f"{special[0]} of {report.rows} training records hold a special "
+                                f"token's text (first: {record(special[1])}: {special[2]!r}), which is tokenized as "
+                                "the token itself: an end-of-turn token inside an answer teaches the model to stop "
+                                "there; rewrite those texts"))
     _judge_sources(report)
     if report.rows_with_stop and (lost := int((unstopped & cut).sum())):
         report.warnings.append(f"{lost} rows lose their end-of-turn token to truncation")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeError
-from .turns import multi_turn, tokenize_conversations
+from .turns import multi_turn, special_text_rows, tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,9 @@ class Prepared:
     max_length: int | None  # where rows are cut (the recipe's; padding-free clears it on the SFTConfig afterwards)
     unsupported: str | None = None  # why TRL prepares the data itself (`unsupported`), or None
     template_kwargs: dict = dataclasses.field(default_factory=dict)  # every render's template variables
+    special_text: tuple = (0, None, None)  # `turns.special_text_rows` of the training records (their answers go)
 
-    @functools.cached_property  # read by the run's summary and by each checkpoint's card
+    @functools.cached_property
     def records_by_source(self) -> dict[str, dict[str, int]]:
         """{"train": {source: records}, "eval": …}: for the run's summary and each checkpoint's model card."""
         from .rows import records_by_source
@@ -174,7 +175,7 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
     prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length,
-                        template_kwargs=template_kwargs or {})
+                        template_kwargs=template_kwargs or {}, special_text=special_text_rows(train_dataset, tokenizer))
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         if tokenizer.convert_tokens_to_ids(args.eos_token) in (None, tokenizer.unk_token_id):  # would be <unk>
             raise RecipeError(f"training.eos_token: '{args.eos_token}' is not a token of this tokenizer; name the "

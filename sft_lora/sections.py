@@ -83,7 +83,8 @@ class WandbArgs:
     """auto (online with an API key, else offline), online, offline or disabled."""
 
 
-CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source", "template")  # the failures check.ignore can name
+# the failures check.ignore can name
+CHECK_NAMES = ("no_loss", "eos", "truncated", "empty_source", "template", "special_text")
 
 
 @dataclass
@@ -91,7 +92,8 @@ class CheckArgs:
     enabled: bool = True
     """Print the pre-flight data report at the start of every run, and stop the run when a check fails."""
     ignore: list[str] = field(default_factory=list)
-    """Failed checks reported as warnings, not stopping the run: no_loss, eos, truncated, empty_source, template."""
+    """Failed checks reported as warnings, not stopping the run: no_loss, eos, truncated, empty_source, template,
+    special_text."""
     max_truncated_share: float = 0.05
     """Fail (truncated) when more than this share of training rows is cut at training.max_length."""
     sources: list[str] = field(default_factory=list)

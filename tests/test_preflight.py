@@ -461,3 +461,19 @@ def test_the_length_notice_and_the_eval_rows_are_those_trained_and_evaluated(mak
     dd = tmp_path / "dd"
     assert f"notice: {dd}[train] + {dd}[extra]: 6 of 12 records are longer than training.max_length=64 tokens" in out
     assert "dd[train]          6" in out and "dd[extra]          6" in out  # the report's mix per entry
+
+
+def test_a_special_tokens_text_in_a_message_fails_naming_the_record(make_recipe, tmp_path, capsys):
+    """`</s>` written in an answer (an HTML strike-through) was tokenized as the EOS token, with a label, in the middle
+    of the answer: the model learnt to stop there, and every check passed."""
+    records = [*SAMPLE_RECORDS[:20], {"input": "How do I strike text through in HTML?", "source": "html",
+                                      "output": "Wrap it in <s>old</s> and the browser draws a line through it."},
+               *SAMPLE_RECORDS[20:40], {"input": "Which token ends a turn?", "output": "It is </s>.", "source": "x"}]
+    path = _data(tmp_path, records)
+    recipe = make_recipe(data={"path": path, "eval_split": 0})
+    assert main([str(recipe), "--check"]) == 2
+    assert (f"error: pre-flight check failed [special_text]: 2 of 42 training records hold a special token's text "
+            f"(first: {path}:21, source 'html', question 'How do I strike text through in HTML?': '<s>'), which is "
+            "tokenized as the token itself") in capsys.readouterr().err
+    assert main([str(recipe), "--check", "check.ignore=[special_text]"]) == 0
+    assert "IGNORED [special_text]" in capsys.readouterr().out
