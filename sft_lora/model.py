@@ -39,8 +39,9 @@ def load_tokenizer(model: ModelArgs, data: DataArgs, eos_token: str | None = Non
         raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); {fix}") from None
     if data.chat_template:
         tokenizer.chat_template = _chat_template(Path(data.chat_template), tokenizer)
-    elif not tokenizer.chat_template:
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    elif not tokenizer.chat_template:  # a base model: its BOS first where its tokenizer adds one (Llama, Gemma)
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + DEFAULT_CHAT_TEMPLATE
     else:
         _check_own_template(tokenizer, model.name_or_path)
     if tokenizer.eos_token is None and not eos_token:

@@ -68,6 +68,20 @@ def test_tokenizer_without_template_gets_the_default_and_a_recipe_template_wins(
         custom.write_bytes(text)
         with pytest.raises(RecipeError, match=re.escape(f"{custom}: ") + ".*" + re.escape(says)):
             load_tokenizer(recipe.model, recipe.data)
+    # a base tokenizer that adds its BOS (Llama, Gemma): the default template starts with it (it was never
+    # rendered: rows are encoded without special tokens, so such a base model trained and chatted with no BOS)
+    from tokenizers import Tokenizer, processors
+
+    from sft_lora.prepare import prepare_datasets
+
+    backend = Tokenizer.from_file(str(tmp_path / "bare" / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bare.bos_token_id)])
+    backend.save(str(tmp_path / "bare" / "tokenizer.json"))
+    recipe = load_recipe(write_recipe(tmp_path, tmp_path / "bare", data={"eval_split": 0}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    assert tokenizer.chat_template == "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
+    rows = prepare_datasets(recipe.training, tokenizer, load_datasets(recipe.data)[0]).train["input_ids"]
+    assert {ids[0] for ids in rows} == {bare.bos_token_id} and all(ids.count(bare.bos_token_id) == 1 for ids in rows)
 
 
 @pytest.fixture(scope="module")
