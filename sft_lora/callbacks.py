@@ -76,8 +76,8 @@ class CheckpointRecord(TrainerCallback):
         from .card import checkpoint_card
 
         checkpoint = checkpoint_path(args, state.global_step)
-        write_atomic(checkpoint / "README.md", checkpoint_card(self.recipe, self.counts, state.log_history,
-                                                               state.global_step))  # not PEFT's blank template
+        card = checkpoint_card(self.recipe, self.counts, state.log_history, state.global_step, checkpoint)
+        write_atomic(checkpoint / "README.md", card)  # not PEFT's blank template
         write_atomic(checkpoint / RECIPE_FILE, self.recipe.to_yaml())  # merge and chat read it, as of the adapters
         files = {}
         own = (RECORD, RECORD.replace(".json", ".tmp-"))  # and a killed writer's leftover, which the write removes

@@ -17,13 +17,21 @@ def model_card(adapter_dir: str | Path, base_model: str, merged_into: str | None
     summary, what = read_json(Path(adapter_dir) / SUMMARY_FILE), ""
     if not summary and (state := read_json(Path(adapter_dir) / "trainer_state.json")):  # a checkpoint: its step
         summary, what = _so_far({}, state["log_history"], state["global_step"]), f"checkpoint {state['global_step']}"
-    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into, what)
+    return card_text(base_model, read_saved_recipe(Path(adapter_dir)), summary, merged_into, what,
+                     _template(adapter_dir))
 
 
-def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> str:
+def checkpoint_card(recipe, counts: dict[str, dict[str, int]], log_history: list[dict], step: int,
+                    checkpoint: Path | None = None) -> str:
     """README.md of `checkpoint-<step>`: the run's card with the eval losses logged so far."""
     return card_text(recipe.model.name_or_path, yaml.safe_load(recipe.to_yaml()), _so_far(counts, log_history, step),
-                     None, f"checkpoint {step}")
+                     None, f"checkpoint {step}", checkpoint and _template(checkpoint))
+
+
+def _template(directory: str | Path) -> str | None:
+    """The chat template saved beside the weights (the tokenizer's), which the card's snippet renders."""
+    path = Path(directory) / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: int) -> dict[str, Any]:
@@ -36,7 +44,8 @@ def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: in
             "eval_loss_after": overall.get("after"), "eval_by_source": ends}
 
 
-def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "") -> str:
+def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "",
+              template: str | None = None) -> str:
     """The card: `ModelCardData` metadata, base model, method, data table, how to load it, recipe (secrets redacted)."""
     from huggingface_hub import ModelCardData
 
@@ -63,23 +72,36 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
                   for source in sorted({**counts["train"], **eval_counts})]  # a source held out only too
         lines.append(f"| **all** | {sum(counts['train'].values())} | {sum(eval_counts.values())} | "
                      f"{_num(summary.get('eval_loss_before'))} | {_num(summary.get('eval_loss_after'))} |")
-    auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
-    if bnb := adapters and recipe.get("quantization"):  # on the 4-bit base it trained with, not the full-precision
-        dtype = ", quantization_config=BitsAndBytesConfig(" + ", ".join(f"{k}={v!r}" for k, v in bnb.items()) + ")"
-    lines += ["", "## Use", "", "```python", f"from {'peft' if adapters else 'transformers'} import {auto}",
-              "from transformers import AutoTokenizer" + ", BitsAndBytesConfig" * bool(bnb), "",
-              'path = "<this directory>"',
-              "tokenizer = AutoTokenizer.from_pretrained(path)", f"model = {auto}.from_pretrained(path{dtype})",
-              'messages = [{"role": "user", "content": "..."}]', "inputs = tokenizer.apply_chat_template(messages, "
-              "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
-              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0, inputs['input_ids'].shape[1]:], "
-              "skip_special_tokens=True))", "```", "",
-              "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
-              "The chat template it was trained with is `chat_template.jinja`."]
+    lines += _use(recipe, adapters, template)
     if recipe:
         text = yaml.safe_dump(redact(recipe), sort_keys=False, allow_unicode=True)
         lines += ["", "## Recipe", "", "```yaml", text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _use(recipe: dict, adapters: bool, template: str | None) -> list[str]:
+    """The card's "Use" code: the prompt as trained (its system prompt and the template's variables), generation
+    stopping at the trained end-of-turn token, QLoRA adapters on the 4-bit base they trained with."""
+    from .data import opened
+    from .turns import template_kwargs
+
+    data, training = recipe.get("data") or {}, recipe.get("training") or {}
+    fold, kwargs = data.get("fold_system_prompt"), data.get("chat_template_kwargs")
+    stop = ", eos_token_id=tokenizer.eos_token_id" if training.get("eos_token") else ""  # the trained end of turn
+    auto, dtype = ("AutoPeftModelForCausalLM", "") if adapters else ("AutoModelForCausalLM", ', dtype="auto"')
+    if bnb := adapters and recipe.get("quantization"):  # on the 4-bit base it trained with, not the full-precision
+        dtype = ", quantization_config=BitsAndBytesConfig(" + ", ".join(f"{k}={v!r}" for k, v in bnb.items()) + ")"
+    return ["", "## Use", "", "```python", f"from {'peft' if adapters else 'transformers'} import {auto}",
+            "from transformers import AutoTokenizer" + ", BitsAndBytesConfig" * bool(bnb), "",
+            'path = "<this directory>"',
+            "tokenizer = AutoTokenizer.from_pretrained(path)", f"model = {auto}.from_pretrained(path{dtype})",
+            f"messages = {opened([{'role': 'user', 'content': '...'}], data.get('system_prompt'), fold)!r}",
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+            "return_dict=True" + "".join(f", {k}={v!r}" for k, v in template_kwargs(template, kwargs).items()) + ")",
+            f"print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256{stop})[0, inputs['input_ids']"
+            ".shape[1]:], skip_special_tokens=True))", "```", "",
+            "Or chat with it: `python -m sft_lora.chat <this directory>` (`--prompt \"...\"` for one answer).",
+            "The chat template it was trained with is `chat_template.jinja`."]
 
 
 def _trained(summary: dict) -> list[str]:

@@ -56,7 +56,7 @@ def load(model_dir: str | Path, trust_remote_code: bool = False):
     if not tokenizer.chat_template:
         raise RecipeError(f"{model_dir}: no chat template saved with the model; pass a directory sft_lora wrote")
     data = saved_section(recipe, "data")  # its system prompt, fold_system_prompt and template variables
-    return model.eval(), tokenizer, data, template_kwargs(tokenizer, data.chat_template_kwargs)
+    return model.eval(), tokenizer, data, template_kwargs(tokenizer.chat_template, data.chat_template_kwargs)
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,

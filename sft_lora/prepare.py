@@ -242,7 +242,7 @@ def load_inputs(recipe):
     check_reachable(recipe)  # a hub id with no network: one line now, not a minute of retries
     train_set, eval_set = load_datasets(recipe.data, seed=recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model, recipe.data, recipe.training.eos_token)
-    kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
+    kwargs = template_kwargs(tokenizer.chat_template, recipe.data.chat_template_kwargs)
     data = prepare_datasets(recipe.training, tokenizer, train_set, eval_set, kwargs)
     del train_set, eval_set  # what `data` no longer holds (the records' answers) …
     pyarrow.default_memory_pool().release_unused()  # … goes back to the system now, not at Arrow's next allocation

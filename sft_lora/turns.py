@@ -31,10 +31,10 @@ def template_refusal(exc: Exception) -> str | None:
             "template that takes it")
 
 
-def template_kwargs(tokenizer, given: dict | None = None) -> dict:
+def template_kwargs(template: str | dict | None, given: dict | None = None) -> dict:
     """Every render's template variables: `data.chat_template_kwargs`, and `enable_thinking: false` where the template
     takes it (Qwen3) unless given: its empty think block is then part of the prompt, as Qwen3 answers."""
-    thinking = "enable_thinking" in str(tokenizer.chat_template)
+    thinking = "enable_thinking" in str(template)
     return {**({"enable_thinking": False} if thinking else {}), **(given or {})}
 
 

@@ -444,3 +444,29 @@ def test_evaluating_per_source_does_not_change_the_trained_weights(tmp_path, tin
         adapters[per_source] = load_file(recipe.adapters_dir / "adapter_model.safetensors")
     assert adapters[True].keys() == adapters[False].keys()
     assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[True])
+
+
+def test_the_cards_snippet_renders_the_prompt_as_trained(tiny_model):
+    """The card's "Use" code asked with a bare user turn: no system prompt, none of data.chat_template_kwargs nor
+    Qwen3's enable_thinking=False (another prompt than trained), and its generate() ignored training.eos_token."""
+    from transformers import AutoTokenizer
+
+    from sft_lora.card import card_text
+    from sft_lora.data import opened
+    from sft_lora.model import DEFAULT_CHAT_TEMPLATE
+    from sft_lora.turns import template_kwargs
+
+    template = "{% if enable_thinking is false %}[no think]{% endif %}{{ style }}" + DEFAULT_CHAT_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = template
+    for fold in (False, True):
+        data = {"system_prompt": "Answer briefly.", "fold_system_prompt": fold, "chat_template_kwargs": {"style": "S"}}
+        card = card_text(str(tiny_model), {"data": data, "training": {"eos_token": "</s>"}}, {}, None, "", template)
+        code = card.split("```python\n")[1].split("```")[0].splitlines()
+        namespace = {"tokenizer": tokenizer}
+        exec("\n".join(line for line in code if line.startswith(("messages =", "inputs ="))), namespace)
+        trained = tokenizer.apply_chat_template(opened([{"role": "user", "content": "..."}], "Answer briefly.", fold),
+                                                add_generation_prompt=True, **template_kwargs(template, {"style": "S"}))
+        assert namespace["inputs"]["input_ids"][0].tolist() == trained["input_ids"]
+        assert tokenizer.decode(trained["input_ids"]).startswith("[no think]S<|")
+        assert "model.generate(**inputs, max_new_tokens=256, eos_token_id=tokenizer.eos_token_id)" in card
