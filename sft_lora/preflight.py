@@ -188,8 +188,10 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
         report.failures.append(("template", f"{len(drift)} of {report.rows} training records render differently "
                                 f"once the answer follows (first: {record(int(drift[0]))}): the chat template drops, "
                                 "moves or rewrites an earlier turn, so the rendered prompt is not a prefix of prompt + "
-                                "answer; set data.fold_system_prompt: true (a template without a system role) or a "
-                                "data.chat_template that renders earlier turns the same way"))
+                                "answer; set data.fold_system_prompt: true (a template without a system role), "
+                                "data.chat_template_kwargs: {enable_thinking: true} (answers holding <think> blocks), "
+                                "data.mask_history: true (a template that rewrites earlier answers: the last one "
+                                "alone trained), or a data.chat_template that renders earlier turns the same way"))
     no_loss = np.flatnonzero(stats["loss"] == 0)
     if len(no_loss):
         first = int(no_loss[0])

@@ -25,7 +25,8 @@ def template_refusal(exc: Exception) -> str | None:
 
     if not isinstance(exc, TemplateError):
         return None
-    fix = ("set data.fold_system_prompt: true" if "system" in str(exc).lower() else
+    # records alternate user and assistant (data.py): "roles must alternate" (Mistral v0.1) is the system turn's
+    fix = ("set data.fold_system_prompt: true" if re.search("system|alternate", str(exc), re.I) else
            "check the records and data.chat_template_kwargs")
     return (f"the chat template refuses a record ({first_line(exc)}); {fix}, or set data.chat_template to a "
             "template that takes it")

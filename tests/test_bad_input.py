@@ -267,12 +267,16 @@ def _(env):
 
 @case("data: a chat template that refuses a system turn")
 def _(env):  # Gemma 1/2: raise_exception('System role not supported'), a jinja traceback from tokenizing (exit 1)
-    template = env.tmp / "t.jinja"
-    template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
-                        "supported') }}{% endif %}{{ m['role'] + ': ' + m['content'] }}"
-                        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
-                        "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
-    path = env.recipe(data={"chat_template": str(template), "system_prompt": "Be brief."})
+    template, path = env.tmp / "t.jinja", env.recipe(data={"chat_template": str(env.tmp / "t.jinja"),
+                                                           "system_prompt": "Be brief."})
+    for refusal in ("Conversation roles must alternate user/assistant/user/assistant/...", "System role not supported"):
+        template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('" + refusal +
+                            "') }}{% endif %}{{ m['role'] + ': ' + m['content'] }}"
+                            "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
+        if refusal.startswith("Conversation"):  # Mistral v0.1's words for it: records alternate, the system turn not
+            code, said = env.cli(path, "--check")
+            assert code == 2 and f"({refusal}); set data.fold_system_prompt: true" in said, said
     folded = env.cli(path, "data.fold_system_prompt=true", "--check")
     assert folded[0] == 0, folded[1]  # the fix it names works
     return *env.cli(path, "--check"), ["error: the chat template refuses a record (System role not supported); set "

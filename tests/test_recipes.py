@@ -502,7 +502,7 @@ def test_qwen3_prompts_render_as_in_training_in_chat_and_thinking_mode_is_a_knob
         recipe = validate(path, [*ci_overrides(tiny_arch("qwen3"), data, tmp_path),
                                  f"data.chat_template_kwargs={json.dumps(given)}"])
         tokenizer = load_tokenizer(recipe.model, recipe.data)
-        kwargs = template_kwargs(tokenizer, recipe.data.chat_template_kwargs)
+        kwargs = template_kwargs(tokenizer.chat_template, recipe.data.chat_template_kwargs)
         train = load_datasets(recipe.data)[0]
         row = prepare_datasets(recipe.training, tokenizer, train, None, kwargs).rows[0]
         start = row["prompt_length"]
@@ -520,3 +520,12 @@ def test_qwen3_prompts_render_as_in_training_in_chat_and_thinking_mode_is_a_knob
         generate(Model(), tokenizer, train[0]["prompt"], 4, template_kwargs=kwargs)
         assert seen == [row["input_ids"][:start]]
         assert tokenizer.decode(seen[0]).endswith(prompt_end)
+    # thinking answers without the thinking mode: the prompt's empty think block is no prefix of the answer's; the
+    # failure names the knob (it named fold_system_prompt and data.chat_template alone)
+    from sft_lora.preflight import run_check
+    from sft_lora.prepare import load_inputs
+
+    recipe = validate(path, ci_overrides(tiny_arch("qwen3"), data, tmp_path))
+    with pytest.raises(RecipeError, match=r"^pre-flight check failed \[template\]: .*data.chat_template_kwargs: "
+                       r"\{enable_thinking: true\} \(answers holding <think> blocks\)"):
+        run_check(recipe, *load_inputs(recipe))
