@@ -88,6 +88,7 @@ def signals_interrupt() -> Iterator[None]:
 
     def interrupt(signum, frame):
         if os.getpid() != owner:  # a forked worker (datasets' map pool): ended as by default, or the pool hangs
+            _remove_own_tempfiles()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -105,6 +106,17 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _remove_own_tempfiles() -> None:
+    """The files this process has open for writing under `tempfile`'s names (tmp + 8 characters): a signalled datasets
+    map worker's unfinished shard in the prepared-data cache, which its death left there (GBs for a large set)."""
+    for fd in glob.glob("/proc/self/fd/*"):  # Linux; elsewhere nothing is found
+        with contextlib.suppress(OSError, ValueError):
+            flags = int(Path(fd.replace("/fd/", "/fdinfo/")).read_text().split("flags:")[1].split()[0], 8)
+            path = os.readlink(fd)
+            if flags & (os.O_WRONLY | os.O_RDWR) and re.fullmatch(r"tmp[a-z0-9_]{8}", os.path.basename(path)):
+                os.unlink(path)
 
 
 def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:

@@ -341,41 +341,49 @@ def test_sigint_stops_at_the_step_boundary_and_a_second_signal_exits_at_once(tin
     assert not (tmp_path / "final_model").exists()
 
 
-def _block_while_tokenizing(directory: str) -> None:
-    """Child setup: every tokenizing batch (in datasets' worker processes) marks that it started, then waits."""
+def _block_while_tokenizing(directory: str, after: int = 0) -> None:
+    """Child setup: every tokenizing batch past the first `after` of a process (in datasets' worker processes) marks
+    that it started, then waits."""
     import sft_lora.prepare
 
-    tokenize = sft_lora.prepare.tokenize_conversations
+    tokenize, done = sft_lora.prepare.tokenize_conversations, []
 
     def slow(*args, **kwargs):
-        Path(directory, "tokenizing").touch()
-        time.sleep(120)
+        if len(done) >= after:
+            Path(directory, "tokenizing").touch()
+            time.sleep(120)
+        done.append(True)
         return tokenize(*args, **kwargs)
 
     sft_lora.prepare.tokenize_conversations = slow
 
 
-def _own_group_blocking_while_tokenizing(directory: str) -> None:
+def _own_group_blocking_while_tokenizing(directory: str, after: int = 0) -> None:
     os.setpgid(0, 0)  # Ctrl-C in a terminal signals the whole foreground group: here the child's alone
-    _block_while_tokenizing(directory)
+    _block_while_tokenizing(directory, after)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_worker_processes_tokenize_ends_the_run_in_one_line(tiny_model, tmp_path, stop):
     """With training.dataset_num_proc: 2 the workers inherited the handler that turns SIGTERM into an exception: the
     pool's own SIGTERM to them raised it inside them, and the run hung until SIGKILL. Ctrl-C reaches the workers too
-    (the terminal signals the group): each printed its KeyboardInterrupt traceback above the one line."""
+    (the terminal signals the group): each printed its KeyboardInterrupt traceback above the one line. The shards
+    the workers were writing stayed in the prepared-data cache."""
     import functools
 
-    recipe = write_recipe(tmp_path, tiny_model, data={"eval_split": 0}, training={"dataset_num_proc": 2})
+    data = tmp_path / "d.jsonl"  # 3 batches of 1,000 a worker: each has written one when the second blocks
+    data.write_text(SAMPLE.read_text(encoding="utf-8") * 27, encoding="utf-8")
+    recipe = write_recipe(tmp_path, tiny_model, data={"path": str(data), "eval_split": 0},
+                          training={"dataset_num_proc": 2})
     setup = _own_group_blocking_while_tokenizing if stop == signal.SIGINT else _block_while_tokenizing
     child = Child([str(recipe)], tmp_path / "log", env={"SFT_LORA_CACHE": str(tmp_path / "cache")},
-                  setup=functools.partial(setup, str(tmp_path)))
+                  setup=functools.partial(setup, str(tmp_path), after=1))
     assert child.wait_for(lambda: (tmp_path / "tokenizing").exists()), child.err()[-3000:]
     (os.killpg if stop == signal.SIGINT else os.kill)(child.pid, stop)
     assert child.join(timeout=60) == 128 + stop, child.err()[-3000:]
     assert f"interrupted: {stop.name} outside the training loop; finished outputs are kept" in child.err()
     assert "Traceback" not in child.err()
+    assert not list((tmp_path / "cache").rglob("tmp*")), "each worker's unfinished shard is removed"
 
 
 def _own_group_and_slow_dataloader_workers(directory: str) -> None:
