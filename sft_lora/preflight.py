@@ -12,7 +12,7 @@ from .config import Recipe, RecipeError
 from .prepare import Prepared
 from .records import locate
 from .sections import CHECK_NAMES
-from .text import columns, printable, shortened, table_names
+from .text import printable, shortened, table, table_names
 
 MARK = ("⟦", "⟧")  # brackets around the loss-carrying span in the rendered example
 SOURCE_COLUMNS = (("source", 16), ("train", 7), ("eval", 6), ("prompt p50/max", 16), ("answer p50/max", 16),
@@ -67,7 +67,7 @@ class Report:
         truncated = f"{self.truncated_rows / self.rows:.1%}" if self.rows else "0%"
         lines = [f"pre-flight data report ({self.rows} training rows, {self.eval_rows} eval rows, {limit})"]
         name = table_names([*self.by_source, *self.eval_records_by_source, *self.by_entry])
-        lines += _table(SOURCE_COLUMNS, [
+        lines += table(SOURCE_COLUMNS, [
             [name[source], str(stats["rows"]), str(self.eval_records_by_source.get(source, 0)),
              *(f"{stats[what + '_p50']}/{stats[what + '_max']}" for what in ("prompt", "answer")),
              f"{stats['tokens']:,}", f"{stats['loss_tokens']:,}", f"{stats['loss_share']:.1%}", str(stats["truncated"])]
@@ -75,7 +75,7 @@ class Report:
             [name[source], "0", str(n), "—", "—", "—", "—", "—", "—"]
             for source, n in self.eval_records_by_source.items() if source not in self.by_source])
         if len(self.by_entry) > 1:  # the per-file mix
-            lines += _table(ENTRY_COLUMNS, [
+            lines += table(ENTRY_COLUMNS, [
                 [name[entry], str(s["records"]), f"{s['tokens']:,}",
                  f"{s['loss_tokens']:,}", f"{s['loss_share']:.1%}"] for entry, s in self.by_entry.items()])
         p, a = self.prompt_tokens, self.answer_tokens
@@ -142,19 +142,6 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share, data.special_text)
     return report
-
-
-def _table(titles, rows: list[list[str]]) -> list[str]:
-    """The lines of a table under `titles` (title, least width): the first column left-aligned, the others right-
-    aligned and widened to keep two spaces before their longest value (a count of 100 M tokens or more); widths in
-    terminal columns (`columns`), so a Korean source name keeps the table aligned."""
-    widths = [max([least] + [columns(row[n]) + 2 * (n > 0) for row in rows]) for n, (_, least) in enumerate(titles)]
-
-    def cell(text: str, n: int) -> str:
-        space = " " * (widths[n] - columns(text))
-        return space + text if n else text + space
-
-    return ["  " + "".join(cell(text, n) for n, text in enumerate(row)) for row in [[t for t, _ in titles], *rows]]
 
 
 def _judge_sources(report: Report) -> None:

@@ -105,3 +105,16 @@ def say(line: str) -> None:
     """print, by the first process only: every rank of a launch runs the same steps and would say the same line."""
     if os.environ.get("RANK", "0") == "0":
         print(line)
+
+
+def table(titles, rows: list[list[str]]) -> list[str]:
+    """The lines of a table under `titles` (title, least width): the first column left-aligned, the others right-
+    aligned and widened to keep two spaces before their longest value (a count of 100 M tokens or more); widths in
+    terminal columns (`columns`), so a Korean source name keeps the table aligned."""
+    widths = [max([least] + [columns(row[n]) + 2 * (n > 0) for row in rows]) for n, (_, least) in enumerate(titles)]
+
+    def cell(text: str, n: int) -> str:
+        space = " " * (widths[n] - columns(text))
+        return space + text if n else text + space
+
+    return ["  " + "".join(cell(text, n) for n, text in enumerate(row)) for row in [[t for t, _ in titles], *rows]]
