@@ -2,6 +2,7 @@
 loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
 import itertools
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -141,7 +142,20 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         by_source=figures.mix_table(stats, "code", "names", recipe.check.sources),
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share, data.special_text)
+    if args.dataloader_drop_last and data.eval is not None:
+        _dropped_eval_rows(report, args.per_device_eval_batch_size * int(os.environ.get("WORLD_SIZE", "1")))
     return report
+
+
+def _dropped_eval_rows(report: Report, batch: int) -> None:
+    """Trainer drops each eval set's last partial batch too under dataloader_drop_last: said, as the rows it skips."""
+    evaluated = sum(report.evaluated_by_source.values())
+    lost = [f"'{s}' {n - n % batch} of {n}" for s, n in report.evaluated_by_source.items() if n % batch]
+    if lost or evaluated % batch:
+        report.warnings.append(f"training.dataloader_drop_last drops the last partial eval batch too (of {batch} "
+                               f"rows): the eval loss reads {evaluated - evaluated % batch} of {evaluated} rows"
+                               + (f"; per source {', '.join(lost)} (0: no eval loss of its own)" if lost else "")
+                               + "; set per_device_eval_batch_size: 1 to evaluate every row")
 
 
 def _judge_sources(report: Report) -> None:

@@ -477,3 +477,21 @@ def test_a_special_tokens_text_in_a_message_fails_naming_the_record(make_recipe,
             "tokenized as the token itself") in capsys.readouterr().err
     assert main([str(recipe), "--check", "check.ignore=[special_text]"]) == 0
     assert "IGNORED [special_text]" in capsys.readouterr().out
+
+
+def test_eval_rows_that_dataloader_drop_last_skips_are_said_as_trainer_skips_them(make_recipe):
+    """training.dataloader_drop_last drops the last partial batch of every eval set too: the eval loss read fewer rows
+    and a source smaller than a batch lost its eval loss, without a word."""
+    recipe, report = _report(make_recipe(training={"dataloader_drop_last": True, "per_device_eval_batch_size": 8}))
+    tokenizer = load_tokenizer(recipe.model, recipe.data)
+    trainer = build_trainer(recipe, tokenizer, *load_datasets(recipe.data, seed=recipe.training.seed))
+    read = {key: len(trainer.get_eval_dataloader(key)) * 8 for key in trainer.eval_dataset}  # batches Trainer runs
+    sizes = {key: len(rows) for key, rows in trainer.eval_dataset.items()}
+    assert any(read[key] < sizes[key] for key in sizes) and read["eval"] < sizes["eval"]
+    lost = [f"'{key.removeprefix('eval/')}' {read[key]} of {sizes[key]}" for key in sizes if read[key] < sizes[key]
+            and key != "eval"]
+    assert (f"warning: training.dataloader_drop_last drops the last partial eval batch too (of 8 rows): the eval loss "
+            f"reads {read['eval']} of {sizes['eval']} rows; per source {', '.join(lost)} (0: no eval loss of its own)"
+            in report.text())
+    _, report = _report(make_recipe(training={"per_device_eval_batch_size": 8}))
+    assert "dataloader_drop_last" not in report.text()
