@@ -192,7 +192,8 @@ def parent_stops_workers(loader):
     a closed terminal) killed them, and training with them ("DataLoader worker killed"), with no checkpoint. The
     parent stops at the step boundary and ends them; a second signal ends them as by default."""
     base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper hands its attributes through
-    if base.num_workers:
+    # once: Trainer hands a persistent-workers eval loader out again at each evaluation
+    if base.num_workers and getattr(base.worker_init_fn, "func", None) is not _worker_passes_stop_signals:
         base.worker_init_fn = functools.partial(_worker_passes_stop_signals, base.worker_init_fn)
         if (base.multiprocessing_context or multiprocessing.get_context()).get_start_method() == "fork":
             base.multiprocessing_context = _SignalsHeldAtFork()

@@ -422,6 +422,17 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_a_checkpoint
     assert incomplete_reason(checkpoint) is None and "Traceback" not in child.err()
 
 
+def test_dataloader_workers_are_set_up_once_however_often_a_loader_is_handed_out():
+    """With dataloader_persistent_workers Trainer hands the same eval loader out at each evaluation: each wrapped the
+    worker init again, one more layer per evaluation."""
+    from sft_lora.callbacks import _worker_passes_stop_signals, parent_stops_workers
+
+    loader = torch.utils.data.DataLoader(range(4), num_workers=1)
+    assert parent_stops_workers(parent_stops_workers(loader)) is loader
+    assert loader.worker_init_fn.func is _worker_passes_stop_signals and loader.worker_init_fn.args == (None,)
+    assert list(loader) == [torch.tensor([n]) for n in range(4)]  # the workers start and serve as before
+
+
 def test_signals_nohup_ignores_stay_ignored():
     """`nohup` ignores SIGHUP so that training outlives the terminal: sft_lora's handlers took it back, and closing
     the terminal stopped the run (in training with a checkpoint, outside it at once)."""
