@@ -41,7 +41,8 @@ def _so_far(counts: dict[str, dict[str, int]], log_history: list[dict], step: in
             for name, points in evals.items()}  # the untrained model's, not this checkpoint's
     overall = ends.pop("overall", {})
     return {"global_step": step, "records_by_source": counts, "eval_loss_before": overall.get("before"),
-            "eval_loss_after": overall.get("after"), "eval_by_source": ends}
+            "eval_loss_after": overall.get("after"), "eval_by_source": ends,
+            "evaluated_at": evals["overall"][-1][0] if evals.get("overall") else None}  # maybe before `step`
 
 
 def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | None, what: str = "",
@@ -65,8 +66,10 @@ def card_text(base_model: str, recipe: dict, summary: dict, merged_into: str | N
     counts = summary.get("records_by_source") or {}
     if counts.get("train"):
         evals, eval_counts = summary.get("eval_by_source", {}), counts.get("eval") or {}
+        at = summary.get("evaluated_at")  # a checkpoint between evaluations: the last one's losses, said as such
+        after = f"eval loss at step {at}" if at and at != summary.get("global_step") else "eval loss after"
         lines += ["", "## Data and evaluation", "", "| source | train rows | eval rows | eval loss before | "
-                  "eval loss after |", "|---|---:|---:|---:|---:|"]
+                  f"{after} |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {cell(source)} | {counts['train'].get(source, 0)} | {eval_counts.get(source, 0)} | "
                   f"{_num(evals.get(source, {}).get('before'))} | {_num(evals.get(source, {}).get('after'))} |"
                   for source in sorted({**counts["train"], **eval_counts})]  # a source held out only too

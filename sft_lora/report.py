@@ -34,6 +34,19 @@ def _before(points: list[list[float]]) -> float | None:
     return points[0][1] if points and points[0][0] == 0 else None
 
 
+def logged_at_best(trainer) -> dict[str, float]:
+    """The eval metrics logged at the best checkpoint's step when load_best_model_at_end put its weights back, else {}:
+    evaluating them again logged a second point at the last step (summary.json, loss.png, TensorBoard), as if the
+    last step's weights had the best's loss."""
+    best, state = trainer.state.best_model_checkpoint, trainer.state
+    if not (trainer.args.load_best_model_at_end and best and Path(best).is_dir()):
+        return {}
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    logged = {key: value for log in state.log_history if log.get("step") == step for key, value in log.items()
+              if key.startswith("eval_")}  # the overall and each source's, logged one after the other
+    return logged if step != state.global_step and "eval_loss" in logged else {}
+
+
 def run_numbers(trainer, result, after: dict[str, float], sources: list[str]) -> dict:
     """A finished run's steps, tokens, speed, losses (eval before/after too), per-source eval and speed settings."""
     history, args = trainer.state.log_history, trainer.args

@@ -203,7 +203,7 @@ def _fit(trainer, recipe: Recipe, tokenizer, summary: dict, evaluate: bool) -> N
         if (error := training_error(exc, trainer, recipe, resumed)) is not None:
             raise error from None  # main prints it through printable
         raise
-    after = trainer.evaluate() if evaluate else {}
+    after = (report.logged_at_best(trainer) or trainer.evaluate()) if evaluate else {}
     summary.update(world_size=trainer.accelerator.num_processes, replicas_agree=replicas_agree(trainer),
                    peak_memory_gib=peak_memory_gib())
     save_adapters(trainer, recipe, tokenizer)

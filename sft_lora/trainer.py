@@ -15,6 +15,7 @@ from trl import SFTTrainer
 from .callbacks import CheckpointRecord, GracefulStop, RecipeWinsOnResume, parent_stops_workers
 from .config import Recipe, RecipeError
 from .text import first_line, shortened
+from .values import suggest
 
 OVERALL = "eval"  # key of the whole eval set among the eval datasets; per-source keys are "eval/<source>"
 # The one private TRL name sft_lora relies on: the device test with which TRL's fused LM head
@@ -72,6 +73,10 @@ class SourceEvalSFTTrainer(SFTTrainer):
                     metrics.update(super().evaluate(f"{OVERALL}/{source}", ignore_keys, self.source_prefix))
                 finally:
                     self.source_prefix = None
+        if eval_dataset is None and (name := self.args.metric_for_best_model) and (
+                metric := f"eval_{name.removeprefix('eval_')}") not in metrics:  # at step 0 (eval_on_start), not as
+            raise RecipeError(f"training.metric_for_best_model: '{name}' is not a metric this run's evaluation logs"
+                              f"{suggest(metric, list(metrics))}")  # Trainer's KeyError after the first interval
         if eval_dataset is None and self.is_world_process_zero() and self.printed_eval != self.state.global_step:
             from tqdm.auto import tqdm
 

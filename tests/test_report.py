@@ -363,6 +363,10 @@ def test_a_card_shows_no_loss_before_training_without_an_eval_at_step_0(make_rec
                {"step": 8, "eval_loss": 3.5, "eval_a_loss": 3.25}]
     card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, history, 8)
     assert "| a | 6 | 2 | — | 3.2500 |" in card and "| **all** | 6 | 2 | — | 3.5000 |" in card
+    assert "| eval loss before | eval loss after |" in card
+    # a checkpoint between evaluations (the default job's step 60, evaluated at 48): the last one's losses, said so
+    card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, history, 10)
+    assert "| eval loss before | eval loss at step 8 |" in card and "| a | 6 | 2 | — | 3.2500 |" in card
     card = checkpoint_card(recipe, {"train": {"a": 6}, "eval": {"a": 2}}, [{"step": 0, "eval_loss": 6.0,
                                                                            "eval_a_loss": 6.5}, *history], 8)
     assert "| a | 6 | 2 | 6.5000 | 3.2500 |" in card and "| **all** | 6 | 2 | 6.0000 | 3.5000 |" in card

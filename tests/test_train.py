@@ -501,6 +501,10 @@ def test_qlora_best_checkpoint_reloaded_at_the_end_is_saved_as_trained(tmp_path,
     summary = train(recipe)
     state = json.loads((recipe.checkpoint_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert Path(state["best_model_checkpoint"]).name == "checkpoint-2"
+    # the eval figures are the kept weights', logged once: evaluating them again added a second point at step 4
+    logged = {log["step"]: log["eval_loss"] for log in state["log_history"] if "eval_loss" in log}
+    assert summary["eval_history"]["overall"] == [[step, loss] for step, loss in logged.items()]
+    assert summary["eval_loss_after"] == logged[2]
     best = load_file(Path(state["best_model_checkpoint"]) / "adapter_model.safetensors")
     final = load_file(Path(summary["adapters"]) / "adapter_model.safetensors")
     assert final.keys() == best.keys() and all(final[k].dtype == torch.bfloat16 for k in final)
@@ -515,6 +519,17 @@ def test_qlora_best_checkpoint_reloaded_at_the_end_is_saved_as_trained(tmp_path,
     resumed = train(load_recipe(recipe.source), resume="auto")
     final = load_file(Path(resumed["adapters"]) / "adapter_model.safetensors")
     assert all(torch.equal(final[k], best[k]) for k in final) and resumed["weights_of"] == said
+
+
+def test_a_metric_for_best_model_that_no_evaluation_logs_stops_before_training_in_one_line(make_recipe, capsys):
+    """A misspelled training.metric_for_best_model: Trainer's KeyError traceback (43 metric names) at the first
+    scheduled evaluation, a whole epoch of training later, with no checkpoint."""
+    path = make_recipe(training={"metric_for_best_model": "eval_arith_enn_loss", "load_best_model_at_end": True,
+                                 "save_strategy": "epoch", "num_train_epochs": 1}, report={"smoke_prompts": 0})
+    assert main([str(path)]) == 2
+    assert ("error: training.metric_for_best_model: 'eval_arith_enn_loss' is not a metric this run's evaluation "
+            "logs; did you mean 'eval_arith_en_loss'?\n") in capsys.readouterr().err
+    assert not list(load_recipe(path).checkpoint_dir.glob("checkpoint-*"))
 
 
 def test_a_checkpoint_of_weights_alone_is_not_resumed_unless_forced(make_recipe, capsys):
