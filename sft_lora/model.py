@@ -37,12 +37,16 @@ def load_tokenizer(model: ModelArgs, data: DataArgs, eos_token: str | None = Non
         fix = ("set model.trust_remote_code: true if you trust the code it ships" if "trust_remote_code" in str(exc)
                else "check model.name_or_path, the network or HF_TOKEN")
         raise RecipeError(f"{model.name_or_path}: cannot load the tokenizer ({first_line(exc)}); {fix}") from None
+    if tokenizer.eos_token is None and eos_token and tokenizer.convert_tokens_to_ids(eos_token) is not None:
+        tokenizer.eos_token = eos_token  # before a template that renders eos_token is tried below
     if data.chat_template:
         tokenizer.chat_template = _chat_template(Path(data.chat_template), tokenizer)
     elif not tokenizer.chat_template:  # a base model: its BOS first where its tokenizer adds one (Llama, Gemma)
         adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
         tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + DEFAULT_CHAT_TEMPLATE
     else:
+        if isinstance(tokenizer.chat_template, str):  # a local model's chat_template.jinja saved with a BOM
+            tokenizer.chat_template = tokenizer.chat_template.removeprefix("\ufeff")
         _check_own_template(tokenizer, model.name_or_path)
     if tokenizer.eos_token is None and not eos_token:
         raise RecipeError(f"{model.name_or_path}: the tokenizer has no EOS token; set training.eos_token")

@@ -219,7 +219,7 @@ def _judge(report: Report, stats: dict[str, Any], records, max_truncated_share: 
                                 "or shorten the records"))
     if special[0]:
         report.failures.append(("special_text", f"{special[0]} of {report.rows} training records hold a special "
-                                f"token's text (first: {record(special[1])}: {special[2]!r}), which is tokenized as "
+                                f"token's text (first: {record(special[1])}, {special[2]}), which is tokenized as "
                                 "the token itself: an end-of-turn token inside an answer teaches the model to stop "
                                 "there; rewrite those texts"))
     _judge_sources(report)

@@ -174,13 +174,13 @@ def prepare_datasets(args, tokenizer, train_dataset, eval_dataset=None, template
     rule). With packing TRL still packs (bfd cuts each document, as TRL's own path does). `Prepared.args`: `args`
     rebuilt with those changes by `dataclasses.replace`, so its checks run."""
     from accelerate import PartialState
-    prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length,
-                        template_kwargs=template_kwargs or {}, special_text=special_text_rows(train_dataset, tokenizer))
     if args.eos_token is not None:  # TRL sets it in __init__, after we tokenize: the chat template renders it
         if tokenizer.convert_tokens_to_ids(args.eos_token) in (None, tokenizer.unk_token_id):  # would be <unk>
             raise RecipeError(f"training.eos_token: '{args.eos_token}' is not a token of this tokenizer; name the "
                               "chat template's end-of-turn token, or remove training.eos_token")
         tokenizer.eos_token = args.eos_token
+    prepared = Prepared(args, train_dataset, eval_dataset, train_dataset, eval_dataset, None, None, args.max_length,
+                        template_kwargs=template_kwargs or {}, special_text=special_text_rows(train_dataset, tokenizer))
     datasets = [d for d in (train_dataset, eval_dataset) if d is not None]
     reason = next(filter(None, (unsupported(args, d) for d in datasets)), None)
     if reason and any(multi_turn(d) for d in datasets):

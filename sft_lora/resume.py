@@ -84,6 +84,20 @@ def check_full_state(checkpoint: str, force: bool) -> None:
     say(f"notice: {message}; resuming with a fresh optimizer (--force-resume)")
 
 
+def check_template(checkpoint: str | None, tokenizer, force: bool) -> None:
+    """Refuse a checkpoint whose saved chat template is not the one this run renders, unless `force`: the fingerprint
+    hashes template files, not sft_lora's default template, which an upgrade may change (a BOS added in front)."""
+    saved = Path(checkpoint or "") / "chat_template.jinja"
+    if not (checkpoint and saved.is_file() and isinstance(tokenizer.chat_template, str)) or saved.read_text(
+            encoding="utf-8") == tokenizer.chat_template:
+        return
+    message = f"{checkpoint}: trained on another chat template than this run renders (sft_lora's default changed?)"
+    if not force:
+        raise RecipeError(f"{message}; pass --force-resume to go on with this one, and data.chat_template set to "
+                          f"a copy of {saved} (outside the checkpoints) too to go on with the one it trained on")
+    say(f"notice: {message}; resuming anyway (--force-resume)")
+
+
 def check_fresh_start(recipe: Recipe) -> None:
     """Refuse a fresh run (no --resume) into a checkpoint directory holding another recipe's or data's checkpoints:
     it would write over some and leave the rest for --resume to pick. The same recipe's are written over, unless run

@@ -149,7 +149,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     from .model import build_tiny_if_asked
     from .preflight import run_check
     from .prepare import load_inputs
-    from .resume import check_fresh_start, checkpoint_state, nothing_left, resumable, select_checkpoint
+    from .resume import check_fresh_start, check_template, checkpoint_state, nothing_left, resumable, select_checkpoint
 
     resume_from = select_checkpoint(recipe, resume, force_resume) if resume else None
     if not resume:
@@ -159,6 +159,7 @@ def _train(recipe: Recipe, resume: str | None, force_resume: bool) -> dict:
     build_tiny_if_asked(recipe)  # before the fingerprint, which hashes the base model's tokenizer files
     settle_attention(recipe)  # before it too: the checkpoints record the attention trained with
     taken, (tokenizer, data) = fingerprint(recipe), load_inputs(recipe)  # hashed as read, not as edited meanwhile
+    check_template(resume_from, tokenizer, force_resume)
     preflight = (run_check(recipe, tokenizer, data, main_process=PartialState().is_main_process).to_dict()
                  if recipe.check.enabled else None)
     from .trainer import build_trainer, configure_wandb

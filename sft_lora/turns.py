@@ -162,11 +162,12 @@ def stop_token_ids(tokenizer, generation_config=None, eos_token: str | None = No
 
 
 def special_text_rows(records, tokenizer, chunk: int = 10_000) -> tuple[int, int | None, str | None]:
-    """(rows, first row, its text) of the records whose messages hold a special token's text (`</s>`, `<|im_end|>` …):
-    the tokenizer reads it as the token itself, so an end-of-turn token inside an answer teaches the model to stop
-    there (in TRL too). Column-wise over the records' Arrow turns (one RE2 pass), no row held in Python."""
+    """(rows, first row, where in it and which text) of the records whose messages hold a special token's text (`</s>`,
+    `<|im_end|>` …): the tokenizer reads it as the token itself, so an end-of-turn token inside an answer teaches the
+    model to stop there (in TRL too). Column-wise over the Arrow turns (one RE2 pass), no row held in Python."""
     import pyarrow.compute as pc
-    texts = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    texts = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | {tokenizer.eos_token} - {None}
+    texts = sorted(texts, key=len, reverse=True)  # the EOS too: training.eos_token may name an added token
     pattern, count, first = "|".join(map(re.escape, texts)), 0, None
     for n, batch in enumerate(records.select_columns(["prompt", "completion"]).with_format("arrow").iter(chunk)
                               if texts and records is not None else ()):
@@ -178,8 +179,8 @@ def special_text_rows(records, tokenizer, chunk: int = 10_000) -> tuple[int, int
         first = n * chunk + min(found) if found and first is None else first
     if first is None:
         return 0, None, None
-    turns = records[first]["prompt"] + records[first]["completion"]
-    return count, first, re.search(pattern, "\n".join(t["content"] for t in turns)).group()
+    turn = next(t for t in records[first]["prompt"] + records[first]["completion"] if re.search(pattern, t["content"]))
+    return count, first, f"in its {turn['role']} turn: {re.search(pattern, turn['content']).group()!r}"
 
 
 def multi_turn(dataset) -> bool:

@@ -510,3 +510,10 @@ def test_a_template_file_with_a_byte_order_mark_and_a_tokenizer_without_eos(tmp_
 
     assert main([str(write_recipe(tmp_path, model, training={"eos_token": "</s>"})), "--check"]) == 0
     assert "all checks passed" in capsys.readouterr().out
+    # a template of the recipe's that renders eos_token was tried before the recipe's EOS was set: refused as broken
+    assert main([str(write_recipe(tmp_path, model, training={"eos_token": "</s>"},
+                                  data={"chat_template": str(template)})), "--check"]) == 0
+    # the model's own chat_template.jinja saved with a BOM: the BOM was trained before every row too
+    (model / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8-sig")
+    recipe = load_recipe(write_recipe(tmp_path, model, training={"eos_token": "</s>"}))
+    assert load_tokenizer(recipe.model, recipe.data, "</s>").chat_template == DEFAULT_CHAT_TEMPLATE

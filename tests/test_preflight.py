@@ -473,10 +473,23 @@ def test_a_special_tokens_text_in_a_message_fails_naming_the_record(make_recipe,
     recipe = make_recipe(data={"path": path, "eval_split": 0})
     assert main([str(recipe), "--check"]) == 2
     assert (f"error: pre-flight check failed [special_text]: 2 of 42 training records hold a special token's text "
-            f"(first: {path}:21, source 'html', question 'How do I strike text through in HTML?': '<s>'), which is "
-            "tokenized as the token itself") in capsys.readouterr().err
+            f"(first: {path}:21, source 'html', question 'How do I strike text through in HTML?', in its assistant "
+            "turn: '<s>'), which is tokenized as the token itself") in capsys.readouterr().err
     assert main([str(recipe), "--check", "check.ignore=[special_text]"]) == 0
     assert "IGNORED [special_text]" in capsys.readouterr().out
+    # training.eos_token naming an added token that is not flagged special: in an answer it ends the turn as well
+    from transformers import AutoTokenizer
+
+    model = Path(make_recipe()).parent / "model-end"
+    tokenizer = AutoTokenizer.from_pretrained(load_recipe(recipe).model.name_or_path)
+    tokenizer.add_tokens(["<|end|>"])  # special=False
+    tokenizer.save_pretrained(model)
+    records = [*SAMPLE_RECORDS[:20], {"input": "How does a turn end?", "output": "With <|end|>.", "source": "x"}]
+    path = _data(tmp_path, records)
+    assert main([str(make_recipe(model={"name_or_path": str(model)}, data={"path": path, "eval_split": 0},
+                                 training={"eos_token": "<|end|>"})), "--check"]) == 2
+    assert (f"[special_text]: 1 of 21 training records hold a special token's text (first: {path}:21, source 'x', "
+            "question 'How does a turn end?', in its assistant turn: '<|end|>')") in capsys.readouterr().err
 
 
 def test_eval_rows_that_dataloader_drop_last_skips_are_said_as_trainer_skips_them(make_recipe):

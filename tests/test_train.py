@@ -532,6 +532,28 @@ def test_a_metric_for_best_model_that_no_evaluation_logs_stops_before_training_i
     assert not list(load_recipe(path).checkpoint_dir.glob("checkpoint-*"))
 
 
+def test_a_checkpoint_trained_on_another_template_than_the_run_renders_is_resumed_only_if_forced(tmp_path, tiny_model,
+                                                                                                   monkeypatch, capsys):
+    """sft_lora's default template gained a BOS (7912301): a run made before resumed on the new one with no word,
+    its first steps on one prompt format and the rest on another (the fingerprint hashes template files only)."""
+    import sft_lora.model
+
+    bare = shutil.copytree(tiny_model, tmp_path / "bare")
+    (bare / "chat_template.jinja").unlink()
+    path = write_recipe(tmp_path, bare, training={"max_steps": 2, "save_steps": 2}, report={"smoke_prompts": 0})
+    assert main([str(path)]) == 0
+    monkeypatch.setattr(sft_lora.model, "DEFAULT_CHAT_TEMPLATE", "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    capsys.readouterr()
+    checkpoint = load_recipe(path).checkpoint_dir / "checkpoint-2"
+    assert main([str(path), "training.max_steps=4", "--resume"]) == 2
+    assert (f"error: {checkpoint}: trained on another chat template than this run renders (sft_lora's default "
+            f"changed?); pass --force-resume to go on with this one, and data.chat_template set to a copy of "
+            f"{checkpoint}/chat_template.jinja (outside the checkpoints) too") in capsys.readouterr().err
+    copy = shutil.copy(checkpoint / "chat_template.jinja", tmp_path / "trained.jinja")
+    assert main([str(path), "training.max_steps=4", "--resume", "--force-resume", f"data.chat_template={copy}"]) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+
+
 def test_a_checkpoint_of_weights_alone_is_not_resumed_unless_forced(make_recipe, capsys):
     """save_only_model checkpoints hold no optimizer or schedule: the resume went on with a fresh optimizer, silently
     (a final eval loss 5.6951 where the uninterrupted run ends at 5.6685)."""
