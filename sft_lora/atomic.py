@@ -109,8 +109,8 @@ def signals_interrupt() -> Iterator[None]:
 
 
 def _remove_own_tempfiles() -> None:
-    """The files this process has open for writing under `tempfile`'s names (tmp + 8 characters): a signalled datasets
-    map worker's unfinished shard in the prepared-data cache, which its death left there (GBs for a large set)."""
+    """Remove the files this process has open for writing under `tempfile`'s names (tmp + 8 characters): a signalled
+    datasets map worker's unfinished shard in the prepared-data cache, which its death left (GBs for a large set)."""
     for fd in glob.glob("/proc/self/fd/*"):  # Linux; elsewhere nothing is found
         with contextlib.suppress(OSError, ValueError):
             flags = int(Path(fd.replace("/fd/", "/fdinfo/")).read_text().split("flags:")[1].split()[0], 8)
