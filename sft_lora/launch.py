@@ -208,10 +208,15 @@ def _lock(held: contextlib.ExitStack, directory: Path, key: str) -> str | None:
     return None
 
 
+def launched_processes() -> int:
+    """The processes the launcher started (WORLD_SIZE, which accelerate and torchrun set in each); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_process_group(world_size: int) -> None:
     """Processes started by a launcher that did not join one process group would each train alone and write the
     same outputs (seen with `accelerate launch --cpu --num_processes 2`, and multi-GPU configs on a CPU box)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and world_size != launched:
         raise RecipeError(f"launcher started {launched} processes but they formed a group of {world_size}; on a "
                           "machine without a GPU keep training.use_cpu: true and a MULTI_GPU or DEEPSPEED config")

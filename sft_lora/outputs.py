@@ -18,6 +18,7 @@ from .atomic import atomic_dir, fsync, read_json
 from .config import RECIPE_FILE, Recipe, RecipeError
 from .data import paths
 from .fingerprint import named_or_hashed, recipe_sha256
+from .launch import launched_processes
 from .text import redact
 
 MANIFEST_FILE = "manifest.json"
@@ -116,7 +117,7 @@ def build_manifest(recipe: Recipe, tokenizer) -> dict[str, Any]:
         "python": platform.python_version(), "git": checkout,
         "hardware": {"system": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count(),
                      "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                     "cuda": torch.version.cuda if cuda else None, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                     "cuda": torch.version.cuda if cuda else None, "world_size": launched_processes(),
                      "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
     }
 

@@ -2,7 +2,6 @@
 loss, an end-of-turn token never trained, rows cut at max_length) from the prepared rows, and the LoRA targets."""
 
 import itertools
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from . import rows as figures
 from .config import Recipe, RecipeError
+from .launch import launched_processes
 from .prepare import Prepared
 from .records import locate
 from .sections import CHECK_NAMES
@@ -143,7 +143,7 @@ def preflight(recipe: Recipe, tokenizer, data: Prepared) -> Report:
         by_entry=figures.mix_table(stats, "entry_code", "entry_names"))
     _judge(report, stats, data.records, recipe.check.max_truncated_share, data.special_text)
     if args.dataloader_drop_last and data.eval is not None:
-        _dropped_eval_rows(report, args.per_device_eval_batch_size * int(os.environ.get("WORLD_SIZE", "1")))
+        _dropped_eval_rows(report, args.per_device_eval_batch_size * launched_processes())
     return report
 
 

@@ -107,10 +107,12 @@ def _stopped(exc: BaseException, args: argparse.Namespace, code: int, line: str 
     if line and (code == 1 or first):
         print(line, file=sys.stderr)
     if getattr(exc, "training_started", False) and first:
+        from .launch import launched_processes
+
         flags = [f"--{flag}={value}" for flag in SEED_FLAGS if (value := getattr(args, flag, None)) is not None]
         saved = [str(exc.checkpoint)] if getattr(exc, "checkpoint", None) else []
         command = shlex.join([args.recipe, *args.overrides, *flags, "--resume", *saved])
-        by_hand = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "SFT_LORA_LAUNCHED" not in os.environ  # its options
+        by_hand = launched_processes() > 1 and "SFT_LORA_LAUNCHED" not in os.environ  # its options
         head = "accelerate launch <the same options>" if by_hand else shlex.quote(sys.executable)  # are not known
         print(f"to continue: {head} -m sft_lora.run {command}", file=sys.stderr)
     return code
